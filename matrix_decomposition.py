@@ -1,0 +1,310 @@
+"""The low-rank layer, the surgery that swaps it into a model, and saving/loading the result.
+
+A weight W (n×d) of an ``nn.Linear`` is replaced by its truncated SVD, W ≈ B'·C' with
+B' (n×r) and C' (r×d), implemented as two smaller linears: C' (d→r, no bias) then B'
+(r→n, carrying the original bias). The layer then holds r·(n+d) weights instead of n·d,
+which only saves anything while r < n·d/(n+d).
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import math
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+from torch import nn
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_FIELD = "matrix_decomposition"  # where the per-layer ranks live in the saved model config
+
+
+class DecompositionError(ValueError):
+    """A user-facing problem with the layers or ranks asked for (one-line message)."""
+
+
+class LowRankLinear(nn.Module):
+    """A linear layer whose weight is the product of two factors: y = B'(C'x) + b.
+
+    ``down`` is C' (r×d, no bias) and ``up`` is B' (n×r, with the original bias b), so
+    W ≈ B'·C' where W is the n×d weight of the ``nn.Linear(d, n)`` it replaces.
+
+    ``from_linear`` fills the factors from the truncated SVD W ≈ U_r·diag(S_r)·V_rᵀ and splits
+    the singular values evenly: B' = U_r·diag(√S_r), C' = diag(√S_r)·V_rᵀ. Either split gives
+    the same product; the even one gives both factors the same scale (‖B'‖_F = ‖C'‖_F), so
+    during recovery training neither factor's gradients dwarf the other's, and neither holds
+    values far outside the range of the original weights (which matters in half precision).
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.in_features, self.out_features, self.rank = in_features, out_features, rank
+        self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)  # C'
+        self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)  # B'
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, svd: str = "auto") -> "LowRankLinear":
+        """The rank-``rank`` factorization of ``linear`` (left unchanged)."""
+        weight = linear.weight.detach()
+        module = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
+                     device=weight.device, dtype=weight.dtype)
+        u, s, vh = truncated_svd(weight, rank, method=svd)  # (n, r), (r,), (r, d)
+        root = s.sqrt()
+        with torch.no_grad():
+            module.up.weight.copy_(u * root)  # B' = U·√S, (n, r)
+            module.down.weight.copy_(root[:, None] * vh)  # C' = √S·Vᵀ, (r, d)
+            if linear.bias is not None:
+                module.up.bias.copy_(linear.bias)
+        return module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The n×d product B'·C' (for inspection; ``forward`` never builds it)."""
+        return self.up.weight @ self.down.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return self.up.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.up(self.down(x))
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
+                f"bias={self.up.bias is not None}")
+
+
+def max_saving_rank(out_features: int, in_features: int) -> int:
+    """The largest rank r with r·(n+d) < n·d, i.e. the last one that still saves weights."""
+    return math.ceil(out_features * in_features / (out_features + in_features)) - 1
+
+
+def low_rank_parameters(out_features: int, in_features: int, rank: int, bias: bool = True) -> int:
+    return rank * (out_features + in_features) + (out_features if bias else 0)
+
+
+def truncated_svd(weight: torch.Tensor, rank: int, method: str = "auto"):
+    """U (n×r), S (r,), Vᵀ (r×d) of the best rank-``rank`` approximation of ``weight``.
+
+    ``exact`` runs a full LAPACK SVD; ``lowrank`` runs a randomized SVD (Halko et al.,
+    ``torch.svd_lowrank``) with oversampling and power iterations, much faster when r is a
+    small part of min(n, d) and accurate to well below the truncation error for the decaying
+    spectra of trained weights. ``auto`` takes the randomized one for large matrices at low rank.
+    Computed in float32 at least, returned in the weight's dtype.
+    """
+    if method not in ("auto", "exact", "lowrank"):
+        raise DecompositionError(f"svd method {method!r} is not one of 'auto', 'exact', 'lowrank'")
+    w = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
+    small = min(w.shape)
+    if method == "auto":
+        method = "lowrank" if small >= 1024 and rank <= small // 4 else "exact"
+    if method == "lowrank" and rank + 10 < small:
+        u, s, v = torch.svd_lowrank(w, q=rank + 10, niter=4)
+        u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
+    else:
+        u, s, vh = torch.linalg.svd(w, full_matrices=False)
+        u, s, vh = u[:, :rank], s[:rank], vh[:rank]
+    return u.to(weight.dtype), s.to(weight.dtype), vh.to(weight.dtype).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------
+# Which layers, at which ranks
+
+
+def module_name(key: str) -> str:
+    """State-dict key as users write it → module name (``…fc1.weight`` / ``…fc1.bias`` → ``…fc1``)."""
+    for suffix in (".weight", ".bias"):
+        if key.endswith(suffix):
+            return key[: -len(suffix)]
+    return key
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    """Every ``nn.Linear`` inside the encoder and decoder layers (attention projections, fc1, fc2):
+    not the embeddings, not the (tied) output projection."""
+    return [name for name, module in model.named_modules()
+            if isinstance(module, nn.Linear) and ".layers." in f".{name}."]
+
+
+def _tied_names(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter name → the other names the same tensor goes by (tied weights)."""
+    by_id: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(param), []).append(name)
+    return {n: [m for m in names if m != n] for names in by_id.values() for n in names}
+
+
+def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
+                  k_info: int | Mapping[str, int]) -> dict[str, int]:
+    """Check the layers and ranks a user asked for; return {module name: rank} in model order.
+
+    ``layers`` are state-dict keys (``….weight`` or ``….bias``; duplicates are harmless). Empty:
+    the keys of ``k_info`` when it is a mapping without ``"default"``, else every default target.
+    ``k_info`` is one rank for all, or {key: rank} with an optional ``"default"`` entry.
+    """
+    layers = list(layers or [])
+    per_layer = dict(k_info) if isinstance(k_info, Mapping) else None
+    if not layers:
+        layers = [k for k in per_layer if k != "default"] if per_layer and "default" not in per_layer \
+            else default_targets(model)
+        if not layers:
+            raise DecompositionError("decompose_layers is empty and the model has no nn.Linear inside "
+                                     "its encoder/decoder layers to decompose by default")
+
+    state_keys = list(model.state_dict().keys())
+    modules = dict(model.named_modules())
+    tied = _tied_names(model)
+    names: list[str] = []
+    for key in layers:
+        name = module_name(key)
+        module = modules.get(name) if name else None
+        if module is None or not (f"{name}.weight" in state_keys or f"{name}.bias" in state_keys
+                                  or isinstance(module, LowRankLinear)):
+            close = difflib.get_close_matches(key, state_keys, n=3, cutoff=0.5)
+            hint = f"; closest keys: {', '.join(close)}" if close else ""
+            raise DecompositionError(f"decompose_layers: {key!r} is not a key of this model's state dict{hint}")
+        if isinstance(module, LowRankLinear):
+            raise DecompositionError(f"decompose_layers: {key!r} is already decomposed (rank {module.rank})")
+        if not isinstance(module, nn.Linear):
+            example = next(iter(default_targets(model)), "an attention projection")
+            raise DecompositionError(
+                f"decompose_layers: {key!r} is part of a {type(module).__name__} module, not an nn.Linear; "
+                f"only nn.Linear weights can be decomposed (e.g. {example}.weight)")
+        if tied.get(f"{name}.weight"):
+            raise DecompositionError(
+                f"decompose_layers: {key!r} is tied to {tied[f'{name}.weight'][0]!r} (shared embedding); "
+                f"factorizing it would untie the two, so it is not allowed")
+        if name not in names:
+            names.append(name)
+
+    if per_layer is not None:
+        given = {module_name(k): v for k, v in per_layer.items() if k != "default"}
+        for name in given:
+            if name not in names:
+                raise DecompositionError(f"k_info: {name!r} has a rank but is not in decompose_layers")
+    ranks: dict[str, int] = {}
+    for name in names:
+        if per_layer is None:
+            rank = k_info
+        elif name in given:
+            rank = given[name]
+        elif "default" in per_layer:
+            rank = per_layer["default"]
+        else:
+            raise DecompositionError(f"k_info: no rank for {name!r}; give it one or add a \"default\" entry")
+        if isinstance(rank, bool) or not isinstance(rank, int):
+            raise DecompositionError(f"k_info: rank for {name!r} must be a whole number, got {rank!r}")
+        linear = modules[name]
+        bound = max_saving_rank(linear.out_features, linear.in_features)
+        if rank < 1:
+            raise DecompositionError(f"k_info: rank {rank} for {name!r} must be at least 1")
+        if rank > bound:
+            n, d = linear.out_features, linear.in_features
+            raise DecompositionError(
+                f"k_info: rank {rank} for {name!r} saves nothing: it must be at most {bound} "
+                f"(below {n}·{d}/({n}+{d}) = {n * d / (n + d):.1f})")
+        ranks[name] = rank
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    return dict(sorted(ranks.items(), key=lambda item: order[item[0]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Surgery
+
+
+def _replace_(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
+
+
+def decompose_(model: nn.Module, layers: Iterable[str] | None = None, k_info: int | Mapping[str, int] = 64,
+               svd: str = "auto") -> dict[str, int]:
+    """Replace the chosen ``nn.Linear`` layers of ``model``, in place, by their rank-``k_info`` SVD
+    factorizations. Returns {module name: rank} and records it in ``model.config`` (if any)."""
+    ranks = resolve_ranks(model, layers, k_info)
+    for name, rank in ranks.items():
+        _replace_(model, name, LowRankLinear.from_linear(model.get_submodule(name), rank, svd=svd))
+    _record_ranks(model)
+    return ranks
+
+
+def apply_low_rank_structure_(model: nn.Module, ranks: Mapping[str, int]) -> None:
+    """Swap in empty ``LowRankLinear`` modules of the given ranks (to load saved factors into)."""
+    for name, rank in ranks.items():
+        linear = model.get_submodule(name)
+        if not isinstance(linear, nn.Linear):
+            raise DecompositionError(f"saved rank for {name!r}, which is a {type(linear).__name__}, not an nn.Linear")
+        _replace_(model, name, LowRankLinear(linear.in_features, linear.out_features, rank,
+                                             bias=linear.bias is not None,
+                                             device=linear.weight.device, dtype=linear.weight.dtype))
+    _record_ranks(model)
+
+
+def low_rank_ranks(model: nn.Module) -> dict[str, int]:
+    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+
+
+def _record_ranks(model: nn.Module) -> None:
+    config = getattr(model, "config", None)
+    if config is not None:
+        setattr(config, CONFIG_FIELD, {"format": 1, "ranks": low_rank_ranks(model)})
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied tensors counted once), trainable or not."""
+    return sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------------------------
+# Saving and loading
+
+
+def save_compressed_model(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
+    """Write ``model`` (factorized or not) to the folder ``path``: ``model.safetensors`` (tied
+    tensors stored once), ``config.json`` with the per-layer ranks, ``generation_config.json``,
+    and the tokenizer's files. Load it back with ``load_compressed_model``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    _record_ranks(model)
+    model.config.save_pretrained(path)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(path)
+    save_model(model, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    if tokenizer is not None:
+        tokenizer.save_pretrained(path)
+
+
+def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
+    """Rebuild a model saved by ``save_compressed_model``: the base architecture from its config,
+    the factorization re-applied at the recorded ranks, then every weight loaded strictly from
+    safetensors (a missing or unexpected key is an error). Offline; nothing is unpickled."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
+
+    path = Path(path)
+    if not (path / WEIGHTS_NAME).is_file():
+        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}; is this a folder written by save_compressed_model?")
+    config = AutoConfig.from_pretrained(path)
+    ranks = (getattr(config, CONFIG_FIELD, None) or {}).get("ranks", {})
+    model = AutoModelForSeq2SeqLM.from_config(config, dtype=dtype) if dtype else AutoModelForSeq2SeqLM.from_config(config)
+    apply_low_rank_structure_(model, ranks)
+    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=True)
+    assert not missing and not unexpected  # strict=True raises first
+    if (path / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(path)
+    return model.eval()
+
+
+def describe_ranks(ranks: Mapping[str, int]) -> str:
+    """Compact summary of the ranks: "48 layers, rank 32" or "48 layers, ranks 16–64"."""
+    values = sorted(set(ranks.values()))
+    if not values:
+        return "no layers"
+    span = f"rank {values[0]}" if len(values) == 1 else f"ranks {values[0]}–{values[-1]}"
+    return f"{len(ranks)} layers, {span}"
+
+
