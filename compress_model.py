@@ -1,0 +1,443 @@
+"""Compress a MarianMT translation model by matrix decomposition, then recover it by distillation.
+
+    python compress_model.py                     # reads ./config.json
+    python compress_model.py --config my.json    # another config
+    torchrun --nproc_per_node 2 compress_model.py   # data-parallel distillation
+
+The chosen ``nn.Linear`` weights W (n×d) of the teacher are replaced by truncated-SVD factors
+B'·C' of rank ``k_info`` (Ben Noach & Goldberg, AACL 2020); the factorized student is then
+trained to imitate the untouched teacher. The run writes the compressed model and a
+``report.json`` comparing teacher, decomposed and recovered student (params, BLEU, chrF).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# ---------------------------------------------------------------------------------------------
+# Preprocessing hook: replace this function (edit it here, or assign
+# ``compress_model.data_preprocessor = your_function`` before calling ``main()``).
+
+
+def data_preprocessor(batch: dict[str, list[str]], tokenizer, config: "Config") -> dict[str, list]:
+    """Turn a batch of raw pairs into model inputs.
+
+    ``batch`` holds the columns ``source_text`` and ``target_text`` (lists of strings), ``tokenizer``
+    is the teacher's, ``config`` the run's ``Config``. Return at least ``input_ids``,
+    ``attention_mask`` and ``labels`` (lists of token ids per example). The default tokenizes the
+    source and the target, truncated to ``max_source_length`` / ``max_target_length``; padding
+    happens per batch later, with labels padded by -100 so padded positions are ignored by the loss.
+
+    Example override, adding a target-language tag for a multilingual OPUS-MT model::
+
+        def data_preprocessor(batch, tokenizer, config):
+            batch = {**batch, "source_text": [">>deu<< " + s for s in batch["source_text"]]}
+            return default_data_preprocessor(batch, tokenizer, config)
+    """
+    return default_data_preprocessor(batch, tokenizer, config)
+
+
+def default_data_preprocessor(batch: dict[str, list[str]], tokenizer, config: "Config") -> dict[str, list]:
+    inputs = tokenizer(batch["source_text"], max_length=config.max_source_length, truncation=True)
+    targets = tokenizer(text_target=batch["target_text"], max_length=config.max_target_length, truncation=True)
+    return {**inputs, "labels": targets["input_ids"]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+
+
+@dataclass
+class Config:
+    """The keys of ``config.json``. Only ``teacher_model_path`` and ``dataset_path`` matter to get started."""
+
+    teacher_model_path: str = field(default="models/teacher-en-de", metadata={
+        "help": "teacher: a local folder or a hub id (e.g. Helsinki-NLP/opus-mt-en-de)"})
+    dataset_path: str = field(default="data/tatoeba_en_de/train.csv", metadata={
+        "help": "training pairs: a .csv/.json/.jsonl/.parquet file, a folder of them, or a hub dataset id"})
+    eval_dataset_path: str | None = field(default="data/tatoeba_en_de/eval.csv", metadata={
+        "help": "held-out pairs for BLEU/chrF; null: hold out eval_size pairs of dataset_path"})
+    output_path: str = field(default="outputs/compressed-en-de", metadata={
+        "help": "folder for the compressed model, tokenizer, config used and report.json"})
+    overwrite_output: bool = field(default=False, metadata={"help": "replace a non-empty output_path"})
+    source_column: str = field(default="source_text", metadata={"help": "column of source sentences"})
+    target_column: str = field(default="target_text", metadata={"help": "column of reference translations"})
+    eval_size: int = field(default=1000, metadata={
+        "help": "pairs held out for evaluation when eval_dataset_path is null"})
+    max_train_samples: int | None = field(default=None, metadata={"help": "use only the first N training pairs"})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N evaluation pairs"})
+    max_source_length: int = field(default=128, metadata={"help": "source tokens kept (truncation)"})
+    max_target_length: int = field(default=128, metadata={"help": "target tokens kept (truncation)"})
+
+    decompose_layers: list[str] = field(default_factory=list, metadata={
+        "help": "state-dict keys of the nn.Linear weights to factorize; [] = every linear in the encoder/decoder layers"})
+    k_info: int | dict[str, int] = field(default=32, metadata={
+        "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\""})
+    svd: str = field(default="auto", metadata={"help": "SVD algorithm: auto | exact | lowrank (randomized)"})
+
+    feature_layers: list[str] = field(default_factory=list, metadata={
+        "help": "layers whose outputs the feature loss matches; [] = every decomposed layer"})
+    loss_weights: dict[str, float] = field(default_factory=lambda: {
+        "ce": 1.0, "kd": 1.0, "feature": 1.0, "hidden": 0.0, "attention": 0.0}, metadata={
+        "help": "weight per loss term: ce (references), kd (teacher outputs), feature, hidden, attention"})
+    temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the output distillation"})
+    label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy term"})
+    epoch: int = field(default=1, metadata={"help": "passes over the training pairs"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per step (per process)"})
+    max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak AdamW learning rate"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/norms)"})
+    warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warmup"})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    eval_steps: int = field(default=0, metadata={"help": "held-out loss every N steps (0 = once per epoch)"})
+
+    num_beams: int = field(default=1, metadata={"help": "beams for the BLEU evaluation (1 = greedy)"})
+    eval_batch_size: int = field(default=64, metadata={"help": "sentences per generate() call"})
+    max_new_tokens: int = field(default=128, metadata={"help": "longest translation generated"})
+    seed: int = field(default=42, metadata={"help": "seed for data order, dropout and held-out split"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
+
+    def __post_init__(self) -> None:
+        positive = ["epoch", "batch_size", "eval_size", "max_source_length", "max_target_length",
+                    "gradient_accumulation_steps", "num_beams", "eval_batch_size", "max_new_tokens"]
+        for name in positive + ["max_train_samples", "max_eval_samples", "max_steps"]:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {value}")
+        for name in ("learning_rate", "temperature"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
+        for name in ("weight_decay", "max_grad_norm", "eval_steps", "label_smoothing", "warmup_ratio"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if self.warmup_ratio >= 1 or self.label_smoothing >= 1:
+            raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
+                              f"{self.warmup_ratio} and {self.label_smoothing}")
+        choices = {"svd": ("auto", "exact", "lowrank"), "mixed_precision": ("no", "fp16", "bf16")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        from distillation.knowledge_distillation import LOSS_TERMS
+        for term, weight in self.loss_weights.items():
+            if term not in LOSS_TERMS:
+                raise ConfigError(f"loss_weights: unknown term {term!r}; valid terms: {', '.join(LOSS_TERMS)}")
+            if weight < 0:
+                raise ConfigError(f"loss_weights: {term} must not be negative, got {weight}")
+        if not any(self.loss_weights.values()):
+            raise ConfigError("loss_weights: every weight is 0; nothing would be trained")
+
+
+class ConfigError(ValueError):
+    """A user-facing problem with the configuration or the inputs it names (one-line message)."""
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _check_type(name: str, value, tp) -> None:
+    """Raise ConfigError unless ``value`` (parsed JSON) fits the annotation ``tp``."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if any(_fits(value, option) for option in args):
+            return
+        raise ConfigError(f"{name}: expected {' or '.join(_type_name(a) for a in args)}, got {json.dumps(value)}")
+    if tp is type(None):
+        ok = value is None
+    elif tp is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif tp is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is list:
+        ok = isinstance(value, list) and all(_fits(v, args[0]) for v in value)
+    elif origin is dict:
+        ok = isinstance(value, dict) and all(_fits(v, args[1]) for v in value.values())
+    else:
+        ok = isinstance(value, tp)
+    if not ok:
+        raise ConfigError(f"{name}: expected {_type_name(tp)}, got {json.dumps(value)}")
+
+
+def _fits(value, tp) -> bool:
+    try:
+        _check_type("", value, tp)
+        return True
+    except ConfigError:
+        return False
+
+
+def load_config(path: str | os.PathLike) -> Config:
+    """Read and validate a JSON config: unknown keys, wrong types and out-of-range values are
+    errors; keys left out take their defaults."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {str(path)!r} cannot be read: {e}") from None
+    try:
+        raw = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not valid JSON: {e.msg} at line {e.lineno} "
+                          f"column {e.colno}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must hold a JSON object, got {type(raw).__name__}")
+    hints = typing.get_type_hints(Config)
+    unknown = sorted(set(raw) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(hints)}")
+    for name, value in raw.items():
+        _check_type(name, value, hints[name])
+    return Config(**raw)
+
+
+def config_help() -> str:
+    lines = ["config.json keys (default):"]
+    for f in dataclasses.fields(Config):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {f.name:28} {f.metadata['help']} ({json.dumps(default)})")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+DATA_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def load_pairs(path: str, config: Config, key: str = "dataset_path"):
+    """A ``datasets.Dataset`` with the columns ``source_text`` and ``target_text`` (renamed from the
+    configured columns), rows with an empty side dropped."""
+    import datasets
+
+    datasets.disable_progress_bars()
+    local = Path(path)
+    try:
+        if local.is_file():
+            kind = DATA_FORMATS.get(local.suffix.lower())
+            if kind is None:
+                raise ConfigError(f"{key}: {path!r} has an unsupported type {local.suffix!r}; "
+                                  f"use {', '.join(DATA_FORMATS)}")
+            ds = datasets.load_dataset(kind, data_files=str(local), split="train")
+        elif local.is_dir():
+            files = sorted(p for p in local.iterdir() if p.suffix.lower() in DATA_FORMATS)
+            kinds = {DATA_FORMATS[p.suffix.lower()] for p in files}
+            if len(kinds) != 1:
+                found = "no" if not files else "mixed"
+                raise ConfigError(f"{key}: folder {path!r} has {found} data files; it needs files of one type "
+                                  f"among {', '.join(DATA_FORMATS)}")
+            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
+        elif local.suffix.lower() in DATA_FORMATS or path.startswith((".", "/")) or path.count("/") != 1:
+            raise ConfigError(f"{key}: {path!r} does not exist")
+        else:
+            ds = datasets.load_dataset(path, split="train")
+    except ConfigError:
+        raise
+    except UnicodeDecodeError:
+        raise ConfigError(f"{key}: {path!r} is not valid UTF-8 text") from None
+    except Exception as e:  # datasets wraps parser and hub errors in many types
+        cause = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            if isinstance(cause, UnicodeDecodeError):
+                raise ConfigError(f"{key}: {path!r} is not valid UTF-8 text") from None
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(cause, UnicodeDecodeError):
+            raise ConfigError(f"{key}: {path!r} is not valid UTF-8 text") from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{key}: cannot load {path!r}: {first}") from None
+
+    wanted = [config.source_column, config.target_column]
+    missing = [c for c in wanted if c not in ds.column_names]
+    if missing:
+        raise ConfigError(f"{key}: {path!r} has no column {missing[0]!r}; columns found: "
+                          f"{', '.join(ds.column_names) or 'none'} (set source_column/target_column)")
+    ds = ds.select_columns(wanted)
+    if wanted != ["source_text", "target_text"]:
+        ds = ds.rename_columns(dict(zip(wanted, ["source_text", "target_text"])))
+    ds = ds.filter(lambda row: bool(row["source_text"] and str(row["source_text"]).strip()
+                                    and row["target_text"] and str(row["target_text"]).strip()))
+    if len(ds) == 0:
+        raise ConfigError(f"{key}: {path!r} holds no pairs with both {wanted[0]!r} and {wanted[1]!r} filled")
+    return ds
+
+
+def load_data(config: Config):
+    """(train, eval) raw pair datasets, following ``eval_dataset_path`` or holding out ``eval_size`` pairs."""
+    train = load_pairs(config.dataset_path, config)
+    if config.eval_dataset_path:
+        evaluation = load_pairs(config.eval_dataset_path, config, key="eval_dataset_path")
+    else:
+        if len(train) <= config.eval_size:
+            raise ConfigError(f"eval_size: {config.eval_size} pairs cannot be held out of the {len(train)} in "
+                              f"dataset_path; lower eval_size or set eval_dataset_path")
+        split = train.train_test_split(test_size=config.eval_size, seed=config.seed)
+        train, evaluation = split["train"], split["test"]
+    if config.max_train_samples:
+        train = train.select(range(min(config.max_train_samples, len(train))))
+    if config.max_eval_samples:
+        evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+def preprocess(pairs, tokenizer, config: Config, preprocessor):
+    """Apply the preprocessing hook to every pair; keeps only the model inputs it returns."""
+    ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
+                   remove_columns=pairs.column_names, load_from_cache_file=False)
+    missing = {"input_ids", "attention_mask", "labels"} - set(ds.column_names)
+    if missing:
+        raise ConfigError(f"data_preprocessor returned no {', '.join(sorted(missing))}; "
+                          f"it must return input_ids, attention_mask and labels")
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# Model
+
+
+def load_teacher(path: str):
+    """(model, tokenizer) from a local folder or a hub id; a folder written by this tool (with
+    factorized layers) is rebuilt with ``load_compressed_model``. Never runs remote code."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from matrix_decomposition import CONFIG_FIELD, load_compressed_model
+
+    if (path.startswith((".", "/")) or Path(path).suffix or path.count("/") > 1) and not Path(path).is_dir():
+        raise ConfigError(f"teacher_model_path: {path!r} is not a folder (and not a hub id like "
+                          f"'Helsinki-NLP/opus-mt-en-de')")
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+        if not model_config.is_encoder_decoder:
+            raise ConfigError(f"teacher_model_path: {path!r} is a {model_config.model_type} model, not an "
+                              f"encoder-decoder translation model such as MarianMT")
+        if getattr(model_config, CONFIG_FIELD, None):
+            model = load_compressed_model(path, dtype=torch.float32)
+        else:
+            model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except ConfigError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"teacher_model_path: cannot load {path!r}: {first}") from None
+    return model.eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The run
+
+
+def print_report(report: dict) -> None:
+    teacher_params = report["teacher"]["params"]
+    print(f"\n{'model':<12}{'params':>12}{'% teacher':>11}{'BLEU':>8}{'chrF':>8}")
+    for name in ("teacher", "decomposed", "student"):
+        row = report[name]
+        print(f"{name:<12}{row['params']:>12,}{100 * row['params'] / teacher_params:>10.1f}%"
+              f"{row['bleu']:>8.2f}{row['chrf']:>8.2f}")
+    print(f"compression ratio {report['compression_ratio']:.3f} (student params / teacher params); "
+          f"{report['layers_decomposed']} layers decomposed; distilled in {report['train_seconds'] / 60:.1f} min "
+          f"on {report['train_pairs']:,} pairs; evaluated on {report['eval_pairs']:,} pairs")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, epilog=config_help(),
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="config.json", help="the JSON config to run (default: ./config.json)")
+    args = parser.parse_args(argv)
+    try:
+        return run(load_config(args.config))
+    except Exception as e:
+        from matrix_decomposition import DecompositionError
+
+        if isinstance(e, (ConfigError, DecompositionError, FloatingPointError)):
+            print(f"compress_model.py: error: {e}", file=sys.stderr)
+            return 2
+        raise
+
+
+def run(config: Config) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import torch
+    from transformers.utils import logging as hf_logging
+
+    import decomposition
+    from distillation.knowledge_distillation import DistillationSettings
+    from matrix_decomposition import count_parameters, describe_ranks
+
+    hf_logging.set_verbosity_error()
+    # Seed, and refuse an output folder that would be clobbered, before any work.
+    torch.manual_seed(config.seed)
+    decomposition.check_output_path(config.output_path, config.overwrite_output)
+
+    # Data
+    train_pairs, eval_pairs = load_data(config)
+    # Model
+    teacher, tokenizer = load_teacher(config.teacher_model_path)
+    preprocessor = globals()["data_preprocessor"]  # looked up now, so a replaced hook is the one used
+    train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
+    eval_set = preprocess(eval_pairs, tokenizer, config, preprocessor)
+    sources, references = eval_pairs["source_text"], eval_pairs["target_text"]
+    generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
+                       "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length}
+
+    # Decompose
+    student, ranks = decomposition.build_student(teacher, config.decompose_layers, config.k_info, config.svd)
+    feature_layers = decomposition.resolve_feature_layers(teacher, config.feature_layers, ranks)
+    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    print(f"{describe_ranks(ranks)} decomposed; {teacher_params:,} → {student_params:,} params "
+          f"({100 * student_params / teacher_params:.1f}%)", flush=True)
+
+    # Evaluate the teacher and the decomposed model before recovery
+    report = {"teacher": decomposition.evaluate_translation(teacher, tokenizer, sources, references,
+                                                            **generate_kwargs)}
+    report["decomposed"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
+                                                              **generate_kwargs)
+    print(f"BLEU teacher {report['teacher']['bleu']:.2f}, decomposed {report['decomposed']['bleu']:.2f} "
+          f"(before recovery)", flush=True)
+
+    # Distill
+    settings = DistillationSettings(
+        epochs=config.epoch, batch_size=config.batch_size, learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_steps=config.max_steps,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm,
+        temperature=config.temperature, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
+        eval_steps=config.eval_steps, mixed_precision=config.mixed_precision, seed=config.seed,
+        progress=config.progress)
+    distiller = decomposition.distill(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers)
+    student = distiller.unwrapped_student
+    if not distiller.accelerator.is_main_process:
+        return 0
+
+    # Evaluate the recovered student
+    report["student"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
+                                                           **generate_kwargs)
+    report.update({
+        "compression_ratio": round(student_params / teacher_params, 4),
+        "layers_decomposed": len(ranks), "ranks": ranks, "feature_layers": feature_layers,
+        "train_seconds": round(distiller.train_seconds, 1), "train_pairs": len(train_pairs),
+        "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "history": distiller.history,
+        "bleu_signature": "sacrebleu corpus_bleu/corpus_chrf defaults (13a tokenization), "
+                          f"{'greedy' if config.num_beams == 1 else f'beam {config.num_beams}'} decoding",
+    })
+
+    # Save
+    decomposition.save_outputs(config.output_path, student, tokenizer, report, dataclasses.asdict(config))
+    print_report(report)
+    print(f"saved to {config.output_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""The pipeline: copy the teacher, decompose the chosen layers, distill, evaluate, save.
+
+``compress_model.py`` calls these stages in order; each is usable on its own from Python.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import sacrebleu
+import torch
+from torch import nn
+
+from distillation.knowledge_distillation import DistillationSettings, Distiller
+from matrix_decomposition import (
+    DecompositionError,
+    count_parameters,
+    decompose_,
+    module_name,
+    save_compressed_model,
+)
+
+
+def build_student(teacher: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto"):
+    """A deep copy of ``teacher`` with the chosen layers factorized; returns (student, ranks)."""
+    student = copy.deepcopy(teacher)
+    ranks = decompose_(student, decompose_layers, k_info, svd=svd)
+    return student, ranks
+
+
+def resolve_feature_layers(model: nn.Module, feature_layers: Sequence[str], ranks: Mapping[str, int]) -> list[str]:
+    """Module names whose outputs are matched by the feature loss; empty means every decomposed layer."""
+    if not feature_layers:
+        return list(ranks)
+    modules = dict(model.named_modules())
+    names: list[str] = []
+    for key in feature_layers:
+        name = module_name(key)
+        if not name or name not in modules:
+            close = difflib.get_close_matches(key, [n for n in modules if n], n=3, cutoff=0.5)
+            hint = f"; closest: {', '.join(close)}" if close else ""
+            raise DecompositionError(f"feature_layers: {key!r} is not a layer of this model{hint}")
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def distill(teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, eval_dataset,
+            settings: DistillationSettings, feature_layers: Sequence[str]) -> Distiller:
+    """Train ``student`` (in place) to imitate ``teacher``; returns the finished ``Distiller``
+    (its ``history`` and ``train_seconds`` describe the run)."""
+    distiller = Distiller(teacher, student, tokenizer, train_dataset, eval_dataset, settings, list(feature_layers))
+    distiller.train()
+    return distiller
+
+
+@torch.no_grad()
+def translate(model: nn.Module, tokenizer, sources: Sequence[str], batch_size: int = 64, num_beams: int = 1,
+              max_new_tokens: int = 128, max_source_length: int = 128) -> list[str]:
+    """Translations of ``sources`` in their order (batched by length for speed)."""
+    model.eval()
+    device = next(model.parameters()).device
+    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
+    out: list[str] = [""] * len(sources)
+    for start in range(0, len(order), batch_size):
+        idx = order[start:start + batch_size]
+        enc = tokenizer([sources[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
+                        max_length=max_source_length).to(device)
+        generated = model.generate(**enc, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
+        for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+            out[i] = text
+    return out
+
+
+def evaluate_translation(model: nn.Module, tokenizer, sources: Sequence[str], references: Sequence[str],
+                         **generate_kwargs) -> dict:
+    """BLEU and chrF (sacrebleu, corpus level) of ``model`` on the pairs, with its size and the
+    time the translation took."""
+    start = time.perf_counter()
+    hypotheses = translate(model, tokenizer, sources, **generate_kwargs)
+    seconds = time.perf_counter() - start
+    refs = [list(references)]
+    return {"params": count_parameters(model),
+            "bleu": round(sacrebleu.corpus_bleu(hypotheses, refs).score, 2),
+            "chrf": round(sacrebleu.corpus_chrf(hypotheses, refs).score, 2),
+            "translate_seconds": round(seconds, 2)}
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
+    """Refuse an output path that is a file, or a non-empty folder unless ``overwrite``; checked
+    before any work so that nothing is lost or half-written."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DecompositionError(f"output_path: {str(path)!r} is a file; give a folder path")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise DecompositionError(f"output_path: {str(path)!r} exists and is not empty; choose another path "
+                                 f"or set \"overwrite_output\": true")
+    parent = path.resolve().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not os.access(parent, os.W_OK):
+        raise DecompositionError(f"output_path: cannot write under {str(parent)!r} (permission denied)")
+    return path
+
+
+def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report: dict, config: dict) -> None:
+    """Write the compressed model, tokenizer, the config used and ``report.json`` to ``path``,
+    atomically: everything goes to a temporary sibling folder that is then renamed into place
+    (an existing folder is replaced only once the new one is complete)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_compressed_model(student, tmp, tokenizer)
+        (tmp / "compression_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,1 @@
+"""Recovering a factorized student by imitating its teacher: the losses and the training loop."""

@@ -1,0 +1,72 @@
+"""Distillation losses: pure functions of activations (never of weights).
+
+Shapes: B batch, T target length, S source length, V vocabulary, H hidden size, A heads.
+Masks are boolean, True at real (non-padded) positions. Every loss averages over real positions
+only and returns 0, never NaN, when there are none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean of ``values`` (B, T) over positions where ``mask`` (B, T) is True; 0 if there are none."""
+    if mask is None:
+        return values.mean()
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def output_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                             mask: torch.Tensor | None, temperature: float = 2.0) -> torch.Tensor:
+    """KL(teacher ‖ student) between temperature-softened distributions over the vocabulary,
+    scaled by T² (so its gradients keep their size as T changes; Hinton et al. 2015),
+    averaged over real target tokens."""
+    t = temperature
+    log_p_student = F.log_softmax(student_logits.float() / t, dim=-1)  # (B, T, V)
+    log_p_teacher = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (B, T, V)
+    kl = (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(dim=-1)  # (B, T)
+    return masked_mean(kl, mask) * t * t
+
+
+def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Token-level cross-entropy against the references; labels (B, T) of -100 are ignored."""
+    if not (labels != IGNORE_INDEX).any():
+        return logits.sum() * 0.0  # keeps the graph, no NaN
+    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),  # (B·T, V), (B·T,)
+                           ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """MSE between two activations (B, L, H) at real positions, averaged over H."""
+    squared = (student.float() - teacher.float()).pow(2).mean(dim=-1)  # (B, L)
+    return masked_mean(squared, mask)
+
+
+def mean_feature_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                      masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """``feature_loss`` averaged over matched pairs of activations (layer outputs, hidden states)."""
+    losses = [feature_loss(s, t, m) for s, t, m in zip(student, teacher, masks, strict=True)]
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def attention_loss(student: Sequence[torch.Tensor], teacher: Sequence[torch.Tensor],
+                   query_masks: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    """MSE between attention probabilities (B, A, Lq, Lk), per layer, at real query positions,
+    averaged over layers (as in TinyBERT). Padded keys carry probability 0 in both models."""
+    losses = []
+    for s, t, mask in zip(student, teacher, query_masks, strict=True):
+        squared = (s.float() - t.float()).pow(2).sum(dim=-1).mean(dim=1)  # (B, Lq)
+        losses.append(masked_mean(squared, mask))
+    return torch.stack(losses).mean() if losses else torch.zeros(())
+
+
+def weighted_sum(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]) -> torch.Tensor:
+    """Σ weight·term over the terms with a non-zero weight."""
+    return sum(weights[name] * value for name, value in terms.items() if weights.get(name, 0.0))

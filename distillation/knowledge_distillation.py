@@ -1,0 +1,241 @@
+"""The recovery loop: a frozen teacher, a factorized student learning to imitate it.
+
+Per step the teacher runs without autograd; the student's loss combines
+  ce         cross-entropy on the reference translations,
+  kd         KL to the teacher's temperature-softened output distribution,
+  feature    MSE between the outputs of the ``feature_layers`` (captured with forward hooks),
+  hidden     MSE between the encoder and decoder hidden states after every layer,
+  attention  MSE between the attention probabilities (needs the eager attention implementation),
+each weighted by ``loss_weights``. Accelerate provides device placement, gradient accumulation,
+mixed precision and data parallelism (``torchrun`` / ``accelerate launch``).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration, set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
+
+from distillation.distillation_loss import (
+    IGNORE_INDEX,
+    attention_loss,
+    cross_entropy_loss,
+    mean_feature_loss,
+    output_distillation_loss,
+    weighted_sum,
+)
+
+LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
+
+
+@dataclass
+class DistillationSettings:
+    """How the student is trained (filled from the user's config by ``decomposition.py``)."""
+
+    epochs: int = 1
+    batch_size: int = 32
+    learning_rate: float = 3e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.06
+    max_steps: int | None = None
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float = 1.0
+    temperature: float = 2.0
+    label_smoothing: float = 0.0
+    loss_weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "kd": 1.0, "feature": 1.0})
+    eval_steps: int = 0  # 0: evaluate at the end of every epoch only
+    mixed_precision: str = "no"
+    seed: int = 42
+    progress: bool = True
+
+
+@contextmanager
+def capture_outputs(model: nn.Module, names: Iterable[str]):
+    """Record the output of each named submodule on every forward pass into a dict; the hooks
+    are removed on exit."""
+    outputs: dict[str, torch.Tensor] = {}
+    handles = []
+    try:
+        for name in names:
+            def hook(_module, _inputs, output, name=name):
+                outputs[name] = output
+            handles.append(model.get_submodule(name).register_forward_hook(hook))
+        yield outputs
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def source_positioned(name: str) -> bool:
+    """Whether a layer's outputs are indexed by source positions (the encoder, and the key/value
+    projections of the decoder's cross-attention) rather than target positions."""
+    return ".encoder." in f".{name}." or name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))
+
+
+class Distiller:
+    """Set up (teacher, student, optimizer, data), one ``_loss_step``, one loop."""
+
+    def __init__(self, teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, eval_dataset,
+                 settings: DistillationSettings, feature_layers: list[str]):
+        self.settings = s = settings
+        self.weights = {k: float(v) for k, v in s.loss_weights.items() if v}
+        self.feature_layers = list(feature_layers) if self.weights.get("feature") else []
+        self.accelerator = Accelerator(mixed_precision=s.mixed_precision,
+                                       gradient_accumulation_steps=s.gradient_accumulation_steps,
+                                       dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
+        set_seed(s.seed)
+        if self.weights.get("attention"):  # attention probabilities are only returned by eager attention
+            for model in (teacher, student):
+                model.set_attn_implementation("eager")
+
+        self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False)
+        collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+        train_loader = DataLoader(train_dataset, batch_size=s.batch_size, shuffle=True, collate_fn=collator)
+        eval_loader = DataLoader(eval_dataset, batch_size=s.batch_size, collate_fn=collator) if eval_dataset else None
+
+        decay, no_decay = [], []
+        for name, param in student.named_parameters():
+            if param.requires_grad:
+                (decay if param.ndim > 1 else no_decay).append(param)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=s.learning_rate)
+        self.student, self.optimizer, self.train_loader = self.accelerator.prepare(student, optimizer, train_loader)
+        self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader else None
+        self.total_steps = math.ceil(len(self.train_loader) / s.gradient_accumulation_steps) * s.epochs
+        if s.max_steps:
+            self.total_steps = min(self.total_steps, s.max_steps)
+        scheduler = get_linear_schedule_with_warmup(self.optimizer, int(s.warmup_ratio * self.total_steps),
+                                                    self.total_steps)
+        self.scheduler = self.accelerator.prepare(scheduler)
+        self.history: list[dict] = []
+
+    @property
+    def unwrapped_student(self) -> nn.Module:
+        return self.accelerator.unwrap_model(self.student)
+
+    def _loss_step(self, batch, teacher_features, student_features) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weighted loss of one batch and each of its terms (detached)."""
+        w = self.weights
+        labels = batch["labels"]  # (B, T)
+        target_mask = labels != IGNORE_INDEX  # (B, T)
+        source_mask = batch["attention_mask"].bool()  # (B, S)
+        inputs = {
+            "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+            "decoder_input_ids": self.unwrapped_student.prepare_decoder_input_ids_from_labels(labels=labels),
+            "decoder_attention_mask": batch.get("decoder_attention_mask"),
+            "output_hidden_states": bool(w.get("hidden")), "output_attentions": bool(w.get("attention")),
+        }
+        need_teacher = any(w.get(k) for k in ("kd", "feature", "hidden", "attention"))
+        if need_teacher:
+            with torch.no_grad():
+                teacher_out = self.teacher(**inputs)
+        student_out = self.student(**inputs)
+
+        terms = {"ce": cross_entropy_loss(student_out.logits, labels, self.settings.label_smoothing)}
+        if w.get("kd"):
+            terms["kd"] = output_distillation_loss(student_out.logits, teacher_out.logits, target_mask,
+                                                   self.settings.temperature)
+        if self.feature_layers:
+            masks = [source_mask if source_positioned(n) else target_mask for n in self.feature_layers]
+            terms["feature"] = mean_feature_loss([student_features[n] for n in self.feature_layers],
+                                                 [teacher_features[n] for n in self.feature_layers], masks)
+        if w.get("hidden"):  # index 0 is the embedding output: not a layer
+            enc_s, enc_t = student_out.encoder_hidden_states[1:], teacher_out.encoder_hidden_states[1:]
+            dec_s, dec_t = student_out.decoder_hidden_states[1:], teacher_out.decoder_hidden_states[1:]
+            terms["hidden"] = mean_feature_loss(enc_s + dec_s, enc_t + dec_t,
+                                                [source_mask] * len(enc_s) + [target_mask] * len(dec_s))
+        if w.get("attention"):
+            s_maps = student_out.encoder_attentions + student_out.decoder_attentions + student_out.cross_attentions
+            t_maps = teacher_out.encoder_attentions + teacher_out.decoder_attentions + teacher_out.cross_attentions
+            n_enc, n_dec = len(student_out.encoder_attentions), len(student_out.decoder_attentions)
+            terms["attention"] = attention_loss(s_maps, t_maps, [source_mask] * n_enc + [target_mask] * 2 * n_dec)
+        loss = weighted_sum(terms, w)
+        return loss, {k: v.detach() for k, v in terms.items()}
+
+    def train(self) -> list[dict]:
+        """Run ``epochs`` passes (or ``max_steps`` optimizer steps); return the evaluation history."""
+        s, acc = self.settings, self.accelerator
+        self.student.train()
+        step, start = 0, time.time()
+        bar = tqdm(total=self.total_steps, desc="distilling", disable=not (s.progress and acc.is_main_process))
+        running: dict[str, float] = {}
+        with capture_outputs(self.teacher, self.feature_layers) as teacher_features, \
+                capture_outputs(self.unwrapped_student, self.feature_layers) as student_features:
+            for epoch in range(s.epochs):
+                self.train_loader.set_epoch(epoch)
+                for batch in self.train_loader:
+                    with acc.accumulate(self.student):
+                        loss, terms = self._loss_step(batch, teacher_features, student_features)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(f"the distillation loss became {loss.item()} at step {step}; "
+                                                     f"terms: {self._fmt(terms)}. Try a lower learning_rate.")
+                        acc.backward(loss)
+                        if acc.sync_gradients and s.max_grad_norm:
+                            acc.clip_grad_norm_(self.student.parameters(), s.max_grad_norm)
+                        self.optimizer.step()
+                        self.scheduler.step()
+                        self.optimizer.zero_grad(set_to_none=True)
+                    if not acc.sync_gradients:
+                        continue
+                    step += 1
+                    terms["loss"] = loss.detach()
+                    for k, v in terms.items():  # exponential moving average for display
+                        running[k] = v.item() if k not in running else 0.95 * running[k] + 0.05 * v.item()
+                    bar.update(1)
+                    bar.set_postfix_str(self._fmt(running), refresh=False)
+                    if s.eval_steps and step % s.eval_steps == 0:
+                        self._log_eval(epoch, step, running)
+                    if step >= self.total_steps:
+                        break
+                if not s.eval_steps or step % s.eval_steps:
+                    self._log_eval(epoch, step, running)
+                if step >= self.total_steps:
+                    break
+        bar.close()
+        self.train_seconds = time.time() - start
+        self.student.eval()
+        return self.history
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean teacher-forced cross-entropy of the student on the held-out pairs."""
+        if self.eval_loader is None:
+            return None
+        was_training = self.student.training
+        self.student.eval()
+        total, count = torch.zeros(()), torch.zeros(())
+        for batch in self.eval_loader:
+            labels = batch["labels"]
+            logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                  decoder_input_ids=self.unwrapped_student.prepare_decoder_input_ids_from_labels(
+                                      labels=labels)).logits
+            n = (labels != IGNORE_INDEX).sum()
+            total += cross_entropy_loss(logits, labels).cpu() * n.cpu()
+            count += n.cpu()
+        total, count = self.accelerator.reduce(total, "sum"), self.accelerator.reduce(count, "sum")
+        self.student.train(was_training)
+        return (total / count.clamp(min=1)).item()
+
+    def _log_eval(self, epoch: int, step: int, running: dict[str, float]) -> None:
+        eval_ce = self.evaluate()
+        entry = {"epoch": epoch + 1, "step": step, **{k: round(v, 4) for k, v in running.items()}}
+        if eval_ce is not None:
+            entry["eval_ce"] = round(eval_ce, 4)
+        self.history.append(entry)
+        if self.accelerator.is_main_process and self.settings.progress:
+            tqdm.write(f"step {step}/{self.total_steps}: " + self._fmt({k: v for k, v in entry.items()
+                                                                        if k not in ("epoch", "step")}))
+
+    @staticmethod
+    def _fmt(values) -> str:
+        return " ".join(f"{k} {float(v):.4f}" for k, v in values.items())
