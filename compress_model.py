@@ -20,6 +20,7 @@ import sys
 import time
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -255,6 +256,8 @@ def load_pairs(path: str, config: Config, key: str = "dataset_path"):
             cause = cause.__cause__ or cause.__context__
         if isinstance(cause, UnicodeDecodeError):
             raise ConfigError(f"{key}: {path!r} is not valid UTF-8 text") from None
+        if "corresponds to no data" in str(e):  # datasets' words for a file with no rows
+            raise ConfigError(f"{key}: {path!r} holds no pairs (no rows under the header)") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConfigError(f"{key}: cannot load {path!r}: {first}") from None
 
@@ -377,6 +380,8 @@ def run(config: Config) -> int:
     from matrix_decomposition import count_parameters, describe_ranks
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars; ours are the ones that matter
+    warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
     # Seed, and refuse an output folder that would be clobbered, before any work.
     torch.manual_seed(config.seed)
     decomposition.check_output_path(config.output_path, config.overwrite_output)
@@ -385,6 +390,11 @@ def run(config: Config) -> int:
     train_pairs, eval_pairs = load_data(config)
     # Model
     teacher, tokenizer = load_teacher(config.teacher_model_path)
+    positions = getattr(teacher.config, "max_position_embeddings", None)
+    if positions:  # sequences the teacher cannot represent are truncated, not crashed on
+        config = dataclasses.replace(config, max_source_length=min(config.max_source_length, positions),
+                                     max_target_length=min(config.max_target_length, positions),
+                                     max_new_tokens=min(config.max_new_tokens, positions - 1))
     preprocessor = globals()["data_preprocessor"]  # looked up now, so a replaced hook is the one used
     train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
     eval_set = preprocess(eval_pairs, tokenizer, config, preprocessor)
