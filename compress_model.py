@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import sys
 import time
 import types
@@ -106,20 +107,25 @@ class Config:
     num_beams: int = field(default=1, metadata={"help": "beams for the BLEU evaluation (1 = greedy)"})
     eval_batch_size: int = field(default=64, metadata={"help": "sentences per generate() call"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest translation generated"})
+    checkpoint_steps: int = field(default=500, metadata={
+        "help": "save a checkpoint every N optimizer steps, to continue with --resume (0 = never)"})
+    checkpoint_dir: str | None = field(default=None, metadata={
+        "help": "where checkpoints go; null = <output_path>-checkpoints (deleted when the run finishes)"})
     seed: int = field(default=42, metadata={"help": "seed for data order, dropout and held-out split"})
+    num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch; null = torch's default"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
         positive = ["epoch", "batch_size", "eval_size", "max_source_length", "max_target_length",
                     "gradient_accumulation_steps", "num_beams", "eval_batch_size", "max_new_tokens"]
-        for name in positive + ["max_train_samples", "max_eval_samples", "max_steps"]:
+        for name in positive + ["max_train_samples", "max_eval_samples", "max_steps", "num_threads"]:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {value}")
         for name in ("learning_rate", "temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "max_grad_norm", "eval_steps", "label_smoothing", "warmup_ratio"):
+        for name in ("weight_decay", "max_grad_norm", "eval_steps", "label_smoothing", "warmup_ratio", "checkpoint_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         if self.warmup_ratio >= 1 or self.label_smoothing >= 1:
@@ -358,36 +364,81 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, epilog=config_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config.json", help="the JSON config to run (default: ./config.json)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue an interrupted run from its latest checkpoint (same config)")
     args = parser.parse_args(argv)
     try:
-        return run(load_config(args.config))
+        return run(load_config(args.config), resume=args.resume)
     except Exception as e:
         from matrix_decomposition import DecompositionError
 
-        if isinstance(e, (ConfigError, DecompositionError, FloatingPointError)):
+        if isinstance(e, (ConfigError, DecompositionError)):
             print(f"compress_model.py: error: {e}", file=sys.stderr)
             return 2
+        if isinstance(e, FloatingPointError):
+            print(f"compress_model.py: error: {e}", file=sys.stderr)
+            return 1
         raise
 
 
-def run(config: Config) -> int:
+# Keys that may change between an interrupted run and its resumption.
+RESUMABLE_CHANGES = {"progress", "overwrite_output", "num_threads"}
+
+
+def checkpoint_dir(config: Config) -> Path:
+    return Path(config.checkpoint_dir or f"{config.output_path.rstrip('/')}-checkpoints")
+
+
+def check_resume(config: Config, resume: bool) -> dict | None:
+    """The saved state of the run to resume ({"config", "report"}), or None for a fresh run.
+    Refuses to start over a checkpoint silently, and to resume with a different config."""
+    folder = checkpoint_dir(config)
+    run_file = folder / "run.json"
+    if not resume:
+        if run_file.exists() and not config.overwrite_output:
+            raise ConfigError(f"checkpoint_dir: {str(folder)!r} holds an unfinished run; add --resume to continue "
+                              f"it, or delete the folder (or set \"overwrite_output\": true) to start over")
+        return None
+    if not run_file.is_file() or not (folder / "latest").is_file():
+        raise ConfigError(f"--resume: no checkpoint in {str(folder)!r} (checkpoint_steps is "
+                          f"{config.checkpoint_steps}); run without --resume to start")
+    saved = json.loads(run_file.read_text(encoding="utf-8"))
+    now = dataclasses.asdict(config)
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved["config"].get(k) != now[k])
+    if changed:
+        k = changed[0]
+        raise ConfigError(f"--resume: {k} was {json.dumps(saved['config'].get(k))} in the interrupted run and is "
+                          f"{json.dumps(now[k])} now; resume with the same config")
+    return saved
+
+
+def run(config: Config, resume: bool = False) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
+    from accelerate import PartialState
     from transformers.utils import logging as hf_logging
 
     import decomposition
-    from distillation.knowledge_distillation import DistillationSettings
+    from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
     from matrix_decomposition import count_parameters, describe_ranks
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" bars; ours are the ones that matter
     warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
-    # Seed, and refuse an output folder that would be clobbered, before any work.
+    state = PartialState(cpu=distributed_on_cpu())  # one process, or one of several under torchrun / accelerate launch
+    main_process = state.is_main_process
+    say = print if main_process else (lambda *a, **k: None)
+
+    # Seed; refuse an output or checkpoint folder that would be clobbered, before any work.
     torch.manual_seed(config.seed)
+    if config.num_threads:
+        torch.set_num_threads(config.num_threads)
     decomposition.check_output_path(config.output_path, config.overwrite_output)
+    saved = check_resume(config, resume)
 
     # Data
-    train_pairs, eval_pairs = load_data(config)
+    with state.main_process_first():
+        train_pairs, eval_pairs = load_data(config)
     # Model
     teacher, tokenizer = load_teacher(config.teacher_model_path)
     positions = getattr(teacher.config, "max_position_embeddings", None)
@@ -396,8 +447,9 @@ def run(config: Config) -> int:
                                      max_target_length=min(config.max_target_length, positions),
                                      max_new_tokens=min(config.max_new_tokens, positions - 1))
     preprocessor = globals()["data_preprocessor"]  # looked up now, so a replaced hook is the one used
-    train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
-    eval_set = preprocess(eval_pairs, tokenizer, config, preprocessor)
+    with state.main_process_first():
+        train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
+        eval_set = preprocess(eval_pairs, tokenizer, config, preprocessor)
     sources, references = eval_pairs["source_text"], eval_pairs["target_text"]
     generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
                        "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length}
@@ -406,16 +458,29 @@ def run(config: Config) -> int:
     student, ranks = decomposition.build_student(teacher, config.decompose_layers, config.k_info, config.svd)
     feature_layers = decomposition.resolve_feature_layers(teacher, config.feature_layers, ranks)
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
-    print(f"{describe_ranks(ranks)} decomposed; {teacher_params:,} → {student_params:,} params "
-          f"({100 * student_params / teacher_params:.1f}%)", flush=True)
+    say(f"{describe_ranks(ranks)} decomposed; {teacher_params:,} → {student_params:,} params "
+        f"({100 * student_params / teacher_params:.1f}%)", flush=True)
 
-    # Evaluate the teacher and the decomposed model before recovery
-    report = {"teacher": decomposition.evaluate_translation(teacher, tokenizer, sources, references,
-                                                            **generate_kwargs)}
-    report["decomposed"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
-                                                              **generate_kwargs)
-    print(f"BLEU teacher {report['teacher']['bleu']:.2f}, decomposed {report['decomposed']['bleu']:.2f} "
-          f"(before recovery)", flush=True)
+    # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)
+    folder = checkpoint_dir(config)
+    if saved:
+        report = saved["report"]
+        say(f"resuming from {folder}", flush=True)
+    else:
+        report = {}
+        if main_process:
+            report["teacher"] = decomposition.evaluate_translation(teacher, tokenizer, sources, references,
+                                                                   **generate_kwargs)
+            report["decomposed"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
+                                                                      **generate_kwargs)
+            say(f"BLEU teacher {report['teacher']['bleu']:.2f}, decomposed {report['decomposed']['bleu']:.2f} "
+                f"(before recovery)", flush=True)
+            if config.checkpoint_steps:
+                if folder.exists():  # an abandoned run's (overwrite_output was given)
+                    shutil.rmtree(folder)
+                folder.mkdir(parents=True)
+                decomposition.write_json_atomic(folder / "run.json",
+                                                {"config": dataclasses.asdict(config), "report": report})
 
     # Distill
     settings = DistillationSettings(
@@ -424,10 +489,11 @@ def run(config: Config) -> int:
         gradient_accumulation_steps=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm,
         temperature=config.temperature, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
         eval_steps=config.eval_steps, mixed_precision=config.mixed_precision, seed=config.seed,
-        progress=config.progress)
+        progress=config.progress, checkpoint_dir=str(folder) if config.checkpoint_steps else None,
+        checkpoint_steps=config.checkpoint_steps, resume=bool(saved))
     distiller = decomposition.distill(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers)
     student = distiller.unwrapped_student
-    if not distiller.accelerator.is_main_process:
+    if not main_process:
         return 0
 
     # Evaluate the recovered student
@@ -437,13 +503,15 @@ def run(config: Config) -> int:
         "compression_ratio": round(student_params / teacher_params, 4),
         "layers_decomposed": len(ranks), "ranks": ranks, "feature_layers": feature_layers,
         "train_seconds": round(distiller.train_seconds, 1), "train_pairs": len(train_pairs),
-        "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "history": distiller.history,
+        "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "processes": state.num_processes,
+        "history": distiller.history,
         "bleu_signature": "sacrebleu corpus_bleu/corpus_chrf defaults (13a tokenization), "
                           f"{'greedy' if config.num_beams == 1 else f'beam {config.num_beams}'} decoding",
     })
 
-    # Save
+    # Save (atomically), then drop the checkpoints of the finished run
     decomposition.save_outputs(config.output_path, student, tokenizer, report, dataclasses.asdict(config))
+    shutil.rmtree(folder, ignore_errors=True)
     print_report(report)
     print(f"saved to {config.output_path}")
     return 0

@@ -111,6 +111,12 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     return path
 
 
+def write_json_atomic(path: Path, data) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report: dict, config: dict) -> None:
     """Write the compressed model, tokenizer, the config used and ``report.json`` to ``path``,
     atomically: everything goes to a temporary sibling folder that is then renamed into place

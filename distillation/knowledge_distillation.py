@@ -12,16 +12,23 @@ mixed precision and data parallelism (``torchrun`` / ``accelerate launch``).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
+import shutil
+import tempfile
 import time
 from collections.abc import Iterable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
+from safetensors.torch import load_model, save_model
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
@@ -57,6 +64,15 @@ class DistillationSettings:
     mixed_precision: str = "no"
     seed: int = 42
     progress: bool = True
+    checkpoint_dir: str | None = None  # where step checkpoints go (None: no checkpoints)
+    checkpoint_steps: int = 0  # write one every N optimizer steps (0: never)
+    resume: bool = False  # continue from the latest checkpoint in checkpoint_dir
+
+
+def distributed_on_cpu() -> bool:
+    """Several processes (torchrun / accelerate launch) and no GPU: Accelerate then needs
+    ``cpu=True`` to join them with the gloo backend instead of running each alone."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
 
 
 @contextmanager
@@ -90,7 +106,7 @@ class Distiller:
         self.settings = s = settings
         self.weights = {k: float(v) for k, v in s.loss_weights.items() if v}
         self.feature_layers = list(feature_layers) if self.weights.get("feature") else []
-        self.accelerator = Accelerator(mixed_precision=s.mixed_precision,
+        self.accelerator = Accelerator(cpu=distributed_on_cpu(), mixed_precision=s.mixed_precision,
                                        gradient_accumulation_steps=s.gradient_accumulation_steps,
                                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
         set_seed(s.seed)
@@ -103,6 +119,9 @@ class Distiller:
         train_loader = DataLoader(train_dataset, batch_size=s.batch_size, shuffle=True, collate_fn=collator)
         eval_loader = DataLoader(eval_dataset, batch_size=s.batch_size, collate_fn=collator) if eval_dataset else None
 
+        for module in student.modules():  # fixed sinusoidal tables, computed under no_grad: never trained
+            if "Sinusoidal" in type(module).__name__:
+                module.requires_grad_(False)
         decay, no_decay = [], []
         for name, param in student.named_parameters():
             if param.requires_grad:
@@ -166,19 +185,27 @@ class Distiller:
         """Run ``epochs`` passes (or ``max_steps`` optimizer steps); return the evaluation history."""
         s, acc = self.settings, self.accelerator
         self.student.train()
-        step, start = 0, time.time()
-        bar = tqdm(total=self.total_steps, desc="distilling", disable=not (s.progress and acc.is_main_process))
-        running: dict[str, float] = {}
+        step, first_epoch, skip, elapsed, running = 0, 0, 0, 0.0, {}
+        if s.resume:
+            step, first_epoch, skip, elapsed, running = self._load_checkpoint()
+        start = time.time() - elapsed
+        bar = tqdm(total=self.total_steps, initial=step, desc="distilling",
+                   disable=not (s.progress and acc.is_main_process))
         with capture_outputs(self.teacher, self.feature_layers) as teacher_features, \
                 capture_outputs(self.unwrapped_student, self.feature_layers) as student_features:
-            for epoch in range(s.epochs):
+            for epoch in range(first_epoch, s.epochs):
                 self.train_loader.set_epoch(epoch)
-                for batch in self.train_loader:
+                # on resume, the seeded epoch order is replayed and the batches already used are skipped
+                loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+                batches_done, skip = skip, 0
+                for batch in loader:
+                    batches_done += 1
                     with acc.accumulate(self.student):
                         loss, terms = self._loss_step(batch, teacher_features, student_features)
                         if not torch.isfinite(loss):
-                            raise FloatingPointError(f"the distillation loss became {loss.item()} at step {step}; "
-                                                     f"terms: {self._fmt(terms)}. Try a lower learning_rate.")
+                            raise FloatingPointError(
+                                f"the distillation loss became {loss.item()} at step {step + 1} "
+                                f"({self._fmt(terms)}); {self._last_checkpoint_hint()}try a lower learning_rate")
                         acc.backward(loss)
                         if acc.sync_gradients and s.max_grad_norm:
                             acc.clip_grad_norm_(self.student.parameters(), s.max_grad_norm)
@@ -195,6 +222,8 @@ class Distiller:
                     bar.set_postfix_str(self._fmt(running), refresh=False)
                     if s.eval_steps and step % s.eval_steps == 0:
                         self._log_eval(epoch, step, running)
+                    if s.checkpoint_steps and step % s.checkpoint_steps == 0 and step < self.total_steps:
+                        self._save_checkpoint(step, epoch, batches_done, time.time() - start, running)
                     if step >= self.total_steps:
                         break
                 if not s.eval_steps or step % s.eval_steps:
@@ -205,6 +234,60 @@ class Distiller:
         self.train_seconds = time.time() - start
         self.student.eval()
         return self.history
+
+    # -- checkpoints: <checkpoint_dir>/step-<N>/ written under a temporary name and renamed, then the
+    # -- file <checkpoint_dir>/latest is replaced atomically; a crash at any point leaves a whole one.
+
+    def _save_checkpoint(self, step: int, epoch: int, batches_done: int, elapsed: float, running: dict) -> None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            root = Path(self.settings.checkpoint_dir)
+            root.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
+            save_model(self.unwrapped_student, str(tmp / "student.safetensors"))
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+                       tmp / "trainer_state.pt")
+            (tmp / "progress.json").write_text(json.dumps({
+                "step": step, "epoch": epoch, "batches_done": batches_done, "elapsed": elapsed,
+                "running": running, "history": self.history}))
+            final = root / f"step-{step:08d}"
+            shutil.rmtree(final, ignore_errors=True)
+            os.replace(tmp, final)
+            (root / ".latest.tmp").write_text(final.name)
+            os.replace(root / ".latest.tmp", root / "latest")
+            for old in root.glob("step-*"):
+                if old != final:
+                    shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+
+    def latest_checkpoint(self) -> Path | None:
+        root = Path(self.settings.checkpoint_dir) if self.settings.checkpoint_dir else None
+        if root is None or not (root / "latest").is_file():
+            return None
+        return root / (root / "latest").read_text().strip()
+
+    def _last_checkpoint_hint(self) -> str:
+        last = self.latest_checkpoint()
+        return f"the last good checkpoint is kept in {last} (resume from it with --resume); " if last else ""
+
+    def _load_checkpoint(self):
+        path = self.latest_checkpoint()
+        if path is None or not path.is_dir():
+            raise FileNotFoundError(f"no checkpoint to resume from in {self.settings.checkpoint_dir}")
+        load_model(self.unwrapped_student, str(path / "student.safetensors"), strict=True)
+        state = torch.load(path / "trainer_state.pt", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        progress = json.loads((path / "progress.json").read_text())
+        self.history = progress["history"]
+        epoch, batches_done = progress["epoch"], progress["batches_done"]
+        if batches_done >= len(self.train_loader):  # the checkpoint fell on the epoch's last batch
+            epoch, batches_done = epoch + 1, 0
+        return progress["step"], epoch, batches_done, progress["elapsed"], progress["running"]
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
