@@ -435,6 +435,7 @@ def run(config: Config, resume: bool = False) -> int:
         torch.set_num_threads(config.num_threads)
     decomposition.check_output_path(config.output_path, config.overwrite_output)
     saved = check_resume(config, resume)
+    requested = dataclasses.asdict(config)  # as the user wrote it; lengths may be clamped below
 
     # Data
     with state.main_process_first():
@@ -480,7 +481,7 @@ def run(config: Config, resume: bool = False) -> int:
                     shutil.rmtree(folder)
                 folder.mkdir(parents=True)
                 decomposition.write_json_atomic(folder / "run.json",
-                                                {"config": dataclasses.asdict(config), "report": report})
+                                                {"config": requested, "report": report})
 
     # Distill
     settings = DistillationSettings(
