@@ -102,14 +102,21 @@ def truncated_svd(weight: torch.Tensor, rank: int, method: str = "auto"):
     w = weight.float() if weight.dtype in (torch.float16, torch.bfloat16) else weight
     small = min(w.shape)
     if method == "auto":
-        method = "lowrank" if small >= 1024 and rank <= small // 4 else "exact"
+        method = "lowrank" if small >= 256 and rank <= small // 4 else "exact"
+    wide = w.shape[0] < w.shape[1]
+    if wide:  # LAPACK is about twice as fast on the tall orientation: factor Wᵀ, transpose back
+        w = w.T
     if method == "lowrank" and rank + 10 < small:
-        u, s, v = torch.svd_lowrank(w, q=rank + 10, niter=4)
+        with torch.random.fork_rng(devices=[]):  # its random projection neither reads nor moves the global RNG
+            torch.manual_seed(0)
+            u, s, v = torch.svd_lowrank(w, q=rank + 10, niter=4)
         u, s, vh = u[:, :rank], s[:rank], v[:, :rank].T
     else:
         u, s, vh = torch.linalg.svd(w, full_matrices=False)
         u, s, vh = u[:, :rank], s[:rank], vh[:rank]
-    return u.to(weight.dtype), s.to(weight.dtype), vh.to(weight.dtype).contiguous()
+    if wide:
+        u, vh = vh.T, u.T
+    return u.to(weight.dtype).contiguous(), s.to(weight.dtype), vh.to(weight.dtype).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,7 +135,14 @@ def default_targets(model: nn.Module) -> list[str]:
     """Every ``nn.Linear`` inside the encoder and decoder layers (attention projections, fc1, fc2):
     not the embeddings, not the (tied) output projection."""
     return [name for name, module in model.named_modules()
-            if isinstance(module, nn.Linear) and ".layers." in f".{name}."]
+            if isinstance(module, (nn.Linear, LowRankLinear)) and ".layers." in f".{name}."
+            and not _inside_low_rank(model, name)]
+
+
+def _inside_low_rank(model: nn.Module, name: str) -> bool:
+    """Whether ``name`` is one of the factors of a ``LowRankLinear`` (``….up`` / ``….down``)."""
+    parent, _, _ = name.rpartition(".")
+    return bool(parent) and isinstance(model.get_submodule(parent), LowRankLinear)
 
 
 def _tied_names(model: nn.Module) -> dict[str, list[str]]:
@@ -147,7 +161,7 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
     the keys of ``k_info`` when it is a mapping without ``"default"``, else every default target.
     ``k_info`` is one rank for all, or {key: rank} with an optional ``"default"`` entry.
     """
-    layers = list(layers or [])
+    layers = [layers] if isinstance(layers, str) else list(layers or [])
     per_layer = dict(k_info) if isinstance(k_info, Mapping) else None
     if not layers:
         layers = [k for k in per_layer if k != "default"] if per_layer and "default" not in per_layer \
@@ -163,6 +177,8 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
     for key in layers:
         name = module_name(key)
         module = modules.get(name) if name else None
+        if key in state_keys and not key.endswith((".weight", ".bias")):
+            raise DecompositionError(f"decompose_layers: {key!r} is a buffer, not the weight of an nn.Linear")
         if module is None or not (f"{name}.weight" in state_keys or f"{name}.bias" in state_keys
                                   or isinstance(module, LowRankLinear)):
             close = difflib.get_close_matches(key, state_keys, n=3, cutoff=0.5)
@@ -170,10 +186,13 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
             raise DecompositionError(f"decompose_layers: {key!r} is not a key of this model's state dict{hint}")
         if isinstance(module, LowRankLinear):
             raise DecompositionError(f"decompose_layers: {key!r} is already decomposed (rank {module.rank})")
+        if _inside_low_rank(model, name):
+            raise DecompositionError(f"decompose_layers: {key!r} is a factor of the already decomposed layer "
+                                     f"{name.rpartition('.')[0]!r}")
         if not isinstance(module, nn.Linear):
             example = next(iter(default_targets(model)), "an attention projection")
             raise DecompositionError(
-                f"decompose_layers: {key!r} is part of a {type(module).__name__} module, not an nn.Linear; "
+                f"decompose_layers: {key!r} belongs to a module of type {type(module).__name__}, not an nn.Linear; "
                 f"only nn.Linear weights can be decomposed (e.g. {example}.weight)")
         if tied.get(f"{name}.weight"):
             raise DecompositionError(

@@ -1,0 +1,106 @@
+"""Shared test fixtures: a sentencepiece vocabulary trained on a few hundred Tatoeba lines, the
+Marian tokenizer built on it, and tiny MarianMT models (d_model 16) that run in milliseconds."""
+
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import pytest  # noqa: E402
+import sentencepiece as spm  # noqa: E402
+import torch  # noqa: E402
+from transformers import MarianConfig, MarianMTModel, MarianTokenizer  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+# Tiny models gain nothing from threads, and on busy cores two-threaded LAPACK calls stall (a 512×512
+# SVD took 100× longer with 2 threads than with 1 next to a training job).
+torch.set_num_threads(1)
+
+TRAIN_CSV = REPO / "data" / "tatoeba_en_de" / "train.csv"
+VOCAB_SIZE = 300  # sentencepiece pieces + </s> + <pad>
+
+
+def read_pairs(path: Path = TRAIN_CSV, limit: int | None = None) -> list[tuple[str, str]]:
+    """(source_text, target_text) rows of a CSV in the project's data format."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = [(r["source_text"], r["target_text"]) for r in csv.DictReader(f)]
+    return rows[:limit] if limit else rows
+
+
+def write_pairs(path: Path, pairs: list[tuple[str, str]]) -> Path:
+    """Write pairs as a CSV with the header source_text,target_text (a tiny data set for a run)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["source_text", "target_text"])
+        writer.writerows(pairs)
+    return path
+
+
+def save_model_folder(model, tokenizer, folder: Path) -> Path:
+    """A folder ``from_pretrained`` can read (model.safetensors, config, tokenizer): a teacher."""
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs() -> list[tuple[str, str]]:
+    """The first 400 English–German pairs of the committed training CSV."""
+    return read_pairs(TRAIN_CSV, limit=400)
+
+
+@pytest.fixture(scope="session")
+def spm_dir(tmp_path_factory, tiny_pairs) -> Path:
+    """A folder with ``spm.model`` (unigram, joint en+de) and ``vocab.json`` laid out like
+    OPUS-MT's: ``</s>`` = 0, ``<unk>`` = 1, the pieces, ``<pad>`` last."""
+    folder = tmp_path_factory.mktemp("spm")
+    text = folder / "input.txt"
+    text.write_text("\n".join(s for pair in tiny_pairs for s in pair) + "\n", encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(text), model_prefix=str(folder / "spm"), vocab_size=VOCAB_SIZE - 2,
+        model_type="unigram", character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
+        num_threads=1, minloglevel=2,
+    )
+    sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
+    vocab = {"</s>": 0, "<unk>": 1}
+    for i in range(sp.get_piece_size()):
+        vocab.setdefault(sp.id_to_piece(i), len(vocab))
+    vocab["<pad>"] = len(vocab)
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(spm_dir) -> MarianTokenizer:
+    spm_path = str(spm_dir / "spm.model")
+    return MarianTokenizer(source_spm=spm_path, target_spm=spm_path, vocab=str(spm_dir / "vocab.json"))
+
+
+@pytest.fixture
+def make_tiny_marian(tiny_tokenizer):
+    """Factory: ``make_tiny_marian(**config_overrides)`` → a seeded MarianMTModel in eval mode
+    (d_model 16, 2+2 layers, 2 heads, ffn 32, tied embeddings)."""
+    tok = tiny_tokenizer
+
+    def make(**overrides) -> MarianMTModel:
+        config = dict(
+            vocab_size=len(tok), d_model=16, encoder_layers=2, decoder_layers=2,
+            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+            max_position_embeddings=64, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+            decoder_start_token_id=tok.pad_token_id, forced_eos_token_id=tok.eos_token_id,
+        )
+        torch.manual_seed(0)
+        return MarianMTModel(MarianConfig(**{**config, **overrides})).eval()
+
+    return make
+
+
+@pytest.fixture
+def tiny_teacher_dir(tmp_path, make_tiny_marian, tiny_tokenizer) -> Path:
+    """A saved tiny teacher (model + tokenizer) in a fresh folder."""
+    return save_model_folder(make_tiny_marian(), tiny_tokenizer, tmp_path / "teacher")
