@@ -84,7 +84,7 @@ def capture_outputs(model: nn.Module, names: Iterable[str]):
     try:
         for name in names:
             def hook(_module, _inputs, output, name=name):
-                outputs[name] = output
+                outputs[name] = output[0] if isinstance(output, tuple) else output  # layers return (hidden, …)
             handles.append(model.get_submodule(name).register_forward_hook(hook))
         yield outputs
     finally:
@@ -133,8 +133,11 @@ class Distiller:
         self.total_steps = math.ceil(len(self.train_loader) / s.gradient_accumulation_steps) * s.epochs
         if s.max_steps:
             self.total_steps = min(self.total_steps, s.max_steps)
-        scheduler = get_linear_schedule_with_warmup(self.optimizer, int(s.warmup_ratio * self.total_steps),
-                                                    self.total_steps)
+        # The prepared scheduler advances once per process at every optimizer step, so its length is
+        # counted in those units (else, with N processes, the learning rate reaches 0 after 1/N of the run).
+        n = self.accelerator.num_processes
+        scheduler = get_linear_schedule_with_warmup(self.optimizer, int(s.warmup_ratio * self.total_steps) * n,
+                                                    self.total_steps * n)
         self.scheduler = self.accelerator.prepare(scheduler)
         self.history: list[dict] = []
 

@@ -1,0 +1,429 @@
+"""The distillation losses (maths, masking, no NaN), the hooks, the gradients of every loss term,
+and a short recovery run on tiny MarianMT models."""
+
+import copy
+
+import datasets
+import pytest
+import torch
+from torch import nn
+from transformers import DataCollatorForSeq2Seq
+
+import compress_model
+from decomposition import build_student, distill, resolve_feature_layers
+from distillation.distillation_loss import (
+    IGNORE_INDEX, attention_loss, cross_entropy_loss, feature_loss, mean_feature_loss, output_distillation_loss,
+    weighted_sum,
+)
+from distillation.knowledge_distillation import (
+    LOSS_TERMS, DistillationSettings, Distiller, capture_outputs, source_positioned,
+)
+from matrix_decomposition import DecompositionError, LowRankLinear, default_targets
+
+RANK = 4  # truncated: the student differs from the teacher (every tiny layer saves weights up to rank 7)
+N_PAIRS = 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures and helpers
+
+
+@pytest.fixture(scope="module")
+def tiny_train_set(tiny_pairs, tiny_tokenizer):
+    """The first 64 pairs tokenized as ``compress_model`` does (truncated to 16 source, 20 target tokens)."""
+    datasets.disable_progress_bars()
+    pairs = datasets.Dataset.from_dict({"source_text": [s for s, _ in tiny_pairs[:N_PAIRS]],
+                                        "target_text": [t for _, t in tiny_pairs[:N_PAIRS]]})
+    config = compress_model.Config(max_source_length=16, max_target_length=20)
+    return compress_model.preprocess(pairs, tiny_tokenizer, config, compress_model.default_data_preprocessor)
+
+
+@pytest.fixture(scope="module")
+def tiny_batch(tiny_train_set, tiny_tokenizer):
+    """A padded batch of 8 pairs whose source and target lengths differ (and both have padding)."""
+    collator = DataCollatorForSeq2Seq(tiny_tokenizer, label_pad_token_id=IGNORE_INDEX)
+    batch = collator([tiny_train_set[i] for i in range(8, 16)])
+    assert batch["input_ids"].shape[1] != batch["labels"].shape[1]
+    assert not batch["attention_mask"].all() and (batch["labels"] == IGNORE_INDEX).any()
+    return batch
+
+
+def make_distiller(teacher, student, tokenizer, train_set, weights, feature_layers=(), **settings):
+    settings = DistillationSettings(loss_weights=weights, progress=False, batch_size=16, **settings)
+    return Distiller(teacher, student, tokenizer, train_set, None, settings, list(feature_layers))
+
+
+def loss_on(distiller: Distiller, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``_loss_step`` on one batch with the feature hooks in place (as in ``Distiller.train``)."""
+    with capture_outputs(distiller.teacher, distiller.feature_layers) as teacher_features, \
+            capture_outputs(distiller.unwrapped_student, distiller.feature_layers) as student_features:
+        return distiller._loss_step(batch, teacher_features, student_features)
+
+
+def factor_weights(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``…down.weight`` / ``…up.weight`` of every LowRankLinear."""
+    return {f"{name}.{side}.weight": getattr(module, side).weight
+            for name, module in model.named_modules() if isinstance(module, LowRankLinear)
+            for side in ("down", "up")}
+
+
+def all_hooks_removed(model: nn.Module) -> bool:
+    """No forward hook of ``capture_outputs`` is left (transformers installs lasting hooks of its own the
+    first time hidden states or attentions are asked for: those are not ours)."""
+    return not any(hook.__module__ == capture_outputs.__module__
+                   for module in model.modules() for hook in module._forward_hooks.values())
+
+
+def random_logits(seed: int, shape=(2, 3, 5)) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(seed))  # (B, T, V)
+
+
+def random_attention(seed: int, shape=(2, 2, 3, 4)) -> torch.Tensor:
+    return random_logits(seed, shape).softmax(dim=-1)  # (B, A, Lq, Lk)
+
+
+MASK = torch.tensor([[True, True, False], [True, False, False]])  # (B, T): 3 real tokens of 6
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses: zero for identical inputs, positive otherwise
+
+
+def _kd(a, b, mask):
+    return output_distillation_loss(a, b, mask, temperature=2.0)
+
+
+def _feature(a, b, mask):
+    return feature_loss(a, b, mask)
+
+
+def _mean_feature(a, b, mask):
+    return mean_feature_loss([a, a * 2], [b, b * 2], [mask, mask])
+
+
+def _attention(a, b, mask):
+    return attention_loss([a.softmax(-1)[:, None], a.softmax(-1)[:, None]],
+                          [b.softmax(-1)[:, None], b.softmax(-1)[:, None]], [mask, mask])
+
+
+LOSSES = {"kd": _kd, "feature": _feature, "mean_feature": _mean_feature, "attention": _attention}
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_loss_is_zero_for_identical_inputs_and_positive_otherwise(name):
+    loss = LOSSES[name]
+    a, b = random_logits(0), random_logits(1)
+    for mask in (MASK, None):
+        assert loss(a, a.clone(), mask).item() == 0.0
+        assert loss(a, b, mask).item() > 0.0
+
+
+def test_kd_matches_a_hand_computation():
+    student, teacher, t = random_logits(0).double(), random_logits(1).double(), 3.0
+    total, count = 0.0, 0
+    for i in range(2):
+        for j in range(3):
+            if not MASK[i, j]:
+                continue
+            p_t = torch.exp(teacher[i, j] / t) / torch.exp(teacher[i, j] / t).sum()
+            p_s = torch.exp(student[i, j] / t) / torch.exp(student[i, j] / t).sum()
+            total += sum(p_t[v] * (torch.log(p_t[v]) - torch.log(p_s[v])) for v in range(5)).item()
+            count += 1
+    expected = t * t * total / count
+    got = output_distillation_loss(student, teacher, MASK, temperature=t)
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+    # the arguments are not interchangeable: KL(teacher ‖ student), not KL(student ‖ teacher)
+    assert output_distillation_loss(teacher, student, MASK, temperature=t).item() != pytest.approx(expected,
+                                                                                                  rel=1e-3)
+
+
+def test_kd_scales_with_temperature_squared_for_small_differences():
+    """For nearby distributions KL ≈ ½·Var/T², so the T² factor keeps the loss about the same size."""
+    teacher = random_logits(0, (2, 3, 50))
+    student = teacher + 1e-2 * random_logits(1, (2, 3, 50))
+    low, high = (output_distillation_loss(student, teacher, None, temperature=t).item() for t in (4.0, 8.0))
+    assert high == pytest.approx(low, rel=0.5)
+    # without the T² factor the high-temperature loss would be 4× smaller
+    assert high / 64 < 0.5 * low / 16
+
+
+def test_cross_entropy_matches_the_mean_negative_log_likelihood_of_real_tokens():
+    logits = random_logits(0).double()  # (B, T, V)
+    labels = torch.tensor([[1, 4, IGNORE_INDEX], [0, IGNORE_INDEX, IGNORE_INDEX]])  # (B, T)
+    log_p = logits.log_softmax(-1)
+    expected = -(log_p[0, 0, 1] + log_p[0, 1, 4] + log_p[1, 0, 0]) / 3
+    assert cross_entropy_loss(logits, labels).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert cross_entropy_loss(logits, labels).item() > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Masking: values at masked positions do not matter; nothing real → exactly 0, not NaN
+
+
+def _scramble_masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x`` with huge different values at the positions where ``mask`` (B, T) is False."""
+    y = x.clone()
+    y[~mask] = 1e4 * torch.randn_like(y[~mask])
+    return y
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_masked_positions_do_not_change_the_loss(name):
+    loss = LOSSES[name]
+    a, b = random_logits(0), random_logits(1)
+    reference = loss(a, b, MASK)
+    assert loss(_scramble_masked(a, MASK), _scramble_masked(b, MASK), MASK).item() == pytest.approx(
+        reference.item(), rel=1e-6)
+    assert loss(_scramble_masked(a, MASK), b, None).item() != pytest.approx(reference.item(), rel=1e-3)
+
+
+def test_cross_entropy_ignores_logits_at_ignored_labels():
+    logits = random_logits(0)
+    labels = torch.tensor([[1, 4, IGNORE_INDEX], [0, IGNORE_INDEX, IGNORE_INDEX]])
+    scrambled = _scramble_masked(logits, labels != IGNORE_INDEX)
+    assert cross_entropy_loss(scrambled, labels).item() == pytest.approx(cross_entropy_loss(logits, labels).item())
+
+
+@pytest.mark.parametrize("name", LOSSES)
+def test_everything_masked_gives_exactly_zero_and_finite_gradients(name):
+    a, b = random_logits(0).requires_grad_(), random_logits(1)
+    loss = LOSSES[name](a, b, torch.zeros(2, 3, dtype=torch.bool))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.isfinite(a.grad).all() and not a.grad.any()
+
+
+def test_cross_entropy_with_every_label_ignored_is_zero_and_keeps_the_graph():
+    logits = random_logits(0).requires_grad_()
+    loss = cross_entropy_loss(logits, torch.full((2, 3), IGNORE_INDEX), label_smoothing=0.1)
+    assert loss.item() == 0.0 and not torch.isnan(loss)
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and not logits.grad.any()
+
+
+def test_empty_lists_of_activations_give_zero():
+    assert mean_feature_loss([], [], []).item() == 0.0
+    assert attention_loss([], [], []).item() == 0.0
+
+
+def test_weighted_sum_skips_terms_weighted_zero():
+    terms = {"ce": torch.tensor(2.0), "kd": torch.tensor(3.0), "feature": torch.tensor(float("nan"))}
+    assert weighted_sum(terms, {"ce": 1.0, "kd": 0.5, "feature": 0.0}).item() == 3.5
+    assert weighted_sum(terms, {"kd": 2.0}).item() == 6.0
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("model.encoder.layers.0.fc1", True),
+    ("model.encoder.layers.1.self_attn.out_proj", True),
+    ("model.encoder.layers.0", True),
+    ("model.decoder.layers.0.encoder_attn.k_proj", True),
+    ("model.decoder.layers.1.encoder_attn.v_proj", True),
+    ("model.decoder.layers.0.encoder_attn.q_proj", False),
+    ("model.decoder.layers.0.encoder_attn.out_proj", False),
+    ("model.decoder.layers.1.self_attn.k_proj", False),
+    ("model.decoder.layers.1.fc2", False),
+    ("lm_head", False),
+])
+def test_source_positioned(name, expected):
+    assert source_positioned(name) is expected
+
+
+HOOKED = ["model.encoder.layers.0.fc1", "model.encoder.layers.1", "model.decoder.layers.0.self_attn.q_proj",
+          "model.decoder.layers.1.encoder_attn.k_proj", "model.decoder.layers.1.encoder_attn.v_proj",
+          "model.decoder.layers.1.fc2"]
+
+
+def test_capture_outputs_records_both_models_and_removes_its_hooks(make_tiny_marian, tiny_batch):
+    teacher = make_tiny_marian()
+    student, _ = build_student(teacher, [], RANK)
+    inputs = {k: tiny_batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    (b, s), t = tiny_batch["input_ids"].shape, tiny_batch["labels"].shape[1]
+    with torch.no_grad(), capture_outputs(teacher, HOOKED) as t_out, capture_outputs(student, HOOKED) as s_out:
+        teacher(**inputs)
+        student(**inputs)
+    assert set(t_out) == set(s_out) == set(HOOKED)
+    for name in HOOKED:
+        module = teacher.get_submodule(name)
+        width = module.out_features if isinstance(module, nn.Linear) else teacher.config.d_model
+        assert t_out[name].shape == s_out[name].shape == (b, s if source_positioned(name) else t, width), name
+        # the student is a truncated factorization: its recorded activations really are its own
+        assert not torch.allclose(t_out[name], s_out[name]), name
+    assert all_hooks_removed(teacher) and all_hooks_removed(student)
+
+
+def test_capture_outputs_removes_its_hooks_when_the_body_raises(make_tiny_marian, tiny_batch):
+    model = make_tiny_marian()
+    with pytest.raises(RuntimeError, match="boom"):
+        with capture_outputs(model, HOOKED) as outputs:
+            assert sum(len(model.get_submodule(n)._forward_hooks) for n in HOOKED) == len(HOOKED)
+            assert not all_hooks_removed(model)  # the check below can see them
+            model(input_ids=tiny_batch["input_ids"], labels=tiny_batch["labels"])
+            assert set(outputs) == set(HOOKED)
+            raise RuntimeError("boom")
+    assert all_hooks_removed(model)
+
+
+def test_capture_outputs_removes_the_hooks_already_placed_when_a_name_is_wrong(make_tiny_marian):
+    model = make_tiny_marian()
+    with pytest.raises(AttributeError):
+        with capture_outputs(model, HOOKED[:3] + ["model.encoder.layers.7.fc1"]):
+            pass
+    assert all_hooks_removed(model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Gradients reach the student's factors through every term; the teacher gets none
+
+
+def test_a_student_identical_to_the_teacher_has_zero_distillation_terms(make_tiny_marian, tiny_tokenizer,
+                                                                         tiny_train_set, tiny_batch):
+    teacher = make_tiny_marian()
+    student = copy.deepcopy(teacher)
+    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set,
+                               dict.fromkeys(LOSS_TERMS, 1.0), default_targets(teacher))
+    _, terms = loss_on(distiller, tiny_batch)
+    assert set(terms) == set(LOSS_TERMS)
+    assert terms["ce"] > 0
+    for name in ("kd", "feature", "hidden", "attention"):
+        assert terms[name].abs().item() < 1e-10, (name, terms[name])
+
+
+@pytest.mark.parametrize("term", LOSS_TERMS)
+def test_each_term_alone_sends_gradients_to_the_factors_and_none_to_the_teacher(
+        term, make_tiny_marian, tiny_tokenizer, tiny_train_set, tiny_batch):
+    teacher = make_tiny_marian()
+    student, ranks = build_student(teacher, [], RANK)
+    feature_layers = resolve_feature_layers(teacher, [], ranks)
+    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {term: 1.0}, feature_layers)
+    loss, terms = loss_on(distiller, tiny_batch)
+    assert loss.item() == pytest.approx(terms[term].item()) and loss.item() > 0  # only this term is weighted
+    loss.backward()
+
+    factors = factor_weights(student)
+    assert len(factors) == 2 * len(ranks) == 2 * 32  # 2·6 encoder + 2·10 decoder linears, two factors each
+    if term == "attention":  # the last layers' values, outputs and feed-forwards shape no attention map
+        factors = {k: v for k, v in factors.items() if ".q_proj." in k or ".k_proj." in k}
+    no_grad = [name for name, weight in factors.items() if weight.grad is None or not weight.grad.any()]
+    assert not no_grad, f"{term}: no gradient reaches {no_grad}"
+    assert all(torch.isfinite(w.grad).all() for w in factors.values())
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+
+
+def test_extra_padding_changes_no_term(make_tiny_marian, tiny_tokenizer, tiny_train_set, tiny_batch):
+    """Every term averages over real positions only, with the right mask for each activation."""
+    teacher = make_tiny_marian()
+    student, ranks = build_student(teacher, [], RANK)
+    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, dict.fromkeys(LOSS_TERMS, 1.0),
+                               resolve_feature_layers(teacher, [], ranks))
+    extra = 5
+    padded = {"input_ids": nn.functional.pad(tiny_batch["input_ids"], (0, extra), value=tiny_tokenizer.pad_token_id),
+              "attention_mask": nn.functional.pad(tiny_batch["attention_mask"], (0, extra), value=0),
+              "labels": nn.functional.pad(tiny_batch["labels"], (0, extra), value=IGNORE_INDEX)}
+    with torch.no_grad():
+        loss, terms = loss_on(distiller, tiny_batch)
+        padded_loss, padded_terms = loss_on(distiller, padded)
+    for name in LOSS_TERMS:
+        assert padded_terms[name].item() == pytest.approx(terms[name].item(), rel=1e-5), name
+    assert padded_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+def test_hidden_term_matches_every_layer_output_captured_by_hooks(make_tiny_marian, tiny_tokenizer,
+                                                                   tiny_train_set, tiny_batch):
+    teacher = make_tiny_marian()
+    student, _ = build_student(teacher, [], RANK)
+    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"hidden": 1.0})
+    layers = [f"model.{side}.layers.{i}" for side in ("encoder", "decoder") for i in range(2)]
+    source_mask, target_mask = tiny_batch["attention_mask"].bool(), tiny_batch["labels"] != IGNORE_INDEX
+    with torch.no_grad(), capture_outputs(teacher, layers) as t_out, capture_outputs(student, layers) as s_out:
+        _, terms = distiller._loss_step(tiny_batch, {}, {})
+    expected = sum(feature_loss(s_out[n], t_out[n], source_mask if ".encoder." in n else target_mask)
+                   for n in layers) / len(layers)
+    assert terms["hidden"].item() == pytest.approx(expected.item(), rel=1e-6) and expected > 0
+
+
+def test_the_teacher_runs_without_autograd(make_tiny_marian, tiny_tokenizer, tiny_train_set, tiny_batch):
+    teacher = make_tiny_marian()
+    student, ranks = build_student(teacher, [], RANK)
+    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"ce": 1.0, "kd": 1.0})
+    grad_enabled = []
+    handle = teacher.register_forward_pre_hook(lambda *_: grad_enabled.append(torch.is_grad_enabled()))
+    try:
+        loss, _ = distiller._loss_step(tiny_batch, {}, {})
+    finally:
+        handle.remove()
+    assert grad_enabled == [False] and loss.requires_grad
+
+
+def test_attention_term_switches_both_models_to_eager_attention(make_tiny_marian, tiny_tokenizer, tiny_train_set):
+    teacher = make_tiny_marian()
+    student, _ = build_student(teacher, [], RANK)
+    make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"attention": 1.0})
+    assert teacher.config._attn_implementation == student.config._attn_implementation == "eager"
+
+
+# ---------------------------------------------------------------------------------------------
+# A short recovery run
+
+
+def test_a_few_steps_reduce_the_distillation_loss_and_leave_the_teacher_untouched(
+        make_tiny_marian, tiny_tokenizer, tiny_train_set, tiny_batch):
+    # init_std 0.3 instead of 0.02: a teacher with confident outputs, like a trained one (at 0.02 its outputs
+    # are near uniform and the distillation terms, ~1e-3, drown in the noise of 30 AdamW steps)
+    teacher = make_tiny_marian(init_std=0.3)
+    student, ranks = build_student(teacher, [], RANK)
+    before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
+    weights = {"ce": 1.0, "kd": 1.0, "feature": 1.0, "hidden": 1.0}
+    settings = DistillationSettings(epochs=100, max_steps=30, batch_size=16, learning_rate=1e-3, warmup_ratio=0.0,
+                                    loss_weights=weights, progress=False)
+    feature_layers = resolve_feature_layers(teacher, [], ranks)
+
+    probe = make_distiller(teacher, copy.deepcopy(student), tiny_tokenizer, tiny_train_set, weights, feature_layers)
+    with torch.no_grad():
+        loss_before, terms_before = loss_on(probe, tiny_batch)
+
+    distiller = distill(teacher, student, tiny_tokenizer, tiny_train_set, None, settings, feature_layers)
+    assert distiller.total_steps == 30 and distiller.history[-1]["step"] == 30
+    assert not student.training  # train() leaves the student in eval mode, like the probe's copy
+    probe.student = student
+    with torch.no_grad():
+        loss_after, terms_after = loss_on(probe, tiny_batch)
+
+    assert loss_after < 0.8 * loss_before, (terms_before, terms_after)
+    for name in weights:
+        assert terms_after[name] < terms_before[name], (name, terms_before, terms_after)
+    after_teacher = teacher.state_dict()
+    assert before_teacher.keys() == after_teacher.keys()
+    assert all(torch.equal(before_teacher[k], after_teacher[k]) for k in before_teacher)
+    assert all_hooks_removed(teacher) and all_hooks_removed(student)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which layers the feature loss matches
+
+
+def test_resolve_feature_layers(make_tiny_marian):
+    teacher = make_tiny_marian()
+    ranks = {"model.encoder.layers.0.fc1": 4, "model.decoder.layers.1.self_attn.q_proj": 4}
+    assert resolve_feature_layers(teacher, [], ranks) == list(ranks)
+    keys = ["model.decoder.layers.1.fc2.weight", "model.encoder.layers.0", "model.decoder.layers.1.fc2.bias"]
+    assert resolve_feature_layers(teacher, keys, ranks) == ["model.decoder.layers.1.fc2", "model.encoder.layers.0"]
+
+
+@pytest.mark.parametrize("key", ["model.encoder.layers.9.fc1.weight", "decoder.layers.0.fc1", ""])
+def test_resolve_feature_layers_rejects_unknown_layers(make_tiny_marian, key):
+    with pytest.raises(DecompositionError, match=f"feature_layers: {key!r} is not a layer"):
+        resolve_feature_layers(make_tiny_marian(), ["model.encoder.layers.0.fc1", key], {})
+
+
+def test_a_whole_layer_can_be_a_feature_layer(make_tiny_marian, tiny_tokenizer):
+    """Modules returning tuples (attention blocks, whole layers) contribute their first output."""
+    model = make_tiny_marian()
+    enc = tiny_tokenizer(["A short sentence."], return_tensors="pt")
+    names = ["model.encoder.layers.0.self_attn", "model.decoder.layers.1"]
+    with capture_outputs(model, names) as outputs:
+        model(**enc, decoder_input_ids=enc["input_ids"])
+    assert all(isinstance(outputs[n], torch.Tensor) and outputs[n].shape[-1] == 16 for n in names)
