@@ -427,3 +427,21 @@ def test_a_whole_layer_can_be_a_feature_layer(make_tiny_marian, tiny_tokenizer):
     with capture_outputs(model, names) as outputs:
         model(**enc, decoder_input_ids=enc["input_ids"])
     assert all(isinstance(outputs[n], torch.Tensor) and outputs[n].shape[-1] == 16 for n in names)
+
+
+def test_kd_closed_form_gradient_matches_autograd():
+    torch.manual_seed(0)
+    student = torch.randn(3, 5, 11, dtype=torch.float64, requires_grad=True)
+    teacher = torch.randn(3, 5, 11, dtype=torch.float64)
+    mask = torch.rand(3, 5) > 0.3
+    t = 1.7
+    loss = output_distillation_loss(student, teacher, mask, temperature=t)
+    (fused,) = torch.autograd.grad(loss, student)
+    reference_student = student.detach().clone().requires_grad_(True)
+    log_p_s = torch.log_softmax(reference_student / t, -1)
+    log_p_t = torch.log_softmax(teacher / t, -1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(-1)
+    reference = (kl * mask).sum() / mask.sum() * t * t
+    (expected,) = torch.autograd.grad(reference, reference_student)
+    assert torch.allclose(loss.double(), reference, atol=1e-6)
+    assert torch.allclose(fused, expected, atol=1e-6)
