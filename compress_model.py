@@ -85,6 +85,11 @@ class Config:
     k_info: int | dict[str, int] = field(default=32, metadata={
         "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\""})
     svd: str = field(default="auto", metadata={"help": "SVD algorithm: auto | exact | lowrank (randomized)"})
+    init: str = field(default="svd", metadata={
+        "help": "factor initialization: svd (best approximation of W) | activation (SVD-LLM: best approximation "
+                "of the layer's outputs on calibration_samples training pairs)"})
+    calibration_samples: int = field(default=256, metadata={
+        "help": "training pairs whose activations the activation init uses"})
 
     feature_layers: list[str] = field(default_factory=list, metadata={
         "help": "layers whose outputs the feature loss matches; [] = every decomposed layer"})
@@ -117,7 +122,8 @@ class Config:
 
     def __post_init__(self) -> None:
         positive = ["epoch", "batch_size", "eval_size", "max_source_length", "max_target_length",
-                    "gradient_accumulation_steps", "num_beams", "eval_batch_size", "max_new_tokens"]
+                    "gradient_accumulation_steps", "num_beams", "eval_batch_size", "max_new_tokens",
+                    "calibration_samples"]
         for name in positive + ["max_train_samples", "max_eval_samples", "max_steps", "num_threads"]:
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -131,7 +137,8 @@ class Config:
         if self.warmup_ratio >= 1 or self.label_smoothing >= 1:
             raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
                               f"{self.warmup_ratio} and {self.label_smoothing}")
-        choices = {"svd": ("auto", "exact", "lowrank"), "mixed_precision": ("no", "fp16", "bf16")}
+        choices = {"svd": ("auto", "exact", "lowrank"), "mixed_precision": ("no", "fp16", "bf16"),
+                   "init": ("svd", "activation")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -420,7 +427,7 @@ def run(config: Config, resume: bool = False) -> int:
 
     import decomposition
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
-    from matrix_decomposition import count_parameters, describe_ranks
+    from matrix_decomposition import count_parameters, describe_ranks, init_notes, resolve_ranks
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" bars; ours are the ones that matter
@@ -455,11 +462,21 @@ def run(config: Config, resume: bool = False) -> int:
     generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
                        "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length}
 
-    # Decompose
-    student, ranks = decomposition.build_student(teacher, config.decompose_layers, config.k_info, config.svd)
+    # Decompose (activation-aware: first gather the target layers' input statistics on the teacher)
+    input_grams = None
+    if config.init == "activation":
+        targets = list(resolve_ranks(teacher, config.decompose_layers, config.k_info))
+        batches = decomposition.calibration_batches(train_set, tokenizer, config.calibration_samples,
+                                                    config.batch_size)
+        input_grams = decomposition.gather_input_grams(teacher, targets, batches)
+    student, ranks = decomposition.build_student(teacher, config.decompose_layers, config.k_info, config.svd,
+                                                 input_grams=input_grams)
+    notes = init_notes(student)
+    for name, note in notes.items():
+        say(f"note: {name}: {note}", flush=True)
     feature_layers = decomposition.resolve_feature_layers(teacher, config.feature_layers, ranks)
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
-    say(f"{describe_ranks(ranks)} decomposed; {teacher_params:,} → {student_params:,} params "
+    say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {teacher_params:,} → {student_params:,} params "
         f"({100 * student_params / teacher_params:.1f}%)", flush=True)
 
     # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)
@@ -502,7 +519,8 @@ def run(config: Config, resume: bool = False) -> int:
                                                            **generate_kwargs)
     report.update({
         "compression_ratio": round(student_params / teacher_params, 4),
-        "layers_decomposed": len(ranks), "ranks": ranks, "feature_layers": feature_layers,
+        "layers_decomposed": len(ranks), "ranks": ranks, "init": config.init, "init_notes": notes,
+        "feature_layers": feature_layers,
         "train_seconds": round(distiller.train_seconds, 1), "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "processes": state.num_processes,
         "history": distiller.history,

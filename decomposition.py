@@ -13,13 +13,17 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 
 import sacrebleu
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
+from transformers import DataCollatorForSeq2Seq
 
-from distillation.knowledge_distillation import DistillationSettings, Distiller
+from distillation.distillation_loss import IGNORE_INDEX
+from distillation.knowledge_distillation import DistillationSettings, Distiller, source_positioned
 from matrix_decomposition import (
     DecompositionError,
     count_parameters,
@@ -29,11 +33,52 @@ from matrix_decomposition import (
 )
 
 
-def build_student(teacher: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto"):
-    """A deep copy of ``teacher`` with the chosen layers factorized; returns (student, ranks)."""
+def build_student(teacher: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto",
+                  input_grams: Mapping[str, torch.Tensor] | None = None):
+    """A deep copy of ``teacher`` with the chosen layers factorized (activation-aware when
+    ``input_grams`` are given, see ``gather_input_grams``); returns (student, ranks)."""
     student = copy.deepcopy(teacher)
-    ranks = decompose_(student, decompose_layers, k_info, svd=svd)
+    ranks = decompose_(student, decompose_layers, k_info, svd=svd, input_grams=input_grams)
     return student, ranks
+
+
+def calibration_batches(train_dataset, tokenizer, samples: int, batch_size: int) -> list[dict]:
+    """The first ``samples`` tokenized training pairs, padded into batches (labels padded with -100)."""
+    subset = train_dataset.select(range(min(samples, len(train_dataset))))
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    return list(DataLoader(subset, batch_size=batch_size, collate_fn=collator))
+
+
+@torch.no_grad()
+def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
+    """{name: XᵀX} (d×d, float64) of the inputs X each named ``nn.Linear`` of ``model`` receives in
+    teacher-forced forward passes over ``batches``, summed over real positions only: source
+    positions for the encoder and the cross-attention key/value projections, target positions
+    for the rest (``source_positioned``). Forward pre-hooks, removed on exit."""
+    grams = {name: torch.zeros(model.get_submodule(name).in_features, model.get_submodule(name).in_features,
+                               dtype=torch.float64) for name in names}
+    masks: dict[str, torch.Tensor] = {}  # the current batch's {"source": (B, S), "target": (B, T)}
+
+    def hook(_module, args, name):
+        x = args[0][masks["source" if source_positioned(name) else "target"]]  # (B, L, d) → (N, d)
+        grams[name] += (x.T.double() @ x.double()).cpu()  # (d, d)
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in names]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            labels = batch["labels"]  # (B, T)
+            masks.update(source=batch["attention_mask"].bool(), target=labels != IGNORE_INDEX)
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                  decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels))
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return grams
 
 
 def resolve_feature_layers(model: nn.Module, feature_layers: Sequence[str], ranks: Mapping[str, int]) -> list[str]:

@@ -4,6 +4,11 @@ A weight W (n×d) of an ``nn.Linear`` is replaced by its truncated SVD, W ≈ B'
 B' (n×r) and C' (r×d), implemented as two smaller linears: C' (d→r, no bias) then B'
 (r→n, carrying the original bias). The layer then holds r·(n+d) weights instead of n·d,
 which only saves anything while r < n·d/(n+d).
+
+Activation-aware initialization (SVD-LLM, Wang et al. 2024, arXiv:2403.07378): given the Gram
+matrix G = XᵀX (d×d) of the inputs X the layer sees, the factors minimize the output error
+‖(W − B'C')Xᵀ‖_F instead of ‖W − B'C'‖_F. With G = L·Lᵀ (Cholesky), ‖(W − B'C')Xᵀ‖_F =
+‖(W − B'C')L‖_F, so the truncated SVD of W·L = U·S·Vᵀ gives B' = U_r·√S_r, C' = √S_r·V_rᵀ·L⁻¹.
 """
 
 from __future__ import annotations
@@ -46,18 +51,21 @@ class LowRankLinear(nn.Module):
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.down = nn.Linear(in_features, rank, bias=False, device=device, dtype=dtype)  # C'
         self.up = nn.Linear(rank, out_features, bias=bias, device=device, dtype=dtype)  # B'
+        self.init_note: str | None = None  # why an activation-aware init fell back to plain SVD
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rank: int, svd: str = "auto") -> "LowRankLinear":
-        """The rank-``rank`` factorization of ``linear`` (left unchanged)."""
+    def from_linear(cls, linear: nn.Linear, rank: int, svd: str = "auto",
+                    input_gram: torch.Tensor | None = None) -> "LowRankLinear":
+        """The rank-``rank`` factorization of ``linear`` (left unchanged). With ``input_gram``
+        (XᵀX of the layer's inputs, d×d) the activation-aware one; if that matrix is unusable the
+        plain SVD is used and ``init_note`` says why."""
         weight = linear.weight.detach()
         module = cls(linear.in_features, linear.out_features, rank, bias=linear.bias is not None,
                      device=weight.device, dtype=weight.dtype)
-        u, s, vh = truncated_svd(weight, rank, method=svd)  # (n, r), (r,), (r, d)
-        root = s.sqrt()
+        up, down, module.init_note = low_rank_factors(weight, rank, svd, input_gram)  # (n, r), (r, d)
         with torch.no_grad():
-            module.up.weight.copy_(u * root)  # B' = U·√S, (n, r)
-            module.down.weight.copy_(root[:, None] * vh)  # C' = √S·Vᵀ, (r, d)
+            module.up.weight.copy_(up)
+            module.down.weight.copy_(down)
             if linear.bias is not None:
                 module.up.bias.copy_(linear.bias)
         return module
@@ -117,6 +125,57 @@ def truncated_svd(weight: torch.Tensor, rank: int, method: str = "auto"):
     if wide:
         u, vh = vh.T, u.T
     return u.to(weight.dtype).contiguous(), s.to(weight.dtype), vh.to(weight.dtype).contiguous()
+
+
+def low_rank_factors(weight: torch.Tensor, rank: int, svd: str = "auto", input_gram: torch.Tensor | None = None):
+    """B' (n×r), C' (r×d) with W ≈ B'·C', in the weight's dtype, and a note: None, or why the
+    activation-aware factorization asked for (``input_gram`` given) fell back to the plain SVD."""
+    note = None
+    if input_gram is not None:
+        root_gram, note = whitening(input_gram)  # L (d×d, float64) with G ≈ L·Lᵀ
+        if root_gram is not None:
+            u, s, vh = truncated_svd(weight.double() @ root_gram, rank, method=svd)  # (n, r), (r,), (r, d)
+            root = s.sqrt()
+            down = torch.linalg.solve_triangular(root_gram, root[:, None] * vh, upper=False, left=False)  # C'·L = √S·Vᵀ
+            up, down = _balance(u * root, down)
+            up, down = up.to(weight.dtype), down.to(weight.dtype)
+            if torch.isfinite(up).all() and torch.isfinite(down).all():
+                return up, down, None
+            note = "the activation-aware factors were not finite in the weight's dtype; plain SVD used"
+    u, s, vh = truncated_svd(weight, rank, method=svd)  # (n, r), (r,), (r, d)
+    root = s.sqrt()
+    return u * root, root[:, None] * vh, note  # B' = U·√S, C' = √S·Vᵀ
+
+
+def _balance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rescale each rank-one term b_i·c_iᵀ of B'·C' so that ‖b_i‖ = ‖c_i‖ (the product is unchanged).
+    Directions the calibration inputs barely reach get tiny singular values in the whitened SVD,
+    which would otherwise leave huge rows in C' next to tiny columns in B'."""
+    scale = (down.norm(dim=1) / up.norm(dim=0)).sqrt()  # (r,)
+    scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
+    return up * scale, down / scale[:, None]
+
+
+JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1, 1.0)  # λ tried in turn, relative to mean(diag G)
+
+
+def whitening(gram: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
+    """(L, None) with L·Lᵀ = G + λ·mean(diag G)·I, L lower-triangular float64, for the first λ of
+    ``JITTERS`` at which the Cholesky factorization succeeds (a rank-deficient G needs λ > 0);
+    (None, why) when G is zero, not finite or not positive semi-definite even with the jitter."""
+    g = gram.detach().double()
+    if not torch.isfinite(g).all():
+        return None, "the input Gram matrix has non-finite entries; plain SVD used"
+    g = (g + g.T) / 2
+    scale = g.diagonal().mean().item()
+    if not g.any():
+        return None, "the input Gram matrix is zero (no calibration input reached the layer); plain SVD used"
+    eye = torch.eye(g.shape[0], dtype=g.dtype, device=g.device)
+    for jitter in JITTERS if scale > 0 else ():
+        root, info = torch.linalg.cholesky_ex(g + jitter * scale * eye)
+        if info.item() == 0 and torch.isfinite(root).all() and root.diagonal().min() > 0:
+            return root, None
+    return None, "the input Gram matrix is not positive semi-definite, even with jitter; plain SVD used"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,14 +301,27 @@ def _replace_(model: nn.Module, name: str, new: nn.Module) -> None:
 
 
 def decompose_(model: nn.Module, layers: Iterable[str] | None = None, k_info: int | Mapping[str, int] = 64,
-               svd: str = "auto") -> dict[str, int]:
+               svd: str = "auto", input_grams: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
     """Replace the chosen ``nn.Linear`` layers of ``model``, in place, by their rank-``k_info`` SVD
-    factorizations. Returns {module name: rank} and records it in ``model.config`` (if any)."""
+    factorizations. Returns {module name: rank} and records it in ``model.config`` (if any).
+
+    ``input_grams`` ({module name: XᵀX}) asks for the activation-aware factorization of every
+    chosen layer; ``init_notes(model)`` then lists the layers that fell back to plain SVD."""
     ranks = resolve_ranks(model, layers, k_info)
     for name, rank in ranks.items():
-        _replace_(model, name, LowRankLinear.from_linear(model.get_submodule(name), rank, svd=svd))
+        gram = None if input_grams is None else input_grams.get(name)
+        module = LowRankLinear.from_linear(model.get_submodule(name), rank, svd=svd, input_gram=gram)
+        if input_grams is not None and gram is None:
+            module.init_note = "no input Gram matrix was gathered for it; plain SVD used"
+        _replace_(model, name, module)
     _record_ranks(model)
     return ranks
+
+
+def init_notes(model: nn.Module) -> dict[str, str]:
+    """{module name: why its activation-aware init fell back to plain SVD} (empty when none did)."""
+    return {name: m.init_note for name, m in model.named_modules()
+            if isinstance(m, LowRankLinear) and m.init_note}
 
 
 def apply_low_rank_structure_(model: nn.Module, ranks: Mapping[str, int]) -> None:

@@ -1,0 +1,237 @@
+"""Beyond plain SVD: activation-aware initialization (SVD-LLM), and its wiring into the CLI."""
+
+import json
+
+import pytest
+import torch
+from conftest import write_pairs
+from datasets import Dataset
+from torch import nn
+
+import compress_model
+import decomposition
+from matrix_decomposition import (
+    LowRankLinear, decompose_, default_targets, init_notes, low_rank_factors, whitening,
+)
+
+ENC_Q1 = "model.encoder.layers.1.self_attn.q_proj"
+DEC_Q0 = "model.decoder.layers.0.self_attn.q_proj"
+DEC_CROSS_K1 = "model.decoder.layers.1.encoder_attn.k_proj"
+
+
+def anisotropic_inputs(samples: int, d: int = 24) -> torch.Tensor:
+    """(samples, d) inputs whose feature scales span three decades, like real activations."""
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(samples, d, generator=g, dtype=torch.float64) * torch.logspace(0, -3, d, dtype=torch.float64)
+
+
+def random_weight(n: int = 40, d: int = 24) -> torch.Tensor:
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+
+
+def output_error(weight, up, down, x) -> float:
+    """‖(W − B'C')Xᵀ‖_F."""
+    return torch.linalg.matrix_norm((weight - up @ down) @ x.T).item()
+
+
+# ---------------------------------------------------------------------------------------------
+# The maths
+
+
+@pytest.mark.parametrize("rank", [2, 6, 12])
+def test_activation_aware_factors_have_lower_output_error_than_plain_svd(rank):
+    weight, x = random_weight(), anisotropic_inputs(500)
+    plain_up, plain_down, _ = low_rank_factors(weight, rank, "exact")
+    up, down, note = low_rank_factors(weight, rank, "exact", input_gram=x.T @ x)
+    assert note is None
+    assert output_error(weight, up, down, x) < 0.8 * output_error(weight, plain_up, plain_down, x)
+    # ... at the price of a larger error on the weight itself, which plain SVD minimizes
+    assert torch.linalg.matrix_norm(weight - up @ down) > torch.linalg.matrix_norm(weight - plain_up @ plain_down)
+
+
+def test_whitened_factors_are_optimal_for_the_output_error():
+    """Eckart–Young in the whitened space: the error left is exactly the discarded whitened singular values."""
+    weight, x = random_weight(), anisotropic_inputs(500)
+    gram = x.T @ x
+    root, _ = whitening(gram)
+    torch.testing.assert_close(root @ root.T, gram)  # full-rank G needs no jitter
+    s = torch.linalg.svdvals(weight @ root)
+    up, down, _ = low_rank_factors(weight, 5, "exact", input_gram=gram)
+    assert output_error(weight, up, down, x) == pytest.approx(s[5:].square().sum().sqrt().item(), rel=1e-8)
+
+
+def test_full_rank_with_a_gram_reproduces_the_weight():
+    weight, x = random_weight(), anisotropic_inputs(500)
+    up, down, _ = low_rank_factors(weight, 24, "exact", input_gram=x.T @ x)
+    torch.testing.assert_close(up @ down, weight, rtol=0, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", ["fewer-samples-than-features", "dead-feature"])
+def test_rank_deficient_gram_neither_fails_nor_gives_nan(case):
+    weight = random_weight()
+    x = anisotropic_inputs(3) if case == "fewer-samples-than-features" else anisotropic_inputs(500)
+    if case == "dead-feature":
+        x[:, 7] = 0
+    gram = x.T @ x
+    with pytest.raises(torch.linalg.LinAlgError):
+        torch.linalg.cholesky(gram)  # the plain factorization does fail on it
+    up, down, note = low_rank_factors(weight.float(), 6, "exact", input_gram=gram)
+    assert note is None and torch.isfinite(up).all() and torch.isfinite(down).all()
+    plain_up, plain_down, _ = low_rank_factors(weight, 6, "exact")
+    assert output_error(weight, up.double(), down.double(), x) < output_error(weight, plain_up, plain_down, x)
+    # the rank-one terms are balanced, so no factor holds values far outside the weight's range
+    assert down.abs().max() < 10 * weight.abs().max() and up.abs().max() < 10 * weight.abs().max()
+
+
+@pytest.mark.parametrize("gram, words", [
+    (torch.zeros(24, 24), "is zero"),
+    (torch.full((24, 24), float("nan")), "non-finite"),
+    (-torch.eye(24), "not positive semi-definite"),
+    (torch.diag(torch.tensor([1.0] * 23 + [-10.0])), "not positive semi-definite"),  # jitter up to 1·mean(diag) is not enough
+], ids=["zero", "nan", "negative", "indefinite"])
+def test_unusable_gram_falls_back_to_plain_svd_and_says_so(gram, words):
+    weight = random_weight().float()
+    up, down, note = low_rank_factors(weight, 4, "exact", input_gram=gram)
+    plain_up, plain_down, _ = low_rank_factors(weight, 4, "exact")
+    assert words in note and "plain SVD used" in note
+    assert torch.equal(up, plain_up) and torch.equal(down, plain_down)
+
+
+def test_from_linear_with_a_gram_keeps_the_bias_and_records_fallbacks():
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 40)
+    x = anisotropic_inputs(200).float()
+    low = LowRankLinear.from_linear(linear, 6, svd="exact", input_gram=(x.T @ x).double())
+    assert low.init_note is None and torch.equal(low.up.bias, linear.bias)
+    assert low.up.weight.dtype == low.down.weight.dtype == torch.float32
+    plain = LowRankLinear.from_linear(linear, 6, svd="exact")
+    with torch.no_grad():
+        assert (low(x) - linear(x)).norm() < (plain(x) - linear(x)).norm()
+    assert "is zero" in LowRankLinear.from_linear(linear, 6, input_gram=torch.zeros(24, 24)).init_note
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration on a model
+
+
+@pytest.fixture
+def calibration(tiny_tokenizer, tiny_pairs):
+    """24 tokenized pairs of different lengths in 3 padded batches."""
+    pairs = tiny_pairs[:24]
+    enc = tiny_tokenizer([s for s, _ in pairs], text_target=[t for _, t in pairs], truncation=True, max_length=32)
+    dataset = Dataset.from_dict({k: enc[k] for k in ("input_ids", "attention_mask", "labels")})
+    return decomposition.calibration_batches(dataset, tiny_tokenizer, samples=24, batch_size=8)
+
+
+def reference_grams(model, batches) -> dict[str, torch.Tensor]:
+    """Grams of three layers' inputs, from the hidden states the model returns (no hooks)."""
+    grams = {ENC_Q1: 0, DEC_Q0: 0, DEC_CROSS_K1: 0}
+    with torch.no_grad():
+        for b in batches:
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
+                        decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=b["labels"]))
+            src, tgt = b["attention_mask"].bool(), b["labels"] != -100  # (B, S), (B, T)
+            for name, states, mask in [(ENC_Q1, out.encoder_hidden_states[1], src),
+                                       (DEC_Q0, out.decoder_hidden_states[0], tgt),
+                                       (DEC_CROSS_K1, out.encoder_last_hidden_state, src)]:
+                x = states[mask].double()  # (N, d)
+                grams[name] = grams[name] + x.T @ x
+    return grams
+
+
+def test_gathered_grams_are_those_of_the_real_positions(make_tiny_marian, calibration):
+    model = make_tiny_marian()
+    assert any((b["attention_mask"] == 0).any() and (b["labels"] == -100).any() for b in calibration)  # padding
+    grams = decomposition.gather_input_grams(model, default_targets(model), calibration)
+    assert set(grams) == set(default_targets(model))
+    assert all(g.dtype == torch.float64 and torch.isfinite(g).all() for g in grams.values())
+    for name, expected in reference_grams(model, calibration).items():
+        torch.testing.assert_close(grams[name], expected, rtol=1e-6, atol=1e-6)
+    assert not model._forward_pre_hooks and not any(m._forward_pre_hooks for m in model.modules())  # hooks removed
+
+
+def test_activation_init_on_a_model_lowers_every_layers_output_error(make_tiny_marian, calibration):
+    teacher = make_tiny_marian()
+    grams = decomposition.gather_input_grams(teacher, default_targets(teacher), calibration)
+    aware, ranks = decomposition.build_student(teacher, [], 3, "exact", input_grams=grams)
+    plain, _ = decomposition.build_student(teacher, [], 3, "exact")
+    assert init_notes(aware) == {} and len(ranks) == 32
+    errors = {"plain": 0.0, "aware": 0.0}
+    for name, gram in grams.items():
+        weight = teacher.get_submodule(name).weight.detach().double()
+        for kind, student in (("plain", plain), ("aware", aware)):
+            e = weight - student.get_submodule(name).weight.detach().double()  # (n, d)
+            error = torch.trace(e @ gram @ e.T).sqrt().item()  # ‖(W − B'C')Xᵀ‖_F, X the calibration inputs
+            errors[kind] += error
+            if kind == "aware":
+                assert error <= plain_error * (1 + 1e-6), name
+            plain_error = error
+    assert errors["aware"] < 0.9 * errors["plain"], errors
+
+
+def test_missing_grams_fall_back_per_layer(make_tiny_marian):
+    model = make_tiny_marian()
+    fc1 = "model.encoder.layers.0.fc1"
+    decompose_(model, [f"{fc1}.weight", f"{ENC_Q1}.weight"], 3, input_grams={fc1: torch.eye(16, dtype=torch.float64)})
+    assert list(init_notes(model)) == [ENC_Q1] and "no input Gram matrix" in init_notes(model)[ENC_Q1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
+    train = write_pairs(tmp_path / "train.csv", tiny_pairs[:64])
+    evaluation = write_pairs(tmp_path / "eval.csv", tiny_pairs[300:316])
+    config = {"teacher_model_path": str(tiny_teacher_dir), "dataset_path": str(train),
+              "eval_dataset_path": str(evaluation), "output_path": str(tmp_path / "out"), "k_info": 4,
+              "batch_size": 16, "max_steps": 2, "max_new_tokens": 8, "checkpoint_steps": 0, "progress": False}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return tmp_path
+
+
+def _write(run_dir, **changes):
+    path = run_dir / "config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+def test_cli_activation_init(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    _write(run_dir, init="activation", calibration_samples=32)
+    seen = []
+    real = decomposition.gather_input_grams
+    monkeypatch.setattr(decomposition, "gather_input_grams",
+                        lambda model, names, batches: seen.append(sum(len(b["input_ids"]) for b in batches))
+                        or real(model, names, batches))
+    assert compress_model.main(["--config", "config.json"]) == 0
+    report = json.loads((run_dir / "out" / "report.json").read_text())
+    assert report["init"] == "activation" and report["init_notes"] == {} and seen == [32]
+    assert "(activation init)" in capsys.readouterr().out
+
+
+BAD_CONFIGS = [  # (changes, words the one-line message must contain)
+    pytest.param({"init": "lora"}, ["init", "'lora'", "svd, activation"], id="init-choice"),
+    pytest.param({"init": 1}, ["init", "expected str", "1"], id="init-type"),
+    pytest.param({"calibration_samples": 0}, ["calibration_samples", "at least 1", "0"], id="calibration-zero"),
+    pytest.param({"calibration_samples": 2.5}, ["calibration_samples", "expected int", "2.5"], id="calibration-type"),
+]
+
+
+@pytest.mark.parametrize("changes, words", BAD_CONFIGS)
+def test_bad_new_keys_are_one_line_errors(run_dir, monkeypatch, capsys, changes, words):
+    monkeypatch.chdir(run_dir)
+    _write(run_dir, **changes)
+    assert compress_model.main(["--config", "config.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("compress_model.py: error: "), err
+    for word in words:
+        assert word in err, (word, err)
+    assert not (run_dir / "out").exists()
+
+
+def test_new_keys_have_help_and_defaults():
+    help_text = compress_model.config_help()
+    for key, default in (("init", '"svd"'), ("calibration_samples", "256")):
+        line = next(line for line in help_text.splitlines() if line.split()[0] == key)
+        assert line.endswith(f"({default})"), line
