@@ -84,6 +84,9 @@ class Config:
         "help": "state-dict keys of the nn.Linear weights to factorize; [] = every linear in the encoder/decoder layers"})
     k_info: int | dict[str, int] = field(default=32, metadata={
         "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\""})
+    target_ratio: float | None = field(default=None, metadata={
+        "help": "fraction of the TEACHER's total parameters (embeddings included) the student keeps, e.g. 0.5; "
+                "replaces k_info: per-layer ranks are allocated to meet it with the least truncation error"})
     svd: str = field(default="auto", metadata={"help": "SVD algorithm: auto | exact | lowrank (randomized)"})
     init: str = field(default="svd", metadata={
         "help": "factor initialization: svd (best approximation of W) | activation (SVD-LLM: best approximation "
@@ -134,6 +137,9 @@ class Config:
         for name in ("weight_decay", "max_grad_norm", "eval_steps", "label_smoothing", "warmup_ratio", "checkpoint_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
+        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
+            raise ConfigError(f"target_ratio: must be above 0 and below 1 (a fraction of the teacher's parameters), "
+                              f"got {self.target_ratio}")
         if self.warmup_ratio >= 1 or self.label_smoothing >= 1:
             raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
                               f"{self.warmup_ratio} and {self.label_smoothing}")
@@ -427,7 +433,9 @@ def run(config: Config, resume: bool = False) -> int:
 
     import decomposition
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
-    from matrix_decomposition import count_parameters, describe_ranks, init_notes, resolve_ranks
+    from matrix_decomposition import (
+        check_target_ratio, count_parameters, describe_ranks, init_notes, ranks_for_ratio, resolve_ranks,
+    )
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()  # "Loading weights" bars; ours are the ones that matter
@@ -462,22 +470,27 @@ def run(config: Config, resume: bool = False) -> int:
     generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
                        "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length}
 
-    # Decompose (activation-aware: first gather the target layers' input statistics on the teacher)
+    # Decompose: the target layers; their input statistics on the teacher (activation init); their
+    # ranks (k_info, or allocated to meet target_ratio); then the factorization itself
+    budget = config.target_ratio is not None
+    targets = list(resolve_ranks(teacher, config.decompose_layers, 1 if budget else config.k_info))
+    if budget:
+        check_target_ratio(teacher, targets, config.target_ratio)  # before any work
     input_grams = None
     if config.init == "activation":
-        targets = list(resolve_ranks(teacher, config.decompose_layers, config.k_info))
         batches = decomposition.calibration_batches(train_set, tokenizer, config.calibration_samples,
                                                     config.batch_size)
         input_grams = decomposition.gather_input_grams(teacher, targets, batches)
-    student, ranks = decomposition.build_student(teacher, config.decompose_layers, config.k_info, config.svd,
-                                                 input_grams=input_grams)
+    k_info = ranks_for_ratio(teacher, targets, config.target_ratio, input_grams) if budget else config.k_info
+    student, ranks = decomposition.build_student(teacher, targets, k_info, config.svd, input_grams=input_grams)
     notes = init_notes(student)
     for name, note in notes.items():
         say(f"note: {name}: {note}", flush=True)
     feature_layers = decomposition.resolve_feature_layers(teacher, config.feature_layers, ranks)
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    target = f", target {100 * config.target_ratio:g}%" if budget else ""
     say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {teacher_params:,} → {student_params:,} params "
-        f"({100 * student_params / teacher_params:.1f}%)", flush=True)
+        f"({100 * student_params / teacher_params:.1f}%{target})", flush=True)
 
     # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)
     folder = checkpoint_dir(config)
@@ -519,7 +532,8 @@ def run(config: Config, resume: bool = False) -> int:
                                                            **generate_kwargs)
     report.update({
         "compression_ratio": round(student_params / teacher_params, 4),
-        "layers_decomposed": len(ranks), "ranks": ranks, "init": config.init, "init_notes": notes,
+        "layers_decomposed": len(ranks), "ranks": ranks, "target_ratio": config.target_ratio,
+        "init": config.init, "init_notes": notes,
         "feature_layers": feature_layers,
         "train_seconds": round(distiller.train_seconds, 1), "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "processes": state.num_processes,

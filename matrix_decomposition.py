@@ -14,6 +14,7 @@ matrix G = XᵀX (d×d) of the inputs X the layer sees, the factors minimize the
 from __future__ import annotations
 
 import difflib
+import heapq
 import json
 import math
 import os
@@ -289,6 +290,81 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
         ranks[name] = rank
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return dict(sorted(ranks.items(), key=lambda item: order[item[0]]))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks from a parameter budget
+
+
+def singular_values(weight: torch.Tensor, input_gram: torch.Tensor | None = None) -> torch.Tensor:
+    """All singular values (float64, descending) of W, or of the whitened W·L when a usable
+    ``input_gram`` = L·Lᵀ is given (the spectrum the activation-aware init truncates)."""
+    root_gram = whitening(input_gram)[0] if input_gram is not None else None
+    if root_gram is None:
+        return torch.linalg.svdvals(weight.detach().float()).double()
+    return torch.linalg.svdvals(weight.detach().double() @ root_gram)
+
+
+def allocate_ranks(layers: Mapping[str, tuple[int, int, torch.Tensor]], budget: int) -> dict[str, int]:
+    """Ranks minimizing the total relative truncation error Σ_layers Σ_{i>r} σ_i²/Σ_i σ_i² with
+    Σ r·(n+d) ≤ ``budget`` and 1 ≤ r ≤ max_saving_rank(n, d) per layer.
+
+    ``layers`` maps a name to (n, d, singular values, descending). Greedy: start at rank 1 and keep
+    raising the rank that removes the most error per weight it adds, σ²_{r+1}/Σσ² / (n+d). As each
+    layer's gains only shrink with r, this is the optimal allocation up to the last few weights of
+    the budget (exactly optimal when all layers have the same n+d)."""
+    ranks = {name: 1 for name in layers}
+    left = budget - sum(n + d for n, d, _ in layers.values())
+    if left < 0:
+        raise DecompositionError(f"the budget of {budget:,} weights is below rank 1 everywhere "
+                                 f"({budget - left:,} weights)")
+    gains = {name: (s.double().square() / s.double().square().sum().clamp(min=1e-300)).tolist()
+             for name, (n, d, s) in layers.items()}
+    order = {name: i for i, name in enumerate(layers)}
+    heap = [(-gains[name][1] / (n + d), order[name], name) for name, (n, d, s) in layers.items()
+            if max_saving_rank(n, d) > 1 and len(gains[name]) > 1]
+    heapq.heapify(heap)
+    while heap:
+        _, i, name = heapq.heappop(heap)
+        n, d, _ = layers[name]
+        if n + d > left:
+            continue  # this layer no longer fits; cheaper ones may
+        ranks[name] += 1
+        left -= n + d
+        r = ranks[name]
+        if r < max_saving_rank(n, d) and r < len(gains[name]):
+            heapq.heappush(heap, (-gains[name][r] / (n + d), i, name))
+    return ranks
+
+
+def ranks_for_ratio(model: nn.Module, names: Iterable[str], target_ratio: float,
+                    input_grams: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """Ranks for the layers ``names`` such that the factorized model keeps at most ``target_ratio``
+    of ``model``'s parameters (all of them: embeddings, biases and norms included), as close to
+    it as the ranks allow, with the least total relative truncation error (``allocate_ranks``; the
+    whitened spectra when ``input_grams`` are given)."""
+    names = list(names)
+    kept = check_target_ratio(model, names, target_ratio)
+    weights = {name: model.get_submodule(name).weight for name in names}
+    layers = {name: (*w.shape, singular_values(w, (input_grams or {}).get(name))) for name, w in weights.items()}
+    return allocate_ranks(layers, math.floor(target_ratio * count_parameters(model)) - kept)
+
+
+def check_target_ratio(model: nn.Module, names: Iterable[str], target_ratio: float) -> int:
+    """Raise unless factorizing the layers ``names`` can bring ``model`` to ``target_ratio`` of its
+    parameters; return the number of parameters the factorization leaves alone."""
+    shapes = [tuple(model.get_submodule(name).weight.shape) for name in names]
+    total = count_parameters(model)
+    kept = total - sum(n * d for n, d in shapes)
+    low = kept + sum(n + d for n, d in shapes)  # rank 1 everywhere
+    high = kept + sum(max_saving_rank(n, d) * (n + d) for n, d in shapes)
+    if not low <= target_ratio * total <= high:
+        lo, hi = math.ceil(1000 * low / total) / 1000, math.floor(1000 * high / total) / 1000
+        raise DecompositionError(
+            f"target_ratio {target_ratio} is out of reach: factorizing these {len(shapes)} layers keeps between "
+            f"{lo} (rank 1 everywhere) and {hi} (every rank at its no-saving bound) of the teacher's {total:,} "
+            f"parameters; choose target_ratio in [{lo}, {hi}] or change decompose_layers")
+    return kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""Beyond plain SVD: activation-aware initialization (SVD-LLM), and its wiring into the CLI."""
+"""Beyond plain SVD: activation-aware initialization (SVD-LLM), ranks from a parameter budget,
+and their wiring into the CLI."""
 
+import itertools
 import json
 
 import pytest
@@ -11,7 +13,8 @@ from torch import nn
 import compress_model
 import decomposition
 from matrix_decomposition import (
-    LowRankLinear, decompose_, default_targets, init_notes, low_rank_factors, whitening,
+    DecompositionError, LowRankLinear, allocate_ranks, count_parameters, decompose_, default_targets, init_notes,
+    low_rank_factors, max_saving_rank, ranks_for_ratio, singular_values, whitening,
 )
 
 ENC_Q1 = "model.encoder.layers.1.self_attn.q_proj"
@@ -177,6 +180,91 @@ def test_missing_grams_fall_back_per_layer(make_tiny_marian):
 
 
 # ---------------------------------------------------------------------------------------------
+# Ranks from a parameter budget
+
+
+def truncation_error(layers, ranks) -> float:
+    """Σ over layers of the discarded σ²/Σσ²."""
+    return sum((s[ranks[name]:].square().sum() / s.square().sum()).item() for name, (_, _, s) in layers.items())
+
+
+@pytest.mark.parametrize("ratio", [0.55, 0.7, 0.85])
+def test_budget_is_met_closely_and_every_bound_respected(make_tiny_marian, ratio):
+    teacher = make_tiny_marian()
+    names = default_targets(teacher)
+    ranks = ranks_for_ratio(teacher, names, ratio)
+    student, _ = decomposition.build_student(teacher, names, ranks)
+    total, kept = count_parameters(teacher), count_parameters(student)
+    widest = max(sum(teacher.get_submodule(n).weight.shape) for n in names)  # n + d: one more rank's cost
+    assert ratio * total - widest < kept <= ratio * total
+    for name, rank in ranks.items():
+        assert 1 <= rank <= max_saving_rank(*teacher.get_submodule(name).weight.shape), name
+    assert len(set(ranks.values())) > 1  # really allocated, not one rank for all
+
+
+def test_slowly_decaying_spectrum_gets_more_rank():
+    i = torch.arange(16, dtype=torch.float64)
+    layers = {"fast": (16, 16, 0.3 ** i), "slow": (16, 16, 0.9 ** i)}
+    ranks = allocate_ranks(layers, budget=8 * 32)
+    assert ranks == {"fast": 2, "slow": 6}  # gains per unit: fast .082, .007…; slow .154, .125, .101, .082, .066…
+
+
+def test_greedy_allocation_is_optimal_for_equal_layer_shapes():
+    g = torch.Generator().manual_seed(0)
+    layers = {f"l{k}": (16, 16, torch.rand(16, generator=g, dtype=torch.float64).sort(descending=True).values
+                        ** (k + 1)) for k in range(3)}
+    bound = max_saving_rank(16, 16)
+    for units in range(3, 3 * bound + 1):
+        ranks = allocate_ranks(layers, budget=units * 32)
+        best = min(truncation_error(layers, dict(zip(layers, r)))
+                   for r in itertools.product(range(1, bound + 1), repeat=3) if sum(r) <= units)
+        assert truncation_error(layers, ranks) == pytest.approx(best, rel=1e-12, abs=1e-15), units
+
+
+def test_budget_below_rank_one_everywhere_is_refused():
+    with pytest.raises(DecompositionError, match="below rank 1 everywhere"):
+        allocate_ranks({"a": (16, 16, torch.ones(16)), "b": (16, 16, torch.ones(16))}, budget=63)
+
+
+@pytest.mark.parametrize("ratio", [0.05, 0.99])
+def test_unreachable_ratio_names_the_achievable_range(make_tiny_marian, ratio):
+    teacher = make_tiny_marian()
+    names = default_targets(teacher)
+    with pytest.raises(DecompositionError) as caught:
+        ranks_for_ratio(teacher, names, ratio)
+    message = str(caught.value)
+    assert "\n" not in message and f"target_ratio {ratio} is out of reach" in message
+    low, high = (float(x) for x in message.split("choose target_ratio in [")[1].split("]")[0].split(", "))
+    assert 0 < low < high < 1
+    for edge, expected in ((low, {1}), (high, None)):  # the range it names is reachable, end to end
+        ranks = ranks_for_ratio(teacher, names, edge)
+        student, _ = decomposition.build_student(teacher, names, ranks)
+        assert count_parameters(student) <= edge * count_parameters(teacher)
+        if expected:
+            assert set(ranks.values()) == expected
+
+
+def test_activation_aware_budget_uses_the_whitened_spectrum(make_tiny_marian):
+    """Two layers with the same weight; one only ever sees inputs in a 2-d subspace, so after
+    whitening its spectrum collapses and the budget goes to the other."""
+    teacher = make_tiny_marian()
+    a, b = "model.encoder.layers.0.self_attn.q_proj", "model.encoder.layers.0.self_attn.k_proj"
+    with torch.no_grad():
+        teacher.get_submodule(b).weight.copy_(teacher.get_submodule(a).weight)
+    x = torch.randn(200, 16, dtype=torch.float64)
+    narrow = torch.zeros(200, 16, dtype=torch.float64)
+    narrow[:, :2] = x[:, :2]
+    grams = {a: x.T @ x, b: narrow.T @ narrow}
+    total = count_parameters(teacher)
+    ratio = (total - 2 * 256 + 8 * 32) / total  # 8 units of rank to share between the two
+    plain = ranks_for_ratio(teacher, [a, b], ratio)
+    aware = ranks_for_ratio(teacher, [a, b], ratio, input_grams=grams)
+    assert plain[a] == plain[b]
+    assert aware[b] <= 2 < aware[a]
+    assert singular_values(teacher.get_submodule(b).weight, grams[b])[2:].max() < 1e-3
+
+
+# ---------------------------------------------------------------------------------------------
 # The CLI
 
 
@@ -210,11 +298,26 @@ def test_cli_activation_init(run_dir, monkeypatch, capsys):
     assert "(activation init)" in capsys.readouterr().out
 
 
+def test_cli_target_ratio(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    _write(run_dir, target_ratio=0.6, k_info=99)  # k_info is ignored: it would be refused as too big
+    assert compress_model.main(["--config", "config.json"]) == 0
+    report = json.loads((run_dir / "out" / "report.json").read_text())
+    assert 0.55 < report["compression_ratio"] <= 0.6 and report["target_ratio"] == 0.6
+    assert len(report["ranks"]) == 32 and len(set(report["ranks"].values())) > 1
+    assert "target 60%" in capsys.readouterr().out
+
+
 BAD_CONFIGS = [  # (changes, words the one-line message must contain)
     pytest.param({"init": "lora"}, ["init", "'lora'", "svd, activation"], id="init-choice"),
     pytest.param({"init": 1}, ["init", "expected str", "1"], id="init-type"),
     pytest.param({"calibration_samples": 0}, ["calibration_samples", "at least 1", "0"], id="calibration-zero"),
     pytest.param({"calibration_samples": 2.5}, ["calibration_samples", "expected int", "2.5"], id="calibration-type"),
+    pytest.param({"target_ratio": 0}, ["target_ratio", "above 0 and below 1", "got 0"], id="ratio-zero"),
+    pytest.param({"target_ratio": 1.5}, ["target_ratio", "above 0 and below 1", "1.5"], id="ratio-above-one"),
+    pytest.param({"target_ratio": "half"}, ["target_ratio", "expected float or NoneType", '"half"'], id="ratio-type"),
+    pytest.param({"target_ratio": 0.1}, ["target_ratio 0.1 is out of reach", "32 layers", "choose target_ratio in"],
+                 id="ratio-unreachable"),
 ]
 
 
@@ -232,6 +335,6 @@ def test_bad_new_keys_are_one_line_errors(run_dir, monkeypatch, capsys, changes,
 
 def test_new_keys_have_help_and_defaults():
     help_text = compress_model.config_help()
-    for key, default in (("init", '"svd"'), ("calibration_samples", "256")):
+    for key, default in (("init", '"svd"'), ("calibration_samples", "256"), ("target_ratio", "null")):
         line = next(line for line in help_text.splitlines() if line.split()[0] == key)
         assert line.endswith(f"({default})"), line
