@@ -81,7 +81,8 @@ class Config:
     max_target_length: int = field(default=128, metadata={"help": "target tokens kept (truncation)"})
 
     decompose_layers: list[str] = field(default_factory=list, metadata={
-        "help": "state-dict keys of the nn.Linear weights to factorize; [] = every linear in the encoder/decoder layers"})
+        "help": "state-dict keys of the nn.Linear weights to factorize; [] = every linear in the encoder/decoder "
+                "layers; model.shared.weight factorizes the shared embedding together with its tied output layer"})
     k_info: int | dict[str, int] = field(default=32, metadata={
         "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\""})
     target_ratio: float | None = field(default=None, metadata={
@@ -480,7 +481,8 @@ def run(config: Config, resume: bool = False) -> int:
     if config.init == "activation":
         batches = decomposition.calibration_batches(train_set, tokenizer, config.calibration_samples,
                                                     config.batch_size)
-        input_grams = decomposition.gather_input_grams(teacher, targets, batches)
+        linears = [name for name in targets if isinstance(teacher.get_submodule(name), torch.nn.Linear)]
+        input_grams = decomposition.gather_input_grams(teacher, linears, batches)
     k_info = ranks_for_ratio(teacher, targets, config.target_ratio, input_grams) if budget else config.k_info
     student, ranks = decomposition.build_student(teacher, targets, k_info, config.svd, input_grams=input_grams)
     notes = init_notes(student)

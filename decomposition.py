@@ -82,9 +82,10 @@ def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[
 
 
 def resolve_feature_layers(model: nn.Module, feature_layers: Sequence[str], ranks: Mapping[str, int]) -> list[str]:
-    """Module names whose outputs are matched by the feature loss; empty means every decomposed layer."""
+    """Module names whose outputs are matched by the feature loss; empty means every decomposed
+    ``nn.Linear`` (a factorized embedding is called by both encoder and decoder: not one feature)."""
     if not feature_layers:
-        return list(ranks)
+        return [name for name in ranks if isinstance(model.get_submodule(name), nn.Linear)]
     modules = dict(model.named_modules())
     names: list[str] = []
     for key in feature_layers:
@@ -93,6 +94,9 @@ def resolve_feature_layers(model: nn.Module, feature_layers: Sequence[str], rank
             close = difflib.get_close_matches(key, [n for n in modules if n], n=3, cutoff=0.5)
             hint = f"; closest: {', '.join(close)}" if close else ""
             raise DecompositionError(f"feature_layers: {key!r} is not a layer of this model{hint}")
+        if isinstance(modules[name], nn.Embedding):
+            raise DecompositionError(f"feature_layers: {key!r} is an embedding, whose outputs the teacher and a "
+                                     f"factorized student produce in different calls; use loss_weights.hidden")
         if name not in names:
             names.append(name)
     return names

@@ -3,7 +3,8 @@
 A weight W (n×d) of an ``nn.Linear`` is replaced by its truncated SVD, W ≈ B'·C' with
 B' (n×r) and C' (r×d), implemented as two smaller linears: C' (d→r, no bias) then B'
 (r→n, carrying the original bias). The layer then holds r·(n+d) weights instead of n·d,
-which only saves anything while r < n·d/(n+d).
+which only saves anything while r < n·d/(n+d). The shared embedding table E (V×d) can be
+factorized the same way, E ≈ A·B (``LowRankEmbedding``), with its tied output projection reusing A and B.
 
 Activation-aware initialization (SVD-LLM, Wang et al. 2024, arXiv:2403.07378): given the Gram
 matrix G = XᵀX (d×d) of the inputs X the layer sees, the factors minimize the output error
@@ -86,6 +87,51 @@ class LowRankLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
                 f"bias={self.up.bias is not None}")
+
+
+class LowRankEmbedding(nn.Module):
+    """An embedding table factorized as E ≈ A·B: a token's vector is its row of A (V×r) times B (r×d).
+
+    ``up`` is an ``nn.Embedding(V, r)`` holding A; ``down`` holds B (r×d) as the weight of an
+    ``nn.Linear(d, r)``, the layout of the first factor of a ``LowRankLinear``. A tied output
+    projection (Marian's ``lm_head``, logits = h·Eᵀ) becomes a ``LowRankLinear`` whose ``up`` and
+    ``down`` weights are these very tensors: logits = (h·Bᵀ)·Aᵀ, one set of factor parameters.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
+        self.padding_idx = padding_idx
+        self.up = nn.Embedding(num_embeddings, rank, padding_idx, device=device, dtype=dtype)  # A (V, r)
+        self.down = nn.Linear(embedding_dim, rank, bias=False, device=device, dtype=dtype)  # B (r, d)
+        self.init_note: str | None = None
+
+    @classmethod
+    def from_embedding(cls, embedding: nn.Embedding, rank: int, svd: str = "auto") -> "LowRankEmbedding":
+        """The rank-``rank`` truncated-SVD factorization of ``embedding`` (left unchanged)."""
+        weight = embedding.weight.detach()  # (V, d)
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, rank, embedding.padding_idx,
+                     device=weight.device, dtype=weight.dtype)
+        up, down, _ = low_rank_factors(weight, rank, svd)  # (V, r), (r, d)
+        with torch.no_grad():
+            module.up.weight.copy_(up)
+            module.down.weight.copy_(down)
+        return module
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The V×d product A·B (for inspection; ``forward`` never builds it)."""
+        return self.up.weight @ self.down.weight
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.up(input_ids) @ self.down.weight  # (…, r) @ (r, d) → (…, d)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, padding_idx={self.padding_idx}"
+
+
+LOW_RANK = (LowRankLinear, LowRankEmbedding)
 
 
 def max_saving_rank(out_features: int, in_features: int) -> int:
@@ -200,9 +246,9 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def _inside_low_rank(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` is one of the factors of a ``LowRankLinear`` (``….up`` / ``….down``)."""
+    """Whether ``name`` is one of the factors of a ``LowRankLinear``/``LowRankEmbedding`` (``….up`` / ``….down``)."""
     parent, _, _ = name.rpartition(".")
-    return bool(parent) and isinstance(model.get_submodule(parent), LowRankLinear)
+    return bool(parent) and isinstance(model.get_submodule(parent), LOW_RANK)
 
 
 def _tied_names(model: nn.Module) -> dict[str, list[str]]:
@@ -211,6 +257,16 @@ def _tied_names(model: nn.Module) -> dict[str, list[str]]:
     for name, param in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(param), []).append(name)
     return {n: [m for m in names if m != n] for names in by_id.values() for n in names}
+
+
+def canonical_name(model: nn.Module, param_name: str) -> str:
+    """The name a (possibly tied) parameter goes by first, e.g. ``model.shared.weight`` for
+    Marian's ``lm_head.weight`` and ``model.encoder.embed_tokens.weight``."""
+    return min([param_name, *_tied_names(model).get(param_name, [])], key=_parameter_order(model).get)
+
+
+def _parameter_order(model: nn.Module) -> dict[str, int]:
+    return {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
 
 
 def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
@@ -240,24 +296,29 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
         if key in state_keys and not key.endswith((".weight", ".bias")):
             raise DecompositionError(f"decompose_layers: {key!r} is a buffer, not the weight of an nn.Linear")
         if module is None or not (f"{name}.weight" in state_keys or f"{name}.bias" in state_keys
-                                  or isinstance(module, LowRankLinear)):
+                                  or isinstance(module, LOW_RANK)):
             close = difflib.get_close_matches(key, state_keys, n=3, cutoff=0.5)
             hint = f"; closest keys: {', '.join(close)}" if close else ""
             raise DecompositionError(f"decompose_layers: {key!r} is not a key of this model's state dict{hint}")
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, LOW_RANK):
             raise DecompositionError(f"decompose_layers: {key!r} is already decomposed (rank {module.rank})")
         if _inside_low_rank(model, name):
             raise DecompositionError(f"decompose_layers: {key!r} is a factor of the already decomposed layer "
                                      f"{name.rpartition('.')[0]!r}")
-        if not isinstance(module, nn.Linear):
+        canonical = canonical_name(model, f"{name}.weight")  # the name its tied weight goes by first
+        if type(module) is nn.Embedding and canonical == f"{name}.weight":
+            pass  # an embedding table (with every module tied to it) is factorized as a whole
+        elif not isinstance(module, nn.Linear):
             example = next(iter(default_targets(model)), "an attention projection")
+            also = (f"; the embedding it shares its weight with is factorized as {canonical}"
+                    if isinstance(module, nn.Embedding) else "")
             raise DecompositionError(
                 f"decompose_layers: {key!r} belongs to a module of type {type(module).__name__}, not an nn.Linear; "
-                f"only nn.Linear weights can be decomposed (e.g. {example}.weight)")
-        if tied.get(f"{name}.weight"):
+                f"only nn.Linear weights can be decomposed (e.g. {example}.weight){also}")
+        elif tied.get(f"{name}.weight"):
             raise DecompositionError(
                 f"decompose_layers: {key!r} is tied to {tied[f'{name}.weight'][0]!r} (shared embedding); "
-                f"factorizing it would untie the two, so it is not allowed")
+                f"factorizing it alone would untie the two; list {canonical!r} to factorize them together")
         if name not in names:
             names.append(name)
 
@@ -278,12 +339,11 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
             raise DecompositionError(f"k_info: no rank for {name!r}; give it one or add a \"default\" entry")
         if isinstance(rank, bool) or not isinstance(rank, int):
             raise DecompositionError(f"k_info: rank for {name!r} must be a whole number, got {rank!r}")
-        linear = modules[name]
-        bound = max_saving_rank(linear.out_features, linear.in_features)
+        n, d = modules[name].weight.shape
+        bound = max_saving_rank(n, d)
         if rank < 1:
             raise DecompositionError(f"k_info: rank {rank} for {name!r} must be at least 1")
         if rank > bound:
-            n, d = linear.out_features, linear.in_features
             raise DecompositionError(
                 f"k_info: rank {rank} for {name!r} saves nothing: it must be at most {bound} "
                 f"(below {n}·{d}/({n}+{d}) = {n * d / (n + d):.1f})")
@@ -385,8 +445,15 @@ def decompose_(model: nn.Module, layers: Iterable[str] | None = None, k_info: in
     chosen layer; ``init_notes(model)`` then lists the layers that fell back to plain SVD."""
     ranks = resolve_ranks(model, layers, k_info)
     for name, rank in ranks.items():
+        layer = model.get_submodule(name)
+        if isinstance(layer, nn.Embedding):
+            module = LowRankEmbedding.from_embedding(layer, rank, svd=svd)
+            if input_grams is not None:
+                module.init_note = "an embedding has no input Gram matrix; plain SVD used"
+            _replace_embedding_(model, layer, module)
+            continue
         gram = None if input_grams is None else input_grams.get(name)
-        module = LowRankLinear.from_linear(model.get_submodule(name), rank, svd=svd, input_gram=gram)
+        module = LowRankLinear.from_linear(layer, rank, svd=svd, input_gram=gram)
         if input_grams is not None and gram is None:
             module.init_note = "no input Gram matrix was gathered for it; plain SVD used"
         _replace_(model, name, module)
@@ -394,26 +461,82 @@ def decompose_(model: nn.Module, layers: Iterable[str] | None = None, k_info: in
     return ranks
 
 
+def _replace_embedding_(model: nn.Module, embedding: nn.Embedding, new: LowRankEmbedding) -> None:
+    """Swap ``new`` in for ``embedding`` and for every module tied to it: other embeddings become
+    ``new`` itself, a tied output projection a ``LowRankLinear`` made of ``new``'s own factors;
+    then point Hugging Face's tied-weight mappings at the factors (so ``tie_weights()`` keeps them tied)."""
+    tied = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
+            if isinstance(m, (nn.Embedding, nn.Linear)) and m.weight is embedding.weight]
+    for name, module in tied:
+        if isinstance(module, nn.Embedding):
+            _replace_(model, name, new)
+            continue
+        head = LowRankLinear(module.in_features, module.out_features, new.rank, bias=module.bias is not None)
+        head.up.weight, head.down.weight = new.up.weight, new.down.weight  # A (V, r), B (r, d): shared
+        if module.bias is not None:
+            head.up.bias = module.bias
+        _replace_(model, name, head)
+    _retie_mappings_(model)
+
+
+def _retie_mappings_(model: nn.Module) -> None:
+    """Rewrite each Hugging Face ``_tied_weights_keys`` ({target: source}) entry whose weights were
+    factorized into one entry per factor (``….weight`` → ``….up.weight`` and ``….down.weight``)."""
+    for _, sub in model.named_modules():
+        mapping = getattr(sub, "_tied_weights_keys", None)
+        if not isinstance(mapping, dict) or not hasattr(sub, "get_expanded_tied_weights_keys"):
+            continue
+
+        def factors(key: str, sub=sub) -> list[str] | None:
+            owner, _, leaf = key.rpartition(".")
+            try:
+                module = sub.get_submodule(owner)
+            except AttributeError:
+                return None
+            return [f"{owner}.up.weight", f"{owner}.down.weight"] if isinstance(module, LOW_RANK) else None
+
+        new = {}
+        for target, source in mapping.items():
+            target_factors, source_factors = factors(target), factors(source)
+            if target_factors and source_factors:
+                new.update(zip(target_factors, source_factors))
+            elif not target_factors and not source_factors:
+                new[target] = source
+        sub._tied_weights_keys = new
+    for _, sub in model.named_modules():
+        if hasattr(sub, "get_expanded_tied_weights_keys"):
+            sub.all_tied_weights_keys = sub.get_expanded_tied_weights_keys(all_submodels=True)
+
+
 def init_notes(model: nn.Module) -> dict[str, str]:
     """{module name: why its activation-aware init fell back to plain SVD} (empty when none did)."""
-    return {name: m.init_note for name, m in model.named_modules()
-            if isinstance(m, LowRankLinear) and m.init_note}
+    return {name: m.init_note for name, m in model.named_modules() if isinstance(m, LOW_RANK) and m.init_note}
 
 
 def apply_low_rank_structure_(model: nn.Module, ranks: Mapping[str, int]) -> None:
     """Swap in empty ``LowRankLinear`` modules of the given ranks (to load saved factors into)."""
     for name, rank in ranks.items():
-        linear = model.get_submodule(name)
-        if not isinstance(linear, nn.Linear):
-            raise DecompositionError(f"saved rank for {name!r}, which is a {type(linear).__name__}, not an nn.Linear")
-        _replace_(model, name, LowRankLinear(linear.in_features, linear.out_features, rank,
-                                             bias=linear.bias is not None,
-                                             device=linear.weight.device, dtype=linear.weight.dtype))
+        layer = model.get_submodule(name)
+        if type(layer) is nn.Embedding:
+            w = layer.weight
+            _replace_embedding_(model, layer, LowRankEmbedding(layer.num_embeddings, layer.embedding_dim, rank,
+                                                               layer.padding_idx, w.device, w.dtype))
+        elif isinstance(layer, nn.Linear):
+            w = layer.weight
+            _replace_(model, name, LowRankLinear(layer.in_features, layer.out_features, rank,
+                                                 bias=layer.bias is not None, device=w.device, dtype=w.dtype))
+        else:
+            raise DecompositionError(f"saved rank for {name!r}, which is a {type(layer).__name__}, "
+                                     f"not an nn.Linear or nn.Embedding")
     _record_ranks(model)
 
 
 def low_rank_ranks(model: nn.Module) -> dict[str, int]:
-    return {name: m.rank for name, m in model.named_modules() if isinstance(m, LowRankLinear)}
+    """{module name: rank} of the factorized layers; an output projection made of an embedding's
+    factors is part of that embedding, not a layer of its own."""
+    shared = {id(m.up.weight) for m in model.modules() if isinstance(m, LowRankEmbedding)}
+    return {name: m.rank for name, m in model.named_modules()
+            if isinstance(m, LowRankEmbedding) or (isinstance(m, LowRankLinear) and id(m.up.weight) not in shared)}
 
 
 def _record_ranks(model: nn.Module) -> None:

@@ -1,20 +1,23 @@
 """Beyond plain SVD: activation-aware initialization (SVD-LLM), ranks from a parameter budget,
-and their wiring into the CLI."""
+the factorized shared embedding, and their wiring into the CLI."""
 
 import itertools
 import json
 
 import pytest
 import torch
-from conftest import write_pairs
+from conftest import read_pairs, write_pairs
 from datasets import Dataset
+from safetensors import safe_open
 from torch import nn
 
 import compress_model
 import decomposition
+from distillation.knowledge_distillation import DistillationSettings
 from matrix_decomposition import (
-    DecompositionError, LowRankLinear, allocate_ranks, count_parameters, decompose_, default_targets, init_notes,
-    low_rank_factors, max_saving_rank, ranks_for_ratio, singular_values, whitening,
+    WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, allocate_ranks, count_parameters, decompose_,
+    default_targets, init_notes, load_compressed_model, low_rank_factors, max_saving_rank, ranks_for_ratio,
+    save_compressed_model, singular_values, whitening,
 )
 
 ENC_Q1 = "model.encoder.layers.1.self_attn.q_proj"
@@ -265,6 +268,157 @@ def test_activation_aware_budget_uses_the_whitened_spectrum(make_tiny_marian):
 
 
 # ---------------------------------------------------------------------------------------------
+# The factorized shared embedding
+
+SHARED = "model.shared.weight"
+SRC = ["He managed to get there in time.", "The train arrived."]
+TGT = ["Es gelang ihm, rechtzeitig dort zu sein.", "Der Zug kam an."]
+
+
+@pytest.fixture
+def factorized(make_tiny_marian):
+    """(teacher with a non-zero final_logits_bias, its copy with the shared embedding at rank 6)."""
+    teacher = make_tiny_marian()
+    teacher.final_logits_bias.normal_(generator=torch.Generator().manual_seed(2))
+    student, ranks = decomposition.build_student(teacher, [SHARED], 6)
+    assert ranks == {"model.shared": 6}
+    return teacher, student
+
+
+def test_shared_embedding_is_one_set_of_factors_for_inputs_and_output(factorized):
+    teacher, student = factorized
+    shared = student.model.shared
+    assert isinstance(shared, LowRankEmbedding) and shared.rank == 6
+    assert student.model.encoder.embed_tokens is shared and student.model.decoder.embed_tokens is shared
+    assert student.get_input_embeddings() is shared
+    head = student.get_output_embeddings()
+    assert head is student.lm_head and isinstance(head, LowRankLinear)
+    assert head.up.weight is shared.up.weight and head.down.weight is shared.down.weight  # A (V×r), B (r×d)
+    assert shared.up.weight.shape == (300, 6) and shared.down.weight.shape == (6, 16)
+    v, d = teacher.model.shared.weight.shape
+    assert count_parameters(teacher) - count_parameters(student) == v * d - 6 * (v + d)  # factors counted once
+    assert student.config.matrix_decomposition["ranks"] == {"model.shared": 6}
+
+
+def test_factorized_model_computes_with_the_product_everywhere(factorized, tiny_tokenizer):
+    """Same logits as the dense model whose tied embedding is A·B: input embeddings of encoder and
+    decoder and the output projection all use the factors, and final_logits_bias is still added."""
+    teacher, student = factorized
+    dense = teacher
+    with torch.no_grad():
+        dense.model.shared.weight.copy_(student.model.shared.weight)  # A·B, tied: lm_head too
+    batch = tiny_tokenizer(SRC, text_target=TGT, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        torch.testing.assert_close(student(**batch).logits, dense(**batch).logits, rtol=1e-5, atol=1e-5)
+        no_bias = student(**batch).logits - student.final_logits_bias
+        student.final_logits_bias.zero_()
+        torch.testing.assert_close(student(**batch).logits, no_bias)
+
+
+def test_tie_weights_keeps_the_factors_tied(factorized, tiny_tokenizer):
+    _, student = factorized
+    batch = tiny_tokenizer(SRC, text_target=TGT, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        before = student(**batch).logits
+        student.model.shared.down.weight.mul_(1.5)  # one tensor: seen by embedding and output projection
+        changed = student(**batch).logits
+        student.tie_weights()
+        after = student(**batch).logits
+    assert not torch.equal(before, changed) and torch.equal(changed, after)
+    assert student.lm_head.up.weight is student.model.shared.up.weight
+    assert student.lm_head.down.weight is student.model.shared.down.weight
+    assert set(student.all_tied_weights_keys) >= {"lm_head.up.weight", "lm_head.down.weight"}
+
+
+def test_gradients_from_both_uses_reach_the_one_set_of_factors(factorized, tiny_tokenizer):
+    _, student = factorized
+    batch = tiny_tokenizer(SRC, text_target=TGT, return_tensors="pt", padding=True)
+    student.train()
+    student(**batch).loss.backward()
+    shared = student.model.shared
+    assert shared.up.weight.grad is not None and shared.up.weight.grad.abs().sum() > 0
+    assert shared.down.weight.grad is not None and shared.down.weight.grad.abs().sum() > 0
+    names = {n for n, _ in student.named_parameters()}  # each factor appears once
+    assert sum("up.weight" in n and ("shared" in n or "lm_head" in n or "embed_tokens" in n) for n in names) == 1
+
+
+def test_save_load_of_a_factorized_embedding_is_identical(make_tiny_marian, tiny_tokenizer, tmp_path):
+    model = make_tiny_marian()
+    decompose_(model, [SHARED, "model.decoder.layers.0.fc1.weight"], {"default": 4, SHARED: 7})
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for tensor in model.state_dict().values():
+            tensor.add_(0.01 * torch.randn_like(tensor))
+    save_compressed_model(model, tmp_path / "m", tiny_tokenizer)
+    loaded = load_compressed_model(tmp_path / "m")
+    assert loaded.config.matrix_decomposition["ranks"] == {"model.shared": 7, "model.decoder.layers.0.fc1": 4}
+    assert loaded.lm_head.up.weight is loaded.model.shared.up.weight is loaded.model.encoder.embed_tokens.up.weight
+    batch = tiny_tokenizer(SRC, text_target=TGT, return_tensors="pt", padding=True)
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    settings = dict(max_new_tokens=12, num_beams=2, do_sample=False)
+    with torch.no_grad():
+        assert torch.equal(loaded(**batch).logits, model(**batch).logits)
+        assert torch.equal(loaded.generate(**inputs, **settings), model.generate(**inputs, **settings))
+    with safe_open(tmp_path / "m" / WEIGHTS_NAME, "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    vocab = [k for k, shape in shapes.items() if shape[0] == 300]  # tensors with a row per token
+    assert sorted(shapes[k] for k in vocab) == [(300, 7)]  # A, stored once; no V×d table
+    assert sum(shape == (7, 16) for shape in shapes.values()) == 1  # B, stored once
+
+
+@pytest.mark.parametrize("key, words", [
+    ("model.encoder.embed_tokens.weight", ["of type Embedding, not an nn.Linear", "factorized as model.shared.weight"]),
+    ("lm_head.weight", ["is tied to 'model.shared.weight'", "list 'model.shared.weight'"]),
+    ("model.encoder.embed_positions.weight", ["MarianSinusoidalPositionalEmbedding, not an nn.Linear"]),
+])
+def test_other_names_of_the_embedding_are_refused_with_a_pointer(make_tiny_marian, key, words):
+    with pytest.raises(DecompositionError) as caught:
+        decompose_(make_tiny_marian(), [key], 4)
+    for word in words:
+        assert word in str(caught.value), str(caught.value)
+
+
+def test_embedding_and_linears_together_reach_half_the_parameters(make_tiny_marian):
+    teacher = make_tiny_marian()
+    names = ["model.shared", *default_targets(teacher)]
+    with pytest.raises(DecompositionError, match="out of reach"):
+        ranks_for_ratio(teacher, names[1:], 0.45)  # the linears alone cannot get there
+    ranks = ranks_for_ratio(teacher, names, 0.45)
+    student, _ = decomposition.build_student(teacher, names, ranks)
+    assert 0.44 < count_parameters(student) / count_parameters(teacher) <= 0.45
+    assert isinstance(student.model.shared, LowRankEmbedding) and student.model.shared.rank == ranks["model.shared"]
+
+
+def test_activation_init_notes_that_the_embedding_uses_plain_svd(make_tiny_marian, calibration):
+    teacher = make_tiny_marian()
+    linears = default_targets(teacher)
+    grams = decomposition.gather_input_grams(teacher, linears, calibration)
+    student, _ = decomposition.build_student(teacher, [SHARED, *linears], 3, input_grams=grams)
+    assert list(init_notes(student)) == ["model.shared"] and "plain SVD" in init_notes(student)["model.shared"]
+
+
+def test_distilling_with_a_factorized_embedding(factorized, tiny_tokenizer, calibration):
+    teacher, student = factorized
+    ranks = {"model.shared": 6}
+    assert decomposition.resolve_feature_layers(teacher, [], ranks) == []  # embeddings are no feature layer
+    with pytest.raises(DecompositionError, match="'model.shared' is an embedding"):
+        decomposition.resolve_feature_layers(teacher, ["model.shared"], ranks)
+    pairs = Dataset.from_dict({k: [row for b in calibration for row in _unpad(b, k)]
+                               for k in ("input_ids", "attention_mask", "labels")})
+    before = student.model.shared.down.weight.detach().clone()
+    settings = DistillationSettings(max_steps=3, batch_size=8, progress=False, learning_rate=1e-2,
+                                    loss_weights={"ce": 1.0, "kd": 1.0})
+    decomposition.distill(teacher, student, tiny_tokenizer, pairs, None, settings, [])
+    assert not torch.equal(before, student.model.shared.down.weight)
+    assert student.lm_head.down.weight is student.model.shared.down.weight  # still one tensor after training
+
+
+def _unpad(batch, key):
+    keep = batch["attention_mask"].bool() if key != "labels" else batch["labels"] != -100
+    return [row[mask].tolist() for row, mask in zip(batch[key], keep)]
+
+
+# ---------------------------------------------------------------------------------------------
 # The CLI
 
 
@@ -306,6 +460,22 @@ def test_cli_target_ratio(run_dir, monkeypatch, capsys):
     assert 0.55 < report["compression_ratio"] <= 0.6 and report["target_ratio"] == 0.6
     assert len(report["ranks"]) == 32 and len(set(report["ranks"].values())) > 1
     assert "target 60%" in capsys.readouterr().out
+
+
+def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, make_tiny_marian, tiny_tokenizer):
+    monkeypatch.chdir(run_dir)
+    layers = [SHARED] + [f"{name}.weight" for name in default_targets(make_tiny_marian())]
+    _write(run_dir, decompose_layers=layers, target_ratio=0.5, init="activation")
+    assert compress_model.main(["--config", "config.json"]) == 0
+    report = json.loads((run_dir / "out" / "report.json").read_text())
+    assert 0.49 < report["compression_ratio"] <= 0.5 and "model.shared" in report["ranks"]
+    assert list(report["init_notes"]) == ["model.shared"]
+    loaded = load_compressed_model(run_dir / "out")
+    assert isinstance(loaded.model.shared, LowRankEmbedding) and loaded.lm_head.up.weight is loaded.model.shared.up.weight
+    assert count_parameters(loaded) == report["student"]["params"]
+    sources, references = zip(*read_pairs(run_dir / "eval.csv"))
+    scores = decomposition.evaluate_translation(loaded, tiny_tokenizer, sources, references, max_new_tokens=8)
+    assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
 
 
 BAD_CONFIGS = [  # (changes, words the one-line message must contain)
