@@ -113,6 +113,12 @@ class Config:
     mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
     eval_steps: int = field(default=0, metadata={"help": "held-out loss every N steps (0 = once per epoch)"})
 
+    sequence_level_kd: bool = field(default=False, metadata={
+        "help": "train on the teacher's own translations of the training sources (generated once with num_beams "
+                "and max_new_tokens, cached in cache_dir) instead of the reference translations"})
+    cache_dir: str | None = field(default=None, metadata={
+        "help": "where sequence_level_kd keeps the teacher's translations; null = <output_path>-cache"})
+
     num_beams: int = field(default=1, metadata={"help": "beams for the BLEU evaluation (1 = greedy)"})
     eval_batch_size: int = field(default=64, metadata={"help": "sentences per generate() call"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest translation generated"})
@@ -396,11 +402,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"progress", "overwrite_output", "num_threads"}
+RESUMABLE_CHANGES = {"progress", "overwrite_output", "num_threads", "cache_dir"}
 
 
 def checkpoint_dir(config: Config) -> Path:
     return Path(config.checkpoint_dir or f"{config.output_path.rstrip('/')}-checkpoints")
+
+
+def cache_dir(config: Config) -> Path:
+    return Path(config.cache_dir or f"{config.output_path.rstrip('/')}-cache")
 
 
 def check_resume(config: Config, resume: bool) -> dict | None:
@@ -450,6 +460,8 @@ def run(config: Config, resume: bool = False) -> int:
     if config.num_threads:
         torch.set_num_threads(config.num_threads)
     decomposition.check_output_path(config.output_path, config.overwrite_output)
+    if config.sequence_level_kd and cache_dir(config).exists() and not cache_dir(config).is_dir():
+        raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")
     saved = check_resume(config, resume)
     requested = dataclasses.asdict(config)  # as the user wrote it; lengths may be clamped below
 
@@ -463,13 +475,21 @@ def run(config: Config, resume: bool = False) -> int:
         config = dataclasses.replace(config, max_source_length=min(config.max_source_length, positions),
                                      max_target_length=min(config.max_target_length, positions),
                                      max_new_tokens=min(config.max_new_tokens, positions - 1))
+    generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
+                       "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length}
+    if config.sequence_level_kd:  # the teacher's translations replace the references (cached across runs)
+        with state.main_process_first():
+            targets, cache_file, reused = decomposition.teacher_translations(
+                teacher, tokenizer, train_pairs["source_text"], cache_dir(config), config.teacher_model_path,
+                **generate_kwargs)
+        say(f"sequence-level KD: teacher translations of {len(targets):,} training sources "
+            f"{'reused from' if reused else 'cached in'} {cache_file}", flush=True)
+        train_pairs = train_pairs.remove_columns("target_text").add_column("target_text", targets)
     preprocessor = globals()["data_preprocessor"]  # looked up now, so a replaced hook is the one used
     with state.main_process_first():
         train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
         eval_set = preprocess(eval_pairs, tokenizer, config, preprocessor)
     sources, references = eval_pairs["source_text"], eval_pairs["target_text"]
-    generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
-                       "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length}
 
     # Decompose: the target layers; their input statistics on the teacher (activation init); their
     # ranks (k_info, or allocated to meet target_ratio); then the factorization itself
@@ -535,7 +555,7 @@ def run(config: Config, resume: bool = False) -> int:
     report.update({
         "compression_ratio": round(student_params / teacher_params, 4),
         "layers_decomposed": len(ranks), "ranks": ranks, "target_ratio": config.target_ratio,
-        "init": config.init, "init_notes": notes,
+        "init": config.init, "init_notes": notes, "sequence_level_kd": config.sequence_level_kd,
         "feature_layers": feature_layers,
         "train_seconds": round(distiller.train_seconds, 1), "train_pairs": len(train_pairs),
         "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "processes": state.num_processes,

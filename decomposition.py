@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import hashlib
 import json
 import os
 import shutil
@@ -127,6 +128,37 @@ def translate(model: nn.Module, tokenizer, sources: Sequence[str], batch_size: i
         for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
             out[i] = text
     return out
+
+
+def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str], cache_dir: str | os.PathLike,
+                         teacher_path: str, **generate_kwargs) -> tuple[list[str], Path, bool]:
+    """The teacher's translations of ``sources`` (the targets of sequence-level distillation, Kim &
+    Rush 2016), generated once and cached as JSONL ({"source", "target"} per line) in ``cache_dir``
+    under a hash of the teacher (path, config, weights), the sources and the generation settings;
+    written atomically. Returns (targets, cache file, whether it was reused)."""
+    settings = {k: v for k, v in generate_kwargs.items() if k != "batch_size"}  # batching changes nothing
+    digest = hashlib.sha256(json.dumps({"teacher": teacher_path, "config": teacher.config.to_dict(),
+                                        "generation": settings}, sort_keys=True, default=str).encode())
+    for name, tensor in [*teacher.named_parameters(), *teacher.named_buffers()]:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    for source in sources:
+        digest.update(source.encode() + b"\0")
+    path = Path(cache_dir) / f"teacher-translations-{digest.hexdigest()[:20]}.jsonl"
+    if path.is_file():
+        try:
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            if [row["source"] for row in rows] == list(sources):
+                return [row["target"] for row in rows], path, True
+        except (ValueError, KeyError, TypeError):
+            pass  # damaged: generate again and replace it
+    targets = translate(teacher, tokenizer, sources, **generate_kwargs)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text("".join(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n"
+                           for s, t in zip(sources, targets)), encoding="utf-8")
+    os.replace(tmp, path)
+    return targets, path, False
 
 
 def evaluate_translation(model: nn.Module, tokenizer, sources: Sequence[str], references: Sequence[str],

@@ -1,5 +1,5 @@
 """Beyond plain SVD: activation-aware initialization (SVD-LLM), ranks from a parameter budget,
-the factorized shared embedding, and their wiring into the CLI."""
+the factorized shared embedding, sequence-level distillation, and their wiring into the CLI."""
 
 import itertools
 import json
@@ -419,6 +419,60 @@ def _unpad(batch, key):
 
 
 # ---------------------------------------------------------------------------------------------
+# Sequence-level distillation: the teacher's translations, generated once
+
+
+@pytest.fixture
+def counted_generate(monkeypatch):
+    """Counts the sentences passed to any model's generate()."""
+    from transformers import GenerationMixin
+
+    real, counts = GenerationMixin.generate, []
+
+    def generate(self, *args, **kwargs):
+        counts.append(len(kwargs.get("input_ids", args[0] if args else None)))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(GenerationMixin, "generate", generate)
+    return counts
+
+
+def test_teacher_translations_are_cached_and_reused(make_tiny_marian, tiny_tokenizer, tiny_pairs, tmp_path,
+                                                    counted_generate):
+    teacher, sources = make_tiny_marian(), [s for s, _ in tiny_pairs[:10]]
+    settings = dict(num_beams=1, max_new_tokens=6, batch_size=4)
+    first, path, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t", **settings)
+    assert not reused and sum(counted_generate) == 10
+    assert first == decomposition.translate(teacher, tiny_tokenizer, sources, num_beams=1, max_new_tokens=6)
+    assert [json.loads(line) for line in path.read_text().splitlines()] == \
+        [{"source": s, "target": t} for s, t in zip(sources, first)]
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
+    counted_generate.clear()
+    again, path_again, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+                                                                   **{**settings, "batch_size": 3})
+    assert reused and again == first and path_again == path and counted_generate == []
+
+    # anything that changes the translations gets its own cache entry
+    for changed in [dict(sources=sources[:9]), dict(teacher_path="other"), dict(num_beams=2),
+                    dict(teacher=make_tiny_marian(d_model=8))]:
+        args = {"teacher": teacher, "sources": sources, "teacher_path": "t", **settings, **changed}
+        counted_generate.clear()
+        _, other, reused = decomposition.teacher_translations(args.pop("teacher"), tiny_tokenizer, args.pop("sources"),
+                                                              tmp_path, args.pop("teacher_path"), **args)
+        assert not reused and other != path and sum(counted_generate) == len(changed.get("sources", sources))
+
+
+def test_a_damaged_cache_is_regenerated(make_tiny_marian, tiny_tokenizer, tiny_pairs, tmp_path, counted_generate):
+    teacher, sources = make_tiny_marian(), [s for s, _ in tiny_pairs[:4]]
+    first, path, _ = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+                                                        max_new_tokens=6)
+    path.write_text(path.read_text()[:-10])  # cut off mid-line
+    again, _, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+                                                          max_new_tokens=6)
+    assert not reused and again == first and len(path.read_text().splitlines()) == 4
+
+
+# ---------------------------------------------------------------------------------------------
 # The CLI
 
 
@@ -478,6 +532,33 @@ def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, mak
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
 
 
+def test_cli_sequence_level_kd_trains_on_cached_teacher_translations(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    _write(run_dir, sequence_level_kd=True, overwrite_output=True)
+    train_sources = [s for s, _ in read_pairs(run_dir / "train.csv")]
+    calls, seen_targets = [], []
+    real_translate, real_preprocessor = decomposition.translate, compress_model.data_preprocessor
+    monkeypatch.setattr(decomposition, "translate", lambda model, tokenizer, sources, **kw:
+                        calls.append(list(sources)) or real_translate(model, tokenizer, sources, **kw))
+    monkeypatch.setattr(compress_model, "data_preprocessor", lambda batch, tokenizer, config:
+                        seen_targets.extend(batch["target_text"]) or real_preprocessor(batch, tokenizer, config))
+    outputs = []
+    for _ in range(2):
+        calls.clear()
+        seen_targets.clear()
+        assert compress_model.main(["--config", "config.json"]) == 0
+        outputs.append((sum(c == train_sources for c in calls), capsys.readouterr().out, list(seen_targets)))
+    (first_calls, first_out, first_targets), (second_calls, second_out, second_targets) = outputs
+    assert first_calls == 1 and second_calls == 0  # generated once, then reused
+    assert "cached in" in first_out and "reused from" in second_out
+    cache = [json.loads(line) for f in (run_dir / "out-cache").iterdir() for line in f.read_text().splitlines()]
+    assert [row["source"] for row in cache] == train_sources
+    teacher_targets = [row["target"] for row in cache]
+    assert first_targets[:64] == second_targets[:64] == teacher_targets  # trained on them, not the references
+    assert teacher_targets != [t for _, t in read_pairs(run_dir / "train.csv")]
+    assert json.loads((run_dir / "out" / "report.json").read_text())["sequence_level_kd"] is True
+
+
 BAD_CONFIGS = [  # (changes, words the one-line message must contain)
     pytest.param({"init": "lora"}, ["init", "'lora'", "svd, activation"], id="init-choice"),
     pytest.param({"init": 1}, ["init", "expected str", "1"], id="init-type"),
@@ -488,6 +569,10 @@ BAD_CONFIGS = [  # (changes, words the one-line message must contain)
     pytest.param({"target_ratio": "half"}, ["target_ratio", "expected float or NoneType", '"half"'], id="ratio-type"),
     pytest.param({"target_ratio": 0.1}, ["target_ratio 0.1 is out of reach", "32 layers", "choose target_ratio in"],
                  id="ratio-unreachable"),
+    pytest.param({"sequence_level_kd": "yes"}, ["sequence_level_kd", "expected bool", '"yes"'], id="seqkd-type"),
+    pytest.param({"cache_dir": 3}, ["cache_dir", "expected str or NoneType", "3"], id="cache-dir-type"),
+    pytest.param({"sequence_level_kd": True, "cache_dir": "config.json"}, ["cache_dir", "'config.json' is a file"],
+                 id="cache-dir-is-file"),
 ]
 
 
@@ -505,6 +590,7 @@ def test_bad_new_keys_are_one_line_errors(run_dir, monkeypatch, capsys, changes,
 
 def test_new_keys_have_help_and_defaults():
     help_text = compress_model.config_help()
-    for key, default in (("init", '"svd"'), ("calibration_samples", "256"), ("target_ratio", "null")):
+    for key, default in (("init", '"svd"'), ("calibration_samples", "256"), ("target_ratio", "null"),
+                         ("sequence_level_kd", "false"), ("cache_dir", "null")):
         line = next(line for line in help_text.splitlines() if line.split()[0] == key)
         assert line.endswith(f"({default})"), line
