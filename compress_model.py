@@ -119,6 +119,9 @@ class Config:
     cache_dir: str | None = field(default=None, metadata={
         "help": "where sequence_level_kd keeps the teacher's translations; null = <output_path>-cache"})
 
+    quantize_int8: bool = field(default=False, metadata={
+        "help": "also evaluate the student with int8 dynamically quantized linear layers (CPU): adds a student_int8 "
+                "row to the report; the saved weights stay float32 (load_compressed_model(path, quantize=\"int8\"))"})
     num_beams: int = field(default=1, metadata={"help": "beams for the BLEU evaluation (1 = greedy)"})
     eval_batch_size: int = field(default=64, metadata={"help": "sentences per generate() call"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest translation generated"})
@@ -370,11 +373,13 @@ def load_teacher(path: str):
 
 def print_report(report: dict) -> None:
     teacher_params = report["teacher"]["params"]
-    print(f"\n{'model':<12}{'params':>12}{'% teacher':>11}{'BLEU':>8}{'chrF':>8}")
-    for name in ("teacher", "decomposed", "student"):
-        row = report[name]
-        print(f"{name:<12}{row['params']:>12,}{100 * row['params'] / teacher_params:>10.1f}%"
-              f"{row['bleu']:>8.2f}{row['chrf']:>8.2f}")
+    print(f"\n{'model':<14}{'params':>12}{'% teacher':>11}{'BLEU':>8}{'chrF':>8}{'MB':>9}")
+    for name in ("teacher", "decomposed", "student", "student_int8"):
+        row = report.get(name)
+        if row is None:
+            continue
+        print(f"{name:<14}{row['params']:>12,}{100 * row['params'] / teacher_params:>10.1f}%"
+              f"{row['bleu']:>8.2f}{row['chrf']:>8.2f}{row.get('size_mb', float('nan')):>9.2f}")
     print(f"compression ratio {report['compression_ratio']:.3f} (student params / teacher params); "
           f"{report['layers_decomposed']} layers decomposed; distilled in {report['train_seconds'] / 60:.1f} min "
           f"on {report['train_pairs']:,} pairs; evaluated on {report['eval_pairs']:,} pairs")
@@ -445,7 +450,8 @@ def run(config: Config, resume: bool = False) -> int:
     import decomposition
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
     from matrix_decomposition import (
-        check_target_ratio, count_parameters, describe_ranks, init_notes, ranks_for_ratio, resolve_ranks,
+        check_target_ratio, count_parameters, describe_ranks, init_notes, quantize_int8, ranks_for_ratio,
+        resolve_ranks,
     )
 
     hf_logging.set_verbosity_error()
@@ -549,9 +555,14 @@ def run(config: Config, resume: bool = False) -> int:
     if not main_process:
         return 0
 
-    # Evaluate the recovered student
+    # Evaluate the recovered student (and its int8 version: CPU only, never saved)
     report["student"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
                                                            **generate_kwargs)
+    if config.quantize_int8:
+        student = student.cpu()
+        report["student_int8"] = {**decomposition.evaluate_translation(quantize_int8(student), tokenizer, sources,
+                                                                       references, **generate_kwargs),
+                                  "params": report["student"]["params"]}  # the same weights, in int8
     report.update({
         "compression_ratio": round(student_params / teacher_params, 4),
         "layers_decomposed": len(ranks), "ranks": ranks, "target_ratio": config.target_ratio,

@@ -31,6 +31,7 @@ from matrix_decomposition import (
     decompose_,
     module_name,
     save_compressed_model,
+    size_mb,
 )
 
 
@@ -163,13 +164,13 @@ def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str], 
 
 def evaluate_translation(model: nn.Module, tokenizer, sources: Sequence[str], references: Sequence[str],
                          **generate_kwargs) -> dict:
-    """BLEU and chrF (sacrebleu, corpus level) of ``model`` on the pairs, with its size and the
-    time the translation took."""
+    """BLEU and chrF (sacrebleu, corpus level) of ``model`` on the pairs, with its size (parameters
+    and megabytes in memory) and the time the translation took."""
     start = time.perf_counter()
     hypotheses = translate(model, tokenizer, sources, **generate_kwargs)
     seconds = time.perf_counter() - start
     refs = [list(references)]
-    return {"params": count_parameters(model),
+    return {"params": count_parameters(model), "size_mb": size_mb(model),
             "bleu": round(sacrebleu.corpus_bleu(hypotheses, refs).score, 2),
             "chrf": round(sacrebleu.corpus_chrf(hypotheses, refs).score, 2),
             "translate_seconds": round(seconds, 2)}

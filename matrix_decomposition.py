@@ -19,6 +19,7 @@ import heapq
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -85,8 +86,9 @@ class LowRankLinear(nn.Module):
         return self.up(self.down(x))
 
     def extra_repr(self) -> str:
+        bias = self.up.bias() if callable(self.up.bias) else self.up.bias  # a method once quantized
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"bias={self.up.bias is not None}")
+                f"bias={bias is not None}")
 
 
 class LowRankEmbedding(nn.Module):
@@ -183,7 +185,8 @@ def low_rank_factors(weight: torch.Tensor, rank: int, svd: str = "auto", input_g
         if root_gram is not None:
             u, s, vh = truncated_svd(weight.double() @ root_gram, rank, method=svd)  # (n, r), (r,), (r, d)
             root = s.sqrt()
-            down = torch.linalg.solve_triangular(root_gram, root[:, None] * vh, upper=False, left=False)  # C'·L = √S·Vᵀ
+            # C' = √S·Vᵀ·L⁻¹, solved from C'·L = √S·Vᵀ (no explicit inverse)
+            down = torch.linalg.solve_triangular(root_gram, root[:, None] * vh, upper=False, left=False)
             up, down = _balance(u * root, down)
             up, down = up.to(weight.dtype), down.to(weight.dtype)
             if torch.isfinite(up).all() and torch.isfinite(down).all():
@@ -246,7 +249,7 @@ def default_targets(model: nn.Module) -> list[str]:
 
 
 def _inside_low_rank(model: nn.Module, name: str) -> bool:
-    """Whether ``name`` is one of the factors of a ``LowRankLinear``/``LowRankEmbedding`` (``….up`` / ``….down``)."""
+    """Whether ``name`` is a factor (``….up`` / ``….down``) of a ``LowRankLinear`` or ``LowRankEmbedding``."""
     parent, _, _ = name.rpartition(".")
     return bool(parent) and isinstance(model.get_submodule(parent), LOW_RANK)
 
@@ -569,12 +572,15 @@ def save_compressed_model(model: nn.Module, path: str | os.PathLike, tokenizer=N
         tokenizer.save_pretrained(path)
 
 
-def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None):
+def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None, quantize: str | None = None):
     """Rebuild a model saved by ``save_compressed_model``: the base architecture from its config,
     the factorization re-applied at the recorded ranks, then every weight loaded strictly from
-    safetensors (a missing or unexpected key is an error). Offline; nothing is unpickled."""
+    safetensors (a missing or unexpected key is an error). Offline; nothing is unpickled.
+    ``quantize="int8"`` returns it with int8 linear layers (``quantize_int8``, CPU)."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
 
+    if quantize not in (None, "int8"):
+        raise DecompositionError(f"quantize: {quantize!r} is not one of None, 'int8'")
     path = Path(path)
     if not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}; is this a folder written by save_compressed_model?")
@@ -586,7 +592,41 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     assert not missing and not unexpected  # strict=True raises first
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)
-    return model.eval()
+    return quantize_int8(model) if quantize == "int8" else model.eval()
+
+
+def quantize_int8(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` with every ``nn.Linear`` (the factors of ``LowRankLinear`` included)
+    replaced by PyTorch's dynamically quantized int8 linear: int8 weights, activations quantized
+    on the fly, CPU only. Embeddings stay float32, and so does the B factor of a
+    ``LowRankEmbedding``, which is used as a matrix rather than called as a layer."""
+    from torch.ao.quantization import default_dynamic_qconfig, quantize_dynamic
+
+    skip = {id(m.down) for m in model.modules() if isinstance(m, LowRankEmbedding)}
+    names = [name for name, m in model.named_modules() if type(m) is nn.Linear and id(m) not in skip]
+    with warnings.catch_warnings():  # torch.ao.quantization is deprecated in torch 2.10+, still present
+        warnings.filterwarnings("ignore", message=".*torch.ao.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=".*quantized tensor creation functions")
+        return quantize_dynamic(model, {name: default_dynamic_qconfig for name in names}, dtype=torch.qint8).eval()
+
+
+def size_mb(model: nn.Module) -> float:
+    """Megabytes of the model's weights and buffers as held in memory (tied tensors once; int8
+    weights of quantized layers at one byte each)."""
+    seen, total = set(), 0
+
+    def add(value) -> None:
+        nonlocal total
+        if isinstance(value, (tuple, list)):
+            for v in value:
+                add(v)
+        elif isinstance(value, torch.Tensor) and (value.data_ptr(), value.dtype) not in seen:
+            seen.add((value.data_ptr(), value.dtype))
+            total += value.numel() * value.element_size()
+
+    for value in model.state_dict().values():
+        add(value)
+    return round(total / 2**20, 3)
 
 
 def describe_ranks(ranks: Mapping[str, int]) -> str:

@@ -1,8 +1,9 @@
 """Beyond plain SVD: activation-aware initialization (SVD-LLM), ranks from a parameter budget,
-the factorized shared embedding, sequence-level distillation, and their wiring into the CLI."""
+the factorized shared embedding, sequence-level distillation, int8 inference, and their wiring into the CLI."""
 
 import itertools
 import json
+import warnings
 
 import pytest
 import torch
@@ -10,14 +11,15 @@ from conftest import read_pairs, write_pairs
 from datasets import Dataset
 from safetensors import safe_open
 from torch import nn
+from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 import compress_model
 import decomposition
 from distillation.knowledge_distillation import DistillationSettings
 from matrix_decomposition import (
     WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, allocate_ranks, count_parameters, decompose_,
-    default_targets, init_notes, load_compressed_model, low_rank_factors, max_saving_rank, ranks_for_ratio,
-    save_compressed_model, singular_values, whitening,
+    default_targets, init_notes, load_compressed_model, low_rank_factors, max_saving_rank, quantize_int8,
+    ranks_for_ratio, save_compressed_model, singular_values, size_mb, whitening,
 )
 
 ENC_Q1 = "model.encoder.layers.1.self_attn.q_proj"
@@ -93,7 +95,7 @@ def test_rank_deficient_gram_neither_fails_nor_gives_nan(case):
     (torch.zeros(24, 24), "is zero"),
     (torch.full((24, 24), float("nan")), "non-finite"),
     (-torch.eye(24), "not positive semi-definite"),
-    (torch.diag(torch.tensor([1.0] * 23 + [-10.0])), "not positive semi-definite"),  # jitter up to 1·mean(diag) is not enough
+    (torch.diag(torch.tensor([1.0] * 23 + [-10.0])), "not positive semi-definite"),  # beyond the largest jitter
 ], ids=["zero", "nan", "negative", "indefinite"])
 def test_unusable_gram_falls_back_to_plain_svd_and_says_so(gram, words):
     weight = random_weight().float()
@@ -441,7 +443,8 @@ def test_teacher_translations_are_cached_and_reused(make_tiny_marian, tiny_token
                                                     counted_generate):
     teacher, sources = make_tiny_marian(), [s for s, _ in tiny_pairs[:10]]
     settings = dict(num_beams=1, max_new_tokens=6, batch_size=4)
-    first, path, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t", **settings)
+    first, path, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+                                                             **settings)
     assert not reused and sum(counted_generate) == 10
     assert first == decomposition.translate(teacher, tiny_tokenizer, sources, num_beams=1, max_new_tokens=6)
     assert [json.loads(line) for line in path.read_text().splitlines()] == \
@@ -470,6 +473,55 @@ def test_a_damaged_cache_is_regenerated(make_tiny_marian, tiny_tokenizer, tiny_p
     again, _, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                           max_new_tokens=6)
     assert not reused and again == first and len(path.read_text().splitlines()) == 4
+
+
+# ---------------------------------------------------------------------------------------------
+# int8 inference
+
+
+@pytest.fixture
+def int8_pair(make_tiny_marian):
+    """(float student with every layer linear and the shared embedding factorized, its int8 copy)."""
+    model = make_tiny_marian()
+    decompose_(model, [SHARED, *default_targets(model)], 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the deprecation warnings of torch.ao.quantization stay inside
+        return model, quantize_int8(model)
+
+
+def test_int8_student_has_quantized_linears_and_generates(int8_pair, tiny_tokenizer):
+    model, int8 = int8_pair
+    float_linears = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    quantized = {n for n, m in int8.named_modules() if isinstance(m, DynamicQuantizedLinear)}
+    assert quantized == float_linears - {"model.shared.down"} and len(quantized) == 2 * 32 + 2  # + lm_head's factors
+    assert not any(type(m) is nn.Linear for n, m in int8.named_modules() if n != "model.shared.down")
+    assert type(int8.model.shared.down) is nn.Linear  # B is used as a matrix, not called: kept float
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n in float_linears)  # original untouched
+    batch = tiny_tokenizer(SRC, return_tensors="pt", padding=True)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generated = int8.generate(**batch, max_new_tokens=8, num_beams=2)
+        logits = int8(**batch, decoder_input_ids=generated).logits
+        reference = model(**batch, decoder_input_ids=generated).logits
+    assert generated.shape[0] == 2 and generated.shape[1] > 1 and torch.isfinite(logits).all()
+    assert torch.corrcoef(torch.stack([logits.flatten(), reference.flatten()]))[0, 1] > 0.99  # close to float
+    assert size_mb(int8) < 0.8 * size_mb(model)
+
+
+def test_load_compressed_model_as_int8(int8_pair, tiny_tokenizer, tmp_path):
+    model, _ = int8_pair
+    save_compressed_model(model, tmp_path / "m", tiny_tokenizer)
+    assert {p.suffix for p in (tmp_path / "m").iterdir()} & {".bin", ".pt", ".pkl"} == set()
+    with safe_open(tmp_path / "m" / WEIGHTS_NAME, "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # saved weights stay float32
+    loaded = load_compressed_model(tmp_path / "m", quantize="int8")
+    assert isinstance(loaded.model.encoder.layers[0].fc1.up, DynamicQuantizedLinear)
+    batch = tiny_tokenizer(SRC, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = quantize_int8(model).generate(**batch, max_new_tokens=8)
+        assert torch.equal(loaded.generate(**batch, max_new_tokens=8), expected)
+    with pytest.raises(DecompositionError, match="quantize: 'int4' is not one of None, 'int8'"):
+        load_compressed_model(tmp_path / "m", quantize="int4")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -525,7 +577,8 @@ def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, mak
     assert 0.49 < report["compression_ratio"] <= 0.5 and "model.shared" in report["ranks"]
     assert list(report["init_notes"]) == ["model.shared"]
     loaded = load_compressed_model(run_dir / "out")
-    assert isinstance(loaded.model.shared, LowRankEmbedding) and loaded.lm_head.up.weight is loaded.model.shared.up.weight
+    assert isinstance(loaded.model.shared, LowRankEmbedding)
+    assert loaded.lm_head.up.weight is loaded.model.shared.up.weight
     assert count_parameters(loaded) == report["student"]["params"]
     sources, references = zip(*read_pairs(run_dir / "eval.csv"))
     scores = decomposition.evaluate_translation(loaded, tiny_tokenizer, sources, references, max_new_tokens=8)
@@ -559,6 +612,19 @@ def test_cli_sequence_level_kd_trains_on_cached_teacher_translations(run_dir, mo
     assert json.loads((run_dir / "out" / "report.json").read_text())["sequence_level_kd"] is True
 
 
+def test_cli_int8_row(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    _write(run_dir, quantize_int8=True)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    report = json.loads((run_dir / "out" / "report.json").read_text())
+    row = report["student_int8"]
+    assert set(row) == {"params", "bleu", "chrf", "size_mb", "translate_seconds"}
+    assert row["params"] == report["student"]["params"] and row["size_mb"] < report["student"]["size_mb"]
+    assert "student_int8" in capsys.readouterr().out
+    loaded = load_compressed_model(run_dir / "out")  # what was saved is the float32 student
+    assert not any(isinstance(m, DynamicQuantizedLinear) for m in loaded.modules())
+
+
 BAD_CONFIGS = [  # (changes, words the one-line message must contain)
     pytest.param({"init": "lora"}, ["init", "'lora'", "svd, activation"], id="init-choice"),
     pytest.param({"init": 1}, ["init", "expected str", "1"], id="init-type"),
@@ -569,6 +635,7 @@ BAD_CONFIGS = [  # (changes, words the one-line message must contain)
     pytest.param({"target_ratio": "half"}, ["target_ratio", "expected float or NoneType", '"half"'], id="ratio-type"),
     pytest.param({"target_ratio": 0.1}, ["target_ratio 0.1 is out of reach", "32 layers", "choose target_ratio in"],
                  id="ratio-unreachable"),
+    pytest.param({"quantize_int8": 1}, ["quantize_int8", "expected bool", "1"], id="int8-type"),
     pytest.param({"sequence_level_kd": "yes"}, ["sequence_level_kd", "expected bool", '"yes"'], id="seqkd-type"),
     pytest.param({"cache_dir": 3}, ["cache_dir", "expected str or NoneType", "3"], id="cache-dir-type"),
     pytest.param({"sequence_level_kd": True, "cache_dir": "config.json"}, ["cache_dir", "'config.json' is a file"],
@@ -591,6 +658,6 @@ def test_bad_new_keys_are_one_line_errors(run_dir, monkeypatch, capsys, changes,
 def test_new_keys_have_help_and_defaults():
     help_text = compress_model.config_help()
     for key, default in (("init", '"svd"'), ("calibration_samples", "256"), ("target_ratio", "null"),
-                         ("sequence_level_kd", "false"), ("cache_dir", "null")):
+                         ("sequence_level_kd", "false"), ("cache_dir", "null"), ("quantize_int8", "false")):
         line = next(line for line in help_text.splitlines() if line.split()[0] == key)
         assert line.endswith(f"({default})"), line
