@@ -8,6 +8,10 @@ The chosen ``nn.Linear`` weights W (n×d) of the teacher are replaced by truncat
 B'·C' of rank ``k_info`` (Ben Noach & Goldberg, AACL 2020); the factorized student is then
 trained to imitate the untouched teacher. The run writes the compressed model and a
 ``report.json`` comparing teacher, decomposed and recovered student (params, BLEU, chrF).
+Beyond that: factors fitted to the layers' activations (``init``), ranks allocated to a
+parameter budget (``target_ratio``), the shared embedding factorized too (``model.shared.weight``),
+training on the teacher's own translations (``sequence_level_kd``) and an int8 evaluation
+(``quantize_int8``).
 """
 
 from __future__ import annotations
@@ -500,17 +504,17 @@ def run(config: Config, resume: bool = False) -> int:
     # Decompose: the target layers; their input statistics on the teacher (activation init); their
     # ranks (k_info, or allocated to meet target_ratio); then the factorization itself
     budget = config.target_ratio is not None
-    targets = list(resolve_ranks(teacher, config.decompose_layers, 1 if budget else config.k_info))
+    target_layers = list(resolve_ranks(teacher, config.decompose_layers, 1 if budget else config.k_info))
     if budget:
-        check_target_ratio(teacher, targets, config.target_ratio)  # before any work
+        check_target_ratio(teacher, target_layers, config.target_ratio)  # before any work
     input_grams = None
     if config.init == "activation":
         batches = decomposition.calibration_batches(train_set, tokenizer, config.calibration_samples,
                                                     config.batch_size)
-        linears = [name for name in targets if isinstance(teacher.get_submodule(name), torch.nn.Linear)]
+        linears = [name for name in target_layers if isinstance(teacher.get_submodule(name), torch.nn.Linear)]
         input_grams = decomposition.gather_input_grams(teacher, linears, batches)
-    k_info = ranks_for_ratio(teacher, targets, config.target_ratio, input_grams) if budget else config.k_info
-    student, ranks = decomposition.build_student(teacher, targets, k_info, config.svd, input_grams=input_grams)
+    k_info = ranks_for_ratio(teacher, target_layers, config.target_ratio, input_grams) if budget else config.k_info
+    student, ranks = decomposition.build_student(teacher, target_layers, k_info, config.svd, input_grams=input_grams)
     notes = init_notes(student)
     for name, note in notes.items():
         say(f"note: {name}: {note}", flush=True)

@@ -138,8 +138,11 @@ def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str], 
     under a hash of the teacher (path, config, weights), the sources and the generation settings;
     written atomically. Returns (targets, cache file, whether it was reused)."""
     settings = {k: v for k, v in generate_kwargs.items() if k != "batch_size"}  # batching changes nothing
-    digest = hashlib.sha256(json.dumps({"teacher": teacher_path, "config": teacher.config.to_dict(),
-                                        "generation": settings}, sort_keys=True, default=str).encode())
+    generation_config = getattr(teacher, "generation_config", None)
+    digest = hashlib.sha256(json.dumps({
+        "teacher": teacher_path, "config": teacher.config.to_dict(), "generation": settings,
+        "generation_config": generation_config.to_dict() if generation_config is not None else None,
+    }, sort_keys=True, default=str).encode())
     for name, tensor in [*teacher.named_parameters(), *teacher.named_buffers()]:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
