@@ -257,6 +257,7 @@ def load_pairs(path: str, config: Config, key: str = "dataset_path"):
     import datasets
 
     datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors become our one-line message
     local = Path(path)
     try:
         if local.is_file():

@@ -188,11 +188,15 @@ def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise DecompositionError(f"output_path: {str(path)!r} exists and is not empty; choose another path "
                                  f"or set \"overwrite_output\": true")
-    parent = path.resolve().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise DecompositionError(f"output_path: cannot write under {str(parent)!r} (permission denied)")
+    ancestor = path.resolve().parent  # the nearest folder that exists must take new entries
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise DecompositionError(f"output_path: {str(path)!r} lies under {str(ancestor)!r}, which is a file")
+    try:  # a real probe: permissions, read-only file systems and quotas all show up here
+        tempfile.TemporaryDirectory(prefix=".probe-", dir=ancestor).cleanup()
+    except OSError as e:
+        raise DecompositionError(f"output_path: cannot write under {str(ancestor)!r} ({e.strerror})") from None
     return path
 
 
