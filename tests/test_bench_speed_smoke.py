@@ -1,0 +1,32 @@
+"""benchmarks/bench_speed.py runs end to end in --quick mode and prints its tables."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+# one thread: the smoke test checks the script, not the speed, and stays fast on busy cores
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_bench_speed_quick(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/bench_speed.py", "--quick", "--threads", "1",
+                             "--json", str(tmp_path / "speed.json")],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
+    header = rows.index(next(r for r in rows if r.startswith("| workload | model |")))
+    assert rows[header + 1].startswith("|---")
+    speed_rows = rows[header + 2:header + 2 + 2 * 2 * 3]  # (forward, generate) × batch (1, 2) × (dense, rank 8, 16)
+    assert {row.split("|")[1].strip() for row in speed_rows} == {
+        "forward B=1", "forward B=2", "generate B=1", "generate B=2"}
+    assert {row.split("|")[2].strip() for row in speed_rows} == {"dense", "rank 8", "rank 16"}
+    assert "| rank | layers | decompose_ time (s) |" in result.stdout and "Peak RSS" in result.stdout
+
+    report = json.loads((tmp_path / "speed.json").read_text())
+    assert len(report["results"]) == 12
+    dense = [r for r in report["results"] if r["model"] == "dense"]
+    assert all(r["predicted_speedup"] == 1.0 for r in dense)
+    assert all(r["predicted_speedup"] > 1.0 for r in report["results"] if r["model"] != "dense")
