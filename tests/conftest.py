@@ -2,7 +2,6 @@
 Marian tokenizer built on it, and tiny MarianMT models (d_model 16) that run in milliseconds."""
 
 import csv
-import json
 import os
 import sys
 from pathlib import Path
@@ -10,12 +9,13 @@ from pathlib import Path
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
-import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
 from transformers import MarianConfig, MarianMTModel, MarianTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from scripts.train_teacher import build_tokenizer  # noqa: E402
 # Tiny models gain nothing from threads, and on busy cores two-threaded LAPACK calls stall (a 512×512
 # SVD took 100× longer with 2 threads than with 1 next to a training job).
 torch.set_num_threads(1)
@@ -59,19 +59,7 @@ def spm_dir(tmp_path_factory, tiny_pairs) -> Path:
     """A folder with ``spm.model`` (unigram, joint en+de) and ``vocab.json`` laid out like
     OPUS-MT's: ``</s>`` = 0, ``<unk>`` = 1, the pieces, ``<pad>`` last."""
     folder = tmp_path_factory.mktemp("spm")
-    text = folder / "input.txt"
-    text.write_text("\n".join(s for pair in tiny_pairs for s in pair) + "\n", encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(text), model_prefix=str(folder / "spm"), vocab_size=VOCAB_SIZE - 2,
-        model_type="unigram", character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
-        num_threads=1, minloglevel=2,
-    )
-    sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
-    vocab = {"</s>": 0, "<unk>": 1}
-    for i in range(sp.get_piece_size()):
-        vocab.setdefault(sp.id_to_piece(i), len(vocab))
-    vocab["<pad>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    build_tokenizer(tiny_pairs, folder, VOCAB_SIZE, seed=0)  # the shipped teacher's recipe, at toy size
     return folder
 
 
