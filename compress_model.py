@@ -336,6 +336,9 @@ def preprocess(pairs, tokenizer, config: Config, preprocessor):
     if missing:
         raise ConfigError(f"data_preprocessor returned no {', '.join(sorted(missing))}; "
                           f"it must return input_ids, attention_mask and labels")
+    if len(ds) != len(pairs):
+        raise ConfigError(f"data_preprocessor returned {len(ds):,} examples for {len(pairs):,} pairs; "
+                          f"it must return one per pair")
     return ds
 
 
@@ -488,19 +491,22 @@ def run(config: Config, resume: bool = False) -> int:
                                      max_new_tokens=min(config.max_new_tokens, positions - 1))
     generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
                        "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length}
-    if config.sequence_level_kd:  # the teacher's translations replace the references (cached across runs)
-        with state.main_process_first():
-            targets, cache_file, reused = decomposition.teacher_translations(
-                teacher, tokenizer, train_pairs["source_text"], cache_dir(config), config.teacher_model_path,
-                **generate_kwargs)
-        say(f"sequence-level KD: teacher translations of {len(targets):,} training sources "
-            f"{'reused from' if reused else 'cached in'} {cache_file}", flush=True)
-        train_pairs = train_pairs.remove_columns("target_text").add_column("target_text", targets)
     preprocessor = globals()["data_preprocessor"]  # looked up now, so a replaced hook is the one used
     with state.main_process_first():
         train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
         eval_set = preprocess(eval_pairs, tokenizer, config, preprocessor)
-    sources, references = eval_pairs["source_text"], eval_pairs["target_text"]
+    if config.sequence_level_kd:  # the teacher's translations of the model inputs replace the references
+        with state.main_process_first():
+            targets, cache_file, reused = decomposition.teacher_translations(
+                teacher, tokenizer, train_set["input_ids"], cache_dir(config), config.teacher_model_path,
+                **generate_kwargs)
+        say(f"sequence-level KD: teacher translations of {len(targets):,} training sources "
+            f"{'reused from' if reused else 'cached in'} {cache_file}", flush=True)
+        train_pairs = train_pairs.remove_columns("target_text").add_column("target_text", targets)
+        with state.main_process_first():
+            train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
+    # evaluation translates what the model is trained on: the preprocessor's inputs
+    sources, references = eval_set["input_ids"], eval_pairs["target_text"]
 
     # Decompose: the target layers; their input statistics on the teacher (activation init); their
     # ranks (k_info, or allocated to meet target_ratio); then the factorization itself

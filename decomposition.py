@@ -114,29 +114,41 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, ev
 
 
 @torch.no_grad()
-def translate(model: nn.Module, tokenizer, sources: Sequence[str], batch_size: int = 64, num_beams: int = 1,
-              max_new_tokens: int = 128, max_source_length: int = 128) -> list[str]:
-    """Translations of ``sources`` in their order (batched by length for speed)."""
+def translate(model: nn.Module, tokenizer, inputs: Sequence[str] | Sequence[Sequence[int]], batch_size: int = 64,
+              num_beams: int = 1, max_new_tokens: int = 128, max_source_length: int = 128) -> list[str]:
+    """Translations of ``inputs`` in their order: token-id lists (as ``data_preprocessor`` returns
+    them, used as they are) or raw sentences (tokenized here, truncated to ``max_source_length``).
+    Padded with the tokenizer's pad token and batched by length for speed."""
     model.eval()
     device = next(model.parameters()).device
-    order = sorted(range(len(sources)), key=lambda i: len(sources[i]))
-    out: list[str] = [""] * len(sources)
+    if inputs and isinstance(inputs[0], str):
+        inputs = tokenizer(list(inputs), truncation=True, max_length=max_source_length)["input_ids"]
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
+    out: list[str] = [""] * len(inputs)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
-        enc = tokenizer([sources[i] for i in idx], return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_source_length).to(device)
-        generated = model.generate(**enc, num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
+        longest = max(len(inputs[i]) for i in idx)
+        input_ids = torch.full((len(idx), longest), tokenizer.pad_token_id, dtype=torch.long)  # (B, S)
+        attention_mask = torch.zeros(len(idx), longest, dtype=torch.long)  # (B, S)
+        for row, i in enumerate(idx):
+            input_ids[row, :len(inputs[i])] = torch.tensor(list(inputs[i]), dtype=torch.long)
+            attention_mask[row, :len(inputs[i])] = 1
+        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
+                                   num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
         for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
             out[i] = text
     return out
 
 
-def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str], cache_dir: str | os.PathLike,
-                         teacher_path: str, **generate_kwargs) -> tuple[list[str], Path, bool]:
+def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str] | Sequence[Sequence[int]],
+                         cache_dir: str | os.PathLike, teacher_path: str, **generate_kwargs
+                         ) -> tuple[list[str], Path, bool]:
     """The teacher's translations of ``sources`` (the targets of sequence-level distillation, Kim &
-    Rush 2016), generated once and cached as JSONL ({"source", "target"} per line) in ``cache_dir``
-    under a hash of the teacher (path, config, weights), the sources and the generation settings;
-    written atomically. Returns (targets, cache file, whether it was reused)."""
+    Rush 2016; token-id lists as ``data_preprocessor`` returns them, or sentences, see ``translate``),
+    generated once and cached as JSONL ({"source", "target"} per line) in ``cache_dir`` under a hash
+    of the teacher (path, config, weights), the sources and the generation settings; written
+    atomically. Returns (targets, cache file, whether it was reused)."""
+    sources = [s if isinstance(s, str) else [int(t) for t in s] for s in sources]
     settings = {k: v for k, v in generate_kwargs.items() if k != "batch_size"}  # batching changes nothing
     generation_config = getattr(teacher, "generation_config", None)
     digest = hashlib.sha256(json.dumps({
@@ -147,12 +159,12 @@ def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str], 
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     for source in sources:
-        digest.update(source.encode() + b"\0")
+        digest.update(json.dumps(source, ensure_ascii=False).encode() + b"\0")
     path = Path(cache_dir) / f"teacher-translations-{digest.hexdigest()[:20]}.jsonl"
     if path.is_file():
         try:
             rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
-            if [row["source"] for row in rows] == list(sources):
+            if [row["source"] for row in rows] == sources:
                 return [row["target"] for row in rows], path, True
         except (ValueError, KeyError, TypeError):
             pass  # damaged: generate again and replace it
@@ -165,10 +177,11 @@ def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str], 
     return targets, path, False
 
 
-def evaluate_translation(model: nn.Module, tokenizer, sources: Sequence[str], references: Sequence[str],
-                         **generate_kwargs) -> dict:
-    """BLEU and chrF (sacrebleu, corpus level) of ``model`` on the pairs, with its size (parameters
-    and megabytes in memory) and the time the translation took."""
+def evaluate_translation(model: nn.Module, tokenizer, sources: Sequence[str] | Sequence[Sequence[int]],
+                         references: Sequence[str], **generate_kwargs) -> dict:
+    """BLEU and chrF (sacrebleu, corpus level) of ``model`` translating ``sources`` (token-id lists
+    or sentences, see ``translate``) against ``references``, with its size (parameters and
+    megabytes in memory) and the time the translation took."""
     start = time.perf_counter()
     hypotheses = translate(model, tokenizer, sources, **generate_kwargs)
     seconds = time.perf_counter() - start

@@ -585,31 +585,50 @@ def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, mak
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
 
 
-def test_cli_sequence_level_kd_trains_on_cached_teacher_translations(run_dir, monkeypatch, capsys):
+def test_cli_sequence_level_kd_trains_on_cached_teacher_translations(run_dir, monkeypatch, capsys, tiny_tokenizer):
     monkeypatch.chdir(run_dir)
     _write(run_dir, sequence_level_kd=True, overwrite_output=True)
-    train_sources = [s for s, _ in read_pairs(run_dir / "train.csv")]
+    train_pairs = read_pairs(run_dir / "train.csv")
+    train_inputs = tiny_tokenizer([s for s, _ in train_pairs], truncation=True, max_length=128)["input_ids"]
     calls, seen_targets = [], []
     real_translate, real_preprocessor = decomposition.translate, compress_model.data_preprocessor
     monkeypatch.setattr(decomposition, "translate", lambda model, tokenizer, sources, **kw:
                         calls.append(list(sources)) or real_translate(model, tokenizer, sources, **kw))
     monkeypatch.setattr(compress_model, "data_preprocessor", lambda batch, tokenizer, config:
-                        seen_targets.extend(batch["target_text"]) or real_preprocessor(batch, tokenizer, config))
+                        seen_targets.append(list(batch["target_text"])) or real_preprocessor(batch, tokenizer, config))
     outputs = []
     for _ in range(2):
         calls.clear()
         seen_targets.clear()
         assert compress_model.main(["--config", "config.json"]) == 0
-        outputs.append((sum(c == train_sources for c in calls), capsys.readouterr().out, list(seen_targets)))
+        outputs.append((sum(c == train_inputs for c in calls), capsys.readouterr().out, list(seen_targets)))
     (first_calls, first_out, first_targets), (second_calls, second_out, second_targets) = outputs
     assert first_calls == 1 and second_calls == 0  # generated once, then reused
     assert "cached in" in first_out and "reused from" in second_out
     cache = [json.loads(line) for f in (run_dir / "out-cache").iterdir() for line in f.read_text().splitlines()]
-    assert [row["source"] for row in cache] == train_sources
+    assert [row["source"] for row in cache] == train_inputs  # the preprocessed inputs
     teacher_targets = [row["target"] for row in cache]
-    assert first_targets[:64] == second_targets[:64] == teacher_targets  # trained on them, not the references
-    assert teacher_targets != [t for _, t in read_pairs(run_dir / "train.csv")]
+    assert first_targets[-1] == second_targets[-1] == teacher_targets  # trained on them, not the references
+    assert teacher_targets != [t for _, t in train_pairs]
     assert json.loads((run_dir / "out" / "report.json").read_text())["sequence_level_kd"] is True
+
+
+def test_cli_evaluation_and_sequence_level_kd_translate_the_preprocessed_inputs(run_dir, monkeypatch,
+                                                                                tiny_tokenizer):
+    """A preprocessor that rewrites every source (as a language tag would) changes what is translated."""
+    monkeypatch.chdir(run_dir)
+    _write(run_dir, sequence_level_kd=True, quantize_int8=True)
+    real_translate, real_preprocessor = decomposition.translate, compress_model.data_preprocessor
+    calls = []
+    monkeypatch.setattr(decomposition, "translate", lambda model, tokenizer, sources, **kw:
+                        calls.append(list(sources)) or real_translate(model, tokenizer, sources, **kw))
+    monkeypatch.setattr(compress_model, "data_preprocessor", lambda batch, tokenizer, config: real_preprocessor(
+        {**batch, "source_text": ["the same sentence"] * len(batch["source_text"])}, tokenizer, config))
+    assert compress_model.main(["--config", "config.json"]) == 0
+    expected = tiny_tokenizer("the same sentence")["input_ids"]
+    # seq-KD targets (64 train pairs), teacher, decomposed, student, int8 (16 eval pairs each)
+    assert [len(c) for c in calls] == [64, 16, 16, 16, 16]
+    assert all(source == expected for call in calls for source in call)
 
 
 def test_cli_int8_row(run_dir, monkeypatch, capsys):
