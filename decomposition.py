@@ -163,7 +163,8 @@ def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str] |
     path = Path(cache_dir) / f"teacher-translations-{digest.hexdigest()[:20]}.jsonl"
     if path.is_file():
         try:
-            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+            # split("\n") only: splitlines() also splits at U+2028, U+0085… inside sentences
+            rows = [json.loads(line) for line in path.read_text(encoding="utf-8").split("\n")[:-1]]
             if [row["source"] for row in rows] == sources:
                 return [row["target"] for row in rows], path, True
         except (ValueError, KeyError, TypeError):

@@ -475,6 +475,18 @@ def test_a_damaged_cache_is_regenerated(make_tiny_marian, tiny_tokenizer, tiny_p
     assert not reused and again == first and len(path.read_text().splitlines()) == 4
 
 
+def test_a_cache_with_unicode_line_separators_is_reused(make_tiny_marian, tiny_tokenizer, tmp_path,
+                                                       counted_generate):
+    teacher = make_tiny_marian()
+    sources = ["one\u2028two", "three\u2029four", "five\x85six", "plain"]
+    first, path, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+                                                             max_new_tokens=6)
+    counted_generate.clear()
+    again, _, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+                                                          max_new_tokens=6)
+    assert reused and again == first and counted_generate == []
+
+
 # ---------------------------------------------------------------------------------------------
 # int8 inference
 
