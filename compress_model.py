@@ -496,10 +496,9 @@ def run(config: Config, resume: bool = False) -> int:
         train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
         eval_set = preprocess(eval_pairs, tokenizer, config, preprocessor)
     if config.sequence_level_kd:  # the teacher's translations of the model inputs replace the references
-        with state.main_process_first():
-            targets, cache_file, reused = decomposition.teacher_translations(
-                teacher, tokenizer, train_set["input_ids"], cache_dir(config), config.teacher_model_path,
-                **generate_kwargs)
+        targets, cache_file, reused = decomposition.teacher_translations(  # shared among the processes
+            teacher, tokenizer, train_set["input_ids"], cache_dir(config), config.teacher_model_path,
+            **generate_kwargs)
         say(f"sequence-level KD: teacher translations of {len(targets):,} training sources "
             f"{'reused from' if reused else 'cached in'} {cache_file}", flush=True)
         train_pairs = train_pairs.remove_columns("target_text").add_column("target_text", targets)

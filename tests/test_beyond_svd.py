@@ -3,6 +3,7 @@ the factorized shared embedding, sequence-level distillation, int8 inference, an
 
 import itertools
 import json
+import types
 import warnings
 
 import pytest
@@ -485,6 +486,21 @@ def test_a_cache_with_unicode_line_separators_is_reused(make_tiny_marian, tiny_t
     again, _, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                           max_new_tokens=6)
     assert reused and again == first and counted_generate == []
+
+
+def test_teacher_translations_are_sharded_across_processes(make_tiny_marian, tiny_tokenizer, tiny_pairs, tmp_path,
+                                                          counted_generate, monkeypatch):
+    """Process 1 of 2 translates only its share, gets the others' from gather_object and writes no cache."""
+    teacher, sources = make_tiny_marian(), [s for s, _ in tiny_pairs[:5]]
+    monkeypatch.setattr(decomposition, "PartialState", lambda: types.SimpleNamespace(
+        num_processes=2, process_index=1, is_main_process=False))
+    from_rank0 = [(i, f"rank0-{i}") for i in (0, 2, 4)]
+    monkeypatch.setattr(decomposition, "gather_object", lambda obj: obj * 2 if obj == [False] else from_rank0 + obj)
+    targets, path, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+                                                               max_new_tokens=6)
+    assert not reused and sum(counted_generate) == 2  # its share only
+    mine = decomposition.translate(teacher, tiny_tokenizer, [sources[1], sources[3]], max_new_tokens=6)
+    assert targets == ["rank0-0", mine[0], "rank0-2", mine[1], "rank0-4"] and not path.exists()
 
 
 # ---------------------------------------------------------------------------------------------
