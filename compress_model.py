@@ -91,7 +91,7 @@ class Config:
         "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\""})
     target_ratio: float | None = field(default=None, metadata={
         "help": "fraction of the TEACHER's total parameters (embeddings included) the student keeps, e.g. 0.5; "
-                "replaces k_info: per-layer ranks are allocated to meet it with the least truncation error"})
+                "leave k_info out: per-layer ranks are allocated to meet it with the least truncation error"})
     svd: str = field(default="auto", metadata={"help": "SVD algorithm: auto | exact | lowrank (randomized)"})
     init: str = field(default="svd", metadata={
         "help": "factor initialization: svd (best approximation of W) | activation (SVD-LLM: best approximation "
@@ -154,6 +154,9 @@ class Config:
         if self.target_ratio is not None and not 0 < self.target_ratio < 1:
             raise ConfigError(f"target_ratio: must be above 0 and below 1 (a fraction of the teacher's parameters), "
                               f"got {self.target_ratio}")
+        if self.target_ratio is not None and self.k_info != Config.__dataclass_fields__["k_info"].default:
+            raise ConfigError(f"k_info: {json.dumps(self.k_info)} is ignored when target_ratio is set; "
+                              f"remove one of them")
         if self.warmup_ratio >= 1 or self.label_smoothing >= 1:
             raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
                               f"{self.warmup_ratio} and {self.label_smoothing}")

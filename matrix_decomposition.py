@@ -581,6 +581,9 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
 
     if quantize not in (None, "int8"):
         raise DecompositionError(f"quantize: {quantize!r} is not one of None, 'int8'")
+    if quantize == "int8" and dtype not in (None, torch.float32):
+        raise DecompositionError(f"quantize='int8' needs float32 weights, got dtype={dtype}; "
+                                 f"leave dtype out (or pass torch.float32)")
     path = Path(path)
     if not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}; is this a folder written by save_compressed_model?")

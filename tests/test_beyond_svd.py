@@ -550,6 +550,8 @@ def test_load_compressed_model_as_int8(int8_pair, tiny_tokenizer, tmp_path):
         assert torch.equal(loaded.generate(**batch, max_new_tokens=8), expected)
     with pytest.raises(DecompositionError, match="quantize: 'int4' is not one of None, 'int8'"):
         load_compressed_model(tmp_path / "m", quantize="int4")
+    with pytest.raises(DecompositionError, match=r"quantize='int8' needs float32 weights, got dtype=torch.float16"):
+        load_compressed_model(tmp_path / "m", dtype=torch.float16, quantize="int8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,9 +569,10 @@ def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
     return tmp_path
 
 
-def _write(run_dir, **changes):
+def _write(run_dir, drop=(), **changes):
     path = run_dir / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    config = {k: v for k, v in json.loads(path.read_text()).items() if k not in drop}
+    path.write_text(json.dumps({**config, **changes}))
 
 
 def test_cli_activation_init(run_dir, monkeypatch, capsys):
@@ -588,7 +591,7 @@ def test_cli_activation_init(run_dir, monkeypatch, capsys):
 
 def test_cli_target_ratio(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
-    _write(run_dir, target_ratio=0.6, k_info=99)  # k_info is ignored: it would be refused as too big
+    _write(run_dir, drop=["k_info"], target_ratio=0.6)
     assert compress_model.main(["--config", "config.json"]) == 0
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert 0.55 < report["compression_ratio"] <= 0.6 and report["target_ratio"] == 0.6
@@ -599,7 +602,7 @@ def test_cli_target_ratio(run_dir, monkeypatch, capsys):
 def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, make_tiny_marian, tiny_tokenizer):
     monkeypatch.chdir(run_dir)
     layers = [SHARED] + [f"{name}.weight" for name in default_targets(make_tiny_marian())]
-    _write(run_dir, decompose_layers=layers, target_ratio=0.5, init="activation")
+    _write(run_dir, drop=["k_info"], decompose_layers=layers, target_ratio=0.5, init="activation")
     assert compress_model.main(["--config", "config.json"]) == 0
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert 0.49 < report["compression_ratio"] <= 0.5 and "model.shared" in report["ranks"]
@@ -680,8 +683,12 @@ BAD_CONFIGS = [  # (changes, words the one-line message must contain)
     pytest.param({"target_ratio": 0}, ["target_ratio", "above 0 and below 1", "got 0"], id="ratio-zero"),
     pytest.param({"target_ratio": 1.5}, ["target_ratio", "above 0 and below 1", "1.5"], id="ratio-above-one"),
     pytest.param({"target_ratio": "half"}, ["target_ratio", "expected float or NoneType", '"half"'], id="ratio-type"),
-    pytest.param({"target_ratio": 0.1}, ["target_ratio 0.1 is out of reach", "32 layers", "choose target_ratio in"],
-                 id="ratio-unreachable"),
+    pytest.param({"target_ratio": 0.6}, ["k_info: 4 is ignored when target_ratio is set", "remove one of them"],
+                 id="ratio-and-k-info"),
+    pytest.param({"target_ratio": 0.6, "k_info": {"model.encoder.layers.0.fc1.weight": 4}},
+                 ["k_info: {", "is ignored when target_ratio is set"], id="ratio-and-k-info-mapping"),
+    pytest.param({"target_ratio": 0.1, "k_info": 32}, ["target_ratio 0.1 is out of reach", "32 layers",
+                                                       "choose target_ratio in"], id="ratio-unreachable"),
     pytest.param({"quantize_int8": 1}, ["quantize_int8", "expected bool", "1"], id="int8-type"),
     pytest.param({"sequence_level_kd": "yes"}, ["sequence_level_kd", "expected bool", '"yes"'], id="seqkd-type"),
     pytest.param({"cache_dir": 3}, ["cache_dir", "expected str or NoneType", "3"], id="cache-dir-type"),
