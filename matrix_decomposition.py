@@ -9,7 +9,8 @@ factorized the same way, E ≈ A·B (``LowRankEmbedding``), with its tied output
 Activation-aware initialization (SVD-LLM, Wang et al. 2024, arXiv:2403.07378): given the Gram
 matrix G = XᵀX (d×d) of the inputs X the layer sees, the factors minimize the output error
 ‖(W − B'C')Xᵀ‖_F instead of ‖W − B'C'‖_F. With G = L·Lᵀ (Cholesky), ‖(W − B'C')Xᵀ‖_F =
-‖(W − B'C')L‖_F, so the truncated SVD of W·L = U·S·Vᵀ gives B' = U_r·√S_r, C' = √S_r·V_rᵀ·L⁻¹.
+‖(W − B'C')L‖_F, minimized by B'·C' = U_r·U_rᵀ·W where U_r are the top r left singular vectors
+of W·L (B' = U_r, C' = U_rᵀ·W, each rank-one term then rescaled so both factors have the same norm).
 """
 
 from __future__ import annotations
@@ -183,15 +184,11 @@ def low_rank_factors(weight: torch.Tensor, rank: int, svd: str = "auto", input_g
     if input_gram is not None:
         root_gram, note = whitening(input_gram)  # L (d×d, float64) with G ≈ L·Lᵀ
         if root_gram is not None:
-            u, s, vh = truncated_svd(weight.double() @ root_gram, rank, method=svd)  # (n, r), (r,), (r, d)
-            root = s.sqrt()
-            # C' = √S·Vᵀ·L⁻¹, solved from C'·L = √S·Vᵀ (no explicit inverse)
-            down = torch.linalg.solve_triangular(root_gram, root[:, None] * vh, upper=False, left=False)
-            up, down = _balance(u * root, down)
-            up, down = up.to(weight.dtype), down.to(weight.dtype)
-            if torch.isfinite(up).all() and torch.isfinite(down).all():
-                return up, down, None
-            note = "the activation-aware factors were not finite in the weight's dtype; plain SVD used"
+            # B'·C' = U_r·U_rᵀ·W with U_r the top left singular vectors of W·L: no inverse of L needed
+            w = weight.double()
+            u, _, _ = truncated_svd(w @ root_gram.to(weight.device), rank, method=svd)  # (n, r)
+            up, down = _balance(u, u.T @ w)  # (n, r), (r, d)
+            return up.to(weight.dtype), down.to(weight.dtype), None
     u, s, vh = truncated_svd(weight, rank, method=svd)  # (n, r), (r,), (r, d)
     root = s.sqrt()
     return u * root, root[:, None] * vh, note  # B' = U·√S, C' = √S·Vᵀ
@@ -199,8 +196,8 @@ def low_rank_factors(weight: torch.Tensor, rank: int, svd: str = "auto", input_g
 
 def _balance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Rescale each rank-one term b_i·c_iᵀ of B'·C' so that ‖b_i‖ = ‖c_i‖ (the product is unchanged).
-    Directions the calibration inputs barely reach get tiny singular values in the whitened SVD,
-    which would otherwise leave huge rows in C' next to tiny columns in B'."""
+    The activation-aware factors start as B' = U_r (unit columns) and C' = U_rᵀ·W, whose scales
+    differ; balanced, both factors sit in the range of the original weights."""
     scale = (down.norm(dim=1) / up.norm(dim=0)).sqrt()  # (r,)
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
     return up * scale, down / scale[:, None]
@@ -474,7 +471,8 @@ def _replace_embedding_(model: nn.Module, embedding: nn.Embedding, new: LowRankE
         if isinstance(module, nn.Embedding):
             _replace_(model, name, new)
             continue
-        head = LowRankLinear(module.in_features, module.out_features, new.rank, bias=module.bias is not None)
+        head = LowRankLinear(module.in_features, module.out_features, new.rank, bias=module.bias is not None,
+                             device="meta")  # every tensor is replaced by a shared one just below
         head.up.weight, head.down.weight = new.up.weight, new.down.weight  # A (V, r), B (r, d): shared
         if module.bias is not None:
             head.up.bias = module.bias
@@ -491,7 +489,7 @@ def _retie_mappings_(model: nn.Module) -> None:
             continue
 
         def factors(key: str, sub=sub) -> list[str] | None:
-            owner, _, leaf = key.rpartition(".")
+            owner, _, _ = key.rpartition(".")
             try:
                 module = sub.get_submodule(owner)
             except AttributeError:
