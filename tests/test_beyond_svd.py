@@ -16,6 +16,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 
 import compress_model
 import decomposition
+import matrix_decomposition
 from distillation.knowledge_distillation import DistillationSettings
 from matrix_decomposition import (
     WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, allocate_ranks, count_parameters, decompose_,
@@ -583,9 +584,15 @@ def test_cli_activation_init(run_dir, monkeypatch, capsys):
     monkeypatch.setattr(decomposition, "gather_input_grams",
                         lambda model, names, batches: seen.append(sum(len(b["input_ids"]) for b in batches))
                         or real(model, names, batches))
+    grams = []  # per factorized layer: the Gram matrix it was given
+    real_factors = matrix_decomposition.low_rank_factors
+    monkeypatch.setattr(matrix_decomposition, "low_rank_factors", lambda weight, rank, svd="auto", input_gram=None:
+                        grams.append(input_gram) or real_factors(weight, rank, svd, input_gram))
     assert compress_model.main(["--config", "config.json"]) == 0
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert report["init"] == "activation" and report["init_notes"] == {} and seen == [32]
+    assert len(grams) == len(report["ranks"]) == 32
+    assert all(g is not None and g.shape[0] == g.shape[1] and g.abs().sum() > 0 for g in grams)
     assert "(activation init)" in capsys.readouterr().out
 
 
