@@ -408,13 +408,10 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         from matrix_decomposition import DecompositionError
 
-        if isinstance(e, (ConfigError, DecompositionError)):
-            print(f"compress_model.py: error: {e}", file=sys.stderr)
-            return 2
-        if isinstance(e, FloatingPointError):
-            print(f"compress_model.py: error: {e}", file=sys.stderr)
-            return 1
-        raise
+        if not isinstance(e, (ConfigError, DecompositionError, FloatingPointError)):
+            raise
+        print(f"compress_model.py: error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, FloatingPointError) else 2  # 2: the input was wrong; 1: the run failed
 
 
 # Keys that may change between an interrupted run and its resumption.

@@ -189,22 +189,9 @@ def layer_drop_student(teacher: MarianMTModel, keep: dict[str, list[int]]) -> Ma
 def tiny_teacher(pairs, folder: Path, seed: int) -> tuple[MarianMTModel, MarianTokenizer]:
     """A randomly initialized MarianMT (d_model 32, 2+2 layers) with a sentencepiece vocabulary
     trained on ``pairs``, laid out like OPUS-MT's (``</s>`` 0, ``<unk>`` 1, the pieces, ``<pad>`` last)."""
-    import sentencepiece as spm
+    from scripts.train_teacher import build_tokenizer  # the shipped teacher's recipe, at toy size
 
-    text = folder / "spm_input.txt"
-    text.write_text("\n".join(s for pair in pairs for s in pair) + "\n", encoding="utf-8")
-    spm.set_random_generator_seed(seed)
-    spm.SentencePieceTrainer.train(input=str(text), model_prefix=str(folder / "spm"), vocab_size=200,
-                                   model_type="unigram", character_coverage=1.0, unk_id=0, bos_id=-1,
-                                   eos_id=-1, pad_id=-1, hard_vocab_limit=False, num_threads=1, minloglevel=2)
-    sp = spm.SentencePieceProcessor(model_file=str(folder / "spm.model"))
-    vocab = {"</s>": 0, "<unk>": 1}
-    for i in range(sp.get_piece_size()):
-        vocab.setdefault(sp.id_to_piece(i), len(vocab))
-    vocab["<pad>"] = len(vocab)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    spm_path = str(folder / "spm.model")
-    tokenizer = MarianTokenizer(source_spm=spm_path, target_spm=spm_path, vocab=str(folder / "vocab.json"))
+    tokenizer = build_tokenizer(pairs, folder, 202, seed, hard_vocab_limit=False)
     pad, eos = tokenizer.pad_token_id, tokenizer.eos_token_id
     config = MarianConfig(vocab_size=len(tokenizer), **QUICK_TEACHER, pad_token_id=pad, eos_token_id=eos,
                           decoder_start_token_id=pad, forced_eos_token_id=eos)

@@ -50,9 +50,10 @@ def write_pairs(path, pairs):
     os.replace(tmp, path)
 
 
-def build_tokenizer(pairs, work_dir, vocab_size, seed):
+def build_tokenizer(pairs, work_dir, vocab_size, seed, hard_vocab_limit=True):
     """A joint (English + German) unigram sentencepiece model, laid out like OPUS-MT's vocab:
-    `</s>` = 0, `<unk>` = 1, the pieces, `<pad>` last."""
+    `</s>` = 0, `<unk>` = 1, the pieces, `<pad>` last. ``hard_vocab_limit=False`` lets a toy corpus
+    end up with fewer pieces than asked for."""
     spm.set_random_generator_seed(seed)
     text = work_dir / "spm_input.txt"
     text.write_text("\n".join(s for pair in pairs for s in pair) + "\n", encoding="utf-8")
@@ -60,7 +61,7 @@ def build_tokenizer(pairs, work_dir, vocab_size, seed):
         input=str(text), model_prefix=str(work_dir / "spm"), vocab_size=vocab_size - 2,
         model_type="unigram", character_coverage=1.0, unk_id=0, bos_id=-1, eos_id=-1, pad_id=-1,
         input_sentence_size=400_000, shuffle_input_sentence=True, seed_sentencepiece_size=200_000,
-        num_threads=os.cpu_count() or 1, minloglevel=2,
+        num_threads=os.cpu_count() or 1, minloglevel=2, hard_vocab_limit=hard_vocab_limit,
     )
     sp = spm.SentencePieceProcessor(model_file=str(work_dir / "spm.model"))
     vocab = {"</s>": 0, "<unk>": 1}
