@@ -202,6 +202,9 @@ class Distiller:
                 loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
                 batches_done, skip = skip, 0
                 for batch in loader:
+                    # dropout draws from a stream seeded by (seed, process, epoch, batch), so a resumed run
+                    # repeats the uninterrupted one exactly, whatever else touched the global RNG meanwhile
+                    torch.manual_seed(self._dropout_seed(epoch, batches_done))
                     batches_done += 1
                     with acc.accumulate(self.student):
                         loss, terms = self._loss_step(batch, teacher_features, student_features)
@@ -237,6 +240,11 @@ class Distiller:
         self.train_seconds = time.time() - start
         self.student.eval()
         return self.history
+
+    def _dropout_seed(self, epoch: int, batch: int) -> int:
+        acc = self.accelerator
+        micro_batch = epoch * len(self.train_loader) + batch
+        return ((self.settings.seed * 1_000_003 + micro_batch) * acc.num_processes + acc.process_index) % 2**63
 
     # -- checkpoints: <checkpoint_dir>/step-<N>/ written under a temporary name and renamed, then the
     # -- file <checkpoint_dir>/latest is replaced atomically; a crash at any point leaves a whole one.

@@ -78,11 +78,9 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(run_dir):
     result = subprocess.run(CLI, cwd=run_dir, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     straight = json.loads((run_dir / "out" / "report.json").read_text())
-    assert _without_timing(straight["teacher"]) == _without_timing(resumed["teacher"])
-    # Data order, weights, optimizer and scheduler are restored exactly; only the dropout stream
-    # may differ after the restart, so the held-out loss agrees to within noise.
-    assert resumed["history"][-1]["eval_ce"] == pytest.approx(straight["history"][-1]["eval_ce"], rel=0.02)
-    assert abs(resumed["student"]["chrf"] - straight["student"]["chrf"]) < 3.0
+    # Data order, weights, optimizer, scheduler and the dropout stream are all restored exactly:
+    # the resumed run ends where the uninterrupted one does, to the last digit.
+    assert _without_timing(resumed) == _without_timing(straight)
 
 
 def test_resume_refusals(run_dir, capsys, monkeypatch):
