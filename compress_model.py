@@ -91,13 +91,17 @@ class Config:
         "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\""})
     target_ratio: float | None = field(default=None, metadata={
         "help": "fraction of the TEACHER's total parameters (embeddings included) the student keeps, e.g. 0.5; "
-                "leave k_info out: per-layer ranks are allocated to meet it with the least truncation error"})
+                "leave k_info out: per-layer ranks are allocated to meet it (see rank_allocation)"})
+    rank_allocation: str = field(default="sensitivity", metadata={
+        "help": "how target_ratio shares the budget: sensitivity (least drift, in KL, of the teacher's predictions "
+                "on calibration_samples pairs, each layer measured at a few ranks, as ASVD does) | spectrum (least "
+                "relative truncation error of the weights; fast, but starves the shared embedding)"})
     svd: str = field(default="auto", metadata={"help": "SVD algorithm: auto | exact | lowrank (randomized)"})
     init: str = field(default="svd", metadata={
         "help": "factor initialization: svd (best approximation of W) | activation (SVD-LLM: best approximation "
                 "of the layer's outputs on calibration_samples training pairs)"})
     calibration_samples: int = field(default=256, metadata={
-        "help": "training pairs whose activations the activation init uses"})
+        "help": "training pairs the activation init and the sensitivity allocation measure on"})
 
     feature_layers: list[str] = field(default_factory=list, metadata={
         "help": "layers whose outputs the feature loss matches; [] = every decomposed layer"})
@@ -161,7 +165,7 @@ class Config:
             raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
                               f"{self.warmup_ratio} and {self.label_smoothing}")
         choices = {"svd": ("auto", "exact", "lowrank"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "init": ("svd", "activation")}
+                   "init": ("svd", "activation"), "rank_allocation": ("sensitivity", "spectrum")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
@@ -513,13 +517,19 @@ def run(config: Config, resume: bool = False) -> int:
     target_layers = list(resolve_ranks(teacher, config.decompose_layers, 1 if budget else config.k_info))
     if budget:
         check_target_ratio(teacher, target_layers, config.target_ratio)  # before any work
-    input_grams = None
-    if config.init == "activation":
+    input_grams, errors = None, None
+    sensitivity = budget and config.rank_allocation == "sensitivity"
+    if config.init == "activation" or sensitivity:
         batches = decomposition.calibration_batches(train_set, tokenizer, config.calibration_samples,
                                                     config.batch_size)
+    if config.init == "activation":
         linears = [name for name in target_layers if isinstance(teacher.get_submodule(name), torch.nn.Linear)]
         input_grams = decomposition.gather_input_grams(teacher, linears, batches)
-    k_info = ranks_for_ratio(teacher, target_layers, config.target_ratio, input_grams) if budget else config.k_info
+    if sensitivity:
+        errors = decomposition.sensitivity_errors(teacher, target_layers, batches, svd=config.svd,
+                                                  input_grams=input_grams, progress=config.progress and main_process)
+    k_info = (ranks_for_ratio(teacher, target_layers, config.target_ratio, input_grams, errors) if budget
+              else config.k_info)
     student, ranks = decomposition.build_student(teacher, target_layers, k_info, config.svd, input_grams=input_grams)
     notes = init_notes(student)
     for name, note in notes.items():
@@ -576,6 +586,7 @@ def run(config: Config, resume: bool = False) -> int:
     report.update({
         "compression_ratio": round(student_params / teacher_params, 4),
         "layers_decomposed": len(ranks), "ranks": ranks, "target_ratio": config.target_ratio,
+        "rank_allocation": config.rank_allocation if budget else None,
         "init": config.init, "init_notes": notes, "sequence_level_kd": config.sequence_level_kd,
         "feature_layers": feature_layers,
         "train_seconds": round(distiller.train_seconds, 1), "train_pairs": len(train_pairs),

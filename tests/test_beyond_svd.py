@@ -6,6 +6,7 @@ import json
 import types
 import warnings
 
+import datasets
 import pytest
 import torch
 from conftest import read_pairs, write_pairs
@@ -19,14 +20,16 @@ import decomposition
 import matrix_decomposition
 from distillation.knowledge_distillation import DistillationSettings
 from matrix_decomposition import (
-    WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, allocate_ranks, count_parameters, decompose_,
-    default_targets, init_notes, load_compressed_model, low_rank_factors, max_saving_rank, quantize_int8,
-    ranks_for_ratio, save_compressed_model, singular_values, size_mb, whitening,
+    WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, allocate_ranks, convex_errors,
+    count_parameters, decompose_, default_targets, init_notes, load_compressed_model, low_rank_factors,
+    max_saving_rank, quantize_int8, ranks_for_ratio, save_compressed_model, singular_values, size_mb,
+    spectrum_errors, whitening,
 )
 
 ENC_Q1 = "model.encoder.layers.1.self_attn.q_proj"
 DEC_Q0 = "model.decoder.layers.0.self_attn.q_proj"
 DEC_CROSS_K1 = "model.decoder.layers.1.encoder_attn.k_proj"
+SHARED_MODULE = "model.shared"
 
 
 def anisotropic_inputs(samples: int, d: int = 24) -> torch.Tensor:
@@ -211,7 +214,7 @@ def test_budget_is_met_closely_and_every_bound_respected(make_tiny_marian, ratio
 
 def test_slowly_decaying_spectrum_gets_more_rank():
     i = torch.arange(16, dtype=torch.float64)
-    layers = {"fast": (16, 16, 0.3 ** i), "slow": (16, 16, 0.9 ** i)}
+    layers = {"fast": (16, 16, spectrum_errors(0.3 ** i)), "slow": (16, 16, spectrum_errors(0.9 ** i))}
     ranks = allocate_ranks(layers, budget=8 * 32)
     assert ranks == {"fast": 2, "slow": 6}  # gains per unit: fast .082, .007…; slow .154, .125, .101, .082, .066…
 
@@ -220,9 +223,10 @@ def test_greedy_allocation_is_optimal_for_equal_layer_shapes():
     g = torch.Generator().manual_seed(0)
     layers = {f"l{k}": (16, 16, torch.rand(16, generator=g, dtype=torch.float64).sort(descending=True).values
                         ** (k + 1)) for k in range(3)}
+    curves = {name: (n, d, spectrum_errors(s)) for name, (n, d, s) in layers.items()}
     bound = max_saving_rank(16, 16)
     for units in range(3, 3 * bound + 1):
-        ranks = allocate_ranks(layers, budget=units * 32)
+        ranks = allocate_ranks(curves, budget=units * 32)
         best = min(truncation_error(layers, dict(zip(layers, r)))
                    for r in itertools.product(range(1, bound + 1), repeat=3) if sum(r) <= units)
         assert truncation_error(layers, ranks) == pytest.approx(best, rel=1e-12, abs=1e-15), units
@@ -230,7 +234,8 @@ def test_greedy_allocation_is_optimal_for_equal_layer_shapes():
 
 def test_budget_below_rank_one_everywhere_is_refused():
     with pytest.raises(DecompositionError, match="below rank 1 everywhere"):
-        allocate_ranks({"a": (16, 16, torch.ones(16)), "b": (16, 16, torch.ones(16))}, budget=63)
+        allocate_ranks({"a": (16, 16, spectrum_errors(torch.ones(16))), "b": (16, 16, spectrum_errors(torch.ones(16)))},
+                       budget=63)
 
 
 @pytest.mark.parametrize("ratio", [0.05, 0.99])
@@ -269,6 +274,67 @@ def test_activation_aware_budget_uses_the_whitened_spectrum(make_tiny_marian):
     assert plain[a] == plain[b]
     assert aware[b] <= 2 < aware[a]
     assert singular_values(teacher.get_submodule(b).weight, grams[b])[2:].max() < 1e-3
+
+
+def test_convex_errors_are_non_increasing_convex_and_keep_the_hull_corners():
+    measured = {1: 5.0, 4: 1.0, 8: 0.8, 12: 0.9, 16: 0.0}  # 12 above 8: noise, more rank never hurts
+    errors = convex_errors(measured, 16)
+    assert len(errors) == 17 and errors[0] == errors[1] == 5.0
+    assert errors[4] == 1.0 and errors[16] == 0.0
+    steps = [a - b for a, b in zip(errors, errors[1:])]
+    assert all(s >= 0 for s in steps)  # non-increasing
+    assert all(s1 >= s2 - 1e-12 for s1, s2 in zip(steps[1:], steps[2:]))  # gains only shrink: convex
+    assert errors[8] <= 0.8 and errors[12] <= 0.8  # the hull lies on or below every measured point
+
+
+SILENCED_V, LIVE_V = "model.encoder.layers.1.self_attn.v_proj", "model.encoder.layers.0.self_attn.v_proj"
+
+
+def _silence(teacher):
+    """Copy LIVE_V's weight into SILENCED_V and zero the out_proj after it: the same spectrum, but
+    SILENCED_V's output never reaches the model's output."""
+    with torch.no_grad():
+        teacher.get_submodule(SILENCED_V).weight.copy_(teacher.get_submodule(LIVE_V).weight)
+        out_proj = teacher.get_submodule("model.encoder.layers.1.self_attn.out_proj")
+        out_proj.weight.zero_()
+        out_proj.bias.zero_()
+    return teacher
+
+
+@pytest.fixture
+def calibration(tiny_tokenizer, tiny_pairs):
+    sources, targets = zip(*tiny_pairs[:24])
+    features = tiny_tokenizer(list(sources), text_target=list(targets), max_length=24, truncation=True)
+    rows = [dict(zip(features, values)) for values in zip(*features.values())]
+    return decomposition.calibration_batches(datasets.Dataset.from_list(rows), tiny_tokenizer, 24, 8)
+
+
+def test_sensitivity_sees_what_the_spectrum_cannot_and_leaves_the_model_unchanged(make_tiny_marian, calibration):
+    teacher = _silence(make_tiny_marian(init_std=0.3))  # weights large enough for peaked predictions
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    names = [LIVE_V, SILENCED_V, SHARED_MODULE]
+    errors = decomposition.sensitivity_errors(teacher, names, calibration, points=4)
+    assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
+    assert teacher.lm_head.weight is teacher.model.shared.weight  # the tie survives the in-place trials
+    assert set(errors[SILENCED_V]) == {0.0}  # its output is ignored downstream: truncating it changes nothing
+    for name in (LIVE_V, SHARED_MODULE):
+        curve = errors[name]
+        assert len(curve) == max_saving_rank(*teacher.get_submodule(name).weight.shape) + 1
+        assert curve[1] > curve[-1] >= 0 and all(a >= b for a, b in zip(curve, curve[1:])), name
+
+    total = count_parameters(teacher)
+    ratio = (total - 2 * 256 + 8 * 32) / total  # 8 units of rank to share between the two v_proj
+    assert ranks_for_ratio(teacher, names[:2], ratio) == {LIVE_V: 4, SILENCED_V: 4}  # same spectra
+    ranks = ranks_for_ratio(teacher, names[:2], ratio, errors=errors)
+    assert ranks == {LIVE_V: 7, SILENCED_V: 1}  # the silenced layer gives up its rank
+
+
+def test_sensitivity_with_activation_init_measures_the_factors_it_will_get(make_tiny_marian, calibration):
+    teacher = make_tiny_marian(init_std=0.3)
+    grams = decomposition.gather_input_grams(teacher, [LIVE_V], calibration)
+    plain = decomposition.sensitivity_errors(teacher, [LIVE_V], calibration, points=4)[LIVE_V]
+    aware = decomposition.sensitivity_errors(teacher, [LIVE_V], calibration, points=4, input_grams=grams)[LIVE_V]
+    assert aware[1] < plain[1]  # fitted to these very inputs, the whitened rank-1 factors drift less
 
 
 # ---------------------------------------------------------------------------------------------
@@ -596,12 +662,14 @@ def test_cli_activation_init(run_dir, monkeypatch, capsys):
     assert "(activation init)" in capsys.readouterr().out
 
 
-def test_cli_target_ratio(run_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("allocation", ["sensitivity", "spectrum"])
+def test_cli_target_ratio(run_dir, monkeypatch, capsys, allocation):
     monkeypatch.chdir(run_dir)
-    _write(run_dir, drop=["k_info"], target_ratio=0.6)
+    _write(run_dir, drop=["k_info"], target_ratio=0.6, rank_allocation=allocation)
     assert compress_model.main(["--config", "config.json"]) == 0
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert 0.55 < report["compression_ratio"] <= 0.6 and report["target_ratio"] == 0.6
+    assert report["rank_allocation"] == allocation
     assert len(report["ranks"]) == 32 and len(set(report["ranks"].values())) > 1
     assert "target 60%" in capsys.readouterr().out
 
@@ -687,6 +755,8 @@ BAD_CONFIGS = [  # (changes, words the one-line message must contain)
     pytest.param({"init": 1}, ["init", "expected str", "1"], id="init-type"),
     pytest.param({"calibration_samples": 0}, ["calibration_samples", "at least 1", "0"], id="calibration-zero"),
     pytest.param({"calibration_samples": 2.5}, ["calibration_samples", "expected int", "2.5"], id="calibration-type"),
+    pytest.param({"rank_allocation": "uniform"}, ["rank_allocation", "'uniform'", "sensitivity, spectrum"],
+                 id="allocation-choice"),
     pytest.param({"target_ratio": 0}, ["target_ratio", "above 0 and below 1", "got 0"], id="ratio-zero"),
     pytest.param({"target_ratio": 1.5}, ["target_ratio", "above 0 and below 1", "1.5"], id="ratio-above-one"),
     pytest.param({"target_ratio": "half"}, ["target_ratio", "expected float or NoneType", '"half"'], id="ratio-type"),
