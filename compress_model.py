@@ -526,8 +526,11 @@ def run(config: Config, resume: bool = False) -> int:
         linears = [name for name in target_layers if isinstance(teacher.get_submodule(name), torch.nn.Linear)]
         input_grams = decomposition.gather_input_grams(teacher, linears, batches)
     if sensitivity:
+        started = time.time()
         errors = decomposition.sensitivity_errors(teacher, target_layers, batches, svd=config.svd,
                                                   input_grams=input_grams, progress=config.progress and main_process)
+        say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
+            f"in {time.time() - started:.0f} s", flush=True)
     k_info = (ranks_for_ratio(teacher, target_layers, config.target_ratio, input_grams, errors) if budget
               else config.k_info)
     student, ranks = decomposition.build_student(teacher, target_layers, k_info, config.svd, input_grams=input_grams)

@@ -671,7 +671,9 @@ def test_cli_target_ratio(run_dir, monkeypatch, capsys, allocation):
     assert 0.55 < report["compression_ratio"] <= 0.6 and report["target_ratio"] == 0.6
     assert report["rank_allocation"] == allocation
     assert len(report["ranks"]) == 32 and len(set(report["ranks"].values())) > 1
-    assert "target 60%" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "target 60%" in out
+    assert ("rank sensitivity of 32 layers measured" in out) == (allocation == "sensitivity")
 
 
 def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, make_tiny_marian, tiny_tokenizer):
