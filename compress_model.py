@@ -85,8 +85,9 @@ class Config:
     max_target_length: int = field(default=128, metadata={"help": "target tokens kept (truncation)"})
 
     decompose_layers: list[str] = field(default_factory=list, metadata={
-        "help": "state-dict keys of the nn.Linear weights to factorize; [] = every linear in the encoder/decoder "
-                "layers; model.shared.weight factorizes the shared embedding together with its tied output layer"})
+        "help": "state-dict keys of the nn.Linear weights to factorize, or patterns (\"model.decoder.*\"); "
+                "[] = every linear in the encoder/decoder layers; model.shared.weight factorizes the shared "
+                "embedding together with its tied output layer; [\"*\"] = all of these"})
     k_info: int | dict[str, int] = field(default=32, metadata={
         "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\""})
     target_ratio: float | None = field(default=None, metadata={

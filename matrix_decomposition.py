@@ -16,6 +16,7 @@ of W·L (B' = U_r, C' = U_rᵀ·W, each rank-one term then rescaled so both fact
 from __future__ import annotations
 
 import difflib
+import fnmatch
 import heapq
 import json
 import math
@@ -269,11 +270,43 @@ def _parameter_order(model: nn.Module) -> dict[str, int]:
     return {name: i for i, (name, _) in enumerate(model.named_parameters(remove_duplicate=False))}
 
 
+def decomposable_keys(model: nn.Module) -> list[str]:
+    """The weight keys ``decompose_layers`` accepts: every untied ``nn.Linear`` not yet factorized,
+    and every embedding table under the name its (tied) weight goes by first (``model.shared.weight``)."""
+    tied = _tied_names(model)
+    keys = []
+    for name, module in model.named_modules():
+        key = f"{name}.weight"
+        if isinstance(module, nn.Linear) and not tied.get(key) and not _inside_low_rank(model, name):
+            keys.append(key)
+        elif type(module) is nn.Embedding and canonical_name(model, key) == key:
+            keys.append(key)
+    return keys
+
+
+def expand_patterns(model: nn.Module, layers: Iterable[str]) -> list[str]:
+    """``layers`` with each shell-style pattern (``*``, ``?``, ``[…]``; ``*`` also crosses dots)
+    replaced by the ``decomposable_keys`` it matches, in model order; a pattern matching none is an error."""
+    expanded: list[str] = []
+    for key in layers:
+        if not any(c in key for c in "*?["):
+            expanded.append(key)
+            continue
+        candidates = decomposable_keys(model)
+        matched = fnmatch.filter(candidates, key)
+        if not matched:
+            raise DecompositionError(f"decompose_layers: the pattern {key!r} matches no nn.Linear or embedding "
+                                     f"weight of this model (they look like {candidates[0]!r})")
+        expanded.extend(matched)
+    return expanded
+
+
 def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
                   k_info: int | Mapping[str, int]) -> dict[str, int]:
     """Check the layers and ranks a user asked for; return {module name: rank} in model order.
 
-    ``layers`` are state-dict keys (``….weight`` or ``….bias``; duplicates are harmless). Empty:
+    ``layers`` are state-dict keys (``….weight`` or ``….bias``; duplicates are harmless) or patterns
+    (``expand_patterns``: ``"model.decoder.*"``, ``"*fc?.weight"``). Empty:
     the keys of ``k_info`` when it is a mapping without ``"default"``, else every default target.
     ``k_info`` is one rank for all, or {key: rank} with an optional ``"default"`` entry.
     """
@@ -286,6 +319,7 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
             raise DecompositionError("decompose_layers is empty and the model has no nn.Linear inside "
                                      "its encoder/decoder layers to decompose by default")
 
+    layers = expand_patterns(model, layers)
     state_keys = list(model.state_dict().keys())
     modules = dict(model.named_modules())
     tied = _tied_names(model)

@@ -10,7 +10,8 @@ from transformers import AutoTokenizer
 
 from matrix_decomposition import (
     WEIGHTS_NAME, DecompositionError, LowRankLinear, count_parameters, decompose_,
-    load_compressed_model, low_rank_parameters, max_saving_rank, save_compressed_model, truncated_svd,
+    load_compressed_model, low_rank_parameters, max_saving_rank, resolve_ranks, save_compressed_model,
+    truncated_svd,
 )
 
 Q = "model.encoder.layers.0.self_attn.q_proj"  # 16×16: ranks 1..7 save weights
@@ -133,6 +134,15 @@ def test_empty_layer_list_means_every_linear_in_the_layers(make_tiny_marian):
     assert type(model.model.encoder.embed_tokens) is nn.Embedding
 
 
+def test_patterns_expand_to_the_decomposable_weights_in_model_order(make_tiny_marian):
+    model = make_tiny_marian()
+    assert list(resolve_ranks(model, ["model.decoder.*fc?.weight"], 2)) == [
+        f"model.decoder.layers.{i}.{fc}" for i in range(2) for fc in ("fc1", "fc2")]
+    everything = resolve_ranks(model, ["*"], 2)  # every linear in the layers and the shared embedding, nothing tied
+    assert list(everything)[0] == "model.shared" and set(everything) == all_layer_linears() | {"model.shared"}
+    assert set(resolve_ranks(model, ["*layers*", Q + ".weight"], 2)) == all_layer_linears()  # overlaps are harmless
+
+
 def test_per_layer_ranks_with_a_default(make_tiny_marian):
     model = make_tiny_marian()
     ranks = decompose_(model, [], {"default": 2, f"{FC1}.weight": 9, Q: 5})
@@ -171,6 +181,9 @@ ERROR_CASES = [  # (decomposed first, layers, k_info, svd, fragments of the mess
     pytest.param([FC1], [f"{FC1}.weight"], 2, "auto", [f"'{FC1}.weight' is already decomposed (rank 2)"],
                  id="already-decomposed"),
     pytest.param([], [Q], 2, "svd", ["svd method 'svd' is not one of"], id="svd-method"),
+    pytest.param([], ["model.*.layer_norm.weight"], 2, "auto",
+                 ["the pattern 'model.*.layer_norm.weight' matches no nn.Linear or embedding weight"],
+                 id="pattern-matches-nothing"),
 ]
 
 
