@@ -519,7 +519,8 @@ def run(config: Config, resume: bool = False) -> int:
     if budget:
         check_target_ratio(teacher, target_layers, config.target_ratio)  # before any work
     input_grams, errors = None, None
-    sensitivity = budget and config.rank_allocation == "sensitivity"
+    reused = saved.get("ranks") if saved and budget else None  # an allocation is measured once per run
+    sensitivity = budget and config.rank_allocation == "sensitivity" and not reused
     if config.init == "activation" or sensitivity:
         batches = decomposition.calibration_batches(train_set, tokenizer, config.calibration_samples,
                                                     config.batch_size)
@@ -532,8 +533,13 @@ def run(config: Config, resume: bool = False) -> int:
                                                   input_grams=input_grams, progress=config.progress and main_process)
         say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
             f"in {time.time() - started:.0f} s", flush=True)
-    k_info = (ranks_for_ratio(teacher, target_layers, config.target_ratio, input_grams, errors) if budget
-              else config.k_info)
+    if reused:
+        k_info = reused
+        say("ranks allocated to target_ratio reused from the interrupted run", flush=True)
+    elif budget:
+        k_info = ranks_for_ratio(teacher, target_layers, config.target_ratio, input_grams, errors)
+    else:
+        k_info = config.k_info
     student, ranks = decomposition.build_student(teacher, target_layers, k_info, config.svd, input_grams=input_grams)
     notes = init_notes(student)
     for name, note in notes.items():
@@ -563,7 +569,7 @@ def run(config: Config, resume: bool = False) -> int:
                     shutil.rmtree(folder)
                 folder.mkdir(parents=True)
                 decomposition.write_json_atomic(folder / "run.json",
-                                                {"config": requested, "report": report})
+                                                {"config": requested, "report": report, "ranks": ranks})
 
     # Distill
     settings = DistillationSettings(

@@ -135,6 +135,9 @@ def sensitivity_errors(model: nn.Module, names: Sequence[str], batches, points: 
     errors: dict[str, list[float]] = {}
     try:
         reference = [_real_token_log_probs(model, batch) for batch in batches]
+        if not all(torch.isfinite(ref).all() for ref in reference):
+            raise DecompositionError("rank sensitivity: the teacher's log-probabilities on the calibration pairs are "
+                                     "not all finite (a -inf final_logits_bias?); use rank_allocation \"spectrum\"")
         for name in tqdm(names, desc="rank sensitivity", disable=not progress):
             weight = model.get_submodule(name).weight
             n, d = weight.shape
@@ -146,6 +149,11 @@ def sensitivity_errors(model: nn.Module, names: Sequence[str], batches, points: 
                 for r in sorted({1, *(math.ceil(k * top / points) for k in range(1, points + 1))}):
                     weight.copy_(up[:, :r] @ down[:r])  # the rank-r factorization's product, in place
                     measured[r] = output_drift(model, batches, reference)
+                    if not math.isfinite(measured[r]):
+                        raise DecompositionError(
+                            f"rank sensitivity: the teacher's predictions drift by {measured[r]} with {name!r} at "
+                            f"rank {r}; its outputs are not finite on the calibration pairs (use "
+                            f"rank_allocation \"spectrum\")")
             finally:
                 weight.copy_(original)
             errors[name] = convex_errors(measured, top)

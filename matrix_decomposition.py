@@ -277,7 +277,9 @@ def decomposable_keys(model: nn.Module) -> list[str]:
     keys = []
     for name, module in model.named_modules():
         key = f"{name}.weight"
-        if isinstance(module, nn.Linear) and not tied.get(key) and not _inside_low_rank(model, name):
+        if _inside_low_rank(model, name):
+            continue  # a factor of a layer already decomposed
+        if isinstance(module, nn.Linear) and not tied.get(key):
             keys.append(key)
         elif type(module) is nn.Embedding and canonical_name(model, key) == key:
             keys.append(key)
@@ -288,15 +290,17 @@ def expand_patterns(model: nn.Module, layers: Iterable[str]) -> list[str]:
     """``layers`` with each shell-style pattern (``*``, ``?``, ``[…]``; ``*`` also crosses dots)
     replaced by the ``decomposable_keys`` it matches, in model order; a pattern matching none is an error."""
     expanded: list[str] = []
+    candidates = None
     for key in layers:
         if not any(c in key for c in "*?["):
             expanded.append(key)
             continue
-        candidates = decomposable_keys(model)
+        candidates = decomposable_keys(model) if candidates is None else candidates
         matched = fnmatch.filter(candidates, key)
         if not matched:
+            hint = f" (they look like {candidates[0]!r})" if candidates else " (it has none left to decompose)"
             raise DecompositionError(f"decompose_layers: the pattern {key!r} matches no nn.Linear or embedding "
-                                     f"weight of this model (they look like {candidates[0]!r})")
+                                     f"weight of this model{hint}")
         expanded.extend(matched)
     return expanded
 

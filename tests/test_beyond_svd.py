@@ -18,7 +18,7 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 import compress_model
 import decomposition
 import matrix_decomposition
-from distillation.knowledge_distillation import DistillationSettings
+from distillation.knowledge_distillation import DistillationSettings, Distiller
 from matrix_decomposition import (
     WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, allocate_ranks, convex_errors,
     count_parameters, decompose_, default_targets, init_notes, load_compressed_model, low_rank_factors,
@@ -327,6 +327,14 @@ def test_sensitivity_sees_what_the_spectrum_cannot_and_leaves_the_model_unchange
     assert ranks_for_ratio(teacher, names[:2], ratio) == {LIVE_V: 4, SILENCED_V: 4}  # same spectra
     ranks = ranks_for_ratio(teacher, names[:2], ratio, errors=errors)
     assert ranks == {LIVE_V: 7, SILENCED_V: 1}  # the silenced layer gives up its rank
+
+
+def test_sensitivity_refuses_non_finite_predictions(make_tiny_marian, calibration):
+    teacher = make_tiny_marian()
+    with torch.no_grad():
+        teacher.final_logits_bias[0, 5] = float("-inf")
+    with pytest.raises(DecompositionError, match="not all finite.*spectrum"):
+        decomposition.sensitivity_errors(teacher, [LIVE_V], calibration, points=2)
 
 
 def test_sensitivity_with_activation_init_measures_the_factors_it_will_get(make_tiny_marian, calibration):
@@ -674,6 +682,31 @@ def test_cli_target_ratio(run_dir, monkeypatch, capsys, allocation):
     out = capsys.readouterr().out
     assert "target 60%" in out
     assert ("rank sensitivity of 32 layers measured" in out) == (allocation == "sensitivity")
+
+
+def test_resume_reuses_the_allocated_ranks(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    _write(run_dir, drop=["k_info"], target_ratio=0.6, checkpoint_steps=2, max_steps=6)
+    real_step, calls = Distiller._loss_step, {"n": 0}
+
+    def poisoned(self, *args):  # stop the run after its first checkpoint
+        loss, terms = real_step(self, *args)
+        calls["n"] += 1
+        return (loss * float("nan"), terms) if calls["n"] == 4 else (loss, terms)
+
+    monkeypatch.setattr(Distiller, "_loss_step", poisoned)
+    assert compress_model.main(["--config", "config.json"]) == 1
+    saved = json.loads((run_dir / "out-checkpoints" / "run.json").read_text())["ranks"]
+    monkeypatch.setattr(Distiller, "_loss_step", real_step)
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("the sensitivity was measured again on resume")
+
+    monkeypatch.setattr(decomposition, "sensitivity_errors", measured_again)
+    capsys.readouterr()
+    assert compress_model.main(["--config", "config.json", "--resume"]) == 0
+    assert "reused from the interrupted run" in capsys.readouterr().out
+    assert json.loads((run_dir / "out" / "report.json").read_text())["ranks"] == saved
 
 
 def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, make_tiny_marian, tiny_tokenizer):

@@ -141,6 +141,8 @@ def test_patterns_expand_to_the_decomposable_weights_in_model_order(make_tiny_ma
     everything = resolve_ranks(model, ["*"], 2)  # every linear in the layers and the shared embedding, nothing tied
     assert list(everything)[0] == "model.shared" and set(everything) == all_layer_linears() | {"model.shared"}
     assert set(resolve_ranks(model, ["*layers*", Q + ".weight"], 2)) == all_layer_linears()  # overlaps are harmless
+    decompose_(model, ["model.shared.weight", f"{Q}.weight"], 2)  # a teacher this tool already compressed
+    assert set(resolve_ranks(model, ["*"], 2)) == all_layer_linears() - {Q}  # factors are not targets again
 
 
 def test_per_layer_ranks_with_a_default(make_tiny_marian):
