@@ -59,6 +59,12 @@ def calibration_batches(train_dataset, tokenizer, samples: int, batch_size: int)
     return list(DataLoader(subset, batch_size=batch_size, collate_fn=collator))
 
 
+def teacher_forced(model: nn.Module, batch: dict):
+    """``model``'s forward pass on a tokenized batch, the labels shifted right as decoder inputs."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                 decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]))
+
+
 @torch.no_grad()
 def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
     """{name: XᵀX} (d×d, float64) of the inputs X each named ``nn.Linear`` of ``model`` receives in
@@ -80,10 +86,8 @@ def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[
     try:
         for batch in batches:
             batch = {k: v.to(device) for k, v in batch.items()}
-            labels = batch["labels"]  # (B, T)
-            masks.update(source=batch["attention_mask"].bool(), target=labels != IGNORE_INDEX)
-            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                  decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels))
+            masks.update(source=batch["attention_mask"].bool(), target=batch["labels"] != IGNORE_INDEX)
+            teacher_forced(model, batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -93,10 +97,8 @@ def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[
 
 def _real_token_log_probs(model: nn.Module, batch: dict) -> torch.Tensor:
     """Teacher-forced log-probabilities (N, V) of ``model`` at the real target positions of ``batch``."""
-    labels = batch["labels"]  # (B, T)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                   decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=labels)).logits
-    return logits[labels != IGNORE_INDEX].float().log_softmax(-1)
+    logits = teacher_forced(model, batch).logits  # (B, T, V)
+    return logits[batch["labels"] != IGNORE_INDEX].float().log_softmax(-1)
 
 
 @torch.no_grad()

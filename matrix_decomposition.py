@@ -18,7 +18,6 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import heapq
-import json
 import math
 import os
 import warnings

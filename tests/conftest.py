@@ -2,6 +2,7 @@
 Marian tokenizer built on it, and tiny MarianMT models (d_model 16) that run in milliseconds."""
 
 import csv
+import json
 import os
 import sys
 from pathlib import Path
@@ -39,6 +40,23 @@ def write_pairs(path: Path, pairs: list[tuple[str, str]]) -> Path:
         writer.writerow(["source_text", "target_text"])
         writer.writerows(pairs)
     return path
+
+
+def make_run_dir(folder: Path, teacher_dir: Path, train_pairs, eval_pairs, **config) -> Path:
+    """A folder to run the tool in: train.csv, eval.csv and a config.json naming them, the teacher
+    and ``folder/out`` (progress bars off), with ``config`` on top."""
+    base = {"teacher_model_path": str(teacher_dir), "dataset_path": str(write_pairs(folder / "train.csv", train_pairs)),
+            "eval_dataset_path": str(write_pairs(folder / "eval.csv", eval_pairs)),
+            "output_path": str(folder / "out"), "progress": False}
+    (folder / "config.json").write_text(json.dumps({**base, **config}))
+    return folder
+
+
+def edit_config(run_dir: Path, drop=(), **changes) -> None:
+    """Rewrite ``run_dir/config.json`` with ``changes`` applied and the keys in ``drop`` removed."""
+    path = run_dir / "config.json"
+    config = {k: v for k, v in json.loads(path.read_text()).items() if k not in drop}
+    path.write_text(json.dumps({**config, **changes}))
 
 
 def save_model_folder(model, tokenizer, folder: Path) -> Path:

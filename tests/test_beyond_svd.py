@@ -6,10 +6,9 @@ import json
 import types
 import warnings
 
-import datasets
 import pytest
 import torch
-from conftest import read_pairs, write_pairs
+from conftest import edit_config, make_run_dir, read_pairs
 from datasets import Dataset
 from safetensors import safe_open
 from torch import nn
@@ -172,13 +171,12 @@ def test_activation_init_on_a_model_lowers_every_layers_output_error(make_tiny_m
     errors = {"plain": 0.0, "aware": 0.0}
     for name, gram in grams.items():
         weight = teacher.get_submodule(name).weight.detach().double()
+        error = {}
         for kind, student in (("plain", plain), ("aware", aware)):
             e = weight - student.get_submodule(name).weight.detach().double()  # (n, d)
-            error = torch.trace(e @ gram @ e.T).sqrt().item()  # ‖(W − B'C')Xᵀ‖_F, X the calibration inputs
-            errors[kind] += error
-            if kind == "aware":
-                assert error <= plain_error * (1 + 1e-6), name
-            plain_error = error
+            error[kind] = torch.trace(e @ gram @ e.T).sqrt().item()  # ‖(W − B'C')Xᵀ‖_F, X the calibration inputs
+            errors[kind] += error[kind]
+        assert error["aware"] <= error["plain"] * (1 + 1e-6), name
     assert errors["aware"] < 0.9 * errors["plain"], errors
 
 
@@ -299,14 +297,6 @@ def _silence(teacher):
         out_proj.weight.zero_()
         out_proj.bias.zero_()
     return teacher
-
-
-@pytest.fixture
-def calibration(tiny_tokenizer, tiny_pairs):
-    sources, targets = zip(*tiny_pairs[:24])
-    features = tiny_tokenizer(list(sources), text_target=list(targets), max_length=24, truncation=True)
-    rows = [dict(zip(features, values)) for values in zip(*features.values())]
-    return decomposition.calibration_batches(datasets.Dataset.from_list(rows), tiny_tokenizer, 24, 8)
 
 
 def test_sensitivity_sees_what_the_spectrum_cannot_and_leaves_the_model_unchanged(make_tiny_marian, calibration):
@@ -635,24 +625,13 @@ def test_load_compressed_model_as_int8(int8_pair, tiny_tokenizer, tmp_path):
 
 @pytest.fixture
 def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
-    train = write_pairs(tmp_path / "train.csv", tiny_pairs[:64])
-    evaluation = write_pairs(tmp_path / "eval.csv", tiny_pairs[300:316])
-    config = {"teacher_model_path": str(tiny_teacher_dir), "dataset_path": str(train),
-              "eval_dataset_path": str(evaluation), "output_path": str(tmp_path / "out"), "k_info": 4,
-              "batch_size": 16, "max_steps": 2, "max_new_tokens": 8, "checkpoint_steps": 0, "progress": False}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return tmp_path
-
-
-def _write(run_dir, drop=(), **changes):
-    path = run_dir / "config.json"
-    config = {k: v for k, v in json.loads(path.read_text()).items() if k not in drop}
-    path.write_text(json.dumps({**config, **changes}))
+    return make_run_dir(tmp_path, tiny_teacher_dir, tiny_pairs[:64], tiny_pairs[300:316], k_info=4, batch_size=16,
+                        max_steps=2, max_new_tokens=8, checkpoint_steps=0)
 
 
 def test_cli_activation_init(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
-    _write(run_dir, init="activation", calibration_samples=32)
+    edit_config(run_dir, init="activation", calibration_samples=32)
     seen = []
     real = decomposition.gather_input_grams
     monkeypatch.setattr(decomposition, "gather_input_grams",
@@ -673,7 +652,7 @@ def test_cli_activation_init(run_dir, monkeypatch, capsys):
 @pytest.mark.parametrize("allocation", ["sensitivity", "spectrum"])
 def test_cli_target_ratio(run_dir, monkeypatch, capsys, allocation):
     monkeypatch.chdir(run_dir)
-    _write(run_dir, drop=["k_info"], target_ratio=0.6, rank_allocation=allocation)
+    edit_config(run_dir, drop=["k_info"], target_ratio=0.6, rank_allocation=allocation)
     assert compress_model.main(["--config", "config.json"]) == 0
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert 0.55 < report["compression_ratio"] <= 0.6 and report["target_ratio"] == 0.6
@@ -686,7 +665,7 @@ def test_cli_target_ratio(run_dir, monkeypatch, capsys, allocation):
 
 def test_resume_reuses_the_allocated_ranks(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
-    _write(run_dir, drop=["k_info"], target_ratio=0.6, checkpoint_steps=2, max_steps=6)
+    edit_config(run_dir, drop=["k_info"], target_ratio=0.6, checkpoint_steps=2, max_steps=6)
     real_step, calls = Distiller._loss_step, {"n": 0}
 
     def poisoned(self, *args):  # stop the run after its first checkpoint
@@ -712,7 +691,7 @@ def test_resume_reuses_the_allocated_ranks(run_dir, monkeypatch, capsys):
 def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, make_tiny_marian, tiny_tokenizer):
     monkeypatch.chdir(run_dir)
     layers = [SHARED] + [f"{name}.weight" for name in default_targets(make_tiny_marian())]
-    _write(run_dir, drop=["k_info"], decompose_layers=layers, target_ratio=0.5, init="activation")
+    edit_config(run_dir, drop=["k_info"], decompose_layers=layers, target_ratio=0.5, init="activation")
     assert compress_model.main(["--config", "config.json"]) == 0
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert 0.49 < report["compression_ratio"] <= 0.5 and "model.shared" in report["ranks"]
@@ -728,7 +707,7 @@ def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, mak
 
 def test_cli_sequence_level_kd_trains_on_cached_teacher_translations(run_dir, monkeypatch, capsys, tiny_tokenizer):
     monkeypatch.chdir(run_dir)
-    _write(run_dir, sequence_level_kd=True, overwrite_output=True)
+    edit_config(run_dir, sequence_level_kd=True, overwrite_output=True)
     train_pairs = read_pairs(run_dir / "train.csv")
     train_inputs = tiny_tokenizer([s for s, _ in train_pairs], truncation=True, max_length=128)["input_ids"]
     calls, seen_targets = [], []
@@ -758,7 +737,7 @@ def test_cli_evaluation_and_sequence_level_kd_translate_the_preprocessed_inputs(
                                                                                 tiny_tokenizer):
     """A preprocessor that rewrites every source (as a language tag would) changes what is translated."""
     monkeypatch.chdir(run_dir)
-    _write(run_dir, sequence_level_kd=True, quantize_int8=True)
+    edit_config(run_dir, sequence_level_kd=True, quantize_int8=True)
     real_translate, real_preprocessor = decomposition.translate, compress_model.data_preprocessor
     calls = []
     monkeypatch.setattr(decomposition, "translate", lambda model, tokenizer, sources, **kw:
@@ -774,7 +753,7 @@ def test_cli_evaluation_and_sequence_level_kd_translate_the_preprocessed_inputs(
 
 def test_cli_int8_row(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
-    _write(run_dir, quantize_int8=True)
+    edit_config(run_dir, quantize_int8=True)
     assert compress_model.main(["--config", "config.json"]) == 0
     report = json.loads((run_dir / "out" / "report.json").read_text())
     row = report["student_int8"]
@@ -812,7 +791,7 @@ BAD_CONFIGS = [  # (changes, words the one-line message must contain)
 @pytest.mark.parametrize("changes, words", BAD_CONFIGS)
 def test_bad_new_keys_are_one_line_errors(run_dir, monkeypatch, capsys, changes, words):
     monkeypatch.chdir(run_dir)
-    _write(run_dir, **changes)
+    edit_config(run_dir, **changes)
     assert compress_model.main(["--config", "config.json"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("compress_model.py: error: "), err

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, write_pairs
+from conftest import REPO, edit_config, make_run_dir
 from transformers import AutoTokenizer
 
 import compress_model
@@ -19,13 +19,8 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_
 @pytest.fixture
 def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
     """A tiny teacher, 120 training + 24 evaluation pairs and a config naming them."""
-    train = write_pairs(tmp_path / "train.csv", tiny_pairs[:120])
-    evaluation = write_pairs(tmp_path / "eval.csv", tiny_pairs[300:324])
-    config = {"teacher_model_path": str(tiny_teacher_dir), "dataset_path": str(train),
-              "eval_dataset_path": str(evaluation), "output_path": str(tmp_path / "out"),
-              "k_info": 4, "epoch": 2, "batch_size": 16, "max_new_tokens": 12, "progress": False}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return tmp_path
+    return make_run_dir(tmp_path, tiny_teacher_dir, tiny_pairs[:120], tiny_pairs[300:324],
+                        k_info=4, epoch=2, batch_size=16, max_new_tokens=12)
 
 
 def test_cli_end_to_end(run_dir):
@@ -89,24 +84,20 @@ def test_replaced_data_preprocessor_is_used(run_dir):
     assert len(seen) == 120 + 24  # every training and evaluation pair went through the replacement
 
 
-def _config(run_dir, **changes):
-    config = {**json.loads((run_dir / "config.json").read_text()), **changes}
-    return {k: v for k, v in config.items() if v is not None}
-
-
 BAD_CONFIGS = [
     # (id, how to break the run folder, words the one-line message must contain)
     ("invalid-json", lambda d: (d / "config.json").write_text('{"epoch": 1,'), ["not valid JSON"]),
     ("not-an-object", lambda d: (d / "config.json").write_text("[1, 2]"), ["JSON object"]),
-    ("unknown-key", lambda d: _write(d, epochs=3), ["unknown config key 'epochs'", "epoch"]),
-    ("wrong-type", lambda d: _write(d, batch_size="32"), ["batch_size", '"32"']),
-    ("bool-as-int", lambda d: _write(d, epoch=True), ["epoch", "true"]),
-    ("zero-epoch", lambda d: _write(d, epoch=0), ["epoch", "at least 1", "0"]),
-    ("negative-batch", lambda d: _write(d, batch_size=-4), ["batch_size", "-4"]),
-    ("bad-choice", lambda d: _write(d, svd="qr"), ["svd", "'qr'", "exact"]),
-    ("bad-loss-term", lambda d: _write(d, loss_weights={"mse": 1.0}), ["loss_weights", "'mse'", "kd"]),
-    ("missing-teacher", lambda d: _write(d, teacher_model_path=str(d / "nowhere")), ["teacher_model_path", "nowhere"]),
-    ("missing-dataset", lambda d: _write(d, dataset_path=str(d / "nope.csv")), ["dataset_path", "nope.csv",
+    ("unknown-key", lambda d: edit_config(d, epochs=3), ["unknown config key 'epochs'", "epoch"]),
+    ("wrong-type", lambda d: edit_config(d, batch_size="32"), ["batch_size", '"32"']),
+    ("bool-as-int", lambda d: edit_config(d, epoch=True), ["epoch", "true"]),
+    ("zero-epoch", lambda d: edit_config(d, epoch=0), ["epoch", "at least 1", "0"]),
+    ("negative-batch", lambda d: edit_config(d, batch_size=-4), ["batch_size", "-4"]),
+    ("bad-choice", lambda d: edit_config(d, svd="qr"), ["svd", "'qr'", "exact"]),
+    ("bad-loss-term", lambda d: edit_config(d, loss_weights={"mse": 1.0}), ["loss_weights", "'mse'", "kd"]),
+    ("missing-teacher", lambda d: edit_config(d, teacher_model_path=str(d / "nowhere")),
+     ["teacher_model_path", "nowhere"]),
+    ("missing-dataset", lambda d: edit_config(d, dataset_path=str(d / "nope.csv")), ["dataset_path", "nope.csv",
                                                                                 "does not exist"]),
     ("missing-columns", lambda d: _write_csv(d, "en,de\nHello,Hallo\n"), ["dataset_path", "'source_text'",
                                                                          "columns found: en, de"]),
@@ -114,31 +105,29 @@ BAD_CONFIGS = [
     ("not-utf8", lambda d: _write_csv(d, "source_text,target_text\nGr\xfc\xdfe,Hallo\n", "latin-1"),
      ["dataset_path", "UTF-8"]),
     ("unsupported-type", lambda d: _write_csv(d, "x", name="data.txt"), ["dataset_path", "'.txt'"]),
-    ("unknown-layer", lambda d: _write(d, decompose_layers=["model.encoder.layers.0.fc3.weight"]),
+    ("unknown-layer", lambda d: edit_config(d, decompose_layers=["model.encoder.layers.0.fc3.weight"]),
      ["decompose_layers", "fc3", "closest"]),
-    ("non-linear-layer", lambda d: _write(d, decompose_layers=["model.encoder.layers.0.self_attn_layer_norm.weight"]),
+    ("non-linear-layer",
+     lambda d: edit_config(d, decompose_layers=["model.encoder.layers.0.self_attn_layer_norm.weight"]),
      ["self_attn_layer_norm.weight", "not an nn.Linear"]),
-    ("rank-zero", lambda d: _write(d, k_info=0), ["k_info", "rank 0", "at least 1"]),
-    ("rank-too-big", lambda d: _write(d, k_info=16), ["k_info", "16", "saves nothing", "at most"]),
-    ("unknown-feature-layer", lambda d: _write(d, feature_layers=["model.decoder.layers.7.fc1"]),
+    ("rank-zero", lambda d: edit_config(d, k_info=0), ["k_info", "rank 0", "at least 1"]),
+    ("rank-too-big", lambda d: edit_config(d, k_info=16), ["k_info", "16", "saves nothing", "at most"]),
+    ("unknown-feature-layer", lambda d: edit_config(d, feature_layers=["model.decoder.layers.7.fc1"]),
      ["feature_layers", "layers.7"]),
     ("output-is-file", lambda d: (d / "out").write_text("x"), ["output_path", "is a file"]),
-    ("output-under-a-file", lambda d: ((d / "afile").write_text("x"), _write(d, output_path=str(d / "afile" / "out"))),
+    ("output-under-a-file",
+     lambda d: ((d / "afile").write_text("x"), edit_config(d, output_path=str(d / "afile" / "out"))),
      ["output_path", "which is a file"]),
-    ("output-not-writable", lambda d: _write(d, output_path="/proc/compress-model-out"),
+    ("output-not-writable", lambda d: edit_config(d, output_path="/proc/compress-model-out"),
      ["output_path", "cannot write under '/proc'"]),
     ("output-not-empty", lambda d: ((d / "out").mkdir(), (d / "out" / "keep.txt").write_text("x")),
      ["output_path", "not empty", "overwrite_output"]),
 ]
 
 
-def _write(run_dir, **changes):
-    (run_dir / "config.json").write_text(json.dumps(_config(run_dir, **changes)))
-
-
 def _write_csv(run_dir, text, encoding="utf-8", name="bad.csv"):
     (run_dir / name).write_bytes(text.encode(encoding))
-    _write(run_dir, dataset_path=str(run_dir / name))
+    edit_config(run_dir, dataset_path=str(run_dir / name))
 
 
 @pytest.mark.parametrize("case, breaks, words", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
@@ -155,7 +144,7 @@ def test_bad_config_is_one_line_error_and_writes_nothing(run_dir, capsys, monkey
 
 
 def test_bad_config_from_the_shell_has_no_traceback(run_dir):
-    _write(run_dir, epoch=0)
+    edit_config(run_dir, epoch=0)
     result = subprocess.run([sys.executable, str(REPO / "compress_model.py"), "--config", "config.json"],
                             cwd=run_dir, env=ENV, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2

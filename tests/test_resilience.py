@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import REPO, write_pairs
+from conftest import REPO, edit_config, make_run_dir
 
 import compress_model
 from distillation.knowledge_distillation import Distiller
@@ -22,19 +22,8 @@ TIMING = ("train_seconds", "translate_seconds")
 
 @pytest.fixture
 def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
-    train = write_pairs(tmp_path / "train.csv", tiny_pairs[:160])
-    evaluation = write_pairs(tmp_path / "eval.csv", tiny_pairs[300:332])
-    config = {"teacher_model_path": str(tiny_teacher_dir), "dataset_path": str(train),
-              "eval_dataset_path": str(evaluation), "output_path": str(tmp_path / "out"), "k_info": 4,
-              "epoch": 8, "batch_size": 8, "learning_rate": 3e-3, "checkpoint_steps": 10, "max_new_tokens": 12,
-              "progress": False}
-    (tmp_path / "config.json").write_text(json.dumps(config))
-    return tmp_path
-
-
-def _edit(run_dir, **changes):
-    path = run_dir / "config.json"
-    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    return make_run_dir(tmp_path, tiny_teacher_dir, tiny_pairs[:160], tiny_pairs[300:332], k_info=4, epoch=8,
+                        batch_size=8, learning_rate=3e-3, checkpoint_steps=10, max_new_tokens=12)
 
 
 def _without_timing(value):
@@ -93,7 +82,7 @@ def test_resume_refusals(run_dir, capsys, monkeypatch):
     config = compress_model.load_config(run_dir / "config.json")
     (folder / "run.json").write_text(json.dumps({"config": dataclasses.asdict(config), "report": {}}))
     (folder / "latest").write_text("step-00000010")
-    _edit(run_dir, learning_rate=1e-3)
+    edit_config(run_dir, learning_rate=1e-3)
     assert compress_model.main(["--config", "config.json", "--resume"]) == 2
     err = capsys.readouterr().err
     assert "learning_rate was 0.003" in err and "0.001 now" in err
@@ -101,10 +90,10 @@ def test_resume_refusals(run_dir, capsys, monkeypatch):
 
 def test_same_config_and_seed_give_the_same_report(run_dir, monkeypatch):
     monkeypatch.chdir(run_dir)
-    _edit(run_dir, epoch=2, checkpoint_steps=0)
+    edit_config(run_dir, epoch=2, checkpoint_steps=0)
     reports = []
     for name in ("a", "b"):
-        _edit(run_dir, output_path=str(run_dir / name))
+        edit_config(run_dir, output_path=str(run_dir / name))
         assert compress_model.main(["--config", "config.json"]) == 0
         reports.append(json.loads((run_dir / name / "report.json").read_text()))
     assert _without_timing(reports[0]) == _without_timing(reports[1])
@@ -113,7 +102,7 @@ def test_same_config_and_seed_give_the_same_report(run_dir, monkeypatch):
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
-    _edit(run_dir, epoch=2, checkpoint_steps=5)
+    edit_config(run_dir, epoch=2, checkpoint_steps=5)
     real_step = Distiller._loss_step
     calls = {"n": 0}
 
@@ -131,7 +120,7 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(run_dir, 
 
 
 def test_two_processes_with_torchrun(run_dir):
-    _edit(run_dir, epoch=2, checkpoint_steps=0)
+    edit_config(run_dir, epoch=2, checkpoint_steps=0)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
                              "--master_port", "29533", str(REPO / "compress_model.py"), "--config", "config.json"],
                             cwd=run_dir, env=ENV, capture_output=True, text=True, timeout=300)
