@@ -166,6 +166,12 @@ def main():
         pad_token_id=pad_id, eos_token_id=eos_id, decoder_start_token_id=pad_id, forced_eos_token_id=eos_id,
     )
     model = MarianMTModel(config)
+    # Marian's convention, which converted OPUS-MT checkpoints follow and CTranslate2 relies on: the
+    # <pad> row of the (tied) embedding is zero, so decoding starts from a zero vector. The tied
+    # output projection would otherwise train that row; it is reset after every step.
+    pad_row = model.get_input_embeddings().weight
+    with torch.no_grad():
+        pad_row[pad_id].zero_()
     model.generation_config.num_beams = 1
     model.generation_config.bad_words_ids = [[pad_id]]
     n_params = sum(p.numel() for p in model.parameters())
@@ -195,6 +201,8 @@ def main():
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            with torch.no_grad():
+                pad_row[pad_id].zero_()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             step += 1
