@@ -1,0 +1,411 @@
+"""Export a MarianMT model, compressed by this tool or not, to ONNX Runtime.
+
+    python onnx_export.py --model outputs/compressed-en-de                 # → outputs/compressed-en-de/onnx
+    python onnx_export.py --model outputs/compressed-en-de --int8          # → …/onnx-int8
+    python onnx_export.py --model Helsinki-NLP/opus-mt-en-de --out opus-onnx
+
+The folder holds two graphs, written by ``torch.onnx`` from the model's own modules (the
+factorized layers export as their two small matrix products, never re-multiplied):
+
+- ``encoder.onnx``: (input_ids, attention_mask) → the cross-attention keys and values of every
+  decoder layer, computed once per sentence (as CTranslate2 does), so no decoder step repeats them.
+- ``decoder.onnx``: one decoding step with a key/value cache: (input_ids (B, 1), attention_mask,
+  the self-attention cache (B, H, P, Dh) of each layer, P = 0 at the first step, the cross-attention
+  keys/values) → (log-probabilities of the next token (B, V), the cache grown by one position).
+
+Why by hand: no maintained exporter handles seq2seq models with a cache for transformers 5
+(optimum's needs transformers < 4.58, and transformers' own cache classes do not trace), so the
+two step functions below restate Marian's forward pass (post-norm layers, sinusoidal positions,
+scaled embeddings, final_logits_bias) around the model's modules; ``export`` then checks the graphs
+against the PyTorch model before it writes anything. int8 is ONNX Runtime's dynamic quantization
+(``onnxruntime.quantization.quantize_dynamic``) of every MatMul and Gather weight, the embedding
+and the output projection included. Tensors that both graphs use (the embedding) are stored once,
+in ``weights.bin``, which both graphs reference as external data.
+
+The folder also holds the tokenizer, ``config.json`` and ``generation_config.json`` of the model,
+and ``onnx_export.json`` (what the graphs expect); ``translate.py`` runs it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+EXPORT_INFO = "onnx_export.json"
+FORMAT = 1
+PRECISIONS = ("float32", "int8")
+OPSET = 17
+
+
+class ExportError(ValueError):
+    """A user-facing problem with what is exported or where (one-line message)."""
+
+
+def default_folder(model_path: str | os.PathLike, precision: str) -> Path:
+    """Where ``export`` writes by default: ``onnx`` (float32) or ``onnx-int8`` inside the model folder."""
+    return Path(model_path) / ("onnx" if precision == "float32" else f"onnx-{precision}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The two step functions, as modules that torch.onnx traces
+
+
+def _import_torch():
+    import torch
+    from torch import nn
+
+    return torch, nn
+
+
+def _graphs(model):
+    """(encoder module, decoder-step module) for ``model``, a MarianMTModel (factorized or not)."""
+    torch, nn = _import_torch()
+    from matrix_decomposition import LowRankEmbedding, LowRankLinear
+
+    config = model.config
+    marian = model.model
+    encoder, decoder = marian.encoder, marian.decoder
+    neg = torch.finfo(torch.float32).min
+
+    def table(embedding):
+        """The tensor a token lookup gathers columns from: Eᵀ (d, V), or Aᵀ (r, V) of E ≈ A·B. An
+        output projection tied to the embedding multiplies by the same tensor, so the graph holds it once."""
+        weight = embedding.up.weight if isinstance(embedding, LowRankEmbedding) else embedding.weight
+        return weight.t()
+
+    def lookup(embedding, tab, ids):  # ids (B, T) → (B, T, d)
+        rows = tab.index_select(1, ids.reshape(-1)).t()  # (B·T, d or r)
+        if isinstance(embedding, LowRankEmbedding):
+            rows = rows @ embedding.down.weight  # (B·T, r) @ (r, d)
+        return rows.reshape(ids.shape[0], ids.shape[1], -1)
+
+    def heads(x, attention):  # (B, T, D) → (B, H, T, Dh)
+        return x.reshape(x.shape[0], x.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
+
+    def attend(attention, query, keys, values, bias):  # query (B, T, D); keys, values (B, H, S, Dh); bias (B, 1, 1|T, S)
+        q = heads(attention.q_proj(query), attention)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * attention.scaling + bias  # (B, H, T, S)
+        out = torch.matmul(torch.softmax(scores, dim=-1), values).transpose(1, 2)  # (B, T, H, Dh)
+        return attention.out_proj(out.reshape(query.shape[0], query.shape[1], -1))
+
+    def feed_forward(layer, x):
+        return layer.final_layer_norm(x + layer.fc2(layer.activation_fn(layer.fc1(x))))
+
+    def padding_bias(attention_mask):  # (B, S) → (B, 1, 1, S): 0 where real, the float minimum where padded
+        return (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * neg
+
+    class Encoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder, self.decoder = encoder, decoder
+
+        def forward(self, input_ids, attention_mask):
+            x = lookup(encoder.embed_tokens, table(encoder.embed_tokens), input_ids) * encoder.embed_scale
+            x = x + encoder.embed_positions.weight[: input_ids.shape[1]]
+            bias = padding_bias(attention_mask)
+            for layer in encoder.layers:
+                attention = layer.self_attn
+                keys, values = heads(attention.k_proj(x), attention), heads(attention.v_proj(x), attention)
+                x = layer.self_attn_layer_norm(x + attend(attention, x, keys, values, bias))
+                x = feed_forward(layer, x)
+            cross = []
+            for layer in decoder.layers:
+                attention = layer.encoder_attn
+                cross += [heads(attention.k_proj(x), attention), heads(attention.v_proj(x), attention)]
+            return tuple(cross)
+
+    head = model.lm_head
+    tied = head.weight is decoder.embed_tokens.weight if isinstance(head, nn.Linear) else (
+        isinstance(head, LowRankLinear) and isinstance(decoder.embed_tokens, LowRankEmbedding)
+        and head.up.weight is decoder.embed_tokens.up.weight)
+
+    class DecoderStep(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.decoder, self.head = decoder, head
+            self.register_buffer("final_logits_bias", model.final_logits_bias.detach().clone(), persistent=False)
+
+        def forward(self, input_ids, attention_mask, *cache):  # cache: self k, v per layer, then cross k, v per layer
+            n = len(decoder.layers)
+            past, cross = cache[: 2 * n], cache[2 * n:]
+            tab = table(decoder.embed_tokens)
+            x = lookup(decoder.embed_tokens, tab, input_ids) * decoder.embed_scale  # (B, 1, d)
+            step = past[0].shape[2]  # positions already in the cache
+            x = x + decoder.embed_positions.weight[step: step + 1]
+            bias = padding_bias(attention_mask)
+            present = []
+            for i, layer in enumerate(decoder.layers):
+                attention = layer.self_attn
+                keys = torch.cat([past[2 * i], heads(attention.k_proj(x), attention)], dim=2)
+                values = torch.cat([past[2 * i + 1], heads(attention.v_proj(x), attention)], dim=2)
+                present += [keys, values]
+                x = layer.self_attn_layer_norm(x + attend(attention, x, keys, values, 0.0))
+                x = layer.encoder_attn_layer_norm(x + attend(layer.encoder_attn, x, cross[2 * i], cross[2 * i + 1], bias))
+                x = feed_forward(layer, x)
+            h = x[:, 0]  # (B, d)
+            if not tied:
+                logits = head(h)
+            elif isinstance(head, LowRankLinear):
+                logits = (h @ head.down.weight.t()) @ tab  # (B, d) @ (d, r) @ (r, V)
+            else:
+                logits = h @ tab  # (B, d) @ (d, V)
+            logits = logits + self.final_logits_bias
+            return (torch.log_softmax(logits, dim=-1), *present)
+
+    return Encoder().eval(), DecoderStep().eval()
+
+
+def _check_exportable(model) -> None:
+    config = model.config
+    if getattr(config, "model_type", None) not in ("marian", "marian-decomposed"):
+        raise ExportError(f"model_type {getattr(config, 'model_type', None)!r} cannot be exported yet: "
+                          f"supported is MarianMT (model_type 'marian'), compressed by this tool or not")
+    if getattr(config, "normalize_before", False) or getattr(model.model.encoder, "layer_norm", None) is not None:
+        raise ExportError("pre-norm Marian variants (normalize_before) cannot be exported yet")
+
+
+# ---------------------------------------------------------------------------------------------
+# Export
+
+
+def _names(n_layers: int) -> tuple[list[str], list[str]]:
+    past = [f"past_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+    cross = [f"cross_{kind}_{i}" for i in range(n_layers) for kind in ("key", "value")]
+    return past, cross
+
+
+def _export_graphs(model, folder: Path) -> dict:
+    """Write encoder.onnx and decoder.onnx (float32, weights inline) into ``folder``; returns the
+    description that goes into onnx_export.json."""
+    torch, _ = _import_torch()
+    encoder, step = _graphs(model)
+    config = model.config
+    n = len(model.model.decoder.layers)
+    attention = model.model.decoder.layers[0].self_attn
+    past_names, cross_names = _names(n)
+    present_names = [name.replace("past_", "present_") for name in past_names]
+    ids = torch.tensor([[5, 6, 7, 8], [9, 10, config.eos_token_id, config.pad_token_id]], dtype=torch.long)
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.long)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
+        cross = encoder(ids, mask)
+        past = [torch.zeros(2, attention.num_heads, 3, attention.head_dim) for _ in past_names]
+        axes = {"input_ids": {0: "batch", 1: "source"}, "attention_mask": {0: "batch", 1: "source"},
+                **{name: {0: "batch", 2: "source"} for name in cross_names}}
+        torch.onnx.export(encoder, (ids, mask), str(folder / "encoder.onnx"), dynamo=False, opset_version=OPSET,
+                          input_names=["input_ids", "attention_mask"], output_names=cross_names,
+                          dynamic_axes=axes, do_constant_folding=True)
+        step_ids = torch.tensor([[5], [6]], dtype=torch.long)
+        axes = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "source"}, "log_probs": {0: "batch"},
+                **{name: {0: "batch", 2: "past"} for name in past_names},
+                **{name: {0: "batch", 2: "past+1"} for name in present_names},
+                **{name: {0: "batch", 2: "source"} for name in cross_names}}
+        torch.onnx.export(step, (step_ids, mask, *past, *cross), str(folder / "decoder.onnx"), dynamo=False,
+                          opset_version=OPSET, input_names=["input_ids", "attention_mask", *past_names, *cross_names],
+                          output_names=["log_probs", *present_names], dynamic_axes=axes, do_constant_folding=True)
+    return {"layers": n, "heads": attention.num_heads, "head_dim": attention.head_dim,
+            "max_positions": int(model.model.decoder.embed_positions.weight.shape[0]),
+            "vocab_size": int(model.final_logits_bias.shape[-1]),
+            "past": past_names, "present": present_names, "cross": cross_names}
+
+
+def _quantize(folder: Path) -> None:
+    """Replace both graphs by ONNX Runtime's dynamic int8 quantization of their MatMul and Gather
+    weights (activations are quantized on the fly)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    for name in ("encoder.onnx", "decoder.onnx"):
+        source = folder / name
+        target = folder / f"{name}.int8"
+        quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+        os.replace(target, source)
+
+
+def _store_shared(folder: Path) -> None:
+    """Move every initializer of encoder.onnx and decoder.onnx above 1 KiB into one ``weights.bin``,
+    each distinct tensor once (the embedding both graphs use is stored once), referenced as
+    external data."""
+    import onnx
+    from onnx.external_data_helper import set_external_data
+
+    models = {name: onnx.load(str(folder / name)) for name in ("encoder.onnx", "decoder.onnx")}
+    offsets: dict[str, tuple[int, int]] = {}
+    with open(folder / "weights.bin", "wb") as data:
+        for model in models.values():
+            for tensor in model.graph.initializer:
+                raw = tensor.raw_data
+                if len(raw) < 1024:
+                    continue
+                key = hashlib.sha256(raw).hexdigest()
+                if key not in offsets:
+                    data.write(b"\0" * (-data.tell() % 64))  # aligned, for memory mapping
+                    offsets[key] = (data.tell(), len(raw))
+                    data.write(raw)
+                set_external_data(tensor, "weights.bin", offset=offsets[key][0], length=offsets[key][1])
+                tensor.ClearField("raw_data")
+    for name, model in models.items():
+        onnx.save(model, str(folder / name))
+
+
+def _verify(model, folder: Path, tolerance: float) -> float:
+    """Run the exported graphs on a few sentences-worth of ids and compare their next-token
+    log-probabilities with the PyTorch model's (teacher-forced, three steps); returns the largest
+    difference and refuses the export above ``tolerance``."""
+    import numpy as np
+    import onnxruntime as ort
+
+    torch, _ = _import_torch()
+    info = json.loads((folder / EXPORT_INFO).read_text())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    encoder = ort.InferenceSession(str(folder / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(folder / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    config = model.config
+    generator = torch.Generator().manual_seed(0)
+    vocab = info["vocab_size"]
+    ids = torch.randint(2, max(3, vocab - 1), (3, 7), generator=generator)
+    ids[:, -1] = config.eos_token_id
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0
+    ids[1, 5:] = config.pad_token_id
+    targets = torch.randint(2, max(3, vocab - 1), (3, 3), generator=generator)
+    decoder_ids = torch.cat([torch.full((3, 1), config.decoder_start_token_id), targets], dim=1)
+    with torch.no_grad():
+        expected = torch.log_softmax(model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits, -1)
+    cross = encoder.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
+    past = [np.zeros((3, info["heads"], 0, info["head_dim"]), np.float32) for _ in info["past"]]
+    worst = 0.0
+    for t in range(decoder_ids.shape[1]):
+        feed = {"input_ids": decoder_ids[:, t:t + 1].numpy(), "attention_mask": mask.numpy(),
+                **dict(zip(info["past"], past)), **dict(zip(info["cross"], cross))}
+        log_probs, *past = decoder.run(None, feed)
+        worst = max(worst, float(np.abs(log_probs - expected[:, t].numpy()).max()))
+    if not math.isfinite(worst) or worst > tolerance:
+        raise ExportError(f"the exported graphs differ from the PyTorch model by {worst:.2g} in log-probability "
+                          f"(allowed {tolerance:g}); this model has a layout the exporter does not handle")
+    return worst
+
+
+def export(model_path: str | os.PathLike, out: str | os.PathLike | None = None, precision: str = "float32",
+           overwrite: bool = False, model=None, tokenizer=None) -> Path:
+    """Export the model in ``model_path`` (a folder written by this tool, any MarianMT folder or a
+    hub id; or ``model`` and ``tokenizer`` given directly) to ONNX Runtime in ``precision``
+    (float32 or int8) into the folder ``out`` (default: ``onnx`` / ``onnx-int8`` inside the model
+    folder). The folder appears whole or not at all. Returns its path."""
+    if precision not in PRECISIONS:
+        raise ExportError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    out = Path(out) if out is not None else default_folder(model_path, precision)
+    check_out(out, overwrite)
+    if model is None:
+        model, tokenizer = load_model(str(model_path))
+    _check_exportable(model)
+    model = model.float().cpu().eval()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        info = {"format": FORMAT, "precision": precision, "source": str(model_path), "opset": OPSET,
+                **_export_graphs(model, work)}
+        (work / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        if precision == "float32":
+            info["max_abs_diff"] = _verify(model, work, tolerance=1e-3)
+        else:
+            _quantize(work)
+        _store_shared(work)
+        (work / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        model.config.save_pretrained(work)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(work)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(work)
+        os.chmod(work, 0o777 & ~_umask())
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(work, out)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return out
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse an output folder that exists, unless it is an earlier export and ``overwrite`` is given."""
+    if out.exists() and not (overwrite and (out / EXPORT_INFO).is_file()):
+        what = "an ONNX export; pass --overwrite to replace it" if (out / EXPORT_INFO).is_file() else \
+            "not an ONNX export of this tool, so it is never replaced"
+        raise ExportError(f"output folder {str(out)!r} exists and is {what}")
+
+
+def quiet_() -> None:
+    """Silence transformers' loading bars and ONNX Runtime's quantization advice on the command line."""
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    logging.getLogger().setLevel(logging.ERROR)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def load_model(path: str):
+    """(model, tokenizer) of a folder written by this tool (factorized) or any MarianMT folder / hub id."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    from matrix_decomposition import CONFIG_FIELD, load_compressed_model
+
+    local = Path(path)
+    if (local.is_absolute() or path.startswith(".") or local.exists() or path.count("/") != 1) and not local.is_dir():
+        raise ExportError(f"--model: {path!r} is not a folder (and not a hub id like 'Helsinki-NLP/opus-mt-en-de')")
+    if local.is_dir() and (local / EXPORT_INFO).is_file():
+        raise ExportError(f"--model: {path!r} is already an ONNX export; give the model folder it came from")
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ExportError(f"--model: {path!r} has no config.json; it is not a model folder")
+    try:
+        config = AutoConfig.from_pretrained(path)
+        if getattr(config, CONFIG_FIELD, None):
+            model = load_compressed_model(path)
+        else:
+            model = AutoModelForSeq2SeqLM.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"--model: cannot load {path!r}: {first}") from None
+    return model.eval(), tokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a folder written by compress_model.py, a MarianMT folder or hub id")
+    parser.add_argument("--out", default=None, help="output folder (default: <model>/onnx or <model>/onnx-int8)")
+    parser.add_argument("--int8", action="store_true", help="quantize the weights to int8 (ONNX Runtime dynamic quantization)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_()
+    precision = "int8" if args.int8 else "float32"
+    try:
+        if args.out is None and not Path(args.model).is_dir():
+            raise ExportError("--out is needed when --model is a hub id")
+        check_out(Path(args.out) if args.out else default_folder(args.model, precision), args.overwrite)
+        out = export(args.model, args.out, precision, overwrite=args.overwrite)
+    except ExportError as e:
+        print(f"onnx_export.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"exported to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,176 @@
+"""ONNX Runtime export and the translate command: the exported graphs compute what the PyTorch model
+computes (greedy and beam translations equal), factorized layers stay factorized, the embedding is
+stored once, int8 stays close to float32 on real sentences, and bad input is refused in one line."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import sacrebleu
+import torch
+
+from conftest import REPO, read_pairs
+from matrix_decomposition import count_parameters, decompose_, save_compressed_model
+from onnx_export import ExportError, export
+from translate import TranslateError, load_translator, translate_lines
+
+EVAL_CSV = REPO / "data" / "tatoeba_en_de" / "eval.csv"
+SHIPPED = REPO / "models" / "teacher-en-de"
+
+
+def stored_floats(folder) -> int:
+    """Float32 numbers the export stores (external data and inline initializers, each tensor once)."""
+    inline = sum(np.prod(t.dims) for name in ("encoder.onnx", "decoder.onnx")
+                 for t in onnx.load(str(folder / name), load_external_data=False).graph.initializer
+                 if t.data_type == onnx.TensorProto.FLOAT and t.HasField("raw_data"))
+    return int(inline) + (folder / "weights.bin").stat().st_size // 4
+
+
+def varied_(model, scale: float, positions: bool = True):
+    """Add seeded noise to the parameters (to the fixed sinusoidal position tables too, unless told not
+    to): a fresh tiny model says nearly the same thing for every input, and has many equal tensors."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad or positions:
+                p.add_(scale * torch.randn_like(p))
+    return model
+
+
+@pytest.fixture
+def varied_teacher_dir(tmp_path, make_tiny_marian, tiny_tokenizer):
+    """A tiny dense Marian whose translations depend on its input, saved by this tool."""
+    save_compressed_model(varied_(make_tiny_marian(), 0.3), tmp_path / "teacher", tiny_tokenizer)
+    return tmp_path / "teacher"
+
+
+@pytest.fixture
+def factorized_dir(tmp_path, make_tiny_marian, tiny_tokenizer):
+    """A tiny Marian with every linear and the shared embedding factorized, saved by this tool."""
+    model = make_tiny_marian()
+    decompose_(model, ["*"], k_info=4)
+    save_compressed_model(varied_(model, 0.5), tmp_path / "student", tiny_tokenizer)
+    return tmp_path / "student"
+
+
+@pytest.mark.parametrize("which", ["dense", "factorized"])
+def test_onnx_translations_equal_pytorch_greedy_and_beam(which, varied_teacher_dir, factorized_dir, tiny_pairs, tmp_path):
+    folder = varied_teacher_dir if which == "dense" else factorized_dir
+    onnx_dir = export(folder, tmp_path / "onnx")
+    sources = [s for s, _ in tiny_pairs[:60]]
+    torch_translator, onnx_translator = load_translator(folder), load_translator(onnx_dir)
+    assert onnx_translator.backend == "onnx" and torch_translator.backend == "torch"
+    for beams in (1, 3):
+        expected = translate_lines(torch_translator, sources, batch_size=16, num_beams=beams, max_new_tokens=12)
+        got = translate_lines(onnx_translator, sources, batch_size=16, num_beams=beams, max_new_tokens=12)
+        assert len(set(expected)) > 10  # the model says different things for different inputs
+        assert got == expected, beams
+    info = json.loads((onnx_dir / "onnx_export.json").read_text())
+    assert info["precision"] == "float32" and info["max_abs_diff"] < 1e-4
+
+
+def test_factorized_export_stores_the_factors_and_the_embedding_once(make_tiny_marian, tmp_path):
+    teacher = varied_(make_tiny_marian(), 0.3, positions=False)
+    student = make_tiny_marian()
+    decompose_(student, ["*"], k_info=4)
+    varied_(student, 0.3, positions=False)
+    positions = student.model.decoder.embed_positions.weight.numel()  # the sinusoid table (one copy, shared)
+    stored = stored_floats(export("student", tmp_path / "student-onnx", model=student))
+    # every parameter once (the tied output projection reuses the embedding's factor A; the encoder's
+    # and decoder's identical position tables are one), nothing the size of a re-multiplied matrix
+    # (which would add V·d or d·d floats); the one extra allowed is the embedding's small factor B (r×d),
+    # inline in both graphs and transposed for the output projection
+    shapes = [tuple(t.dims) for name in ("encoder.onnx", "decoder.onnx")
+              for t in onnx.load(str(tmp_path / "student-onnx" / name), load_external_data=False).graph.initializer]
+    assert not [s for s in shapes if len(s) == 2 and min(s) > 4 and s != (64, 16)]  # rank 4; (64, 16): positions
+    small_factor = student.model.shared.down.weight.numel()
+    assert 0 <= stored - (count_parameters(student) - positions) <= 2 * small_factor + 16
+    stored_teacher = stored_floats(export("teacher", tmp_path / "teacher-onnx", model=teacher))
+    assert 0 <= stored_teacher - (count_parameters(teacher) - positions) <= 16
+    assert stored < 0.8 * stored_teacher
+
+
+def test_int8_of_the_shipped_teacher_is_smaller_and_keeps_bleu(tmp_path):
+    pairs = read_pairs(EVAL_CSV, limit=400)
+    sources, refs = [s for s, _ in pairs], [[t for _, t in pairs]]
+    fp32, int8 = export(SHIPPED, tmp_path / "fp32"), export(SHIPPED, tmp_path / "int8", "int8")
+    size = lambda folder: sum(f.stat().st_size for f in folder.glob("*.onnx")) + (folder / "weights.bin").stat().st_size  # noqa: E731
+    assert size(int8) < 0.4 * size(fp32)
+    ops = {n.op_type for n in onnx.load(str(int8 / "decoder.onnx"), load_external_data=False).graph.node}
+    assert "MatMulInteger" in ops
+    bleu = {name: sacrebleu.corpus_bleu(translate_lines(load_translator(folder), sources, max_new_tokens=64), refs).score
+            for name, folder in (("fp32", fp32), ("int8", int8))}
+    assert bleu["fp32"] > 20  # a real translator
+    assert abs(bleu["int8"] - bleu["fp32"]) <= 0.5 * 2  # 0.5 on the 1,000 pairs of the benchmark; 400 here are noisier
+
+
+def test_exported_greedy_equals_pytorch_on_real_sentences(tmp_path):
+    sources = [s for s, _ in read_pairs(EVAL_CSV, limit=300)]
+    expected = translate_lines(load_translator(SHIPPED), sources, max_new_tokens=64)
+    got = translate_lines(load_translator(export(SHIPPED, tmp_path / "onnx")), sources, max_new_tokens=64)
+    assert got == expected
+
+
+def test_translate_command_from_another_folder(tiny_teacher_dir, tmp_path):
+    onnx_dir = export(tiny_teacher_dir, tmp_path / "onnx-model")
+    lines = ["How are you?", "", "I like tea.", "Tom is here."]
+    outputs = {}
+    for name, model in (("torch", tiny_teacher_dir), ("onnx", onnx_dir)):
+        done = subprocess.run([sys.executable, str(REPO / "translate.py"), "--model", str(model), "--max-new-tokens", "8"],
+                              input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=tmp_path, timeout=120)
+        assert done.returncode == 0, done.stderr
+        outputs[name] = done.stdout.split("\n")[:-1]
+        assert len(outputs[name]) == len(lines) and outputs[name][1] == "" and outputs[name][0]
+    assert outputs["torch"] == outputs["onnx"]
+
+
+def test_export_command_writes_next_to_the_model_and_refuses_to_overwrite(tiny_teacher_dir):
+    command = [sys.executable, str(REPO / "onnx_export.py"), "--model", str(tiny_teacher_dir), "--int8"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert (tiny_teacher_dir / "onnx-int8" / "onnx_export.json").is_file()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "Traceback" not in again.stderr
+    assert again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
+
+
+@pytest.mark.parametrize("case", ["not_a_model", "onnx_as_model", "folder_exists", "precision"])
+def test_export_errors(case, tiny_teacher_dir, tmp_path):
+    out = tmp_path / "out"
+    kwargs = {}
+    if case == "not_a_model":
+        (tmp_path / "empty").mkdir()
+        model, expected = tmp_path / "empty", "no config.json"
+    elif case == "onnx_as_model":
+        model, expected = export(tiny_teacher_dir, tmp_path / "exported"), "already an ONNX export"
+    elif case == "folder_exists":
+        out.mkdir()
+        (out / "mine.txt").write_text("keep me")
+        model, expected = tiny_teacher_dir, "never replaced"
+        kwargs = {"overwrite": True}
+    else:
+        model, expected, kwargs = tiny_teacher_dir, "not one of float32, int8", {"precision": "fp8"}
+    with pytest.raises(ExportError, match=expected):
+        export(model, out, **kwargs)
+    assert case == "folder_exists" and (out / "mine.txt").read_text() == "keep me" or not out.exists()
+
+
+@pytest.mark.parametrize("case", ["backend", "no_export", "torch_on_onnx", "threads"])
+def test_translator_errors(case, tiny_teacher_dir, tmp_path):
+    args = {"backend": (tiny_teacher_dir, "gpu", 1), "no_export": (tiny_teacher_dir, "onnx", 1),
+            "torch_on_onnx": (export(tiny_teacher_dir, tmp_path / "o") if case == "torch_on_onnx" else None, "torch", 1),
+            "threads": (tiny_teacher_dir, "auto", 0)}[case]
+    expected = {"backend": "not one of auto, torch, onnx", "no_export": "onnx_export.py --model",
+                "torch_on_onnx": "is an ONNX export", "threads": "at least 1"}[case]
+    with pytest.raises(TranslateError, match=expected):
+        load_translator(*args)
+
+
+def test_translate_command_errors_are_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "translate.py"), "--model", str(tmp_path / "nowhere")],
+                          input="hi\n", capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert "nowhere" in done.stderr

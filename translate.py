@@ -1,0 +1,296 @@
+"""Translate text with a model written by this tool: one sentence per line in, one translation per line out.
+
+    python translate.py --model outputs/compressed-en-de < input.txt > output.txt                # PyTorch
+    python translate.py --model outputs/compressed-en-de/onnx-int8 < input.txt > output.txt      # ONNX Runtime
+    python translate.py --model outputs/compressed-en-de --backend onnx --num-beams 4 --threads 2 < in.txt
+
+``--model`` is a folder written by ``compress_model.py`` (factorized; any MarianMT folder or hub id
+works too) or an ONNX export of one (``onnx_export.py``; recognised by its ``onnx_export.json``).
+``--backend onnx`` on a model folder uses its ``onnx`` (or, with ``--int8``, ``onnx-int8``) export.
+Sentences are sorted by length and translated in batches; the output keeps the input's order,
+and an empty line stays an empty line. Greedy search by default, beam search with ``--num-beams``.
+
+The ONNX Runtime backend needs neither PyTorch nor transformers' models: numpy, onnxruntime and
+the tokenizer. Its search follows transformers' ``generate()``: the model's ``bad_words_ids`` and
+``forced_eos_token_id`` apply, finished sentences are padded, and beam hypotheses are scored by
+sum of log-probabilities / length ** length_penalty.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnx_export import EXPORT_INFO, FORMAT, default_folder, quiet_
+
+BACKENDS = ("auto", "torch", "onnx")
+
+
+class TranslateError(ValueError):
+    """A user-facing problem with the model folder or the options (one-line message)."""
+
+
+def _generation_settings(folder: Path) -> dict:
+    path = folder / "generation_config.json"
+    settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id"):
+        if settings.get(key) is None:
+            settings[key] = config.get(key)
+    return settings
+
+
+class OnnxTranslator:
+    """Greedy and beam search over the two graphs of an ``onnx_export`` folder, in ONNX Runtime."""
+
+    backend = "onnx"
+
+    def __init__(self, folder: str | os.PathLike, threads: int = 1) -> None:
+        import onnxruntime as ort
+        from transformers import AutoTokenizer
+
+        self.folder = Path(folder)
+        self.info = json.loads((self.folder / EXPORT_INFO).read_text(encoding="utf-8"))
+        if self.info.get("format") != FORMAT:
+            raise TranslateError(f"--model: {str(folder)!r} is an ONNX export of format {self.info.get('format')}; "
+                                 f"this version reads format {FORMAT}: export it again")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        providers = ["CPUExecutionProvider"]
+        self.encoder = ort.InferenceSession(str(self.folder / "encoder.onnx"), options, providers=providers)
+        self.decoder = ort.InferenceSession(str(self.folder / "decoder.onnx"), options, providers=providers)
+        self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
+        settings = _generation_settings(self.folder)
+        self.start, self.eos, self.pad = settings["decoder_start_token_id"], settings["eos_token_id"], settings["pad_token_id"]
+        self.forced_eos = settings.get("forced_eos_token_id")
+        self.banned = [ids[0] for ids in settings.get("bad_words_ids") or [] if len(ids) == 1]
+        self.length_penalty = settings.get("length_penalty", 1.0)
+        self.max_positions = self.info["max_positions"]
+
+    def _encode(self, input_ids, attention_mask):
+        return self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+
+    def _step(self, tokens, attention_mask, past, cross, step: int, max_new_tokens: int):
+        """Log-probabilities of the next token (B, V) with the search constraints applied, and the grown cache."""
+        import numpy as np
+
+        feed = {"input_ids": tokens[:, None], "attention_mask": attention_mask,
+                **dict(zip(self.info["past"], past)), **dict(zip(self.info["cross"], cross))}
+        log_probs, *past = self.decoder.run(None, feed)
+        if self.banned:
+            log_probs[:, self.banned] = -np.inf
+        if self.forced_eos is not None and step == max_new_tokens - 1:  # the last position: end the sentence
+            log_probs[:] = -np.inf
+            log_probs[:, self.forced_eos] = 0.0  # as transformers' ForcedEOSTokenLogitsProcessor scores it
+        return log_probs, past
+
+    def _empty_cache(self, batch: int):
+        import numpy as np
+
+        return [np.zeros((batch, self.info["heads"], 0, self.info["head_dim"]), np.float32) for _ in self.info["past"]]
+
+    def generate(self, input_ids, attention_mask, num_beams: int = 1, max_new_tokens: int = 128) -> list[list[int]]:
+        """Token ids of the translations of a padded batch (numpy int64 arrays (B, S)), without the start token."""
+        max_new_tokens = min(max_new_tokens, self.max_positions)
+        if num_beams > 1:
+            return self._beam_search(input_ids, attention_mask, num_beams, max_new_tokens)
+        import numpy as np
+
+        cross = self._encode(input_ids, attention_mask)
+        batch = input_ids.shape[0]
+        out: list[list[int]] = [[] for _ in range(batch)]
+        alive = np.arange(batch)  # rows still translating; finished ones leave the batch
+        tokens = np.full(batch, self.start, dtype=np.int64)
+        past, mask = self._empty_cache(batch), attention_mask
+        for step in range(max_new_tokens):
+            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens)
+            tokens = log_probs.argmax(-1).astype(np.int64)
+            for row, token in zip(alive, tokens):
+                out[row].append(int(token))
+            keep = np.flatnonzero(tokens != self.eos)
+            if len(keep) == 0:
+                break
+            if len(keep) < len(alive):
+                alive, tokens, mask = alive[keep], tokens[keep], mask[keep]
+                past = [p[keep] for p in past]
+                cross = [c[keep] for c in cross]
+        return out
+
+    def _beam_search(self, input_ids, attention_mask, num_beams: int, max_new_tokens: int) -> list[list[int]]:
+        import numpy as np
+
+        batch, beams, lp = input_ids.shape[0], num_beams, self.length_penalty
+        flat = lambda rows: (rows[:, None] * beams + np.arange(beams)).reshape(-1)  # noqa: E731 (row → its beams)
+        cross = [np.repeat(c, beams, axis=0) for c in self._encode(input_ids, attention_mask)]
+        mask = np.repeat(attention_mask, beams, axis=0)
+        past = self._empty_cache(batch * beams)
+        tokens = np.full(batch * beams, self.start, dtype=np.int64)
+        scores = np.zeros((batch, beams), np.float32)
+        scores[:, 1:] = -1e9  # the beams start equal: only the first is expanded at the first step
+        sequences = np.zeros((batch, beams, 0), np.int64)
+        finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # (score, tokens), best first
+        alive = np.arange(batch)  # sentences still searching; finished ones leave the batch
+        for step in range(max_new_tokens):
+            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens)
+            vocab = log_probs.shape[-1]
+            candidates = (scores[:, :, None] + log_probs.reshape(len(alive), beams, vocab)).reshape(len(alive), -1)
+            part = np.argpartition(-candidates, 2 * beams - 1, axis=1)[:, : 2 * beams]
+            values = np.take_along_axis(candidates, part, axis=1)
+            rank = np.argsort(-values, axis=1, kind="stable")
+            top, values = np.take_along_axis(part, rank, axis=1), np.take_along_axis(values, rank, axis=1)  # (A, 2K)
+            beam, token = top // vocab, top % vocab
+            last = step == max_new_tokens - 1
+            ends = np.ones_like(token, bool) if last else token == self.eos
+            norm = (step + 1) ** lp
+            for row, k in zip(*np.nonzero(ends[:, :beams])):  # endings among the best K become hypotheses
+                pool = finished[alive[row]]
+                pool.append((float(values[row, k]) / norm, [*sequences[row, beam[row, k]].tolist(), int(token[row, k])]))
+                pool.sort(key=lambda h: -h[0])
+                del pool[beams:]
+            running = np.argsort(ends, axis=1, kind="stable")[:, :beams]  # the best K that did not end
+            source = np.take_along_axis(beam, running, axis=1)
+            next_tokens, next_scores = np.take_along_axis(token, running, axis=1), np.take_along_axis(values, running, axis=1)
+            # a sentence is done once no running beam can beat the worst of its K finished hypotheses
+            keep = np.array([not last and not (len(finished[b]) == beams and finished[b][-1][0] >= next_scores[row, 0] / norm)
+                             for row, b in enumerate(alive)], bool)
+            if not keep.any():
+                break
+            sequences = np.concatenate([np.take_along_axis(sequences, source[:, :, None], axis=1),
+                                        next_tokens[:, :, None]], axis=2)[keep]
+            past = [p[(np.arange(len(alive))[:, None] * beams + source)[keep].reshape(-1)] for p in past]
+            if not keep.all():
+                rows = flat(np.flatnonzero(keep))
+                cross, mask = [c[rows] for c in cross], mask[rows]
+            alive, tokens, scores = alive[keep], next_tokens[keep].reshape(-1), next_scores[keep]
+        return [finished[b][0][1] for b in range(batch)]
+
+
+class TorchTranslator:
+    """``generate()`` of the PyTorch model in a folder written by this tool (or any MarianMT)."""
+
+    backend = "torch"
+
+    def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
+        import torch
+
+        from onnx_export import ExportError, load_model
+
+        torch.set_num_threads(threads)
+        try:
+            self.model, self.tokenizer = load_model(str(path))
+        except ExportError as e:
+            raise TranslateError(str(e)) from None
+
+    def generate(self, input_ids, attention_mask, num_beams: int = 1, max_new_tokens: int = 128) -> list[list[int]]:
+        import torch
+
+        with torch.inference_mode():
+            out = self.model.generate(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
+                                      num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
+        return [row[1:] for row in out.tolist()]  # without the decoder start token
+
+
+def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int = 1, int8: bool = False):
+    """A translator for ``path``: an ONNX export folder runs in ONNX Runtime, a model folder (or hub
+    id) in PyTorch; ``backend="onnx"`` on a model folder uses its ``onnx`` / ``onnx-int8`` export."""
+    if backend not in BACKENDS:
+        raise TranslateError(f"--backend: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if threads < 1:
+        raise TranslateError(f"--threads: {threads} must be at least 1")
+    folder = Path(path)
+    exported = (folder / EXPORT_INFO).is_file()
+    if backend == "onnx" and not exported:
+        candidate = default_folder(folder, "int8" if int8 else "float32")
+        if not (candidate / EXPORT_INFO).is_file():
+            raise TranslateError(f"--backend onnx: {str(folder)!r} is not an ONNX export and has no {candidate.name}/ "
+                                 f"export; run: python onnx_export.py --model {folder}{' --int8' if int8 else ''}")
+        folder, exported = candidate, True
+    if backend == "torch" and exported:
+        raise TranslateError(f"--backend torch: {str(folder)!r} is an ONNX export; give the model folder it came from")
+    if int8 and not exported:
+        raise TranslateError("--int8 goes with --backend onnx (PyTorch runs the saved float32 weights)")
+    return OnnxTranslator(folder, threads) if exported else TorchTranslator(path, threads)
+
+
+def translate_lines(translator, sentences: Sequence[str], batch_size: int = 32, num_beams: int = 1,
+                    max_new_tokens: int = 128, max_source_length: int = 512, progress: bool | None = None) -> list[str]:
+    """Translations of ``sentences`` in their order (sorted by length into batches; empty ones stay empty)."""
+    import numpy as np
+    from tqdm import tqdm
+
+    tokenizer = translator.tokenizer
+    todo = [i for i, s in enumerate(sentences) if s.strip()]
+    ids = tokenizer([sentences[i] for i in todo], truncation=True, max_length=max_source_length)["input_ids"] if todo else []
+    order = sorted(range(len(todo)), key=lambda k: len(ids[k]))
+    out = [""] * len(sentences)
+    show = sys.stderr.isatty() if progress is None else progress
+    with tqdm(total=len(todo), unit="sent", file=sys.stderr, disable=not show, leave=False) as bar:
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            longest = max(len(ids[k]) for k in chunk)
+            input_ids = np.full((len(chunk), longest), tokenizer.pad_token_id, dtype=np.int64)  # (B, S)
+            attention_mask = np.zeros((len(chunk), longest), dtype=np.int64)
+            for row, k in enumerate(chunk):
+                input_ids[row, :len(ids[k])] = ids[k]
+                attention_mask[row, :len(ids[k])] = 1
+            generated = translator.generate(input_ids, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            for k, text in zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True)):
+                out[todo[k]] = text
+            bar.update(len(chunk))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="a folder written by compress_model.py, or its ONNX export")
+    parser.add_argument("--backend", default="auto", help="auto (by the folder) / torch / onnx")
+    parser.add_argument("--int8", action="store_true", help="with --backend onnx: use the model's onnx-int8 export")
+    parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default 32)")
+    parser.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); more = beam search")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest translation in tokens (default 256)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: robust when other jobs share the cores; raise it on a dedicated machine)")
+    parser.add_argument("--input", default="-", help="input file, one sentence per line (default: standard input)")
+    parser.add_argument("--output", default="-", help="output file (default: standard output)")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="progress bar on standard error (default: when it is a terminal)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_()
+    try:
+        for name in ("batch_size", "num_beams", "max_new_tokens"):
+            if getattr(args, name) < 1:
+                raise TranslateError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be at least 1")
+        if args.input != "-" and not Path(args.input).is_file():
+            raise TranslateError(f"--input: {args.input!r} is not a file")
+        translator = load_translator(args.model, args.backend, args.threads, args.int8)
+        if args.input == "-":
+            text = sys.stdin.read()
+        else:
+            text = Path(args.input).read_text(encoding="utf-8")
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        translations = translate_lines(translator, lines, args.batch_size, args.num_beams, args.max_new_tokens,
+                                       progress=args.progress)
+    except (TranslateError, UnicodeDecodeError) as e:
+        print(f"translate.py: error: {e}", file=sys.stderr)
+        return 2
+    result = "".join(t + "\n" for t in translations)
+    if args.output == "-":
+        sys.stdout.write(result)
+    else:
+        tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp-{os.getpid()}")
+        tmp.write_text(result, encoding="utf-8")
+        os.replace(tmp, args.output)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
