@@ -27,6 +27,7 @@ import types
 import typing
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 # ---------------------------------------------------------------------------------------------
@@ -60,6 +61,9 @@ def default_data_preprocessor(batch: dict[str, list[str]], tokenizer, config: "C
 
 # ---------------------------------------------------------------------------------------------
 # Configuration
+
+
+EXPORTS = ("onnx", "onnx-int8")
 
 
 @dataclass
@@ -131,6 +135,10 @@ class Config:
     quantize_int8: bool = field(default=False, metadata={
         "help": "also evaluate the student with int8 dynamically quantized linear layers (CPU): adds a student_int8 "
                 "row to the report; the saved weights stay float32 (load_compressed_model(path, quantize=\"int8\"))"})
+    export: list[str] = field(default_factory=list, metadata={
+        "help": "deployable copies of the student written into output_path and evaluated in the report: \"onnx\" "
+                "(ONNX Runtime, float32) and/or \"onnx-int8\" (int8 weights); a finished run is exported with "
+                "python onnx_export.py --model <output_path> [--int8]"})
     num_beams: int = field(default=1, metadata={"help": "beams for the BLEU evaluation (1 = greedy)"})
     eval_batch_size: int = field(default=64, metadata={"help": "sentences per generate() call"})
     max_new_tokens: int = field(default=128, metadata={"help": "longest translation generated"})
@@ -170,6 +178,11 @@ class Config:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        for name in self.export:
+            if name not in EXPORTS:
+                raise ConfigError(f"export: {name!r} is not one of {', '.join(EXPORTS)}")
+        if len(set(self.export)) < len(self.export):
+            raise ConfigError(f"export: {json.dumps(self.export)} names a format twice")
         from distillation.knowledge_distillation import LOSS_TERMS
         for term, weight in self.loss_weights.items():
             if term not in LOSS_TERMS:
@@ -389,12 +402,12 @@ def load_teacher(path: str):
 
 def print_report(report: dict) -> None:
     teacher_params = report["teacher"]["params"]
-    print(f"\n{'model':<14}{'params':>12}{'% teacher':>11}{'BLEU':>8}{'chrF':>8}{'MB':>9}")
-    for name in ("teacher", "decomposed", "student", "student_int8"):
+    print(f"\n{'model':<18}{'params':>12}{'% teacher':>11}{'BLEU':>8}{'chrF':>8}{'MB':>9}")
+    for name in ("teacher", "decomposed", "student", "student_int8", "student_onnx", "student_onnx_int8"):
         row = report.get(name)
         if row is None:
             continue
-        print(f"{name:<14}{row['params']:>12,}{100 * row['params'] / teacher_params:>10.1f}%"
+        print(f"{name:<18}{row['params']:>12,}{100 * row['params'] / teacher_params:>10.1f}%"
               f"{row['bleu']:>8.2f}{row['chrf']:>8.2f}{row.get('size_mb', float('nan')):>9.2f}")
     print(f"compression ratio {report['compression_ratio']:.3f} (student params / teacher params); "
           f"{report['layers_decomposed']} layers decomposed; distilled in {report['train_seconds'] / 60:.1f} min "
@@ -607,7 +620,9 @@ def run(config: Config, resume: bool = False) -> int:
     })
 
     # Save (atomically), then drop the checkpoints of the finished run
-    decomposition.save_outputs(config.output_path, student, tokenizer, report, dataclasses.asdict(config))
+    decomposition.save_outputs(config.output_path, student, tokenizer, report, dataclasses.asdict(config),
+                               exports=config.export, evaluate=partial(decomposition.evaluate_export, sources=sources,
+                                                                       references=references, **generate_kwargs))
     shutil.rmtree(folder, ignore_errors=True)
     print_report(report)
     print(f"saved to {config.output_path}")

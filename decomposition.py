@@ -286,11 +286,28 @@ def evaluate_translation(model: nn.Module, tokenizer, sources: Sequence[str] | S
     start = time.perf_counter()
     hypotheses = translate(model, tokenizer, sources, **generate_kwargs)
     seconds = time.perf_counter() - start
-    refs = [list(references)]
-    return {"params": count_parameters(model), "size_mb": size_mb(model),
-            "bleu": round(sacrebleu.corpus_bleu(hypotheses, refs).score, 2),
-            "chrf": round(sacrebleu.corpus_chrf(hypotheses, refs).score, 2),
+    return {"params": count_parameters(model), "size_mb": size_mb(model), **corpus_scores(hypotheses, references),
             "translate_seconds": round(seconds, 2)}
+
+
+def evaluate_export(folder: str | os.PathLike, sources: Sequence[Sequence[int]], references: Sequence[str],
+                    batch_size: int = 64, num_beams: int = 1, max_new_tokens: int = 128, **_) -> dict:
+    """BLEU and chrF of an ONNX export (``onnx_export``) translating the token-id lists ``sources``
+    in ONNX Runtime, with its size on disk and the time the translation took."""
+    from translate import OnnxTranslator, folder_mb, translate_ids
+
+    translator = OnnxTranslator(folder, threads=torch.get_num_threads())
+    start = time.perf_counter()
+    hypotheses = translate_ids(translator, sources, batch_size, num_beams, max_new_tokens, progress=False)
+    seconds = time.perf_counter() - start
+    return {"size_mb": folder_mb(folder), **corpus_scores(hypotheses, references), "translate_seconds": round(seconds, 2)}
+
+
+def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
+    """Corpus BLEU and chrF (sacrebleu defaults), rounded to two decimals."""
+    refs = [list(references)]
+    return {"bleu": round(sacrebleu.corpus_bleu(list(hypotheses), refs).score, 2),
+            "chrf": round(sacrebleu.corpus_chrf(list(hypotheses), refs).score, 2)}
 
 
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
@@ -320,15 +337,24 @@ def write_json_atomic(path: Path, data) -> None:
     os.replace(tmp, path)
 
 
-def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report: dict, config: dict) -> None:
+def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report: dict, config: dict,
+                 exports: Sequence[str] = (), evaluate=None) -> None:
     """Write the compressed model, tokenizer, the config used and ``report.json`` to ``path``,
     atomically: everything goes to a temporary sibling folder that is then renamed into place
-    (an existing folder is replaced only once the new one is complete)."""
+    (an existing folder is replaced only once the new one is complete). Each of ``exports``
+    ("onnx", "onnx-int8") becomes a subfolder of that name; ``evaluate(folder)`` gives its report row."""
+    from onnx_export import export
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
         save_compressed_model(student, tmp, tokenizer)
+        for name in exports:
+            folder = export(path, tmp / name, "int8" if name.endswith("int8") else "float32", model=student,
+                            tokenizer=tokenizer)
+            if evaluate is not None:
+                report[f"student_{name.replace('-', '_')}"] = {"params": report["student"]["params"], **evaluate(folder)}
         (tmp / "compression_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         old = None

@@ -220,30 +220,48 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
 
 def translate_lines(translator, sentences: Sequence[str], batch_size: int = 32, num_beams: int = 1,
                     max_new_tokens: int = 128, max_source_length: int = 512, progress: bool | None = None) -> list[str]:
-    """Translations of ``sentences`` in their order (sorted by length into batches; empty ones stay empty)."""
+    """Translations of ``sentences`` in their order (empty ones stay empty); see ``translate_ids``."""
+    todo = [i for i, s in enumerate(sentences) if s.strip()]
+    ids = translator.tokenizer([sentences[i] for i in todo], truncation=True,
+                               max_length=max_source_length)["input_ids"] if todo else []
+    out = [""] * len(sentences)
+    for i, text in zip(todo, translate_ids(translator, ids, batch_size, num_beams, max_new_tokens, progress)):
+        out[i] = text
+    return out
+
+
+def translate_ids(translator, inputs: Sequence[Sequence[int]], batch_size: int = 32, num_beams: int = 1,
+                  max_new_tokens: int = 128, progress: bool | None = None) -> list[str]:
+    """Translations of tokenized sources (lists of ids ending with </s>) in their order: sorted by
+    length into padded batches, so that little time goes into padding."""
     import numpy as np
     from tqdm import tqdm
 
     tokenizer = translator.tokenizer
-    todo = [i for i, s in enumerate(sentences) if s.strip()]
-    ids = tokenizer([sentences[i] for i in todo], truncation=True, max_length=max_source_length)["input_ids"] if todo else []
-    order = sorted(range(len(todo)), key=lambda k: len(ids[k]))
-    out = [""] * len(sentences)
+    order = sorted(range(len(inputs)), key=lambda k: len(inputs[k]))
+    out = [""] * len(inputs)
     show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(todo), unit="sent", file=sys.stderr, disable=not show, leave=False) as bar:
+    with tqdm(total=len(inputs), unit="sent", file=sys.stderr, disable=not show, leave=False) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
-            longest = max(len(ids[k]) for k in chunk)
+            longest = max(len(inputs[k]) for k in chunk)
             input_ids = np.full((len(chunk), longest), tokenizer.pad_token_id, dtype=np.int64)  # (B, S)
             attention_mask = np.zeros((len(chunk), longest), dtype=np.int64)
             for row, k in enumerate(chunk):
-                input_ids[row, :len(ids[k])] = ids[k]
-                attention_mask[row, :len(ids[k])] = 1
+                input_ids[row, :len(inputs[k])] = inputs[k]
+                attention_mask[row, :len(inputs[k])] = 1
             generated = translator.generate(input_ids, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens)
             for k, text in zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True)):
-                out[todo[k]] = text
+                out[k] = text
             bar.update(len(chunk))
     return out
+
+
+def folder_mb(folder: str | os.PathLike) -> float:
+    """Megabytes on disk of an ONNX export's graphs and weights (the tokenizer and configs aside)."""
+    folder = Path(folder)
+    files = [*folder.glob("*.onnx"), folder / "weights.bin"]
+    return round(sum(f.stat().st_size for f in files if f.is_file()) / 2**20, 3)
 
 
 def main(argv: list[str] | None = None) -> int:

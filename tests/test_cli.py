@@ -24,6 +24,7 @@ def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
 
 
 def test_cli_end_to_end(run_dir):
+    edit_config(run_dir, export=["onnx", "onnx-int8"])
     result = subprocess.run([sys.executable, str(REPO / "compress_model.py"), "--config", "config.json"],
                             cwd=run_dir, env=ENV, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -55,6 +56,16 @@ def test_cli_end_to_end(run_dir):
     scores = decomposition.evaluate_translation(model, tokenizer, eval_pairs["source_text"],
                                                 eval_pairs["target_text"], max_new_tokens=12)
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
+
+    # The ONNX exports sit in the output folder; float32 translates as PyTorch does; int8 is quantized
+    # (at this toy size its scales outweigh what it saves: sizes are tested on the shipped teacher)
+    for name, precision in (("onnx", "float32"), ("onnx-int8", "int8")):
+        assert json.loads((out / name / "onnx_export.json").read_text())["precision"] == precision
+    onnx_row, int8_row = report["student_onnx"], report["student_onnx_int8"]
+    assert (onnx_row["bleu"], onnx_row["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
+    assert int8_row["params"] == report["student"]["params"] and int8_row["size_mb"] > 0
+    assert "MatMulInteger" in (out / "onnx-int8" / "decoder.onnx").read_bytes().decode("latin-1")
+    assert "student_onnx_int8" in result.stdout
 
 
 PREPROCESSOR_SCRIPT = """
@@ -94,6 +105,8 @@ BAD_CONFIGS = [
     ("zero-epoch", lambda d: edit_config(d, epoch=0), ["epoch", "at least 1", "0"]),
     ("negative-batch", lambda d: edit_config(d, batch_size=-4), ["batch_size", "-4"]),
     ("bad-choice", lambda d: edit_config(d, svd="qr"), ["svd", "'qr'", "exact"]),
+    ("bad-export", lambda d: edit_config(d, export=["tflite"]), ["export", "'tflite'", "onnx-int8"]),
+    ("export-twice", lambda d: edit_config(d, export=["onnx", "onnx"]), ["export", "twice"]),
     ("bad-loss-term", lambda d: edit_config(d, loss_weights={"mse": 1.0}), ["loss_weights", "'mse'", "kd"]),
     ("missing-teacher", lambda d: edit_config(d, teacher_model_path=str(d / "nowhere")),
      ["teacher_model_path", "nowhere"]),
