@@ -164,10 +164,11 @@ def _graphs(model):
 
 
 def _check_exportable(model) -> None:
-    config = model.config
-    if getattr(config, "model_type", None) not in ("marian", "marian-decomposed"):
-        raise ExportError(f"model_type {getattr(config, 'model_type', None)!r} cannot be exported yet: "
-                          f"supported is MarianMT (model_type 'marian'), compressed by this tool or not")
+    from transformers import MarianMTModel
+
+    if not isinstance(model, MarianMTModel):
+        raise ExportError(f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}) cannot "
+                          f"be exported yet: supported is MarianMT, compressed by this tool or not")
     if getattr(config, "normalize_before", False) or getattr(model.model.encoder, "layer_norm", None) is not None:
         raise ExportError("pre-norm Marian variants (normalize_before) cannot be exported yet")
 

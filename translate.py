@@ -76,7 +76,7 @@ class OnnxTranslator:
     def _encode(self, input_ids, attention_mask):
         return self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
 
-    def _step(self, tokens, attention_mask, past, cross, step: int, max_new_tokens: int):
+    def _step(self, tokens, attention_mask, past, cross, step: int, max_new_tokens: int, min_new_tokens: int = 0):
         """Log-probabilities of the next token (B, V) with the search constraints applied, and the grown cache."""
         import numpy as np
 
@@ -85,6 +85,8 @@ class OnnxTranslator:
         log_probs, *past = self.decoder.run(None, feed)
         if self.banned:
             log_probs[:, self.banned] = -np.inf
+        if step < min_new_tokens:
+            log_probs[:, self.eos] = -np.inf
         if self.forced_eos is not None and step == max_new_tokens - 1:  # the last position: end the sentence
             log_probs[:] = -np.inf
             log_probs[:, self.forced_eos] = 0.0  # as transformers' ForcedEOSTokenLogitsProcessor scores it
@@ -95,11 +97,13 @@ class OnnxTranslator:
 
         return [np.zeros((batch, self.info["heads"], 0, self.info["head_dim"]), np.float32) for _ in self.info["past"]]
 
-    def generate(self, input_ids, attention_mask, num_beams: int = 1, max_new_tokens: int = 128) -> list[list[int]]:
-        """Token ids of the translations of a padded batch (numpy int64 arrays (B, S)), without the start token."""
+    def generate(self, input_ids, attention_mask, num_beams: int = 1, max_new_tokens: int = 128,
+                 min_new_tokens: int = 0) -> list[list[int]]:
+        """Token ids of the translations of a padded batch (numpy int64 arrays (B, S)), without the
+        start token; ``min_new_tokens`` keeps </s> out until then (as in generate())."""
         max_new_tokens = min(max_new_tokens, self.max_positions)
         if num_beams > 1:
-            return self._beam_search(input_ids, attention_mask, num_beams, max_new_tokens)
+            return self._beam_search(input_ids, attention_mask, num_beams, max_new_tokens, min_new_tokens)
         import numpy as np
 
         cross = self._encode(input_ids, attention_mask)
@@ -109,7 +113,7 @@ class OnnxTranslator:
         tokens = np.full(batch, self.start, dtype=np.int64)
         past, mask = self._empty_cache(batch), attention_mask
         for step in range(max_new_tokens):
-            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens)
+            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens)
             tokens = log_probs.argmax(-1).astype(np.int64)
             for row, token in zip(alive, tokens):
                 out[row].append(int(token))
@@ -122,7 +126,8 @@ class OnnxTranslator:
                 cross = [c[keep] for c in cross]
         return out
 
-    def _beam_search(self, input_ids, attention_mask, num_beams: int, max_new_tokens: int) -> list[list[int]]:
+    def _beam_search(self, input_ids, attention_mask, num_beams: int, max_new_tokens: int,
+                     min_new_tokens: int) -> list[list[int]]:
         import numpy as np
 
         batch, beams, lp = input_ids.shape[0], num_beams, self.length_penalty
@@ -137,7 +142,7 @@ class OnnxTranslator:
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # (score, tokens), best first
         alive = np.arange(batch)  # sentences still searching; finished ones leave the batch
         for step in range(max_new_tokens):
-            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens)
+            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens)
             vocab = log_probs.shape[-1]
             candidates = (scores[:, :, None] + log_probs.reshape(len(alive), beams, vocab)).reshape(len(alive), -1)
             part = np.argpartition(-candidates, 2 * beams - 1, axis=1)[:, : 2 * beams]
@@ -187,12 +192,14 @@ class TorchTranslator:
         except ExportError as e:
             raise TranslateError(str(e)) from None
 
-    def generate(self, input_ids, attention_mask, num_beams: int = 1, max_new_tokens: int = 128) -> list[list[int]]:
+    def generate(self, input_ids, attention_mask, num_beams: int = 1, max_new_tokens: int = 128,
+                 min_new_tokens: int = 0) -> list[list[int]]:
         import torch
 
         with torch.inference_mode():
             out = self.model.generate(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
-                                      num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
+                                      num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens,
+                                      min_new_tokens=min_new_tokens)
         return [row[1:] for row in out.tolist()]  # without the decoder start token
 
 

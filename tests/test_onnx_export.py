@@ -137,6 +137,17 @@ def test_export_command_writes_next_to_the_model_and_refuses_to_overwrite(tiny_t
     assert again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
 
 
+def test_export_refuses_other_architectures_in_one_line(tmp_path):
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    bart = BartForConditionalGeneration(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
+                                                   encoder_attention_heads=2, decoder_attention_heads=2,
+                                                   encoder_ffn_dim=32, decoder_ffn_dim=32))
+    with pytest.raises(ExportError, match="BartForConditionalGeneration .* supported is MarianMT"):
+        export("bart", tmp_path / "out", model=bart)
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("case", ["not_a_model", "onnx_as_model", "folder_exists", "precision"])
 def test_export_errors(case, tiny_teacher_dir, tmp_path):
     out = tmp_path / "out"
