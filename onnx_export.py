@@ -11,7 +11,8 @@ factorized layers export as their two small matrix products, never re-multiplied
   decoder layer, computed once per sentence (as CTranslate2 does), so no decoder step repeats them.
 - ``decoder.onnx``: one decoding step with a key/value cache: (input_ids (B, 1), attention_mask,
   the self-attention cache (B, H, P, Dh) of each layer, P = 0 at the first step, the cross-attention
-  keys/values) → (log-probabilities of the next token (B, V), the cache grown by one position).
+  keys/values) → (the next token's logits (B, V), the cache grown by one position). Greedy search
+  needs no softmax over the vocabulary; beam search takes it outside the graph.
 
 Why by hand: no maintained exporter handles seq2seq models with a cache for transformers 5
 (optimum's needs transformers < 4.58, and transformers' own cache classes do not trace), so the
@@ -158,7 +159,7 @@ def _graphs(model):
             else:
                 logits = h @ tab  # (B, d) @ (d, V)
             logits = logits + self.final_logits_bias
-            return (torch.log_softmax(logits, dim=-1), *present)
+            return (logits, *present)
 
     return Encoder().eval(), DecoderStep().eval()
 
@@ -169,7 +170,7 @@ def _check_exportable(model) -> None:
     if not isinstance(model, MarianMTModel):
         raise ExportError(f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}) cannot "
                           f"be exported yet: supported is MarianMT, compressed by this tool or not")
-    if getattr(config, "normalize_before", False) or getattr(model.model.encoder, "layer_norm", None) is not None:
+    if getattr(model.config, "normalize_before", False) or getattr(model.model.encoder, "layer_norm", None) is not None:
         raise ExportError("pre-norm Marian variants (normalize_before) cannot be exported yet")
 
 
@@ -205,13 +206,13 @@ def _export_graphs(model, folder: Path) -> dict:
                           input_names=["input_ids", "attention_mask"], output_names=cross_names,
                           dynamic_axes=axes, do_constant_folding=True)
         step_ids = torch.tensor([[5], [6]], dtype=torch.long)
-        axes = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "source"}, "log_probs": {0: "batch"},
+        axes = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "source"}, "logits": {0: "batch"},
                 **{name: {0: "batch", 2: "past"} for name in past_names},
                 **{name: {0: "batch", 2: "past+1"} for name in present_names},
                 **{name: {0: "batch", 2: "source"} for name in cross_names}}
         torch.onnx.export(step, (step_ids, mask, *past, *cross), str(folder / "decoder.onnx"), dynamo=False,
                           opset_version=OPSET, input_names=["input_ids", "attention_mask", *past_names, *cross_names],
-                          output_names=["log_probs", *present_names], dynamic_axes=axes, do_constant_folding=True)
+                          output_names=["logits", *present_names], dynamic_axes=axes, do_constant_folding=True)
     return {"layers": n, "heads": attention.num_heads, "head_dim": attention.head_dim,
             "max_positions": int(model.model.decoder.embed_positions.weight.shape[0]),
             "vocab_size": int(model.final_logits_bias.shape[-1]),
@@ -257,9 +258,9 @@ def _store_shared(folder: Path) -> None:
 
 
 def _verify(model, folder: Path, tolerance: float) -> float:
-    """Run the exported graphs on a few sentences-worth of ids and compare their next-token
-    log-probabilities with the PyTorch model's (teacher-forced, three steps); returns the largest
-    difference and refuses the export above ``tolerance``."""
+    """Run the exported graphs on a few sentences-worth of ids and compare their next-token logits
+    with the PyTorch model's (teacher-forced, four steps); returns the largest difference and
+    refuses the export above ``tolerance``."""
     import numpy as np
     import onnxruntime as ort
 
@@ -280,17 +281,17 @@ def _verify(model, folder: Path, tolerance: float) -> float:
     targets = torch.randint(2, max(3, vocab - 1), (3, 3), generator=generator)
     decoder_ids = torch.cat([torch.full((3, 1), config.decoder_start_token_id), targets], dim=1)
     with torch.no_grad():
-        expected = torch.log_softmax(model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits, -1)
+        expected = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
     cross = encoder.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})
     past = [np.zeros((3, info["heads"], 0, info["head_dim"]), np.float32) for _ in info["past"]]
     worst = 0.0
     for t in range(decoder_ids.shape[1]):
         feed = {"input_ids": decoder_ids[:, t:t + 1].numpy(), "attention_mask": mask.numpy(),
                 **dict(zip(info["past"], past)), **dict(zip(info["cross"], cross))}
-        log_probs, *past = decoder.run(None, feed)
-        worst = max(worst, float(np.abs(log_probs - expected[:, t].numpy()).max()))
+        logits, *past = decoder.run(None, feed)
+        worst = max(worst, float(np.abs(logits - expected[:, t].numpy()).max()))
     if not math.isfinite(worst) or worst > tolerance:
-        raise ExportError(f"the exported graphs differ from the PyTorch model by {worst:.2g} in log-probability "
+        raise ExportError(f"the exported graphs differ from the PyTorch model by {worst:.2g} in the logits "
                           f"(allowed {tolerance:g}); this model has a layout the exporter does not handle")
     return worst
 
@@ -382,7 +383,8 @@ def load_model(path: str):
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"--model: cannot load {path!r}: {first}") from None
+        where = "" if local.is_dir() else " (no such local folder; tried as a hub id)"
+        raise ExportError(f"--model: cannot load {path!r}{where}: {first}") from None
     return model.eval(), tokenizer
 
 

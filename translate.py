@@ -76,21 +76,26 @@ class OnnxTranslator:
     def _encode(self, input_ids, attention_mask):
         return self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
 
-    def _step(self, tokens, attention_mask, past, cross, step: int, max_new_tokens: int, min_new_tokens: int = 0):
-        """Log-probabilities of the next token (B, V) with the search constraints applied, and the grown cache."""
+    def _step(self, tokens, attention_mask, past, cross, step: int, max_new_tokens: int, min_new_tokens: int = 0,
+              normalize: bool = False):
+        """Scores of the next token (B, V) with the search constraints applied, and the grown cache:
+        logits, or with ``normalize`` log-probabilities (taken before the constraints, as generate() does)."""
         import numpy as np
 
         feed = {"input_ids": tokens[:, None], "attention_mask": attention_mask,
                 **dict(zip(self.info["past"], past)), **dict(zip(self.info["cross"], cross))}
-        log_probs, *past = self.decoder.run(None, feed)
+        scores, *past = self.decoder.run(None, feed)
+        if normalize:
+            top = scores.max(axis=-1, keepdims=True)
+            scores -= top + np.log(np.exp(scores - top).sum(axis=-1, keepdims=True))
         if self.banned:
-            log_probs[:, self.banned] = -np.inf
+            scores[:, self.banned] = -np.inf
         if step < min_new_tokens:
-            log_probs[:, self.eos] = -np.inf
+            scores[:, self.eos] = -np.inf
         if self.forced_eos is not None and step == max_new_tokens - 1:  # the last position: end the sentence
-            log_probs[:] = -np.inf
-            log_probs[:, self.forced_eos] = 0.0  # as transformers' ForcedEOSTokenLogitsProcessor scores it
-        return log_probs, past
+            scores[:] = -np.inf
+            scores[:, self.forced_eos] = 0.0  # as transformers' ForcedEOSTokenLogitsProcessor scores it
+        return scores, past
 
     def _empty_cache(self, batch: int):
         import numpy as np
@@ -113,8 +118,8 @@ class OnnxTranslator:
         tokens = np.full(batch, self.start, dtype=np.int64)
         past, mask = self._empty_cache(batch), attention_mask
         for step in range(max_new_tokens):
-            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens)
-            tokens = log_probs.argmax(-1).astype(np.int64)
+            logits, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens)
+            tokens = logits.argmax(-1).astype(np.int64)
             for row, token in zip(alive, tokens):
                 out[row].append(int(token))
             keep = np.flatnonzero(tokens != self.eos)
@@ -142,7 +147,7 @@ class OnnxTranslator:
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # (score, tokens), best first
         alive = np.arange(batch)  # sentences still searching; finished ones leave the batch
         for step in range(max_new_tokens):
-            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens)
+            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens, normalize=True)
             vocab = log_probs.shape[-1]
             candidates = (scores[:, :, None] + log_probs.reshape(len(alive), beams, vocab)).reshape(len(alive), -1)
             part = np.argpartition(-candidates, 2 * beams - 1, axis=1)[:, : 2 * beams]
