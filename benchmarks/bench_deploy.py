@@ -232,6 +232,37 @@ def _linear_keys(model) -> list[str]:
             if isinstance(m, torch.nn.Linear) and ".layers." in name]
 
 
+def step_profile(folder: Path, batch: int, past: int, source: int, threads: int, steps: int = 20) -> dict:
+    """Where one decoding step of an ONNX export goes: ms per step and the share of each operator
+    type (ONNX Runtime's own profiler, after its graph optimizations), cache of ``past`` positions."""
+    import onnxruntime as ort
+
+    info = json.loads((folder / "onnx_export.json").read_text())
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.enable_profiling, options.profile_file_prefix = True, str(folder.parent / f"profile-{folder.name}")
+    session = ort.InferenceSession(str(folder / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    generator = np.random.default_rng(0)
+    feed = {"input_ids": np.full((batch, 1), 5, np.int64), "attention_mask": np.ones((batch, source), np.int64)}
+    for names, length in ((info["past"], past), (info["cross"], source)):
+        for name in names:
+            feed[name] = generator.standard_normal((batch, info["heads"], length, info["head_dim"]), np.float32)
+    for _ in range(3):
+        session.run(None, feed)
+    start = time.perf_counter()
+    for _ in range(steps):
+        session.run(None, feed)
+    ms = 1000 * (time.perf_counter() - start) / steps
+    events = json.loads(Path(session.end_profiling()).read_text())
+    by_op: dict[str, float] = {}
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            by_op[event["args"]["op_name"]] = by_op.get(event["args"]["op_name"], 0) + event["dur"]
+    total = sum(by_op.values())
+    return {"ms_per_step": round(ms, 2), "share": {op: round(t / total, 3) for op, t in
+                                                    sorted(by_op.items(), key=lambda kv: -kv[1])}}
+
+
 def opus(args, work: Path) -> dict:
     dense_dir, student_dir = opus_models(work, args.quick)
     dense = load_compressed_model(dense_dir)
@@ -256,6 +287,9 @@ def opus(args, work: Path) -> dict:
                 "sent_per_s_b32": round(speed[s.name][32][0], 2),
                 "vs_onnx_dense_b32": round(speed[s.name][32][0] / base[32], 2),
                 "vs_ct2_int8_b32": round(speed[s.name][32][0] / ct2[32][0], 2) if ct2 else None})
+    results["step_profile"] = {  # one decoder step at batch 32 with 16 cached positions, 1 thread
+        f"{role} {precision}": step_profile(work / f"onnx-{role}-{precision}", 32, 16, 16, 1)
+        for role in ("teacher", "student") for precision in ("float32", "int8")}
     return results
 
 
@@ -297,6 +331,9 @@ def main() -> int:
                    ("sent_per_s_b32", "sent/s batch 32", ".2f"), ("vs_onnx_dense_b32", "× ONNX dense (b32)", ".2f"),
                    ("vs_ct2_int8_b32", "× CT2 int8 dense (b32)", ".2f")]
     print(table(results["systems"], columns))
+    for name, profile in results.get("step_profile", {}).items():
+        top = ", ".join(f"{op} {100 * share:.0f}%" for op, share in list(profile["share"].items())[:6])
+        print(f"decoder step, {name.replace('teacher', 'dense')}: {profile['ms_per_step']:.1f} ms ({top})")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0

@@ -1,0 +1,27 @@
+"""benchmarks/bench_deploy.py runs end to end in --quick mode (tiny opus-shaped models)."""
+
+import json
+import os
+import subprocess
+import sys
+
+from conftest import REPO
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+
+def test_bench_deploy_quick(tmp_path):
+    result = subprocess.run([sys.executable, "benchmarks/bench_deploy.py", "opus", "--quick", "--work", str(tmp_path / "w"),
+                             "--json", str(tmp_path / "deploy.json")],
+                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "deploy.json").read_text())
+    # the quick student halves every linear and the embedding: 71,040 of 107,520 parameters
+    assert (report["dense_params"], report["student_params"]) == (107_520, 71_040)
+    rows = {row["system"]: row for row in report["systems"]}
+    assert {"PyTorch dense", "ONNX Runtime dense int8", "ONNX Runtime student int8"} <= set(rows)
+    assert rows["ONNX Runtime dense float32"]["vs_onnx_dense_b32"] == 1.0
+    assert rows["ONNX Runtime dense int8"]["size_mb"] < rows["ONNX Runtime dense float32"]["size_mb"]
+    assert all(row["sent_per_s_b32"] > 0 for row in rows.values())
+    assert set(report["step_profile"]) == {"teacher float32", "teacher int8", "student float32", "student int8"}
+    assert "| ONNX Runtime student int8 |" in result.stdout
