@@ -82,20 +82,23 @@ def _graphs(model):
         weight = embedding.up.weight if isinstance(embedding, LowRankEmbedding) else embedding.weight
         return weight.t()
 
-    def lookup(embedding, tab, ids):  # ids (B, T) → (B, T, d)
+    def lookup(embedding, tab, ids, step: bool = False):  # ids (B, T) → (B, T, d)
         rows = tab.index_select(1, ids.reshape(-1)).t()  # (B·T, d or r)
         if isinstance(embedding, LowRankEmbedding):
             rows = rows @ embedding.down.weight  # (B·T, r) @ (r, d)
-        return rows.reshape(ids.shape[0], ids.shape[1], -1)
+        return rows.reshape(-1, 1, embedding.embedding_dim) if step else rows.reshape(ids.shape[0], ids.shape[1], -1)
 
-    def heads(x, attention):  # (B, T, D) → (B, H, T, Dh)
-        return x.reshape(x.shape[0], x.shape[1], attention.num_heads, attention.head_dim).transpose(1, 2)
+    def heads(x, attention, step: bool):  # (B, T, D) → (B, H, T, Dh)
+        # in a decoding step T = 1: a constant shape, so the graph computes no shapes at every step
+        shape = (-1, 1) if step else (x.shape[0], -1)
+        return x.reshape(*shape, attention.num_heads, attention.head_dim).transpose(1, 2)
 
-    def attend(attention, query, keys, values, bias):  # query (B, T, D); keys, values (B, H, S, Dh); bias (B, 1, 1|T, S)
-        q = heads(attention.q_proj(query), attention)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * attention.scaling + bias  # (B, H, T, S)
+    def attend(attention, query, keys, values, bias, step: bool):  # query (B, T, D); keys, values (B, H, S, Dh)
+        q = heads(attention.q_proj(query), attention, step)
+        scores = torch.matmul(q, keys.transpose(2, 3)) * attention.scaling + bias  # (B, H, T, S); bias (B, 1, 1, S)
         out = torch.matmul(torch.softmax(scores, dim=-1), values).transpose(1, 2)  # (B, T, H, Dh)
-        return attention.out_proj(out.reshape(query.shape[0], query.shape[1], -1))
+        shape = (-1, 1, attention.embed_dim) if step else (query.shape[0], -1, attention.embed_dim)
+        return attention.out_proj(out.reshape(shape))
 
     def feed_forward(layer, x):
         return layer.final_layer_norm(x + layer.fc2(layer.activation_fn(layer.fc1(x))))
@@ -114,13 +117,13 @@ def _graphs(model):
             bias = padding_bias(attention_mask)
             for layer in encoder.layers:
                 attention = layer.self_attn
-                keys, values = heads(attention.k_proj(x), attention), heads(attention.v_proj(x), attention)
-                x = layer.self_attn_layer_norm(x + attend(attention, x, keys, values, bias))
+                keys, values = heads(attention.k_proj(x), attention, False), heads(attention.v_proj(x), attention, False)
+                x = layer.self_attn_layer_norm(x + attend(attention, x, keys, values, bias, False))
                 x = feed_forward(layer, x)
             cross = []
             for layer in decoder.layers:
                 attention = layer.encoder_attn
-                cross += [heads(attention.k_proj(x), attention), heads(attention.v_proj(x), attention)]
+                cross += [heads(attention.k_proj(x), attention, False), heads(attention.v_proj(x), attention, False)]
             return tuple(cross)
 
     head = model.lm_head
@@ -138,18 +141,19 @@ def _graphs(model):
             n = len(decoder.layers)
             past, cross = cache[: 2 * n], cache[2 * n:]
             tab = table(decoder.embed_tokens)
-            x = lookup(decoder.embed_tokens, tab, input_ids) * decoder.embed_scale  # (B, 1, d)
+            x = lookup(decoder.embed_tokens, tab, input_ids, step=True) * decoder.embed_scale  # (B, 1, d)
             step = past[0].shape[2]  # positions already in the cache
             x = x + decoder.embed_positions.weight[step: step + 1]
             bias = padding_bias(attention_mask)
             present = []
             for i, layer in enumerate(decoder.layers):
                 attention = layer.self_attn
-                keys = torch.cat([past[2 * i], heads(attention.k_proj(x), attention)], dim=2)
-                values = torch.cat([past[2 * i + 1], heads(attention.v_proj(x), attention)], dim=2)
+                keys = torch.cat([past[2 * i], heads(attention.k_proj(x), attention, True)], dim=2)
+                values = torch.cat([past[2 * i + 1], heads(attention.v_proj(x), attention, True)], dim=2)
                 present += [keys, values]
-                x = layer.self_attn_layer_norm(x + attend(attention, x, keys, values, 0.0))
-                x = layer.encoder_attn_layer_norm(x + attend(layer.encoder_attn, x, cross[2 * i], cross[2 * i + 1], bias))
+                x = layer.self_attn_layer_norm(x + attend(attention, x, keys, values, 0.0, True))
+                x = layer.encoder_attn_layer_norm(x + attend(layer.encoder_attn, x, cross[2 * i], cross[2 * i + 1], bias,
+                                                             True))
                 x = feed_forward(layer, x)
             h = x[:, 0]  # (B, d)
             if not tied:
