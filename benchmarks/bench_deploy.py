@@ -13,8 +13,9 @@ of them equal the PyTorch model's. ``opus``: a MarianMTModel of opus-mt-en-de's 
 6+6 layers, 8 heads, ffn 2048, vocabulary 58,101, tied embeddings) with random weights, and a
 student factorized from it at about 50% of its parameters (every linear and the shared embedding
 at half its size: attention rank 128, feed-forward rank 205, embedding rank 256); each translates
-random sources of 16 tokens into exactly 32 tokens (EOS kept out until then), so every system
-does the same work. Speed is sentences per second, the median over ``--rounds`` interleaved
+64 random sources of 16 tokens (8 of them at batch 1) into exactly 32 tokens (EOS kept out until
+then), so every system does the same work, at 1 and at 2 threads (``--opus-threads``); and ONNX
+Runtime's profiler splits one decoder step (batch 32, 16 cached positions) by operator. Speed is sentences per second, the median over ``--rounds`` interleaved
 rounds (each round times every system once, in rotating order), with ``--threads`` pinned in
 every runtime. Sizes are the weight files (model.safetensors; encoder.onnx + decoder.onnx +
 weights.bin; CTranslate2's model.bin), tokenizers aside. CTranslate2 (``pip install
@@ -275,7 +276,7 @@ def opus(args, work: Path) -> dict:
     length = 8 if args.quick else 32
     for threads in args.opus_threads:
         systems = build_systems(dense_dir, student_dir, work, threads, length, length)
-        speed = timed_rounds(systems, {32: sources, 1: sources[:args.batch1 // 8 or 2]}, args.rounds)
+        speed = timed_rounds(systems, {32: sources, 1: sources[:8 if not args.quick else 2]}, args.rounds)
         base = {b: speed["ONNX Runtime teacher float32"][b][0] for b in (1, 32)}
         ct2 = speed.get("CTranslate2 teacher int8")
         for s in systems:
