@@ -133,7 +133,9 @@ class Config:
                 "row to the report; the saved weights stay float32 (load_compressed_model(path, quantize=\"int8\"))"})
     num_beams: int = field(default=1, metadata={"help": "beams for the BLEU evaluation (1 = greedy)"})
     eval_batch_size: int = field(default=64, metadata={"help": "sentences per generate() call"})
-    max_new_tokens: int = field(default=128, metadata={"help": "longest translation generated"})
+    max_new_tokens: int = field(default=128, metadata={
+        "help": "longest translation generated; also saved in generation_config.json when the teacher sets no "
+                "length limit"})
     checkpoint_steps: int = field(default=500, metadata={
         "help": "save a checkpoint every N optimizer steps, to continue with --resume (0 = never)"})
     checkpoint_dir: str | None = field(default=None, metadata={
@@ -606,7 +608,8 @@ def run(config: Config, resume: bool = False) -> int:
                           f"{'greedy' if config.num_beams == 1 else f'beam {config.num_beams}'} decoding",
     })
 
-    # Save (atomically), then drop the checkpoints of the finished run
+    # Save (atomically), with a length limit for generate(); then drop the checkpoints of the finished run
+    decomposition.set_generation_limit_(student, config.max_new_tokens)
     decomposition.save_outputs(config.output_path, student, tokenizer, report, dataclasses.asdict(config))
     shutil.rmtree(folder, ignore_errors=True)
     print_report(report)

@@ -293,6 +293,17 @@ def evaluate_translation(model: nn.Module, tokenizer, sources: Sequence[str] | S
             "translate_seconds": round(seconds, 2)}
 
 
+def set_generation_limit_(model: nn.Module, max_new_tokens: int) -> None:
+    """Give ``model``'s generation config a length limit when it has none, so that a plain
+    ``model.generate(**batch)`` after loading does not fall back to transformers' ``max_length`` of
+    20 tokens and cut longer translations: the run's ``max_new_tokens``. A limit the teacher came
+    with (OPUS-MT: ``max_length`` 512) is kept."""
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.max_length is None \
+            and generation_config.max_new_tokens is None:
+        generation_config.max_new_tokens = max_new_tokens
+
+
 def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
     """Refuse an output path that is a file, or a non-empty folder unless ``overwrite``; checked
     before any work so that nothing is lost or half-written."""

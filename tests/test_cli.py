@@ -7,7 +7,7 @@ import sys
 
 import pytest
 from conftest import REPO, edit_config, make_run_dir
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, GenerationConfig
 
 import compress_model
 import decomposition
@@ -44,6 +44,8 @@ def test_cli_end_to_end(run_dir):
     assert set(report["ranks"].values()) == {4}
     assert report["train_seconds"] > 0 and report["train_pairs"] == 120 and report["eval_pairs"] == 24
     assert json.loads((out / "compression_config.json").read_text())["k_info"] == 4
+    # generate() without arguments stops where the evaluation did, not at transformers' default of 20 tokens
+    assert GenerationConfig.from_pretrained(out).max_new_tokens == 12
     assert "student" in result.stdout and "compression ratio" in result.stdout
 
     # The saved model loads, is factorized, and translates the eval pairs to the reported score.
@@ -55,6 +57,16 @@ def test_cli_end_to_end(run_dir):
     scores = decomposition.evaluate_translation(model, tokenizer, eval_pairs["source_text"],
                                                 eval_pairs["target_text"], max_new_tokens=12)
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
+
+
+def test_generation_limit_keeps_the_teachers_own(make_tiny_marian):
+    model = make_tiny_marian()
+    assert model.generation_config.max_length is None and model.generation_config.max_new_tokens is None
+    decomposition.set_generation_limit_(model, 40)
+    assert model.generation_config.max_new_tokens == 40
+    model.generation_config.max_new_tokens, model.generation_config.max_length = None, 512  # as OPUS-MT ships
+    decomposition.set_generation_limit_(model, 40)
+    assert (model.generation_config.max_length, model.generation_config.max_new_tokens) == (512, None)
 
 
 PREPROCESSOR_SCRIPT = """
