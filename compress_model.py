@@ -62,6 +62,9 @@ def default_data_preprocessor(batch: dict[str, list[str]], tokenizer, config: "C
 # Configuration
 
 
+DEFAULT_RANK = 32  # k_info when neither it nor target_ratio is given
+
+
 @dataclass
 class Config:
     """The keys of ``config.json``. Only ``teacher_model_path`` and ``dataset_path`` matter to get started."""
@@ -88,8 +91,9 @@ class Config:
         "help": "state-dict keys of the nn.Linear weights to factorize, or patterns (\"model.decoder.*\"); "
                 "[] = every linear in the encoder/decoder layers; model.shared.weight factorizes the shared "
                 "embedding together with its tied output layer; [\"*\"] = all of these"})
-    k_info: int | dict[str, int] = field(default=32, metadata={
-        "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\""})
+    k_info: int | dict[str, int] | None = field(default=None, metadata={
+        "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\"; left out: "
+                f"{DEFAULT_RANK}, or allocated when target_ratio is set"})
     target_ratio: float | None = field(default=None, metadata={
         "help": "fraction of the TEACHER's total parameters (embeddings included) the student keeps, e.g. 0.5; "
                 "leave k_info out: per-layer ranks are allocated to meet it (see rank_allocation)"})
@@ -161,9 +165,11 @@ class Config:
         if self.target_ratio is not None and not 0 < self.target_ratio < 1:
             raise ConfigError(f"target_ratio: must be above 0 and below 1 (a fraction of the teacher's parameters), "
                               f"got {self.target_ratio}")
-        if self.target_ratio is not None and self.k_info != Config.__dataclass_fields__["k_info"].default:
+        if self.target_ratio is not None and self.k_info is not None:  # given, whatever its value
             raise ConfigError(f"k_info: {json.dumps(self.k_info)} is ignored when target_ratio is set; "
                               f"remove one of them")
+        if self.target_ratio is None and self.k_info is None:
+            self.k_info = DEFAULT_RANK
         if self.warmup_ratio >= 1 or self.label_smoothing >= 1:
             raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
                               f"{self.warmup_ratio} and {self.label_smoothing}")

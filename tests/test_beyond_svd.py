@@ -779,7 +779,9 @@ BAD_CONFIGS = [  # (changes, words the one-line message must contain)
                  id="ratio-and-k-info"),
     pytest.param({"target_ratio": 0.6, "k_info": {"model.encoder.layers.0.fc1.weight": 4}},
                  ["k_info: {", "is ignored when target_ratio is set"], id="ratio-and-k-info-mapping"),
-    pytest.param({"target_ratio": 0.1, "k_info": 32}, ["target_ratio 0.1 is out of reach", "32 layers",
+    pytest.param({"target_ratio": 0.6, "k_info": 32}, ["k_info: 32 is ignored when target_ratio is set"],
+                 id="ratio-and-k-info-equal-to-the-default"),
+    pytest.param({"target_ratio": 0.1, "k_info": None}, ["target_ratio 0.1 is out of reach", "32 layers",
                                                        "choose target_ratio in"], id="ratio-unreachable"),
     pytest.param({"quantize_int8": 1}, ["quantize_int8", "expected bool", "1"], id="int8-type"),
     pytest.param({"sequence_level_kd": "yes"}, ["sequence_level_kd", "expected bool", '"yes"'], id="seqkd-type"),
@@ -799,6 +801,12 @@ def test_bad_new_keys_are_one_line_errors(run_dir, monkeypatch, capsys, changes,
     for word in words:
         assert word in err, (word, err)
     assert not (run_dir / "out").exists()
+
+
+def test_k_info_defaults_to_32_unless_target_ratio_allocates_the_ranks(tmp_path):
+    assert compress_model.Config().k_info == 32 and compress_model.Config(target_ratio=0.5).k_info is None
+    (tmp_path / "c.json").write_text(json.dumps({"target_ratio": 0.5}))
+    assert compress_model.load_config(tmp_path / "c.json").k_info is None
 
 
 def test_new_keys_have_help_and_defaults():
