@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import shutil
@@ -370,8 +371,15 @@ def load_teacher(path: str):
 
     from matrix_decomposition import CONFIG_FIELD, load_compressed_model
 
-    if (path.startswith((".", "/")) or Path(path).suffix or path.count("/") > 1) and not Path(path).is_dir():
-        raise ConfigError(f"teacher_model_path: {path!r} is not a folder (and not a hub id like "
+    local = Path(path)
+    # a local path unless it can only be a hub id ("owner/name", where no folder "owner" exists here):
+    # a mistyped folder must not turn into minutes of network retries
+    if not local.is_dir() and (path.startswith((".", "/", "~")) or local.suffix or path.count("/") > 1
+                               or Path(path.split("/")[0]).is_dir()):
+        siblings = [str(p) for p in local.parent.iterdir() if p.is_dir()] if local.parent.is_dir() else []
+        close = difflib.get_close_matches(str(local), siblings, n=1, cutoff=0.6)
+        hint = f"; closest: {close[0]!r}" if close else ""
+        raise ConfigError(f"teacher_model_path: {path!r} is not a folder{hint} (and not a hub id like "
                           f"'Helsinki-NLP/opus-mt-en-de')")
     try:
         model_config = AutoConfig.from_pretrained(path)
@@ -387,7 +395,8 @@ def load_teacher(path: str):
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"teacher_model_path: cannot load {path!r}: {first}") from None
+        where = "" if local.is_dir() else " (no local folder of that name, so as a hub id)"
+        raise ConfigError(f"teacher_model_path: cannot load {path!r}{where}: {first}") from None
     return model.eval(), tokenizer
 
 
