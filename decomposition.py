@@ -32,6 +32,7 @@ from distillation.distillation_loss import IGNORE_INDEX
 from distillation.knowledge_distillation import DistillationSettings, Distiller, source_positioned
 from matrix_decomposition import (
     DecompositionError,
+    chmod_as_umask,
     convex_errors,
     count_parameters,
     decompose_,
@@ -342,6 +343,7 @@ def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report:
         save_compressed_model(student, tmp, tokenizer)
         (tmp / "compression_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        chmod_as_umask(tmp, 0o777)  # a folder like any other the user makes, not mkdtemp's 0700
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

@@ -698,8 +698,18 @@ def save_compressed_model(model: nn.Module, path: str | os.PathLike, tokenizer=N
             if target in state and source in state and state[target].data_ptr() == state[source].data_ptr()}
     save_file({k: v.contiguous() for k, v in state.items() if k not in tied}, str(path / WEIGHTS_NAME),
               metadata={"format": "pt"})
+    chmod_as_umask(path / WEIGHTS_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def chmod_as_umask(path: str | os.PathLike, mode: int = 0o666) -> None:
+    """Give ``path`` the permissions a plain ``open()`` (``mode`` 0o666) or ``mkdir()`` (0o777)
+    would have given it under the user's umask: safetensors writes its files 0600, ``tempfile``
+    makes its folders 0700."""
+    umask = os.umask(0)  # reading the umask means setting it; put back at once
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None, quantize: str | None = None):

@@ -41,6 +41,7 @@ from distillation.distillation_loss import (
     output_distillation_loss,
     weighted_sum,
 )
+from matrix_decomposition import chmod_as_umask
 
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
 
@@ -257,6 +258,8 @@ class Distiller:
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
             save_model(self.unwrapped_student, str(tmp / "student.safetensors"))
+            chmod_as_umask(tmp / "student.safetensors")
+            chmod_as_umask(tmp, 0o777)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
                        tmp / "trainer_state.pt")

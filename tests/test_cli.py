@@ -2,6 +2,7 @@
 
 import json
 import os
+import stat
 import subprocess
 import sys
 
@@ -11,7 +12,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 import compress_model
 import decomposition
-from matrix_decomposition import LowRankLinear, load_compressed_model
+from matrix_decomposition import LowRankLinear, decompose_, load_compressed_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -57,6 +58,20 @@ def test_cli_end_to_end(run_dir):
     scores = decomposition.evaluate_translation(model, tokenizer, eval_pairs["source_text"],
                                                 eval_pairs["target_text"], max_new_tokens=12)
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_folder_and_files_follow_the_umask(tmp_path, make_tiny_marian, tiny_tokenizer, umask):
+    model = make_tiny_marian()
+    decompose_(model, [], 4)
+    previous = os.umask(umask)
+    try:
+        decomposition.save_outputs(tmp_path / "out", model, tiny_tokenizer, {"report": 1}, {"config": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 def test_generation_limit_keeps_the_teachers_own(make_tiny_marian):
