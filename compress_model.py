@@ -512,7 +512,8 @@ def run(config: Config, resume: bool = False) -> int:
                                      max_target_length=min(config.max_target_length, positions),
                                      max_new_tokens=min(config.max_new_tokens, positions - 1))
     generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
-                       "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length}
+                       "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length,
+                       "progress": config.progress and main_process}
     preprocessor = globals()["data_preprocessor"]  # looked up now, so a replaced hook is the one used
     with state.main_process_first():
         train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
@@ -576,9 +577,9 @@ def run(config: Config, resume: bool = False) -> int:
         report = {}
         if main_process:
             report["teacher"] = decomposition.evaluate_translation(teacher, tokenizer, sources, references,
-                                                                   **generate_kwargs)
+                                                                   desc="BLEU teacher", **generate_kwargs)
             report["decomposed"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
-                                                                      **generate_kwargs)
+                                                                      desc="BLEU decomposed", **generate_kwargs)
             say(f"BLEU teacher {report['teacher']['bleu']:.2f}, decomposed {report['decomposed']['bleu']:.2f} "
                 f"(before recovery)", flush=True)
             if config.checkpoint_steps:
@@ -604,11 +605,12 @@ def run(config: Config, resume: bool = False) -> int:
 
     # Evaluate the recovered student (and its int8 version: CPU only, never saved)
     report["student"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
-                                                           **generate_kwargs)
+                                                           desc="BLEU student", **generate_kwargs)
     if config.quantize_int8:
         student = student.cpu()
         report["student_int8"] = {**decomposition.evaluate_translation(quantize_int8(student), tokenizer, sources,
-                                                                       references, **generate_kwargs),
+                                                                       references, desc="BLEU student int8",
+                                                                       **generate_kwargs),
                                   "params": report["student"]["params"]}  # the same weights, in int8
     report.update({
         "compression_ratio": round(student_params / teacher_params, 4),

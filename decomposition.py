@@ -197,16 +197,19 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, ev
 
 @torch.no_grad()
 def translate(model: nn.Module, tokenizer, inputs: Sequence[str] | Sequence[Sequence[int]], batch_size: int = 64,
-              num_beams: int = 1, max_new_tokens: int = 128, max_source_length: int = 128) -> list[str]:
+              num_beams: int = 1, max_new_tokens: int = 128, max_source_length: int = 128, progress: bool = False,
+              desc: str = "translating") -> list[str]:
     """Translations of ``inputs`` in their order: token-id lists (as ``data_preprocessor`` returns
     them, used as they are) or raw sentences (tokenized here, truncated to ``max_source_length``).
-    Padded with the tokenizer's pad token and batched by length for speed."""
+    Padded with the tokenizer's pad token and batched by length for speed; ``progress`` shows a bar
+    (sentences, labelled ``desc``)."""
     model.eval()
     device = next(model.parameters()).device
     if inputs and isinstance(inputs[0], str):
         inputs = tokenizer(list(inputs), truncation=True, max_length=max_source_length)["input_ids"]
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     out: list[str] = [""] * len(inputs)
+    bar = tqdm(total=len(inputs), desc=desc, unit="sentence", disable=not progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         longest = max(len(inputs[i]) for i in idx)
@@ -219,6 +222,8 @@ def translate(model: nn.Module, tokenizer, inputs: Sequence[str] | Sequence[Sequ
                                    num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
         for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
             out[i] = text
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
@@ -232,7 +237,8 @@ def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str] |
     atomically by the main process. Under torchrun / accelerate launch every process translates
     its share and all of them get the full list. Returns (targets, cache file, whether it was reused)."""
     sources = [s if isinstance(s, str) else [int(t) for t in s] for s in sources]
-    settings = {k: v for k, v in generate_kwargs.items() if k != "batch_size"}  # batching changes nothing
+    settings = {k: v for k, v in generate_kwargs.items()  # batching and the progress bar change nothing
+                if k not in ("batch_size", "progress", "desc")}
     generation_config = getattr(teacher, "generation_config", None)
     digest = hashlib.sha256(json.dumps({
         "teacher": teacher_path, "config": teacher.config.to_dict(), "generation": settings,
@@ -252,7 +258,8 @@ def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str] |
         return cached, path, True
     # each process translates its share (no process waits for another's hours of generation)
     shard = list(range(state.process_index, len(sources), state.num_processes))
-    shard_targets = translate(teacher, tokenizer, [sources[i] for i in shard], **generate_kwargs)
+    shard_targets = translate(teacher, tokenizer, [sources[i] for i in shard],
+                              **{"desc": "teacher translations", **generate_kwargs})
     targets = [""] * len(sources)
     for i, target in gather_object(list(zip(shard, shard_targets))):
         targets[i] = target

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -58,6 +59,15 @@ def test_cli_end_to_end(run_dir):
     scores = decomposition.evaluate_translation(model, tokenizer, eval_pairs["source_text"],
                                                 eval_pairs["target_text"], max_new_tokens=12)
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
+
+
+def test_every_translation_pass_shows_progress(run_dir, monkeypatch, capsys):
+    edit_config(run_dir, progress=True, epoch=1, checkpoint_steps=0)
+    monkeypatch.chdir(run_dir)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    err = capsys.readouterr().err
+    for name in ("teacher", "decomposed", "student"):  # 24 eval pairs each
+        assert re.search(rf"BLEU {name}: 100%.* 24/24 ", err), (name, err[-2000:])
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
