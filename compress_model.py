@@ -413,9 +413,12 @@ def print_report(report: dict) -> None:
             continue
         print(f"{name:<14}{row['params']:>12,}{100 * row['params'] / teacher_params:>10.1f}%"
               f"{row['bleu']:>8.2f}{row['chrf']:>8.2f}{row.get('size_mb', float('nan')):>9.2f}")
+    epochs = report["train_pairs"] / report["train_dataset_pairs"]
     print(f"compression ratio {report['compression_ratio']:.3f} (student params / teacher params); "
           f"{report['layers_decomposed']} layers decomposed; distilled in {report['train_seconds'] / 60:.1f} min "
-          f"on {report['train_pairs']:,} pairs; evaluated on {report['eval_pairs']:,} pairs")
+          f"on {report['train_pairs']:,} pairs ({epochs:.3g} epoch{'' if epochs == 1 else 's'} of "
+          f"{report['train_dataset_pairs']:,}; "
+          f"{report['train_target_tokens']:,} target tokens); evaluated on {report['eval_pairs']:,} pairs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -618,7 +621,9 @@ def run(config: Config, resume: bool = False) -> int:
         "rank_allocation": config.rank_allocation if budget else None,
         "init": config.init, "init_notes": notes, "sequence_level_kd": config.sequence_level_kd,
         "feature_layers": feature_layers,
-        "train_seconds": round(distiller.train_seconds, 1), "train_pairs": len(train_pairs),
+        "train_seconds": round(distiller.train_seconds, 1), "train_pairs": distiller.trained["pairs"],
+        "train_source_tokens": distiller.trained["source_tokens"],
+        "train_target_tokens": distiller.trained["target_tokens"], "train_dataset_pairs": len(train_set),
         "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "processes": state.num_processes,
         "history": distiller.history,
         "bleu_signature": "sacrebleu corpus_bleu/corpus_chrf defaults (13a tokenization), "

@@ -141,6 +141,8 @@ class Distiller:
                                                     self.total_steps * n)
         self.scheduler = self.accelerator.prepare(scheduler)
         self.history: list[dict] = []
+        # what training went through, repeats counted: pairs and their real (non-padded) tokens
+        self.trained = {"pairs": 0, "source_tokens": 0, "target_tokens": 0}
 
     @property
     def unwrapped_student(self) -> nn.Module:
@@ -207,6 +209,7 @@ class Distiller:
                     # repeats the uninterrupted one exactly, whatever else touched the global RNG meanwhile
                     torch.manual_seed(self._dropout_seed(epoch, batches_done))
                     batches_done += 1
+                    self._count(batch)
                     with acc.accumulate(self.student):
                         loss, terms = self._loss_step(batch, teacher_features, student_features)
                         if not torch.isfinite(loss):
@@ -239,8 +242,20 @@ class Distiller:
                     break
         bar.close()
         self.train_seconds = time.time() - start
+        self.trained = self._trained_by_all()
         self.student.eval()
         return self.history
+
+    def _count(self, batch) -> None:
+        self.trained["pairs"] += batch["input_ids"].shape[0]
+        self.trained["source_tokens"] += int(batch["attention_mask"].sum())
+        self.trained["target_tokens"] += int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def _trained_by_all(self) -> dict[str, int]:
+        """``trained`` summed over the processes (a collective call: every process makes it)."""
+        totals = self.accelerator.reduce(torch.tensor(list(self.trained.values()), device=self.accelerator.device),
+                                         "sum")
+        return dict(zip(self.trained, (int(v) for v in totals.cpu())))
 
     def _dropout_seed(self, epoch: int, batch: int) -> int:
         acc = self.accelerator
@@ -253,6 +268,7 @@ class Distiller:
     def _save_checkpoint(self, step: int, epoch: int, batches_done: int, elapsed: float, running: dict) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        trained = self._trained_by_all()
         if acc.is_main_process:
             root = Path(self.settings.checkpoint_dir)
             root.mkdir(parents=True, exist_ok=True)
@@ -265,7 +281,7 @@ class Distiller:
                        tmp / "trainer_state.pt")
             (tmp / "progress.json").write_text(json.dumps({
                 "step": step, "epoch": epoch, "batches_done": batches_done, "elapsed": elapsed,
-                "running": running, "history": self.history}))
+                "running": running, "history": self.history, "trained": trained}))
             final = root / f"step-{step:08d}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -298,6 +314,8 @@ class Distiller:
         random.setstate(state["python_rng"])
         progress = json.loads((path / "progress.json").read_text())
         self.history = progress["history"]
+        if self.accelerator.is_main_process:  # the others start from 0: the sum over the processes stays right
+            self.trained.update(progress.get("trained", {}))
         epoch, batches_done = progress["epoch"], progress["batches_done"]
         if batches_done >= len(self.train_loader):  # the checkpoint fell on the epoch's last batch
             epoch, batches_done = epoch + 1, 0
