@@ -428,8 +428,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its latest checkpoint (same config)")
     args = parser.parse_args(argv)
+    config = None
     try:
-        return run(load_config(args.config), resume=args.resume)
+        config = load_config(args.config)
+        return run(config, resume=args.resume)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, not a traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"compress_model.py: {after_interrupt(config)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     except Exception as e:
         from matrix_decomposition import DecompositionError
 
@@ -451,18 +457,53 @@ def cache_dir(config: Config) -> Path:
     return Path(config.cache_dir or f"{config.output_path.rstrip('/')}-cache")
 
 
+def remove_checkpoints(folder: Path) -> None:
+    """Delete what runs write in a checkpoint folder (run.json and the training checkpoints), then the
+    folder itself if nothing else is left in it: never a file this tool did not write."""
+    from distillation.knowledge_distillation import CHECKPOINT_ENTRIES
+
+    if not folder.is_dir():
+        return
+    for pattern in ("run.json", ".run.json.tmp", *CHECKPOINT_ENTRIES):
+        for entry in folder.glob(pattern):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # it holds something else: left alone
+
+
+def after_interrupt(config: Config | None) -> str:
+    """What an interrupted run leaves, and how to go on (one line). A checkpoint folder holding
+    nothing to resume from is removed, so that the same command simply starts over."""
+    if config is None:
+        return "interrupted"
+    folder = checkpoint_dir(config)
+    if (folder / "latest").is_file():
+        latest = (folder / "latest").read_text().strip()
+        return (f"interrupted; the checkpoint of step {int(latest.split('-')[-1])} is kept in {folder}: run the same "
+                f"command with --resume to continue from it")
+    remove_checkpoints(folder)
+    return "interrupted before the first checkpoint, so nothing was kept; run the same command to start over"
+
+
 def check_resume(config: Config, resume: bool) -> dict | None:
-    """The saved state of the run to resume ({"config", "report"}), or None for a fresh run.
-    Refuses to start over a checkpoint silently, and to resume with a different config."""
+    """The saved state of the run to resume ({"config", "report", "ranks"}), or None for a fresh run.
+    Refuses to start over a checkpoint silently, and to resume with a different config. A run
+    stopped before its first checkpoint left only run.json: nothing to lose by starting over, and
+    --resume distills from the start, reusing its evaluations and ranks."""
     folder = checkpoint_dir(config)
     run_file = folder / "run.json"
     if not resume:
-        if run_file.exists() and not config.overwrite_output:
+        if (folder / "latest").is_file() and not config.overwrite_output:
             raise ConfigError(f"checkpoint_dir: {str(folder)!r} holds an unfinished run; add --resume to continue "
                               f"it, or delete the folder (or set \"overwrite_output\": true) to start over")
         return None
-    if not run_file.is_file() or not (folder / "latest").is_file():
-        raise ConfigError(f"--resume: no checkpoint in {str(folder)!r} (checkpoint_steps is "
+    if not run_file.is_file():
+        raise ConfigError(f"--resume: no checkpoint of an interrupted run in {str(folder)!r} (checkpoint_steps is "
                           f"{config.checkpoint_steps}); run without --resume to start")
     saved = json.loads(run_file.read_text(encoding="utf-8"))
     now = dataclasses.asdict(config)
@@ -573,9 +614,11 @@ def run(config: Config, resume: bool = False) -> int:
 
     # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)
     folder = checkpoint_dir(config)
+    resume_training = bool(saved) and (folder / "latest").is_file()
     if saved:
         report = saved["report"]
-        say(f"resuming from {folder}", flush=True)
+        say(f"resuming from {folder}" + ("" if resume_training else " (no checkpoint yet: distilling from the start)"),
+            flush=True)
     else:
         report = {}
         if main_process:
@@ -586,9 +629,8 @@ def run(config: Config, resume: bool = False) -> int:
             say(f"BLEU teacher {report['teacher']['bleu']:.2f}, decomposed {report['decomposed']['bleu']:.2f} "
                 f"(before recovery)", flush=True)
             if config.checkpoint_steps:
-                if folder.exists():  # an abandoned run's (overwrite_output was given)
-                    shutil.rmtree(folder)
-                folder.mkdir(parents=True)
+                remove_checkpoints(folder)  # an abandoned run's (nothing to resume, or overwrite_output given)
+                folder.mkdir(parents=True, exist_ok=True)
                 decomposition.write_json_atomic(folder / "run.json",
                                                 {"config": requested, "report": report, "ranks": ranks})
 
@@ -600,7 +642,7 @@ def run(config: Config, resume: bool = False) -> int:
         temperature=config.temperature, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
         eval_steps=config.eval_steps, mixed_precision=config.mixed_precision, seed=config.seed,
         progress=config.progress, checkpoint_dir=str(folder) if config.checkpoint_steps else None,
-        checkpoint_steps=config.checkpoint_steps, resume=bool(saved))
+        checkpoint_steps=config.checkpoint_steps, resume=resume_training)
     distiller = decomposition.distill(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers)
     student = distiller.unwrapped_student
     if not main_process:
@@ -633,7 +675,7 @@ def run(config: Config, resume: bool = False) -> int:
     # Save (atomically), with a length limit for generate(); then drop the checkpoints of the finished run
     decomposition.set_generation_limit_(student, config.max_new_tokens)
     decomposition.save_outputs(config.output_path, student, tokenizer, report, dataclasses.asdict(config))
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_checkpoints(folder)
     print_report(report)
     print(f"saved to {config.output_path}")
     return 0

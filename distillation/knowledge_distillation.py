@@ -44,6 +44,7 @@ from distillation.distillation_loss import (
 from matrix_decomposition import chmod_as_umask
 
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
+CHECKPOINT_ENTRIES = ("latest", ".latest.tmp", "step-*", ".tmp-step-*")  # what _save_checkpoint writes
 
 
 @dataclass
