@@ -146,7 +146,9 @@ class Config:
     checkpoint_dir: str | None = field(default=None, metadata={
         "help": "where checkpoints go; null = <output_path>-checkpoints (deleted when the run finishes)"})
     seed: int = field(default=42, metadata={"help": "seed for data order, dropout and held-out split"})
-    num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch; null = torch's default"})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads for torch; null = OMP_NUM_THREADS if set, else the cores the load average leaves free "
+                "(set 1 on a machine other jobs may start using)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -515,6 +517,25 @@ def check_resume(config: Config, resume: bool) -> dict | None:
     return saved
 
 
+def torch_threads(num_threads: int | None, environ=os.environ, cores: int | None = None,
+                  load: float | None = None, torch_default: int | None = None) -> tuple[int, str]:
+    """(threads for torch, why). ``num_threads`` if given, else ``OMP_NUM_THREADS`` if set, else
+    torch's default (a thread per core) less the cores the 1-minute load average says other jobs
+    keep busy: on shared cores, OpenMP threads waiting for each other slowed training 10-30×."""
+    import torch
+
+    if num_threads:
+        return num_threads, "num_threads"
+    if environ.get("OMP_NUM_THREADS", "").isdigit() and int(environ["OMP_NUM_THREADS"]) > 0:
+        return int(environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = max(1, min(torch_default or torch.get_num_threads(), cores - round(load)))
+    return threads, f"{cores} cores, load average {load:.1f}; set num_threads or OMP_NUM_THREADS to choose"
+
+
 def run(config: Config, resume: bool = False) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
@@ -537,8 +558,9 @@ def run(config: Config, resume: bool = False) -> int:
 
     # Seed; refuse an output or checkpoint folder that would be clobbered, before any work.
     torch.manual_seed(config.seed)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
+    threads, why = torch_threads(config.num_threads)
+    torch.set_num_threads(threads)
+    say(f"torch threads: {threads} ({why})", flush=True)
     decomposition.check_output_path(config.output_path, config.overwrite_output)
     if config.sequence_level_kd and cache_dir(config).exists() and not cache_dir(config).is_dir():
         raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # runs in the tests (and their subprocesses) use one thread
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

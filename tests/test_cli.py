@@ -49,6 +49,7 @@ def test_cli_end_to_end(run_dir):
     # generate() without arguments stops where the evaluation did, not at transformers' default of 20 tokens
     assert GenerationConfig.from_pretrained(out).max_new_tokens == 12
     assert "student" in result.stdout and "compression ratio" in result.stdout
+    assert "torch threads: 1 (OMP_NUM_THREADS)" in result.stdout
 
     # The saved model loads, is factorized, and translates the eval pairs to the reported score.
     model = load_compressed_model(out)
@@ -100,6 +101,21 @@ def test_output_folder_and_files_follow_the_umask(tmp_path, make_tiny_marian, ti
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
     assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+@pytest.mark.parametrize("num_threads, environ, cores, load, expected", [
+    (3, {"OMP_NUM_THREADS": "2"}, 8, 7.9, 3),  # num_threads wins
+    (None, {"OMP_NUM_THREADS": "2"}, 8, 7.9, 2),  # then the environment
+    (None, {}, 2, 0.1, 2),  # an idle machine: every core
+    (None, {}, 2, 1.2, 1),  # another job on one of two cores: the other core only
+    (None, {}, 2, 5.0, 1),  # overloaded: one thread, never 0
+    (None, {}, 16, 0.0, 8),  # no more than torch's default (here 8)
+])
+def test_torch_threads_leave_the_cores_other_jobs_use(num_threads, environ, cores, load, expected):
+    threads, why = compress_model.torch_threads(num_threads, environ, cores=cores, load=load, torch_default=8)
+    assert threads == expected
+    assert why == ("num_threads" if num_threads else "OMP_NUM_THREADS" if environ else
+                   f"{cores} cores, load average {load:.1f}; set num_threads or OMP_NUM_THREADS to choose")
 
 
 def test_generation_limit_keeps_the_teachers_own(make_tiny_marian):
