@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     config = None
     try:
         config = load_config(args.config)
-        return run(config, resume=args.resume)
+        return run(config, resume=args.resume, config_path=args.config)
     except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, not a traceback
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"compress_model.py: {after_interrupt(config)}", file=sys.stderr)
@@ -536,7 +536,18 @@ def torch_threads(num_threads: int | None, environ=os.environ, cores: int | None
     return threads, f"{cores} cores, load average {load:.1f}; set num_threads or OMP_NUM_THREADS to choose"
 
 
-def run(config: Config, resume: bool = False) -> int:
+def run_inputs(config: Config, config_path: str | os.PathLike | None = None) -> dict[str, str]:
+    """{key: local path} of what the run reads (every ``*_path`` key but output_path that names a local
+    file or folder, and the config file): the folders it writes must stay clear of them."""
+    inputs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name.endswith("_path") and f.name != "output_path" and isinstance(getattr(config, f.name), str)
+              and Path(getattr(config, f.name)).exists()}
+    if config_path is not None:
+        inputs["config file"] = str(config_path)
+    return inputs
+
+
+def run(config: Config, resume: bool = False, config_path: str | os.PathLike | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from accelerate import PartialState
@@ -561,7 +572,9 @@ def run(config: Config, resume: bool = False) -> int:
     threads, why = torch_threads(config.num_threads)
     torch.set_num_threads(threads)
     say(f"torch threads: {threads} ({why})", flush=True)
-    decomposition.check_output_path(config.output_path, config.overwrite_output)
+    inputs = run_inputs(config, config_path)
+    decomposition.check_output_path(config.output_path, config.overwrite_output, inputs)
+    decomposition.check_clear_of("checkpoint_dir", checkpoint_dir(config), {**inputs, "output_path": config.output_path})
     if config.sequence_level_kd and cache_dir(config).exists() and not cache_dir(config).is_dir():
         raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")
     saved = check_resume(config, resume)

@@ -312,15 +312,40 @@ def set_generation_limit_(model: nn.Module, max_new_tokens: int) -> None:
         generation_config.max_new_tokens = max_new_tokens
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output path that is a file, or a non-empty folder unless ``overwrite``; checked
-    before any work so that nothing is lost or half-written."""
+OUTPUT_MARKERS = ("compression_config.json", "report.json")  # what save_outputs writes next to the model
+
+
+def check_clear_of(key: str, path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike]) -> None:
+    """Refuse a folder the run writes (and may replace or delete) that is, contains or lies inside
+    one of its ``inputs`` ({config key: local path}: the teacher, the data, the config file…)."""
+    mine = Path(path).resolve()
+    for name, other in inputs.items():
+        theirs = Path(other).resolve()
+        relation = ("is" if mine == theirs else "contains" if mine in theirs.parents
+                    else "lies inside" if theirs in mine.parents else None)
+        if relation:
+            raise DecompositionError(f"{key}: {str(path)!r} {relation} the {name} {str(other)!r}; a run replaces "
+                                     f"and deletes what it writes there: choose a folder apart from its inputs")
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool,
+                      inputs: Mapping[str, str | os.PathLike] | None = None) -> Path:
+    """Refuse an output path that is a file, is, contains or lies inside one of the run's
+    ``inputs`` (``check_clear_of``), or is a non-empty folder, unless ``overwrite`` and the folder is
+    one this tool wrote (it holds ``OUTPUT_MARKERS``): overwriting replaces the whole folder.
+    Checked before any work so that nothing is lost or half-written."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DecompositionError(f"output_path: {str(path)!r} is a file; give a folder path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise DecompositionError(f"output_path: {str(path)!r} exists and is not empty; choose another path "
-                                 f"or set \"overwrite_output\": true")
+    check_clear_of("output_path", path, inputs or {})
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise DecompositionError(f"output_path: {str(path)!r} exists and is not empty; choose another path "
+                                     f"or set \"overwrite_output\": true")
+        if not all((path / name).is_file() for name in OUTPUT_MARKERS):
+            raise DecompositionError(f"output_path: {str(path)!r} was not written by this tool (it has no "
+                                     f"{' and '.join(OUTPUT_MARKERS)}), and overwrite_output only replaces a "
+                                     f"folder this tool wrote; choose another path")
     ancestor = path.resolve().parent  # the nearest folder that exists must take new entries
     while not ancestor.exists():
         ancestor = ancestor.parent

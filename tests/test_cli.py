@@ -13,7 +13,7 @@ from transformers import AutoTokenizer, GenerationConfig
 
 import compress_model
 import decomposition
-from matrix_decomposition import LowRankLinear, decompose_, load_compressed_model
+from matrix_decomposition import DecompositionError, LowRankLinear, decompose_, load_compressed_model
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -196,7 +196,32 @@ BAD_CONFIGS = [
      ["output_path", "cannot write under '/proc'"]),
     ("output-not-empty", lambda d: ((d / "out").mkdir(), (d / "out" / "keep.txt").write_text("x")),
      ["output_path", "not empty", "overwrite_output"]),
+    # overwrite_output replaces the whole folder: never one the run reads from, nor one it did not write
+    ("output-is-the-teacher", lambda d: edit_config(d, output_path=str(d / "teacher"), overwrite_output=True),
+     ["output_path", "teacher' is the teacher_model_path"]),
+    ("output-inside-the-teacher",
+     lambda d: edit_config(d, output_path=str(d / "teacher" / "out"), overwrite_output=True),
+     ["output_path", "lies inside the teacher_model_path"]),
+    ("output-holds-the-data", lambda d: _move_data(d, "data", output_path="data", overwrite_output=True),
+     ["output_path: 'data' contains the dataset_path 'data/train.csv'"]),
+    ("output-is-the-working-folder", lambda d: edit_config(d, output_path=".", overwrite_output=True),
+     ["output_path: '.' contains the teacher_model_path"]),
+    ("output-not-written-by-this-tool",
+     lambda d: ((d / "out").mkdir(), (d / "out" / "keep.txt").write_text("x"), edit_config(d, overwrite_output=True)),
+     ["output_path", "was not written by this tool", "compression_config.json and report.json"]),
+    ("checkpoints-in-the-data", lambda d: _move_data(d, "data", checkpoint_dir="data"),
+     ["checkpoint_dir: 'data' contains the dataset_path"]),
+    ("checkpoints-are-the-output", lambda d: edit_config(d, checkpoint_dir=str(d / "out")),
+     ["checkpoint_dir", "is the output_path"]),
 ]
+
+
+def _move_data(run_dir, folder, **changes):
+    """The training and evaluation CSVs moved into ``run_dir/folder``, named relatively, with ``changes``."""
+    (run_dir / folder).mkdir()
+    for name in ("train.csv", "eval.csv"):
+        (run_dir / name).rename(run_dir / folder / name)
+    edit_config(run_dir, dataset_path=f"{folder}/train.csv", eval_dataset_path=f"{folder}/eval.csv", **changes)
 
 
 def _write_csv(run_dir, text, encoding="utf-8", name="bad.csv"):
@@ -215,6 +240,29 @@ def test_bad_config_is_one_line_error_and_writes_nothing(run_dir, capsys, monkey
     for word in words:
         assert word in err, (word, err)
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing written
+
+
+def test_the_inputs_output_folders_keep_clear_of(run_dir, monkeypatch):
+    monkeypatch.chdir(run_dir)
+    config = compress_model.load_config("config.json")
+    assert compress_model.run_inputs(config, "config.json") == {
+        "teacher_model_path": str(run_dir / "teacher"), "dataset_path": str(run_dir / "train.csv"),
+        "eval_dataset_path": str(run_dir / "eval.csv"), "config file": "config.json"}
+    with pytest.raises(DecompositionError, match="output_path: 'conf' contains the config file 'conf/c.json'"):
+        decomposition.check_clear_of("output_path", "conf", {"config file": "conf/c.json"})
+
+
+def test_overwrite_output_replaces_only_a_folder_this_tool_wrote(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(DecompositionError, match="was not written by this tool"):
+        decomposition.check_output_path(folder, overwrite=True)
+    for name in decomposition.OUTPUT_MARKERS:
+        (folder / name).write_text("{}")
+    assert decomposition.check_output_path(folder, overwrite=True) == folder
+    with pytest.raises(DecompositionError, match="not empty"):
+        decomposition.check_output_path(folder, overwrite=False)
 
 
 def test_bad_config_from_the_shell_has_no_traceback(run_dir):
