@@ -124,7 +124,7 @@ class Config:
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warmup"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 (GPU only) | bf16"})
     eval_steps: int = field(default=0, metadata={"help": "held-out loss every N steps (0 = once per epoch)"})
 
     sequence_level_kd: bool = field(default=False, metadata={
@@ -572,6 +572,9 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     threads, why = torch_threads(config.num_threads)
     torch.set_num_threads(threads)
     say(f"torch threads: {threads} ({why})", flush=True)
+    if config.mixed_precision == "fp16" and state.device.type == "cpu":
+        raise ConfigError("mixed_precision: 'fp16' needs a GPU (on a CPU, Accelerate trains in float32 without "
+                          "saying so); use \"bf16\" or \"no\"")
     inputs = run_inputs(config, config_path)
     decomposition.check_output_path(config.output_path, config.overwrite_output, inputs)
     decomposition.check_clear_of("checkpoint_dir", checkpoint_dir(config), {**inputs, "output_path": config.output_path})

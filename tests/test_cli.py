@@ -8,12 +8,14 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, edit_config, make_run_dir
+from conftest import REPO, edit_config, load_with_auto_classes, make_run_dir
 from transformers import AutoTokenizer, GenerationConfig
 
 import compress_model
 import decomposition
-from matrix_decomposition import DecompositionError, LowRankLinear, decompose_, load_compressed_model
+from matrix_decomposition import (
+    DecompositionError, LowRankLinear, count_parameters, decompose_, load_compressed_model,
+)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -65,6 +67,28 @@ def test_cli_end_to_end(run_dir):
     scores = decomposition.evaluate_translation(model, tokenizer, eval_pairs["source_text"],
                                                 eval_pairs["target_text"], max_new_tokens=12)
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
+
+
+def test_a_folder_this_tool_wrote_can_be_compressed_further(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=1)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    first = json.loads((run_dir / "out" / "report.json").read_text())
+
+    # its linears are factorized already: the default targets are refused in one line...
+    edit_config(run_dir, teacher_model_path="out", output_path="out2")
+    assert compress_model.main(["--config", "config.json"]) == 2
+    assert "is already decomposed (rank 4)" in capsys.readouterr().err
+    # ...and its shared embedding can still be factorized, on top of them
+    edit_config(run_dir, decompose_layers=["model.shared.weight"], k_info=6)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    second = json.loads((run_dir / "out2" / "report.json").read_text())
+    assert second["teacher"]["params"] == first["student"]["params"]
+    assert second["teacher"]["bleu"] == first["student"]["bleu"]  # the teacher is the first run's student, intact
+    assert second["ranks"] == {"model.shared": 6}
+    model = load_with_auto_classes(run_dir / "out2")
+    assert set(model.config.matrix_decomposition["ranks"]) == set(first["ranks"]) | {"model.shared"}
+    assert count_parameters(model) == second["student"]["params"] < first["student"]["params"]
 
 
 def test_report_counts_the_pairs_trained_on_not_the_data_set(run_dir, monkeypatch, capsys):
@@ -165,6 +189,7 @@ BAD_CONFIGS = [
     ("zero-epoch", lambda d: edit_config(d, epoch=0), ["epoch", "at least 1", "0"]),
     ("negative-batch", lambda d: edit_config(d, batch_size=-4), ["batch_size", "-4"]),
     ("bad-choice", lambda d: edit_config(d, svd="qr"), ["svd", "'qr'", "exact"]),
+    ("fp16-on-cpu", lambda d: edit_config(d, mixed_precision="fp16"), ["mixed_precision", "'fp16' needs a GPU", "bf16"]),
     ("bad-loss-term", lambda d: edit_config(d, loss_weights={"mse": 1.0}), ["loss_weights", "'mse'", "kd"]),
     ("missing-teacher", lambda d: edit_config(d, teacher_model_path=str(d / "nowhere")),
      ["teacher_model_path", "nowhere"]),
