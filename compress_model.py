@@ -439,9 +439,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compress_model.py: {after_interrupt(config)}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     except Exception as e:
-        from matrix_decomposition import DecompositionError
-
-        if not isinstance(e, (ConfigError, DecompositionError, FloatingPointError)):
+        # a DecompositionError can only come from an imported matrix_decomposition (and importing it
+        # here would load transformers just to report a bad config key)
+        surgery = sys.modules.get("matrix_decomposition")
+        if not isinstance(e, (ConfigError, FloatingPointError) + ((surgery.DecompositionError,) if surgery else ())):
             raise
         print(f"compress_model.py: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2  # 2: the input was wrong; 1: the run failed

@@ -41,7 +41,6 @@ from distillation.distillation_loss import (
     output_distillation_loss,
     weighted_sum,
 )
-from matrix_decomposition import chmod_as_umask
 
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
 CHECKPOINT_ENTRIES = ("latest", ".latest.tmp", "step-*", ".tmp-step-*")  # what _save_checkpoint writes
@@ -271,6 +270,8 @@ class Distiller:
         acc.wait_for_everyone()
         trained = self._trained_by_all()
         if acc.is_main_process:
+            from matrix_decomposition import chmod_as_umask  # here: importing it loads transformers' Marian
+
             root = Path(self.settings.checkpoint_dir)
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
