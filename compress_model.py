@@ -463,10 +463,10 @@ def cache_dir(config: Config) -> Path:
 def remove_checkpoints(folder: Path) -> None:
     """Delete what runs write in a checkpoint folder (run.json and the training checkpoints), then the
     folder itself if nothing else is left in it: never a file this tool did not write."""
-    from distillation.knowledge_distillation import CHECKPOINT_ENTRIES
-
     if not folder.is_dir():
         return
+    from distillation.knowledge_distillation import CHECKPOINT_ENTRIES
+
     for pattern in ("run.json", ".run.json.tmp", *CHECKPOINT_ENTRIES):
         for entry in folder.glob(pattern):
             if entry.is_dir() and not entry.is_symlink():
@@ -572,7 +572,6 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     torch.manual_seed(config.seed)
     threads, why = torch_threads(config.num_threads)
     torch.set_num_threads(threads)
-    say(f"torch threads: {threads} ({why})", flush=True)
     if config.mixed_precision == "fp16" and state.device.type == "cpu":
         raise ConfigError("mixed_precision: 'fp16' needs a GPU (on a CPU, Accelerate trains in float32 without "
                           "saying so); use \"bf16\" or \"no\"")
@@ -583,6 +582,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")
     saved = check_resume(config, resume)
     requested = dataclasses.asdict(config)  # as the user wrote it; lengths may be clamped below
+    say(f"torch threads: {threads} ({why})", flush=True)
 
     # Data
     with state.main_process_first():
