@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import json
 import os
 import shutil
@@ -44,11 +45,16 @@ def data_preprocessor(batch: dict[str, list[str]], tokenizer, config: "Config") 
     source and the target, truncated to ``max_source_length`` / ``max_target_length``; padding
     happens per batch later, with labels padded by -100 so padded positions are ignored by the loss.
 
-    Example override, adding a target-language tag for a multilingual OPUS-MT model::
+    Example override, straightening typographic quotes in the sources (the shipped Tatoeba data
+    writes them straight)::
 
         def data_preprocessor(batch, tokenizer, config):
-            batch = {**batch, "source_text": [">>deu<< " + s for s in batch["source_text"]]}
+            straight = str.maketrans({"’": "'", "‘": "'", "“": '"', "”": '"'})
+            batch = {**batch, "source_text": [s.translate(straight) for s in batch["source_text"]]}
             return default_data_preprocessor(batch, tokenizer, config)
+
+    A target-language tag (``">>fra<< " + s``) belongs only to multilingual OPUS-MT models such
+    as opus-mt-en-ROMANCE; a bilingual model never saw one, and it costs it most of its BLEU.
     """
     return default_data_preprocessor(batch, tokenizer, config)
 
@@ -64,6 +70,7 @@ def default_data_preprocessor(batch: dict[str, list[str]], tokenizer, config: "C
 
 
 EXPORTS = ("onnx", "onnx-int8")
+DEFAULT_RANK = 32  # k_info when neither it nor target_ratio is given
 
 
 @dataclass
@@ -92,8 +99,9 @@ class Config:
         "help": "state-dict keys of the nn.Linear weights to factorize, or patterns (\"model.decoder.*\"); "
                 "[] = every linear in the encoder/decoder layers; model.shared.weight factorizes the shared "
                 "embedding together with its tied output layer; [\"*\"] = all of these"})
-    k_info: int | dict[str, int] = field(default=32, metadata={
-        "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\""})
+    k_info: int | dict[str, int] | None = field(default=None, metadata={
+        "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\"; left out: "
+                f"{DEFAULT_RANK}, or allocated when target_ratio is set"})
     target_ratio: float | None = field(default=None, metadata={
         "help": "fraction of the TEACHER's total parameters (embeddings included) the student keeps, e.g. 0.5; "
                 "leave k_info out: per-layer ranks are allocated to meet it (see rank_allocation)"})
@@ -123,7 +131,7 @@ class Config:
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warmup"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (0 = off)"})
-    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 | bf16"})
+    mixed_precision: str = field(default="no", metadata={"help": "no | fp16 (GPU only) | bf16"})
     eval_steps: int = field(default=0, metadata={"help": "held-out loss every N steps (0 = once per epoch)"})
 
     sequence_level_kd: bool = field(default=False, metadata={
@@ -141,13 +149,17 @@ class Config:
                 "python onnx_export.py --model <output_path> [--int8]"})
     num_beams: int = field(default=1, metadata={"help": "beams for the BLEU evaluation (1 = greedy)"})
     eval_batch_size: int = field(default=64, metadata={"help": "sentences per generate() call"})
-    max_new_tokens: int = field(default=128, metadata={"help": "longest translation generated"})
+    max_new_tokens: int = field(default=128, metadata={
+        "help": "longest translation generated; also saved in generation_config.json when the teacher sets no "
+                "length limit"})
     checkpoint_steps: int = field(default=500, metadata={
         "help": "save a checkpoint every N optimizer steps, to continue with --resume (0 = never)"})
     checkpoint_dir: str | None = field(default=None, metadata={
         "help": "where checkpoints go; null = <output_path>-checkpoints (deleted when the run finishes)"})
     seed: int = field(default=42, metadata={"help": "seed for data order, dropout and held-out split"})
-    num_threads: int | None = field(default=None, metadata={"help": "CPU threads for torch; null = torch's default"})
+    num_threads: int | None = field(default=None, metadata={
+        "help": "CPU threads for torch; null = OMP_NUM_THREADS if set, else the cores the load average leaves free "
+                "(set 1 on a machine other jobs may start using)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
     def __post_init__(self) -> None:
@@ -167,9 +179,11 @@ class Config:
         if self.target_ratio is not None and not 0 < self.target_ratio < 1:
             raise ConfigError(f"target_ratio: must be above 0 and below 1 (a fraction of the teacher's parameters), "
                               f"got {self.target_ratio}")
-        if self.target_ratio is not None and self.k_info != Config.__dataclass_fields__["k_info"].default:
+        if self.target_ratio is not None and self.k_info is not None:  # given, whatever its value
             raise ConfigError(f"k_info: {json.dumps(self.k_info)} is ignored when target_ratio is set; "
                               f"remove one of them")
+        if self.target_ratio is None and self.k_info is None:
+            self.k_info = DEFAULT_RANK
         if self.warmup_ratio >= 1 or self.label_smoothing >= 1:
             raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
                               f"{self.warmup_ratio} and {self.label_smoothing}")
@@ -375,8 +389,15 @@ def load_teacher(path: str):
 
     from matrix_decomposition import CONFIG_FIELD, load_compressed_model
 
-    if (path.startswith((".", "/")) or Path(path).suffix or path.count("/") > 1) and not Path(path).is_dir():
-        raise ConfigError(f"teacher_model_path: {path!r} is not a folder (and not a hub id like "
+    local = Path(path)
+    # a local path unless it can only be a hub id ("owner/name", where no folder "owner" exists here):
+    # a mistyped folder must not turn into minutes of network retries
+    if not local.is_dir() and (path.startswith((".", "/", "~")) or local.suffix or path.count("/") > 1
+                               or Path(path.split("/")[0]).is_dir()):
+        siblings = [str(p) for p in local.parent.iterdir() if p.is_dir()] if local.parent.is_dir() else []
+        close = difflib.get_close_matches(str(local), siblings, n=1, cutoff=0.6)
+        hint = f"; closest: {close[0]!r}" if close else ""
+        raise ConfigError(f"teacher_model_path: {path!r} is not a folder{hint} (and not a hub id like "
                           f"'Helsinki-NLP/opus-mt-en-de')")
     try:
         model_config = AutoConfig.from_pretrained(path)
@@ -392,7 +413,8 @@ def load_teacher(path: str):
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"teacher_model_path: cannot load {path!r}: {first}") from None
+        where = "" if local.is_dir() else " (no local folder of that name, so as a hub id)"
+        raise ConfigError(f"teacher_model_path: cannot load {path!r}{where}: {first}") from None
     return model.eval(), tokenizer
 
 
@@ -409,9 +431,12 @@ def print_report(report: dict) -> None:
             continue
         print(f"{name:<18}{row['params']:>12,}{100 * row['params'] / teacher_params:>10.1f}%"
               f"{row['bleu']:>8.2f}{row['chrf']:>8.2f}{row.get('size_mb', float('nan')):>9.2f}")
+    epochs = report["train_pairs"] / report["train_dataset_pairs"]
     print(f"compression ratio {report['compression_ratio']:.3f} (student params / teacher params); "
           f"{report['layers_decomposed']} layers decomposed; distilled in {report['train_seconds'] / 60:.1f} min "
-          f"on {report['train_pairs']:,} pairs; evaluated on {report['eval_pairs']:,} pairs")
+          f"on {report['train_pairs']:,} pairs ({epochs:.3g} epoch{'' if epochs == 1 else 's'} of "
+          f"{report['train_dataset_pairs']:,}; "
+          f"{report['train_target_tokens']:,} target tokens); evaluated on {report['eval_pairs']:,} pairs")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -421,12 +446,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--resume", action="store_true",
                         help="continue an interrupted run from its latest checkpoint (same config)")
     args = parser.parse_args(argv)
+    config = None
     try:
-        return run(load_config(args.config), resume=args.resume)
+        config = load_config(args.config)
+        return run(config, resume=args.resume, config_path=args.config)
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, not a traceback
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"compress_model.py: {after_interrupt(config)}", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     except Exception as e:
-        from matrix_decomposition import DecompositionError
-
-        if not isinstance(e, (ConfigError, DecompositionError, FloatingPointError)):
+        # a DecompositionError can only come from an imported matrix_decomposition (and importing it
+        # here would load transformers just to report a bad config key)
+        surgery = sys.modules.get("matrix_decomposition")
+        if not isinstance(e, (ConfigError, FloatingPointError) + ((surgery.DecompositionError,) if surgery else ())):
             raise
         print(f"compress_model.py: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2  # 2: the input was wrong; 1: the run failed
@@ -444,18 +476,53 @@ def cache_dir(config: Config) -> Path:
     return Path(config.cache_dir or f"{config.output_path.rstrip('/')}-cache")
 
 
+def remove_checkpoints(folder: Path) -> None:
+    """Delete what runs write in a checkpoint folder (run.json and the training checkpoints), then the
+    folder itself if nothing else is left in it: never a file this tool did not write."""
+    if not folder.is_dir():
+        return
+    from distillation.knowledge_distillation import CHECKPOINT_ENTRIES
+
+    for pattern in ("run.json", ".run.json.tmp", *CHECKPOINT_ENTRIES):
+        for entry in folder.glob(pattern):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    try:
+        folder.rmdir()
+    except OSError:
+        pass  # it holds something else: left alone
+
+
+def after_interrupt(config: Config | None) -> str:
+    """What an interrupted run leaves, and how to go on (one line). A checkpoint folder holding
+    nothing to resume from is removed, so that the same command simply starts over."""
+    if config is None:
+        return "interrupted"
+    folder = checkpoint_dir(config)
+    if (folder / "latest").is_file():
+        latest = (folder / "latest").read_text().strip()
+        return (f"interrupted; the checkpoint of step {int(latest.split('-')[-1])} is kept in {folder}: run the same "
+                f"command with --resume to continue from it")
+    remove_checkpoints(folder)
+    return "interrupted before the first checkpoint, so nothing was kept; run the same command to start over"
+
+
 def check_resume(config: Config, resume: bool) -> dict | None:
-    """The saved state of the run to resume ({"config", "report"}), or None for a fresh run.
-    Refuses to start over a checkpoint silently, and to resume with a different config."""
+    """The saved state of the run to resume ({"config", "report", "ranks"}), or None for a fresh run.
+    Refuses to start over a checkpoint silently, and to resume with a different config. A run
+    stopped before its first checkpoint left only run.json: nothing to lose by starting over, and
+    --resume distills from the start, reusing its evaluations and ranks."""
     folder = checkpoint_dir(config)
     run_file = folder / "run.json"
     if not resume:
-        if run_file.exists() and not config.overwrite_output:
+        if (folder / "latest").is_file() and not config.overwrite_output:
             raise ConfigError(f"checkpoint_dir: {str(folder)!r} holds an unfinished run; add --resume to continue "
                               f"it, or delete the folder (or set \"overwrite_output\": true) to start over")
         return None
-    if not run_file.is_file() or not (folder / "latest").is_file():
-        raise ConfigError(f"--resume: no checkpoint in {str(folder)!r} (checkpoint_steps is "
+    if not run_file.is_file():
+        raise ConfigError(f"--resume: no checkpoint of an interrupted run in {str(folder)!r} (checkpoint_steps is "
                           f"{config.checkpoint_steps}); run without --resume to start")
     saved = json.loads(run_file.read_text(encoding="utf-8"))
     now = dataclasses.asdict(config)
@@ -467,7 +534,37 @@ def check_resume(config: Config, resume: bool) -> dict | None:
     return saved
 
 
-def run(config: Config, resume: bool = False) -> int:
+def torch_threads(num_threads: int | None, environ=os.environ, cores: int | None = None,
+                  load: float | None = None, torch_default: int | None = None) -> tuple[int, str]:
+    """(threads for torch, why). ``num_threads`` if given, else ``OMP_NUM_THREADS`` if set, else
+    torch's default (a thread per core) less the cores the 1-minute load average says other jobs
+    keep busy: on shared cores, OpenMP threads waiting for each other slowed training 10-30×."""
+    import torch
+
+    if num_threads:
+        return num_threads, "num_threads"
+    if environ.get("OMP_NUM_THREADS", "").isdigit() and int(environ["OMP_NUM_THREADS"]) > 0:
+        return int(environ["OMP_NUM_THREADS"]), "OMP_NUM_THREADS"
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    threads = max(1, min(torch_default or torch.get_num_threads(), cores - round(load)))
+    return threads, f"{cores} cores, load average {load:.1f}; set num_threads or OMP_NUM_THREADS to choose"
+
+
+def run_inputs(config: Config, config_path: str | os.PathLike | None = None) -> dict[str, str]:
+    """{key: local path} of what the run reads (every ``*_path`` key but output_path that names a local
+    file or folder, and the config file): the folders it writes must stay clear of them."""
+    inputs = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)
+              if f.name.endswith("_path") and f.name != "output_path" and isinstance(getattr(config, f.name), str)
+              and Path(getattr(config, f.name)).exists()}
+    if config_path is not None:
+        inputs["config file"] = str(config_path)
+    return inputs
+
+
+def run(config: Config, resume: bool = False, config_path: str | os.PathLike | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from accelerate import PartialState
@@ -489,13 +586,19 @@ def run(config: Config, resume: bool = False) -> int:
 
     # Seed; refuse an output or checkpoint folder that would be clobbered, before any work.
     torch.manual_seed(config.seed)
-    if config.num_threads:
-        torch.set_num_threads(config.num_threads)
-    decomposition.check_output_path(config.output_path, config.overwrite_output)
+    threads, why = torch_threads(config.num_threads)
+    torch.set_num_threads(threads)
+    if config.mixed_precision == "fp16" and state.device.type == "cpu":
+        raise ConfigError("mixed_precision: 'fp16' needs a GPU (on a CPU, Accelerate trains in float32 without "
+                          "saying so); use \"bf16\" or \"no\"")
+    inputs = run_inputs(config, config_path)
+    decomposition.check_output_path(config.output_path, config.overwrite_output, inputs)
+    decomposition.check_clear_of("checkpoint_dir", checkpoint_dir(config), {**inputs, "output_path": config.output_path})
     if config.sequence_level_kd and cache_dir(config).exists() and not cache_dir(config).is_dir():
         raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")
     saved = check_resume(config, resume)
     requested = dataclasses.asdict(config)  # as the user wrote it; lengths may be clamped below
+    say(f"torch threads: {threads} ({why})", flush=True)
 
     # Data
     with state.main_process_first():
@@ -508,7 +611,8 @@ def run(config: Config, resume: bool = False) -> int:
                                      max_target_length=min(config.max_target_length, positions),
                                      max_new_tokens=min(config.max_new_tokens, positions - 1))
     generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
-                       "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length}
+                       "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length,
+                       "progress": config.progress and main_process}
     preprocessor = globals()["data_preprocessor"]  # looked up now, so a replaced hook is the one used
     with state.main_process_first():
         train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
@@ -565,22 +669,23 @@ def run(config: Config, resume: bool = False) -> int:
 
     # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)
     folder = checkpoint_dir(config)
+    resume_training = bool(saved) and (folder / "latest").is_file()
     if saved:
         report = saved["report"]
-        say(f"resuming from {folder}", flush=True)
+        say(f"resuming from {folder}" + ("" if resume_training else " (no checkpoint yet: distilling from the start)"),
+            flush=True)
     else:
         report = {}
         if main_process:
             report["teacher"] = decomposition.evaluate_translation(teacher, tokenizer, sources, references,
-                                                                   **generate_kwargs)
+                                                                   desc="BLEU teacher", **generate_kwargs)
             report["decomposed"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
-                                                                      **generate_kwargs)
+                                                                      desc="BLEU decomposed", **generate_kwargs)
             say(f"BLEU teacher {report['teacher']['bleu']:.2f}, decomposed {report['decomposed']['bleu']:.2f} "
                 f"(before recovery)", flush=True)
             if config.checkpoint_steps:
-                if folder.exists():  # an abandoned run's (overwrite_output was given)
-                    shutil.rmtree(folder)
-                folder.mkdir(parents=True)
+                remove_checkpoints(folder)  # an abandoned run's (nothing to resume, or overwrite_output given)
+                folder.mkdir(parents=True, exist_ok=True)
                 decomposition.write_json_atomic(folder / "run.json",
                                                 {"config": requested, "report": report, "ranks": ranks})
 
@@ -592,7 +697,7 @@ def run(config: Config, resume: bool = False) -> int:
         temperature=config.temperature, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
         eval_steps=config.eval_steps, mixed_precision=config.mixed_precision, seed=config.seed,
         progress=config.progress, checkpoint_dir=str(folder) if config.checkpoint_steps else None,
-        checkpoint_steps=config.checkpoint_steps, resume=bool(saved))
+        checkpoint_steps=config.checkpoint_steps, resume=resume_training)
     distiller = decomposition.distill(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers)
     student = distiller.unwrapped_student
     if not main_process:
@@ -600,11 +705,12 @@ def run(config: Config, resume: bool = False) -> int:
 
     # Evaluate the recovered student (and its int8 version: CPU only, never saved)
     report["student"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
-                                                           **generate_kwargs)
+                                                           desc="BLEU student", **generate_kwargs)
     if config.quantize_int8:
         student = student.cpu()
         report["student_int8"] = {**decomposition.evaluate_translation(quantize_int8(student), tokenizer, sources,
-                                                                       references, **generate_kwargs),
+                                                                       references, desc="BLEU student int8",
+                                                                       **generate_kwargs),
                                   "params": report["student"]["params"]}  # the same weights, in int8
     report.update({
         "compression_ratio": round(student_params / teacher_params, 4),
@@ -612,18 +718,22 @@ def run(config: Config, resume: bool = False) -> int:
         "rank_allocation": config.rank_allocation if budget else None,
         "init": config.init, "init_notes": notes, "sequence_level_kd": config.sequence_level_kd,
         "feature_layers": feature_layers,
-        "train_seconds": round(distiller.train_seconds, 1), "train_pairs": len(train_pairs),
+        "train_seconds": round(distiller.train_seconds, 1), "train_pairs": distiller.trained["pairs"],
+        "train_source_tokens": distiller.trained["source_tokens"],
+        "train_target_tokens": distiller.trained["target_tokens"], "train_dataset_pairs": len(train_set),
         "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "processes": state.num_processes,
         "history": distiller.history,
         "bleu_signature": "sacrebleu corpus_bleu/corpus_chrf defaults (13a tokenization), "
                           f"{'greedy' if config.num_beams == 1 else f'beam {config.num_beams}'} decoding",
     })
 
-    # Save (atomically), then drop the checkpoints of the finished run
+    # Save (atomically, with a length limit for generate() and the exports asked for); then drop the
+    # checkpoints of the finished run
+    decomposition.set_generation_limit_(student, config.max_new_tokens)
     decomposition.save_outputs(config.output_path, student, tokenizer, report, dataclasses.asdict(config),
                                exports=config.export, evaluate=partial(decomposition.evaluate_export, sources=sources,
                                                                        references=references, **generate_kwargs))
-    shutil.rmtree(folder, ignore_errors=True)
+    remove_checkpoints(folder)
     print_report(report)
     print(f"saved to {config.output_path}")
     return 0

@@ -32,6 +32,7 @@ from distillation.distillation_loss import IGNORE_INDEX
 from distillation.knowledge_distillation import DistillationSettings, Distiller, source_positioned
 from matrix_decomposition import (
     DecompositionError,
+    chmod_as_umask,
     convex_errors,
     count_parameters,
     decompose_,
@@ -196,16 +197,19 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, ev
 
 @torch.no_grad()
 def translate(model: nn.Module, tokenizer, inputs: Sequence[str] | Sequence[Sequence[int]], batch_size: int = 64,
-              num_beams: int = 1, max_new_tokens: int = 128, max_source_length: int = 128) -> list[str]:
+              num_beams: int = 1, max_new_tokens: int = 128, max_source_length: int = 128, progress: bool = False,
+              desc: str = "translating") -> list[str]:
     """Translations of ``inputs`` in their order: token-id lists (as ``data_preprocessor`` returns
     them, used as they are) or raw sentences (tokenized here, truncated to ``max_source_length``).
-    Padded with the tokenizer's pad token and batched by length for speed."""
+    Padded with the tokenizer's pad token and batched by length for speed; ``progress`` shows a bar
+    (sentences, labelled ``desc``)."""
     model.eval()
     device = next(model.parameters()).device
     if inputs and isinstance(inputs[0], str):
         inputs = tokenizer(list(inputs), truncation=True, max_length=max_source_length)["input_ids"]
     order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
     out: list[str] = [""] * len(inputs)
+    bar = tqdm(total=len(inputs), desc=desc, unit="sentence", disable=not progress)
     for start in range(0, len(order), batch_size):
         idx = order[start:start + batch_size]
         longest = max(len(inputs[i]) for i in idx)
@@ -218,6 +222,8 @@ def translate(model: nn.Module, tokenizer, inputs: Sequence[str] | Sequence[Sequ
                                    num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
         for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
             out[i] = text
+        bar.update(len(idx))
+    bar.close()
     return out
 
 
@@ -231,7 +237,8 @@ def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str] |
     atomically by the main process. Under torchrun / accelerate launch every process translates
     its share and all of them get the full list. Returns (targets, cache file, whether it was reused)."""
     sources = [s if isinstance(s, str) else [int(t) for t in s] for s in sources]
-    settings = {k: v for k, v in generate_kwargs.items() if k != "batch_size"}  # batching changes nothing
+    settings = {k: v for k, v in generate_kwargs.items()  # batching and the progress bar change nothing
+                if k not in ("batch_size", "progress", "desc")}
     generation_config = getattr(teacher, "generation_config", None)
     digest = hashlib.sha256(json.dumps({
         "teacher": teacher_path, "config": teacher.config.to_dict(), "generation": settings,
@@ -251,7 +258,8 @@ def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str] |
         return cached, path, True
     # each process translates its share (no process waits for another's hours of generation)
     shard = list(range(state.process_index, len(sources), state.num_processes))
-    shard_targets = translate(teacher, tokenizer, [sources[i] for i in shard], **generate_kwargs)
+    shard_targets = translate(teacher, tokenizer, [sources[i] for i in shard],
+                              **{"desc": "teacher translations", **generate_kwargs})
     targets = [""] * len(sources)
     for i, target in gather_object(list(zip(shard, shard_targets))):
         targets[i] = target
@@ -310,15 +318,51 @@ def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
             "chrf": round(sacrebleu.corpus_chrf(list(hypotheses), refs).score, 2)}
 
 
-def check_output_path(path: str | os.PathLike, overwrite: bool) -> Path:
-    """Refuse an output path that is a file, or a non-empty folder unless ``overwrite``; checked
-    before any work so that nothing is lost or half-written."""
+def set_generation_limit_(model: nn.Module, max_new_tokens: int) -> None:
+    """Give ``model``'s generation config a length limit when it has none, so that a plain
+    ``model.generate(**batch)`` after loading does not fall back to transformers' ``max_length`` of
+    20 tokens and cut longer translations: the run's ``max_new_tokens``. A limit the teacher came
+    with (OPUS-MT: ``max_length`` 512) is kept."""
+    generation_config = getattr(model, "generation_config", None)
+    if generation_config is not None and generation_config.max_length is None \
+            and generation_config.max_new_tokens is None:
+        generation_config.max_new_tokens = max_new_tokens
+
+
+OUTPUT_MARKERS = ("compression_config.json", "report.json")  # what save_outputs writes next to the model
+
+
+def check_clear_of(key: str, path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike]) -> None:
+    """Refuse a folder the run writes (and may replace or delete) that is, contains or lies inside
+    one of its ``inputs`` ({config key: local path}: the teacher, the data, the config file…)."""
+    mine = Path(path).resolve()
+    for name, other in inputs.items():
+        theirs = Path(other).resolve()
+        relation = ("is" if mine == theirs else "contains" if mine in theirs.parents
+                    else "lies inside" if theirs in mine.parents else None)
+        if relation:
+            raise DecompositionError(f"{key}: {str(path)!r} {relation} the {name} {str(other)!r}; a run replaces "
+                                     f"and deletes what it writes there: choose a folder apart from its inputs")
+
+
+def check_output_path(path: str | os.PathLike, overwrite: bool,
+                      inputs: Mapping[str, str | os.PathLike] | None = None) -> Path:
+    """Refuse an output path that is a file, is, contains or lies inside one of the run's
+    ``inputs`` (``check_clear_of``), or is a non-empty folder, unless ``overwrite`` and the folder is
+    one this tool wrote (it holds ``OUTPUT_MARKERS``): overwriting replaces the whole folder.
+    Checked before any work so that nothing is lost or half-written."""
     path = Path(path)
     if path.exists() and not path.is_dir():
         raise DecompositionError(f"output_path: {str(path)!r} is a file; give a folder path")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise DecompositionError(f"output_path: {str(path)!r} exists and is not empty; choose another path "
-                                 f"or set \"overwrite_output\": true")
+    check_clear_of("output_path", path, inputs or {})
+    if path.is_dir() and any(path.iterdir()):
+        if not overwrite:
+            raise DecompositionError(f"output_path: {str(path)!r} exists and is not empty; choose another path "
+                                     f"or set \"overwrite_output\": true")
+        if not all((path / name).is_file() for name in OUTPUT_MARKERS):
+            raise DecompositionError(f"output_path: {str(path)!r} was not written by this tool (it has no "
+                                     f"{' and '.join(OUTPUT_MARKERS)}), and overwrite_output only replaces a "
+                                     f"folder this tool wrote; choose another path")
     ancestor = path.resolve().parent  # the nearest folder that exists must take new entries
     while not ancestor.exists():
         ancestor = ancestor.parent
@@ -357,6 +401,7 @@ def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report:
                 report[f"student_{name.replace('-', '_')}"] = {"params": report["student"]["params"], **evaluate(folder)}
         (tmp / "compression_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        chmod_as_umask(tmp, 0o777)  # a folder like any other the user makes, not mkdtemp's 0700
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")

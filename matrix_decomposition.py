@@ -25,8 +25,9 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_model, save_file
 from torch import nn
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, MarianConfig, MarianMTModel
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_FIELD = "matrix_decomposition"  # where the per-layer ranks live in the saved model config
@@ -542,9 +543,14 @@ def decompose_(model: nn.Module, layers: Iterable[str] | None = None, k_info: in
 def _replace_embedding_(model: nn.Module, embedding: nn.Embedding, new: LowRankEmbedding) -> None:
     """Swap ``new`` in for ``embedding`` and for every module tied to it: other embeddings become
     ``new`` itself, a tied output projection a ``LowRankLinear`` made of ``new``'s own factors;
-    then point Hugging Face's tied-weight mappings at the factors (so ``tie_weights()`` keeps them tied)."""
+    then point Hugging Face's tied-weight mappings at the factors (so ``tie_weights()`` keeps them tied).
+    Tied means the same tensor, or tied by the model's mapping: ``from_pretrained`` builds the model
+    untied and ties it only once the weights are loaded."""
+    names = {f"{name}.weight" for name, m in model.named_modules(remove_duplicate=False) if m is embedding}
+    by_mapping = {target for target, source in getattr(model, "all_tied_weights_keys", {}).items() if source in names}
     tied = [(name, m) for name, m in model.named_modules(remove_duplicate=False)
-            if isinstance(m, (nn.Embedding, nn.Linear)) and m.weight is embedding.weight]
+            if isinstance(m, (nn.Embedding, nn.Linear))
+            and (m.weight is embedding.weight or f"{name}.weight" in by_mapping)]
     for name, module in tied:
         if isinstance(module, nn.Embedding):
             _replace_(model, name, new)
@@ -630,22 +636,80 @@ def count_parameters(model: nn.Module) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
+# The factorized architecture for the transformers Auto classes (registered on import; no remote code)
+
+
+class LowRankMarianConfig(MarianConfig):
+    """The config of a MarianMT model with factorized layers: a ``MarianConfig`` whose
+    ``matrix_decomposition`` entry holds the per-layer ranks. Its own ``model_type`` keeps plain
+    transformers from taking the folder for a dense Marian model (whose factorized layers it would
+    leave randomly initialized): without this module imported, the Auto classes refuse the type."""
+
+    model_type = "marian_low_rank"
+
+
+class LowRankMarianMTModel(MarianMTModel):
+    """``MarianMTModel`` with the factorization recorded in its config applied: what
+    ``AutoModelForSeq2SeqLM.from_pretrained`` builds for a folder ``save_compressed_model`` wrote,
+    once this module is imported."""
+
+    config_class = LowRankMarianConfig
+
+    def __init__(self, config: LowRankMarianConfig):
+        super().__init__(config)
+        apply_low_rank_structure_(self, (getattr(config, CONFIG_FIELD, None) or {}).get("ranks", {}))
+
+
+AutoConfig.register(LowRankMarianConfig.model_type, LowRankMarianConfig, exist_ok=True)
+AutoModelForSeq2SeqLM.register(LowRankMarianConfig, LowRankMarianMTModel, exist_ok=True)
+
+
+def _saved_config(model: nn.Module):
+    """The config to write for ``model``: a factorized Marian model's as a ``LowRankMarianConfig``
+    (so that the Auto classes rebuild the factors), any other model's unchanged."""
+    config = model.config
+    if isinstance(config, MarianConfig) and low_rank_ranks(model) and not isinstance(config, LowRankMarianConfig):
+        config = LowRankMarianConfig.from_dict(config.to_dict())
+    if isinstance(config, LowRankMarianConfig):
+        config.architectures = [LowRankMarianMTModel.__name__]
+    return config
+
+
+# ---------------------------------------------------------------------------------------------
 # Saving and loading
 
 
 def save_compressed_model(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
     """Write ``model`` (factorized or not) to the folder ``path``: ``model.safetensors`` (tied
-    tensors stored once), ``config.json`` with the per-layer ranks, ``generation_config.json``,
-    and the tokenizer's files. Load it back with ``load_compressed_model``."""
+    tensors stored once), ``config.json`` with the per-layer ranks (a factorized Marian model as
+    ``model_type`` ``marian_low_rank``, see ``LowRankMarianConfig``), ``generation_config.json``,
+    and the tokenizer's files. Load it back with ``load_compressed_model`` or, this module
+    imported, ``AutoModelForSeq2SeqLM.from_pretrained``."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     _record_ranks(model)
-    model.config.save_pretrained(path)
+    _saved_config(model).save_pretrained(path)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(path)
-    save_model(model, str(path / WEIGHTS_NAME), metadata={"format": "pt"})
+    # a tied tensor is stored once, under the name it is tied to (as save_pretrained does), which is
+    # where from_pretrained looks for it; load_model takes any one name of the tied group
+    state = model.state_dict()
+    tied = {target for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()
+            if target in state and source in state and state[target].data_ptr() == state[source].data_ptr()}
+    save_file({k: v.contiguous() for k, v in state.items() if k not in tied}, str(path / WEIGHTS_NAME),
+              metadata={"format": "pt"})
+    chmod_as_umask(path / WEIGHTS_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def chmod_as_umask(path: str | os.PathLike, mode: int = 0o666) -> None:
+    """Give ``path`` the permissions a plain ``open()`` (``mode`` 0o666) or ``mkdir()`` (0o777)
+    would have given it under the user's umask: safetensors writes its files 0600, ``tempfile``
+    makes its folders 0700."""
+    umask = os.umask(0)  # reading the umask means setting it; put back at once
+    os.umask(umask)
+    os.chmod(path, mode & ~umask)
 
 
 def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None, quantize: str | None = None):
@@ -653,7 +717,7 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     the factorization re-applied at the recorded ranks, then every weight loaded strictly from
     safetensors (a missing or unexpected key is an error). Offline; nothing is unpickled.
     ``quantize="int8"`` returns it with int8 linear layers (``quantize_int8``, CPU)."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, GenerationConfig
+    from transformers import GenerationConfig
 
     if quantize not in (None, "int8"):
         raise DecompositionError(f"quantize: {quantize!r} is not one of None, 'int8'")
@@ -666,7 +730,8 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     config = AutoConfig.from_pretrained(path)
     ranks = (getattr(config, CONFIG_FIELD, None) or {}).get("ranks", {})
     model = AutoModelForSeq2SeqLM.from_config(config, dtype=dtype) if dtype else AutoModelForSeq2SeqLM.from_config(config)
-    apply_low_rank_structure_(model, ranks)
+    if not low_rank_ranks(model):  # a LowRankMarianMTModel is built factorized; older folders say "marian"
+        apply_low_rank_structure_(model, ranks)
     missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=True)
     assert not missing and not unexpected  # strict=True raises first
     if (path / "generation_config.json").is_file():

@@ -43,6 +43,7 @@ from distillation.distillation_loss import (
 )
 
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
+CHECKPOINT_ENTRIES = ("latest", ".latest.tmp", "step-*", ".tmp-step-*")  # what _save_checkpoint writes
 
 
 @dataclass
@@ -140,6 +141,8 @@ class Distiller:
                                                     self.total_steps * n)
         self.scheduler = self.accelerator.prepare(scheduler)
         self.history: list[dict] = []
+        # what training went through, repeats counted: pairs and their real (non-padded) tokens
+        self.trained = {"pairs": 0, "source_tokens": 0, "target_tokens": 0}
 
     @property
     def unwrapped_student(self) -> nn.Module:
@@ -206,6 +209,7 @@ class Distiller:
                     # repeats the uninterrupted one exactly, whatever else touched the global RNG meanwhile
                     torch.manual_seed(self._dropout_seed(epoch, batches_done))
                     batches_done += 1
+                    self._count(batch)
                     with acc.accumulate(self.student):
                         loss, terms = self._loss_step(batch, teacher_features, student_features)
                         if not torch.isfinite(loss):
@@ -238,8 +242,20 @@ class Distiller:
                     break
         bar.close()
         self.train_seconds = time.time() - start
+        self.trained = self._trained_by_all()
         self.student.eval()
         return self.history
+
+    def _count(self, batch) -> None:
+        self.trained["pairs"] += batch["input_ids"].shape[0]
+        self.trained["source_tokens"] += int(batch["attention_mask"].sum())
+        self.trained["target_tokens"] += int((batch["labels"] != IGNORE_INDEX).sum())
+
+    def _trained_by_all(self) -> dict[str, int]:
+        """``trained`` summed over the processes (a collective call: every process makes it)."""
+        totals = self.accelerator.reduce(torch.tensor(list(self.trained.values()), device=self.accelerator.device),
+                                         "sum")
+        return dict(zip(self.trained, (int(v) for v in totals.cpu())))
 
     def _dropout_seed(self, epoch: int, batch: int) -> int:
         acc = self.accelerator
@@ -252,17 +268,22 @@ class Distiller:
     def _save_checkpoint(self, step: int, epoch: int, batches_done: int, elapsed: float, running: dict) -> None:
         acc = self.accelerator
         acc.wait_for_everyone()
+        trained = self._trained_by_all()
         if acc.is_main_process:
+            from matrix_decomposition import chmod_as_umask  # here: importing it loads transformers' Marian
+
             root = Path(self.settings.checkpoint_dir)
             root.mkdir(parents=True, exist_ok=True)
             tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
             save_model(self.unwrapped_student, str(tmp / "student.safetensors"))
+            chmod_as_umask(tmp / "student.safetensors")
+            chmod_as_umask(tmp, 0o777)
             torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
                         "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
                        tmp / "trainer_state.pt")
             (tmp / "progress.json").write_text(json.dumps({
                 "step": step, "epoch": epoch, "batches_done": batches_done, "elapsed": elapsed,
-                "running": running, "history": self.history}))
+                "running": running, "history": self.history, "trained": trained}))
             final = root / f"step-{step:08d}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -295,6 +316,8 @@ class Distiller:
         random.setstate(state["python_rng"])
         progress = json.loads((path / "progress.json").read_text())
         self.history = progress["history"]
+        if self.accelerator.is_main_process:  # the others start from 0: the sum over the processes stays right
+            self.trained.update(progress.get("trained", {}))
         epoch, batches_done = progress["epoch"], progress["batches_done"]
         if batches_done >= len(self.train_loader):  # the checkpoint fell on the epoch's last batch
             epoch, batches_done = epoch + 1, 0

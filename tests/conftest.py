@@ -8,15 +8,18 @@ import sys
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # runs in the tests (and their subprocesses) use one thread
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import MarianConfig, MarianMTModel, MarianTokenizer  # noqa: E402
+from transformers import AutoModelForSeq2SeqLM, MarianConfig, MarianMTModel, MarianTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from matrix_decomposition import load_compressed_model  # noqa: E402  (importing it registers marian_low_rank)
 from scripts.train_teacher import build_tokenizer  # noqa: E402
+
 # Tiny models gain nothing from threads, and on busy cores two-threaded LAPACK calls stall (a 512×512
 # SVD took 100× longer with 2 threads than with 1 next to a training job).
 torch.set_num_threads(1)
@@ -64,6 +67,28 @@ def save_model_folder(model, tokenizer, folder: Path) -> Path:
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+# Three ways to load a folder save_compressed_model wrote; each must give the model that was saved.
+
+
+def load_with_auto_classes(folder):
+    """The folder loaded the plain transformers way (matrix_decomposition imported): every weight found."""
+    model, info = AutoModelForSeq2SeqLM.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return model.eval()
+
+
+def as_an_older_folder(folder):
+    """Rewrite config.json the way folders were written before the marian_low_rank type: plain "marian"."""
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "marian", "architectures": ["MarianMTModel"]}))
+    return load_compressed_model(folder)
+
+
+LOADERS = {"load_compressed_model": load_compressed_model, "auto-classes": load_with_auto_classes,
+           "older-folder": as_an_older_folder}
+
 
 
 @pytest.fixture(scope="session")

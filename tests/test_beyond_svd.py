@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import edit_config, make_run_dir, read_pairs
+from conftest import LOADERS, edit_config, make_run_dir, read_pairs
 from datasets import Dataset
 from safetensors import safe_open
 from torch import nn
@@ -410,7 +410,8 @@ def test_gradients_from_both_uses_reach_the_one_set_of_factors(factorized, tiny_
     assert sum("up.weight" in n and ("shared" in n or "lm_head" in n or "embed_tokens" in n) for n in names) == 1
 
 
-def test_save_load_of_a_factorized_embedding_is_identical(make_tiny_marian, tiny_tokenizer, tmp_path):
+@pytest.mark.parametrize("load", LOADERS.values(), ids=LOADERS.keys())
+def test_save_load_of_a_factorized_embedding_is_identical(make_tiny_marian, tiny_tokenizer, tmp_path, load):
     model = make_tiny_marian()
     decompose_(model, [SHARED, "model.decoder.layers.0.fc1.weight"], {"default": 4, SHARED: 7})
     torch.manual_seed(1)
@@ -418,7 +419,9 @@ def test_save_load_of_a_factorized_embedding_is_identical(make_tiny_marian, tiny
         for tensor in model.state_dict().values():
             tensor.add_(0.01 * torch.randn_like(tensor))
     save_compressed_model(model, tmp_path / "m", tiny_tokenizer)
-    loaded = load_compressed_model(tmp_path / "m")
+    with safe_open(tmp_path / "m" / WEIGHTS_NAME, "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    loaded = load(tmp_path / "m")
     assert loaded.config.matrix_decomposition["ranks"] == {"model.shared": 7, "model.decoder.layers.0.fc1": 4}
     assert loaded.lm_head.up.weight is loaded.model.shared.up.weight is loaded.model.encoder.embed_tokens.up.weight
     batch = tiny_tokenizer(SRC, text_target=TGT, return_tensors="pt", padding=True)
@@ -427,8 +430,6 @@ def test_save_load_of_a_factorized_embedding_is_identical(make_tiny_marian, tiny
     with torch.no_grad():
         assert torch.equal(loaded(**batch).logits, model(**batch).logits)
         assert torch.equal(loaded.generate(**inputs, **settings), model.generate(**inputs, **settings))
-    with safe_open(tmp_path / "m" / WEIGHTS_NAME, "pt") as f:
-        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     vocab = [k for k, shape in shapes.items() if shape[0] == 300]  # tensors with a row per token
     assert sorted(shapes[k] for k in vocab) == [(300, 7)]  # A, stored once; no V×d table
     assert sum(shape == (7, 16) for shape in shapes.values()) == 1  # B, stored once
@@ -778,7 +779,9 @@ BAD_CONFIGS = [  # (changes, words the one-line message must contain)
                  id="ratio-and-k-info"),
     pytest.param({"target_ratio": 0.6, "k_info": {"model.encoder.layers.0.fc1.weight": 4}},
                  ["k_info: {", "is ignored when target_ratio is set"], id="ratio-and-k-info-mapping"),
-    pytest.param({"target_ratio": 0.1, "k_info": 32}, ["target_ratio 0.1 is out of reach", "32 layers",
+    pytest.param({"target_ratio": 0.6, "k_info": 32}, ["k_info: 32 is ignored when target_ratio is set"],
+                 id="ratio-and-k-info-equal-to-the-default"),
+    pytest.param({"target_ratio": 0.1, "k_info": None}, ["target_ratio 0.1 is out of reach", "32 layers",
                                                        "choose target_ratio in"], id="ratio-unreachable"),
     pytest.param({"quantize_int8": 1}, ["quantize_int8", "expected bool", "1"], id="int8-type"),
     pytest.param({"sequence_level_kd": "yes"}, ["sequence_level_kd", "expected bool", '"yes"'], id="seqkd-type"),
@@ -798,6 +801,12 @@ def test_bad_new_keys_are_one_line_errors(run_dir, monkeypatch, capsys, changes,
     for word in words:
         assert word in err, (word, err)
     assert not (run_dir / "out").exists()
+
+
+def test_k_info_defaults_to_32_unless_target_ratio_allocates_the_ranks(tmp_path):
+    assert compress_model.Config().k_info == 32 and compress_model.Config(target_ratio=0.5).k_info is None
+    (tmp_path / "c.json").write_text(json.dumps({"target_ratio": 0.5}))
+    assert compress_model.load_config(tmp_path / "c.json").k_info is None
 
 
 def test_new_keys_have_help_and_defaults():

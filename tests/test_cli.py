@@ -2,16 +2,20 @@
 
 import json
 import os
+import re
+import stat
 import subprocess
 import sys
 
 import pytest
-from conftest import REPO, edit_config, make_run_dir
-from transformers import AutoTokenizer
+from conftest import REPO, edit_config, load_with_auto_classes, make_run_dir
+from transformers import AutoTokenizer, GenerationConfig
 
 import compress_model
 import decomposition
-from matrix_decomposition import LowRankLinear, load_compressed_model
+from matrix_decomposition import (
+    DecompositionError, LowRankLinear, count_parameters, decompose_, load_compressed_model,
+)
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -43,16 +47,24 @@ def test_cli_end_to_end(run_dir):
                                                         abs=1e-4)
     assert report["layers_decomposed"] == len(report["ranks"]) == 32  # 2 encoder × 6 + 2 decoder × 10 linears
     assert set(report["ranks"].values()) == {4}
-    assert report["train_seconds"] > 0 and report["train_pairs"] == 120 and report["eval_pairs"] == 24
+    assert report["train_seconds"] > 0 and report["eval_pairs"] == 24
     assert json.loads((out / "compression_config.json").read_text())["k_info"] == 4
+    # generate() without arguments stops where the evaluation did, not at transformers' default of 20 tokens
+    assert GenerationConfig.from_pretrained(out).max_new_tokens == 12
     assert "student" in result.stdout and "compression ratio" in result.stdout
+    assert "torch threads: 1 (OMP_NUM_THREADS)" in result.stdout
 
     # The saved model loads, is factorized, and translates the eval pairs to the reported score.
     model = load_compressed_model(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 32
     config = json.loads((run_dir / "config.json").read_text())
-    _, eval_pairs = compress_model.load_data(compress_model.Config(**config))
+    train_pairs, eval_pairs = compress_model.load_data(compress_model.Config(**config))
+    # 2 epochs over the 120 training pairs: what was trained on, every real token counted
+    assert report["train_pairs"] == 2 * 120 and report["train_dataset_pairs"] == 120
+    targets = tokenizer(text_target=list(train_pairs["target_text"]))["input_ids"]
+    assert report["train_target_tokens"] == 2 * sum(map(len, targets))
+    assert report["train_source_tokens"] == 2 * sum(map(len, tokenizer(list(train_pairs["source_text"]))["input_ids"]))
     scores = decomposition.evaluate_translation(model, tokenizer, eval_pairs["source_text"],
                                                 eval_pairs["target_text"], max_new_tokens=12)
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
@@ -66,6 +78,89 @@ def test_cli_end_to_end(run_dir):
     assert int8_row["params"] == report["student"]["params"] and int8_row["size_mb"] > 0
     assert "MatMulInteger" in (out / "onnx-int8" / "decoder.onnx").read_bytes().decode("latin-1")
     assert "student_onnx_int8" in result.stdout
+
+
+def test_a_folder_this_tool_wrote_can_be_compressed_further(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=1)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    first = json.loads((run_dir / "out" / "report.json").read_text())
+
+    # its linears are factorized already: the default targets are refused in one line...
+    edit_config(run_dir, teacher_model_path="out", output_path="out2")
+    assert compress_model.main(["--config", "config.json"]) == 2
+    assert "is already decomposed (rank 4)" in capsys.readouterr().err
+    # ...and its shared embedding can still be factorized, on top of them
+    edit_config(run_dir, decompose_layers=["model.shared.weight"], k_info=6)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    second = json.loads((run_dir / "out2" / "report.json").read_text())
+    assert second["teacher"]["params"] == first["student"]["params"]
+    assert second["teacher"]["bleu"] == first["student"]["bleu"]  # the teacher is the first run's student, intact
+    assert second["ranks"] == {"model.shared": 6}
+    model = load_with_auto_classes(run_dir / "out2")
+    assert set(model.config.matrix_decomposition["ranks"]) == set(first["ranks"]) | {"model.shared"}
+    assert count_parameters(model) == second["student"]["params"] < first["student"]["params"]
+
+
+def test_report_counts_the_pairs_trained_on_not_the_data_set(run_dir, monkeypatch, capsys):
+    edit_config(run_dir, max_steps=3, gradient_accumulation_steps=2)  # 3 steps × 2 batches × 16 pairs
+    monkeypatch.chdir(run_dir)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    report = json.loads((run_dir / "out" / "report.json").read_text())
+    assert report["train_pairs"] == 96 and report["train_dataset_pairs"] == 120
+    tokenizer = AutoTokenizer.from_pretrained(run_dir / "out")
+    pairs, _ = compress_model.load_data(compress_model.load_config(run_dir / "config.json"))
+    lengths = [len(ids) for ids in tokenizer(text_target=list(pairs["target_text"]))["input_ids"]]
+    assert 96 * min(lengths) <= report["train_target_tokens"] <= 96 * max(lengths)
+    assert "on 96 pairs (0.8 epochs of 120; " in capsys.readouterr().out
+
+
+def test_every_translation_pass_shows_progress(run_dir, monkeypatch, capsys):
+    edit_config(run_dir, progress=True, epoch=1, checkpoint_steps=0)
+    monkeypatch.chdir(run_dir)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    err = capsys.readouterr().err
+    for name in ("teacher", "decomposed", "student"):  # 24 eval pairs each
+        assert re.search(rf"BLEU {name}: 100%.* 24/24 ", err), (name, err[-2000:])
+
+
+@pytest.mark.parametrize("umask", [0o022, 0o027])
+def test_output_folder_and_files_follow_the_umask(tmp_path, make_tiny_marian, tiny_tokenizer, umask):
+    model = make_tiny_marian()
+    decompose_(model, [], 4)
+    previous = os.umask(umask)
+    try:
+        decomposition.save_outputs(tmp_path / "out", model, tiny_tokenizer, {"report": 1}, {"config": 1})
+    finally:
+        os.umask(previous)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
+    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+
+
+@pytest.mark.parametrize("num_threads, environ, cores, load, expected", [
+    (3, {"OMP_NUM_THREADS": "2"}, 8, 7.9, 3),  # num_threads wins
+    (None, {"OMP_NUM_THREADS": "2"}, 8, 7.9, 2),  # then the environment
+    (None, {}, 2, 0.1, 2),  # an idle machine: every core
+    (None, {}, 2, 1.2, 1),  # another job on one of two cores: the other core only
+    (None, {}, 2, 5.0, 1),  # overloaded: one thread, never 0
+    (None, {}, 16, 0.0, 8),  # no more than torch's default (here 8)
+])
+def test_torch_threads_leave_the_cores_other_jobs_use(num_threads, environ, cores, load, expected):
+    threads, why = compress_model.torch_threads(num_threads, environ, cores=cores, load=load, torch_default=8)
+    assert threads == expected
+    assert why == ("num_threads" if num_threads else "OMP_NUM_THREADS" if environ else
+                   f"{cores} cores, load average {load:.1f}; set num_threads or OMP_NUM_THREADS to choose")
+
+
+def test_generation_limit_keeps_the_teachers_own(make_tiny_marian):
+    model = make_tiny_marian()
+    assert model.generation_config.max_length is None and model.generation_config.max_new_tokens is None
+    decomposition.set_generation_limit_(model, 40)
+    assert model.generation_config.max_new_tokens == 40
+    model.generation_config.max_new_tokens, model.generation_config.max_length = None, 512  # as OPUS-MT ships
+    decomposition.set_generation_limit_(model, 40)
+    assert (model.generation_config.max_length, model.generation_config.max_new_tokens) == (512, None)
 
 
 PREPROCESSOR_SCRIPT = """
@@ -107,9 +202,13 @@ BAD_CONFIGS = [
     ("bad-choice", lambda d: edit_config(d, svd="qr"), ["svd", "'qr'", "exact"]),
     ("bad-export", lambda d: edit_config(d, export=["tflite"]), ["export", "'tflite'", "onnx-int8"]),
     ("export-twice", lambda d: edit_config(d, export=["onnx", "onnx"]), ["export", "twice"]),
+    ("fp16-on-cpu", lambda d: edit_config(d, mixed_precision="fp16"), ["mixed_precision", "'fp16' needs a GPU", "bf16"]),
     ("bad-loss-term", lambda d: edit_config(d, loss_weights={"mse": 1.0}), ["loss_weights", "'mse'", "kd"]),
     ("missing-teacher", lambda d: edit_config(d, teacher_model_path=str(d / "nowhere")),
      ["teacher_model_path", "nowhere"]),
+    ("mistyped-relative-teacher", lambda d: ((d / "models" / "teacher-en-de").mkdir(parents=True),
+                                             edit_config(d, teacher_model_path="models/teacher-en-fr")),
+     ["teacher_model_path", "'models/teacher-en-fr' is not a folder", "closest: 'models/teacher-en-de'"]),
     ("missing-dataset", lambda d: edit_config(d, dataset_path=str(d / "nope.csv")), ["dataset_path", "nope.csv",
                                                                                 "does not exist"]),
     ("missing-columns", lambda d: _write_csv(d, "en,de\nHello,Hallo\n"), ["dataset_path", "'source_text'",
@@ -135,7 +234,32 @@ BAD_CONFIGS = [
      ["output_path", "cannot write under '/proc'"]),
     ("output-not-empty", lambda d: ((d / "out").mkdir(), (d / "out" / "keep.txt").write_text("x")),
      ["output_path", "not empty", "overwrite_output"]),
+    # overwrite_output replaces the whole folder: never one the run reads from, nor one it did not write
+    ("output-is-the-teacher", lambda d: edit_config(d, output_path=str(d / "teacher"), overwrite_output=True),
+     ["output_path", "teacher' is the teacher_model_path"]),
+    ("output-inside-the-teacher",
+     lambda d: edit_config(d, output_path=str(d / "teacher" / "out"), overwrite_output=True),
+     ["output_path", "lies inside the teacher_model_path"]),
+    ("output-holds-the-data", lambda d: _move_data(d, "data", output_path="data", overwrite_output=True),
+     ["output_path: 'data' contains the dataset_path 'data/train.csv'"]),
+    ("output-is-the-working-folder", lambda d: edit_config(d, output_path=".", overwrite_output=True),
+     ["output_path: '.' contains the teacher_model_path"]),
+    ("output-not-written-by-this-tool",
+     lambda d: ((d / "out").mkdir(), (d / "out" / "keep.txt").write_text("x"), edit_config(d, overwrite_output=True)),
+     ["output_path", "was not written by this tool", "compression_config.json and report.json"]),
+    ("checkpoints-in-the-data", lambda d: _move_data(d, "data", checkpoint_dir="data"),
+     ["checkpoint_dir: 'data' contains the dataset_path"]),
+    ("checkpoints-are-the-output", lambda d: edit_config(d, checkpoint_dir=str(d / "out")),
+     ["checkpoint_dir", "is the output_path"]),
 ]
+
+
+def _move_data(run_dir, folder, **changes):
+    """The training and evaluation CSVs moved into ``run_dir/folder``, named relatively, with ``changes``."""
+    (run_dir / folder).mkdir()
+    for name in ("train.csv", "eval.csv"):
+        (run_dir / name).rename(run_dir / folder / name)
+    edit_config(run_dir, dataset_path=f"{folder}/train.csv", eval_dataset_path=f"{folder}/eval.csv", **changes)
 
 
 def _write_csv(run_dir, text, encoding="utf-8", name="bad.csv"):
@@ -154,6 +278,29 @@ def test_bad_config_is_one_line_error_and_writes_nothing(run_dir, capsys, monkey
     for word in words:
         assert word in err, (word, err)
     assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing written
+
+
+def test_the_inputs_output_folders_keep_clear_of(run_dir, monkeypatch):
+    monkeypatch.chdir(run_dir)
+    config = compress_model.load_config("config.json")
+    assert compress_model.run_inputs(config, "config.json") == {
+        "teacher_model_path": str(run_dir / "teacher"), "dataset_path": str(run_dir / "train.csv"),
+        "eval_dataset_path": str(run_dir / "eval.csv"), "config file": "config.json"}
+    with pytest.raises(DecompositionError, match="output_path: 'conf' contains the config file 'conf/c.json'"):
+        decomposition.check_clear_of("output_path", "conf", {"config file": "conf/c.json"})
+
+
+def test_overwrite_output_replaces_only_a_folder_this_tool_wrote(tmp_path):
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine")
+    with pytest.raises(DecompositionError, match="was not written by this tool"):
+        decomposition.check_output_path(folder, overwrite=True)
+    for name in decomposition.OUTPUT_MARKERS:
+        (folder / name).write_text("{}")
+    assert decomposition.check_output_path(folder, overwrite=True) == folder
+    with pytest.raises(DecompositionError, match="not empty"):
+        decomposition.check_output_path(folder, overwrite=False)
 
 
 def test_bad_config_from_the_shell_has_no_traceback(run_dir):

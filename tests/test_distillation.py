@@ -445,3 +445,72 @@ def test_kd_closed_form_gradient_matches_autograd():
     (expected,) = torch.autograd.grad(reference, reference_student)
     assert torch.allclose(loss.double(), reference, atol=1e-6)
     assert torch.allclose(fused, expected, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training settings: gradient accumulation, the schedule, evaluation steps, mixed precision
+
+
+def test_gradient_accumulation_steps_once_per_group_and_the_schedule_ends_at_zero(
+        make_tiny_marian, tiny_tokenizer, tiny_train_set):
+    teacher = make_tiny_marian()
+    student, _ = build_student(teacher, [], RANK)
+    # 64 pairs in batches of 16: 4 batches an epoch, in groups of 3 (the last group is the epoch's last batch)
+    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"ce": 1.0}, epochs=3,
+                               gradient_accumulation_steps=3, warmup_ratio=0.34, learning_rate=1e-3)
+    assert distiller.total_steps == 3 * 2
+    learning_rates = []
+    real_step = distiller.scheduler.step
+
+    def step(*args, **kwargs):
+        real_step(*args, **kwargs)
+        if distiller.accelerator.sync_gradients:
+            learning_rates.append(distiller.scheduler.get_last_lr()[0])
+
+    distiller.scheduler.step = step
+    distiller.train()
+    parameter = next(p for p in distiller.unwrapped_student.parameters() if p.requires_grad)
+    assert distiller.optimizer.state[parameter]["step"] == 6  # not once per batch (12)
+    assert distiller.history[-1]["step"] == 6 and distiller.trained["pairs"] == 3 * 64
+    # 2 warmup steps to the peak, then linearly down to exactly 0 at the 6th and last optimizer step
+    assert learning_rates == pytest.approx([1e-3 * x for x in (0.5, 1.0, 0.75, 0.5, 0.25, 0.0)])
+
+
+def test_eval_steps_evaluate_every_n_steps_and_at_each_epochs_end(make_tiny_marian, tiny_tokenizer, tiny_train_set):
+    teacher = make_tiny_marian()
+    student, _ = build_student(teacher, [], RANK)
+    settings = DistillationSettings(loss_weights={"ce": 1.0}, progress=False, batch_size=16, epochs=4, eval_steps=5)
+    distiller = Distiller(teacher, student, tiny_tokenizer, tiny_train_set, tiny_train_set.select(range(8)),
+                          settings, [])
+    history = distiller.train()
+    # 4 steps an epoch: every 5th step, and the end of each epoch that did not fall on one
+    assert [(h["epoch"], h["step"]) for h in history] == [(1, 4), (2, 5), (2, 8), (3, 10), (3, 12), (4, 15), (4, 16)]
+    assert all(0 < h["eval_ce"] < 20 for h in history)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """Accelerate keeps one mixed-precision setting per process; let this test choose its own."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state()
+    yield
+    AcceleratorState._reset_state()
+
+
+def test_bf16_mixed_precision_computes_in_bf16_and_keeps_float32_weights(
+        make_tiny_marian, tiny_tokenizer, tiny_train_set, fresh_accelerator_state):
+    teacher = make_tiny_marian()
+    student, _ = build_student(teacher, [], RANK)
+    layer = next(m for m in student.modules() if isinstance(m, LowRankLinear))
+    dtypes = []
+    layer.register_forward_hook(lambda _m, _i, output: dtypes.append(output.dtype))
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"ce": 1.0, "kd": 1.0},
+                               mixed_precision="bf16", max_steps=2)
+    distiller.train()
+    assert dtypes and set(dtypes) == {torch.bfloat16}  # the student's forward ran under bf16 autocast
+    after = distiller.unwrapped_student.state_dict()
+    assert all(v.dtype == torch.float32 for v in after.values())  # the weights trained stay float32
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.isfinite(torch.tensor(v)) for h in distiller.history for k, v in h.items() if k != "epoch")

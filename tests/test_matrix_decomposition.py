@@ -6,10 +6,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+from conftest import LOADERS, load_with_auto_classes
 from transformers import AutoTokenizer
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from matrix_decomposition import (
-    WEIGHTS_NAME, DecompositionError, LowRankLinear, count_parameters, decompose_,
+    WEIGHTS_NAME, DecompositionError, LowRankLinear, LowRankMarianMTModel, count_parameters, decompose_,
     load_compressed_model, low_rank_parameters, max_saving_rank, resolve_ranks, save_compressed_model,
     truncated_svd,
 )
@@ -221,9 +223,10 @@ def saved(tmp_path, make_tiny_marian, tiny_tokenizer):
     return model, folder
 
 
-def test_save_load_gives_identical_logits_and_generations(saved, tiny_tokenizer):
+@pytest.mark.parametrize("load", LOADERS.values(), ids=LOADERS.keys())
+def test_save_load_gives_identical_logits_and_generations(saved, tiny_tokenizer, load):
     model, folder = saved
-    loaded = load_compressed_model(folder)
+    loaded = load(folder)
     assert low_rank_names(loaded) == low_rank_names(model)
     assert loaded.lm_head.weight is loaded.model.shared.weight is loaded.model.decoder.embed_tokens.weight
     batch = tiny_tokenizer(SRC, text_target=TGT, return_tensors="pt", padding=True)
@@ -232,6 +235,17 @@ def test_save_load_gives_identical_logits_and_generations(saved, tiny_tokenizer)
     inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
     settings = dict(max_new_tokens=12, num_beams=2, do_sample=False)
     assert torch.equal(loaded.generate(**inputs, **settings), model.generate(**inputs, **settings))
+
+
+def test_saved_folder_has_its_own_model_type_and_loads_with_the_auto_classes(saved):
+    _, folder = saved
+    config = json.loads((folder / "config.json").read_text())
+    assert config["model_type"] == "marian_low_rank" and config["architectures"] == ["LowRankMarianMTModel"]
+    # transformers alone does not know the type, so without this module it refuses the folder instead of
+    # building a dense Marian model around randomly initialized layers
+    assert "marian_low_rank" not in CONFIG_MAPPING_NAMES
+    assert isinstance(load_with_auto_classes(folder), LowRankMarianMTModel)
+    assert isinstance(load_compressed_model(folder), LowRankMarianMTModel)
 
 
 def test_saved_folder_has_ranks_safetensors_and_tokenizer(saved, tiny_tokenizer):

@@ -88,6 +88,78 @@ def test_resume_refusals(run_dir, capsys, monkeypatch):
     assert "learning_rate was 0.003" in err and "0.001 now" in err
 
 
+def _stop_at_micro_batch(monkeypatch, n: int, error: BaseException) -> None:
+    """Make the n-th training micro-batch raise ``error`` (KeyboardInterrupt: what Ctrl-C raises)."""
+    real_step, calls = Distiller._loss_step, {"n": 0}
+
+    def step(self, *args):
+        calls["n"] += 1
+        if calls["n"] == n:
+            raise error
+        return real_step(self, *args)
+
+    monkeypatch.setattr(Distiller, "_loss_step", step)
+
+
+def test_ctrl_c_before_the_first_checkpoint_leaves_nothing_and_the_same_command_starts_over(
+        run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=2)
+    with monkeypatch.context() as patch:
+        _stop_at_micro_batch(patch, 3, KeyboardInterrupt())
+        assert compress_model.main(["--config", "config.json"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == ("compress_model.py: interrupted before the first checkpoint, so nothing was kept; run the same "
+                   "command to start over")
+    assert not (run_dir / "out-checkpoints").exists() and not (run_dir / "out").exists()
+    assert compress_model.main(["--config", "config.json"]) == 0
+
+
+def test_ctrl_c_after_a_checkpoint_says_where_it_is_and_resume_continues(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=2)
+    with monkeypatch.context() as patch:
+        _stop_at_micro_batch(patch, 13, KeyboardInterrupt())  # after step 12; checkpoint_steps is 10
+        assert compress_model.main(["--config", "config.json"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"compress_model.py: interrupted; the checkpoint of step 10 is kept in {run_dir / 'out-checkpoints'}: "
+                   f"run the same command with --resume to continue from it")
+    assert compress_model.main(["--config", "config.json", "--resume"]) == 0
+    assert json.loads((run_dir / "out" / "report.json").read_text())["optimizer_steps"] == 40
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_restarted_or_resumed_from_the_start(run_dir, monkeypatch):
+    """A SIGKILL (or a crash) before the first checkpoint leaves run.json alone in the checkpoint folder."""
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=2, checkpoint_steps=100)
+    reports = []
+    for command in (["--config", "config.json"], ["--config", "config.json", "--resume"]):
+        with monkeypatch.context() as patch:
+            _stop_at_micro_batch(patch, 3, FloatingPointError("the loss became nan"))
+            assert compress_model.main(["--config", "config.json"]) == 1
+        assert [p.name for p in (run_dir / "out-checkpoints").iterdir()] == ["run.json"]
+        assert compress_model.main(command) == 0  # neither refused nor stuck
+        reports.append(json.loads((run_dir / "out" / "report.json").read_text()))
+        shutil.rmtree(run_dir / "out")
+    assert _without_timing(reports[0]) == _without_timing(reports[1])  # --resume distilled from the start
+
+
+def test_ctrl_c_from_the_shell_is_one_line_and_exit_130(run_dir):
+    edit_config(run_dir, epoch=1000, checkpoint_steps=10**6)
+    proc = subprocess.Popen(CLI, cwd=run_dir, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "out-checkpoints" / "run.json").exists():
+        time.sleep(0.02)  # run.json is written just before distillation starts
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert err.strip().splitlines() == ["compress_model.py: interrupted before the first checkpoint, so nothing was "
+                                        "kept; run the same command to start over"]
+    assert not (run_dir / "out-checkpoints").exists()
+
+
 def test_same_config_and_seed_give_the_same_report(run_dir, monkeypatch):
     monkeypatch.chdir(run_dir)
     edit_config(run_dir, epoch=2, checkpoint_steps=0)
