@@ -351,9 +351,11 @@ def check_out(out: Path, overwrite: bool) -> None:
 def quiet_() -> None:
     """Silence transformers' loading bars and ONNX Runtime's quantization advice on the command line."""
     import logging
+    import warnings
 
     from transformers.utils import logging as hf_logging
 
+    warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")  # Marian's tokenizer, unused
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
     logging.getLogger().setLevel(logging.ERROR)
