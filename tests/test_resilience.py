@@ -47,8 +47,11 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(run_dir):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (run_dir / "out").exists()  # nothing half-written
-    killed_at = int((checkpoints / "latest").read_text().split("-")[1])
-    assert len(list(checkpoints.glob("step-*"))) == 1  # older ones pruned, the latest whole
+    latest = checkpoints / (checkpoints / "latest").read_text()
+    killed_at = int(latest.name.split("-")[1])
+    assert {p.name for p in latest.iterdir()} == {"student.safetensors", "trainer_state.pt", "progress.json"}
+    # older ones are pruned once "latest" names the new one: a kill in between leaves the one before
+    assert {p.name for p in checkpoints.glob("step-*")} <= {latest.name, f"step-{killed_at - 10:08d}"}
 
     # Starting over without --resume is refused, so the checkpoint is not lost by accident.
     result = subprocess.run(CLI, cwd=run_dir, env=ENV, capture_output=True, text=True, timeout=120)
