@@ -136,7 +136,6 @@ class OnnxTranslator:
         import numpy as np
 
         batch, beams, lp = input_ids.shape[0], num_beams, self.length_penalty
-        flat = lambda rows: (rows[:, None] * beams + np.arange(beams)).reshape(-1)  # noqa: E731 (row → its beams)
         cross = [np.repeat(c, beams, axis=0) for c in self._encode(input_ids, attention_mask)]
         mask = np.repeat(attention_mask, beams, axis=0)
         past = self._empty_cache(batch * beams)
@@ -174,8 +173,8 @@ class OnnxTranslator:
             sequences = np.concatenate([np.take_along_axis(sequences, source[:, :, None], axis=1),
                                         next_tokens[:, :, None]], axis=2)[keep]
             past = [p[(np.arange(len(alive))[:, None] * beams + source)[keep].reshape(-1)] for p in past]
-            if not keep.all():
-                rows = flat(np.flatnonzero(keep))
+            if not keep.all():  # the beams of the sentences still searching
+                rows = (np.flatnonzero(keep)[:, None] * beams + np.arange(beams)).reshape(-1)
                 cross, mask = [c[rows] for c in cross], mask[rows]
             alive, tokens, scores = alive[keep], next_tokens[keep].reshape(-1), next_scores[keep]
         return [finished[b][0][1] for b in range(batch)]
