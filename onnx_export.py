@@ -226,13 +226,21 @@ def _export_graphs(model, folder: Path) -> dict:
 def _quantize(folder: Path) -> None:
     """Replace both graphs by ONNX Runtime's dynamic int8 quantization of their MatMul and Gather
     weights (activations are quantized on the fly)."""
+    import logging
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    for name in ("encoder.onnx", "decoder.onnx"):
-        source = folder / name
-        target = folder / f"{name}.int8"
-        quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
-        os.replace(target, source)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its advice to run a pre-processing step, printed for every graph
+    try:
+        for name in ("encoder.onnx", "decoder.onnx"):
+            source = folder / name
+            target = folder / f"{name}.int8"
+            quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"])
+            os.replace(target, source)
+    finally:
+        root.setLevel(level)
 
 
 def _store_shared(folder: Path) -> None:
@@ -349,8 +357,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def quiet_() -> None:
-    """Silence transformers' loading bars and ONNX Runtime's quantization advice on the command line."""
-    import logging
+    """Silence transformers' loading bars and warnings on the command line."""
     import warnings
 
     from transformers.utils import logging as hf_logging
@@ -358,7 +365,6 @@ def quiet_() -> None:
     warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")  # Marian's tokenizer, unused
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    logging.getLogger().setLevel(logging.ERROR)
 
 
 def _umask() -> int:
