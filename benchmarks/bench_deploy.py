@@ -3,8 +3,8 @@ compressed student in PyTorch, in ONNX Runtime (this tool's export, float32 and 
 dense teacher, in CTranslate2 (float32 and int8), the runtime users pick instead.
 
     python benchmarks/bench_deploy.py shipped --student outputs/student-50   # shipped teacher, real pairs
-    python benchmarks/bench_deploy.py opus                                     # opus-mt-en-de shape, random weights
-    python benchmarks/bench_deploy.py --quick                                  # smoke test: tiny models, seconds
+    python benchmarks/bench_deploy.py opus --opus-threads 1                    # opus-mt-en-de shape, random weights
+    python benchmarks/bench_deploy.py opus --quick                             # smoke test: tiny models, seconds
 
 ``shipped``: the shipped teacher (``models/teacher-en-de``) and a student compressed from it
 (``--student``, a folder written by ``compress_model.py``) translate ``--pairs`` greedily
@@ -15,9 +15,9 @@ student factorized from it at about 50% of its parameters (every linear and the 
 at half its size: attention rank 128, feed-forward rank 205, embedding rank 256); each translates
 64 random sources of 16 tokens (8 of them at batch 1) into exactly 32 tokens (EOS kept out until
 then), so every system does the same work, at 1 and at 2 threads (``--opus-threads``); and ONNX
-Runtime's profiler splits one decoder step (batch 32, 16 cached positions) by operator. Speed is sentences per second, the median over ``--rounds`` interleaved
-rounds (each round times every system once, in rotating order), with ``--threads`` pinned in
-every runtime. Sizes are the weight files (model.safetensors; encoder.onnx + decoder.onnx +
+Runtime's profiler splits one decoder step (batch 32, 16 cached positions, 1 thread) by operator.
+Speed is sentences per second, the median over ``--rounds`` interleaved rounds (each round times
+every system once, in rotating order), with the threads pinned in every runtime. Sizes are the weight files (model.safetensors; encoder.onnx + decoder.onnx +
 weights.bin; CTranslate2's model.bin), tokenizers aside. CTranslate2 (``pip install
 ctranslate2``) rows are left out when it is not installed.
 """
