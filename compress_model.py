@@ -113,6 +113,8 @@ class Config:
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy term"})
     epoch: int = field(default=1, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (per process)"})
+    group_by_length: bool = field(default=True, metadata={
+        "help": "batch pairs of similar length together (less padding; the order of the batches stays random)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     learning_rate: float = field(default=3e-4, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/norms)"})
@@ -579,7 +581,7 @@ def run(config: Config, resume: bool = False) -> int:
         temperature=config.temperature, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
         eval_steps=config.eval_steps, mixed_precision=config.mixed_precision, seed=config.seed,
         progress=config.progress, checkpoint_dir=str(folder) if config.checkpoint_steps else None,
-        checkpoint_steps=config.checkpoint_steps, resume=bool(saved))
+        checkpoint_steps=config.checkpoint_steps, resume=bool(saved), group_by_length=config.group_by_length)
     distiller = decomposition.distill(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers)
     student = distiller.unwrapped_student
     if not main_process:
