@@ -69,9 +69,23 @@ class Config:
     teacher_model_path: str = field(default="models/teacher-en-de", metadata={
         "help": "teacher: a local folder or a hub id (e.g. Helsinki-NLP/opus-mt-en-de)"})
     dataset_path: str = field(default="data/tatoeba_en_de/train.csv", metadata={
-        "help": "training pairs: a .csv/.json/.jsonl/.parquet file, a folder of them, or a hub dataset id"})
+        "help": "training pairs: a .csv/.tsv/.json/.jsonl/.parquet file or a folder of them, a folder saved with "
+                "datasets (save_to_disk), the prefix of line-aligned text files (corpus → corpus.en + corpus.de), "
+                "or a hub dataset id"})
     eval_dataset_path: str | None = field(default="data/tatoeba_en_de/eval.csv", metadata={
-        "help": "held-out pairs for BLEU/chrF; null: hold out eval_size pairs of dataset_path"})
+        "help": "held-out pairs for BLEU/chrF (same forms); null: eval_split of dataset_path, or eval_size pairs "
+                "held out of it"})
+    dataset_config: str | None = field(default=None, metadata={
+        "help": "configuration of a hub dataset (e.g. \"de-en\" for wmt16)"})
+    train_split: str = field(default="train", metadata={
+        "help": "split of dataset_path to train on (hub datasets and saved DatasetDicts; a file has one)"})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "split to evaluate on (e.g. \"validation\"): of eval_dataset_path, or of dataset_path when "
+                "eval_dataset_path is null; null = eval_dataset_path's \"train\", or eval_size held-out pairs"})
+    source_lang: str | None = field(default=None, metadata={
+        "help": "source language key (e.g. \"en\") of the translation layout ({\"translation\": {\"en\": …, "
+                "\"de\": …}}) and the suffix of line-aligned text files; null = flat columns"})
+    target_lang: str | None = field(default=None, metadata={"help": "target language key (e.g. \"de\"), likewise"})
     output_path: str = field(default="outputs/compressed-en-de", metadata={
         "help": "folder for the compressed model, tokenizer, config used and report.json"})
     overwrite_output: bool = field(default=False, metadata={"help": "replace a non-empty output_path"})
@@ -83,6 +97,8 @@ class Config:
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N evaluation pairs"})
     max_source_length: int = field(default=128, metadata={"help": "source tokens kept (truncation)"})
     max_target_length: int = field(default=128, metadata={"help": "target tokens kept (truncation)"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "processes that tokenize the pairs; null = the main process alone"})
 
     decompose_layers: list[str] = field(default_factory=list, metadata={
         "help": "state-dict keys of the nn.Linear weights to factorize, or patterns (\"model.decoder.*\"); "
@@ -128,7 +144,9 @@ class Config:
         "help": "train on the teacher's own translations of the training sources (generated once with num_beams "
                 "and max_new_tokens, cached in cache_dir) instead of the reference translations"})
     cache_dir: str | None = field(default=None, metadata={
-        "help": "where sequence_level_kd keeps the teacher's translations; null = <output_path>-cache"})
+        "help": "where the tokenized pairs are cached (reused by any run with the same data, tokenizer and "
+                "preprocessor) and sequence_level_kd keeps the teacher's translations; null = datasets' cache "
+                "(HF_DATASETS_CACHE/matrix-decomposition) for the pairs, <output_path>-cache for the translations"})
 
     quantize_int8: bool = field(default=False, metadata={
         "help": "also evaluate the student with int8 dynamically quantized linear layers (CPU): adds a student_int8 "
@@ -148,7 +166,8 @@ class Config:
         positive = ["epoch", "batch_size", "eval_size", "max_source_length", "max_target_length",
                     "gradient_accumulation_steps", "num_beams", "eval_batch_size", "max_new_tokens",
                     "calibration_samples"]
-        for name in positive + ["max_train_samples", "max_eval_samples", "max_steps", "num_threads"]:
+        for name in positive + ["max_train_samples", "max_eval_samples", "max_steps", "num_threads",
+                                "preprocessing_num_workers"]:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {value}")
@@ -164,6 +183,13 @@ class Config:
         if self.target_ratio is not None and self.k_info != Config.__dataclass_fields__["k_info"].default:
             raise ConfigError(f"k_info: {json.dumps(self.k_info)} is ignored when target_ratio is set; "
                               f"remove one of them")
+        one_language = (self.source_lang is None) != (self.target_lang is None)
+        if one_language or (self.source_lang is not None and self.source_lang == self.target_lang):
+            raise ConfigError(f"source_lang and target_lang: give two different languages or neither, got "
+                              f"{json.dumps(self.source_lang)} and {json.dumps(self.target_lang)}")
+        if self.eval_split and self.eval_split == self.train_split and not self.eval_dataset_path:
+            raise ConfigError(f"eval_split: {self.eval_split!r} is the split trained on (train_split); evaluate on "
+                              f"another split, or leave eval_split null to hold out eval_size pairs")
         if self.warmup_ratio >= 1 or self.label_smoothing >= 1:
             raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
                               f"{self.warmup_ratio} and {self.label_smoothing}")
@@ -255,104 +281,6 @@ def config_help() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-
-
-DATA_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def load_pairs(path: str, config: Config, key: str = "dataset_path"):
-    """A ``datasets.Dataset`` with the columns ``source_text`` and ``target_text`` (renamed from the
-    configured columns), rows with an empty side dropped."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors become our one-line message
-    local = Path(path)
-    try:
-        if local.is_file():
-            kind = DATA_FORMATS.get(local.suffix.lower())
-            if kind is None:
-                raise ConfigError(f"{key}: {path!r} has an unsupported type {local.suffix!r}; "
-                                  f"use {', '.join(DATA_FORMATS)}")
-            ds = datasets.load_dataset(kind, data_files=str(local), split="train")
-        elif local.is_dir():
-            files = sorted(p for p in local.iterdir() if p.suffix.lower() in DATA_FORMATS)
-            kinds = {DATA_FORMATS[p.suffix.lower()] for p in files}
-            if len(kinds) != 1:
-                found = "no" if not files else "mixed"
-                raise ConfigError(f"{key}: folder {path!r} has {found} data files; it needs files of one type "
-                                  f"among {', '.join(DATA_FORMATS)}")
-            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
-        elif local.suffix.lower() in DATA_FORMATS or path.startswith((".", "/")) or path.count("/") != 1:
-            raise ConfigError(f"{key}: {path!r} does not exist")
-        else:
-            ds = datasets.load_dataset(path, split="train")
-    except ConfigError:
-        raise
-    except UnicodeDecodeError:
-        raise ConfigError(f"{key}: {path!r} is not valid UTF-8 text") from None
-    except Exception as e:  # datasets wraps parser and hub errors in many types
-        cause = e
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            if isinstance(cause, UnicodeDecodeError):
-                raise ConfigError(f"{key}: {path!r} is not valid UTF-8 text") from None
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, UnicodeDecodeError):
-            raise ConfigError(f"{key}: {path!r} is not valid UTF-8 text") from None
-        if "corresponds to no data" in str(e):  # datasets' words for a file with no rows
-            raise ConfigError(f"{key}: {path!r} holds no pairs (no rows under the header)") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{key}: cannot load {path!r}: {first}") from None
-
-    wanted = [config.source_column, config.target_column]
-    missing = [c for c in wanted if c not in ds.column_names]
-    if missing:
-        raise ConfigError(f"{key}: {path!r} has no column {missing[0]!r}; columns found: "
-                          f"{', '.join(ds.column_names) or 'none'} (set source_column/target_column)")
-    ds = ds.select_columns(wanted)
-    if wanted != ["source_text", "target_text"]:
-        ds = ds.rename_columns(dict(zip(wanted, ["source_text", "target_text"])))
-    ds = ds.filter(lambda row: bool(row["source_text"] and str(row["source_text"]).strip()
-                                    and row["target_text"] and str(row["target_text"]).strip()))
-    if len(ds) == 0:
-        raise ConfigError(f"{key}: {path!r} holds no pairs with both {wanted[0]!r} and {wanted[1]!r} filled")
-    return ds
-
-
-def load_data(config: Config):
-    """(train, eval) raw pair datasets, following ``eval_dataset_path`` or holding out ``eval_size`` pairs."""
-    train = load_pairs(config.dataset_path, config)
-    if config.eval_dataset_path:
-        evaluation = load_pairs(config.eval_dataset_path, config, key="eval_dataset_path")
-    else:
-        if len(train) <= config.eval_size:
-            raise ConfigError(f"eval_size: {config.eval_size} pairs cannot be held out of the {len(train)} in "
-                              f"dataset_path; lower eval_size or set eval_dataset_path")
-        split = train.train_test_split(test_size=config.eval_size, seed=config.seed)
-        train, evaluation = split["train"], split["test"]
-    if config.max_train_samples:
-        train = train.select(range(min(config.max_train_samples, len(train))))
-    if config.max_eval_samples:
-        evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
-    return train, evaluation
-
-
-def preprocess(pairs, tokenizer, config: Config, preprocessor):
-    """Apply the preprocessing hook to every pair; keeps only the model inputs it returns."""
-    ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
-                   remove_columns=pairs.column_names, load_from_cache_file=False)
-    missing = {"input_ids", "attention_mask", "labels"} - set(ds.column_names)
-    if missing:
-        raise ConfigError(f"data_preprocessor returned no {', '.join(sorted(missing))}; "
-                          f"it must return input_ids, attention_mask and labels")
-    if len(ds) != len(pairs):
-        raise ConfigError(f"data_preprocessor returned {len(ds):,} examples for {len(pairs):,} pairs; "
-                          f"it must return one per pair")
-    return ds
-
-
-# ---------------------------------------------------------------------------------------------
 # Model
 
 
@@ -413,16 +341,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(load_config(args.config), resume=args.resume)
     except Exception as e:
+        from data import DataError
         from matrix_decomposition import DecompositionError
 
-        if not isinstance(e, (ConfigError, DecompositionError, FloatingPointError)):
+        if not isinstance(e, (ConfigError, DataError, DecompositionError, FloatingPointError)):
             raise
         print(f"compress_model.py: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2  # 2: the input was wrong; 1: the run failed
 
 
 # Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"progress", "overwrite_output", "num_threads", "cache_dir"}
+RESUMABLE_CHANGES = {"progress", "overwrite_output", "num_threads", "cache_dir", "preprocessing_num_workers"}
 
 
 def checkpoint_dir(config: Config) -> Path:
@@ -462,6 +391,7 @@ def run(config: Config, resume: bool = False) -> int:
     from accelerate import PartialState
     from transformers.utils import logging as hf_logging
 
+    import data
     import decomposition
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
     from matrix_decomposition import (
@@ -483,12 +413,13 @@ def run(config: Config, resume: bool = False) -> int:
     decomposition.check_output_path(config.output_path, config.overwrite_output)
     if config.sequence_level_kd and cache_dir(config).exists() and not cache_dir(config).is_dir():
         raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")
+    tokenized_cache = data.tokenized_cache_dir(config)
     saved = check_resume(config, resume)
     requested = dataclasses.asdict(config)  # as the user wrote it; lengths may be clamped below
 
     # Data
     with state.main_process_first():
-        train_pairs, eval_pairs = load_data(config)
+        train_pairs, eval_pairs = data.load_data(config)
     # Model
     teacher, tokenizer = load_teacher(config.teacher_model_path)
     positions = getattr(teacher.config, "max_position_embeddings", None)
@@ -499,9 +430,14 @@ def run(config: Config, resume: bool = False) -> int:
     generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
                        "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length}
     preprocessor = globals()["data_preprocessor"]  # looked up now, so a replaced hook is the one used
+
+    def preprocess(pairs):  # tokenized once: a later run with the same data, tokenizer and code reads the cache
+        return data.preprocess(pairs, tokenizer, config, preprocessor, cache_dir=tokenized_cache,
+                               num_workers=config.preprocessing_num_workers, code=[default_data_preprocessor], say=say)
+
     with state.main_process_first():
-        train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
-        eval_set = preprocess(eval_pairs, tokenizer, config, preprocessor)
+        train_set = preprocess(train_pairs)
+        eval_set = preprocess(eval_pairs)
     if config.sequence_level_kd:  # the teacher's translations of the model inputs replace the references
         targets, cache_file, reused = decomposition.teacher_translations(  # shared among the processes
             teacher, tokenizer, train_set["input_ids"], cache_dir(config), config.teacher_model_path,
@@ -510,7 +446,7 @@ def run(config: Config, resume: bool = False) -> int:
             f"{'reused from' if reused else 'cached in'} {cache_file}", flush=True)
         train_pairs = train_pairs.remove_columns("target_text").add_column("target_text", targets)
         with state.main_process_first():
-            train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
+            train_set = preprocess(train_pairs)
     # evaluation translates what the model is trained on: the preprocessor's inputs
     sources, references = eval_set["input_ids"], eval_pairs["target_text"]
 

@@ -1,13 +1,19 @@
 """Shared test fixtures: a sentencepiece vocabulary trained on a few hundred Tatoeba lines, the
 Marian tokenizer built on it, and tiny MarianMT models (d_model 16) that run in milliseconds."""
 
+import atexit
 import csv
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
+# datasets' cache (Arrow copies of the test files, tokenized pairs) in a folder of this session only
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="matrix-decomposition-tests-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

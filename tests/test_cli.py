@@ -10,6 +10,7 @@ from conftest import REPO, edit_config, make_run_dir
 from transformers import AutoTokenizer
 
 import compress_model
+import data
 import decomposition
 from matrix_decomposition import LowRankLinear, load_compressed_model
 
@@ -51,7 +52,7 @@ def test_cli_end_to_end(run_dir):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 32
     config = json.loads((run_dir / "config.json").read_text())
-    _, eval_pairs = compress_model.load_data(compress_model.Config(**config))
+    _, eval_pairs = data.load_data(compress_model.Config(**config))
     scores = decomposition.evaluate_translation(model, tokenizer, eval_pairs["source_text"],
                                                 eval_pairs["target_text"], max_new_tokens=12)
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])

@@ -11,6 +11,7 @@ from torch import nn
 from transformers import DataCollatorForSeq2Seq
 
 import compress_model
+import data
 from decomposition import build_student, distill, resolve_feature_layers
 from distillation.distillation_loss import (
     IGNORE_INDEX, attention_loss, cross_entropy_loss, feature_loss, mean_feature_loss, output_distillation_loss,
@@ -37,7 +38,7 @@ def tiny_train_set(tiny_pairs, tiny_tokenizer):
     pairs = datasets.Dataset.from_dict({"source_text": [s for s, _ in tiny_pairs[:N_PAIRS]],
                                         "target_text": [t for _, t in tiny_pairs[:N_PAIRS]]})
     config = compress_model.Config(max_source_length=16, max_target_length=20)
-    return compress_model.preprocess(pairs, tiny_tokenizer, config, compress_model.default_data_preprocessor)
+    return data.preprocess(pairs, tiny_tokenizer, config, compress_model.default_data_preprocessor)
 
 
 @pytest.fixture(scope="module")
