@@ -68,6 +68,9 @@ class Config:
 
     teacher_model_path: str = field(default="models/teacher-en-de", metadata={
         "help": "teacher: a local folder or a hub id (e.g. Helsinki-NLP/opus-mt-en-de)"})
+    student_model_path: str | None = field(default=None, metadata={
+        "help": "the model that is factorized and trained (a folder or a hub id sharing the teacher's vocabulary, "
+                "e.g. a smaller model to distill a big teacher into); null = the teacher itself"})
     dataset_path: str = field(default="data/tatoeba_en_de/train.csv", metadata={
         "help": "training pairs: a .csv/.tsv/.json/.jsonl/.parquet file or a folder of them, a folder saved with "
                 "datasets (save_to_disk), the prefix of line-aligned text files (corpus → corpus.en + corpus.de), "
@@ -107,8 +110,9 @@ class Config:
     k_info: int | dict[str, int] = field(default=32, metadata={
         "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\""})
     target_ratio: float | None = field(default=None, metadata={
-        "help": "fraction of the TEACHER's total parameters (embeddings included) the student keeps, e.g. 0.5; "
-                "leave k_info out: per-layer ranks are allocated to meet it (see rank_allocation)"})
+        "help": "fraction of the total parameters (embeddings included) of the model factorized (the teacher, or "
+                "student_model_path) the student keeps, e.g. 0.5; leave k_info out: per-layer ranks are "
+                "allocated to meet it (see rank_allocation)"})
     rank_allocation: str = field(default="sensitivity", metadata={
         "help": "how target_ratio shares the budget: sensitivity (least drift, in KL, of the teacher's predictions "
                 "on calibration_samples pairs, each layer measured at a few ranks, as ASVD does) | spectrum (least "
@@ -284,21 +288,22 @@ def config_help() -> str:
 # Model
 
 
-def load_teacher(path: str):
-    """(model, tokenizer) from a local folder or a hub id; a folder written by this tool (with
-    factorized layers) is rebuilt with ``load_compressed_model``. Never runs remote code."""
+def load_teacher(path: str, key: str = "teacher_model_path"):
+    """(model, tokenizer) from a local folder or a hub id (the teacher, or the student named by
+    ``key``); a folder written by this tool (with factorized layers) is rebuilt with
+    ``load_compressed_model``. Never runs remote code."""
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
     from matrix_decomposition import CONFIG_FIELD, load_compressed_model
 
     if (path.startswith((".", "/")) or Path(path).suffix or path.count("/") > 1) and not Path(path).is_dir():
-        raise ConfigError(f"teacher_model_path: {path!r} is not a folder (and not a hub id like "
+        raise ConfigError(f"{key}: {path!r} is not a folder (and not a hub id like "
                           f"'Helsinki-NLP/opus-mt-en-de')")
     try:
         model_config = AutoConfig.from_pretrained(path)
         if not model_config.is_encoder_decoder:
-            raise ConfigError(f"teacher_model_path: {path!r} is a {model_config.model_type} model, not an "
+            raise ConfigError(f"{key}: {path!r} is a {model_config.model_type} model, not an "
                               f"encoder-decoder translation model such as MarianMT")
         if getattr(model_config, CONFIG_FIELD, None):
             model = load_compressed_model(path, dtype=torch.float32)
@@ -309,7 +314,7 @@ def load_teacher(path: str):
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"teacher_model_path: cannot load {path!r}: {first}") from None
+        raise ConfigError(f"{key}: cannot load {path!r}: {first}") from None
     return model.eval(), tokenizer
 
 
@@ -320,7 +325,7 @@ def load_teacher(path: str):
 def print_report(report: dict) -> None:
     teacher_params = report["teacher"]["params"]
     print(f"\n{'model':<14}{'params':>12}{'% teacher':>11}{'BLEU':>8}{'chrF':>8}{'MB':>9}")
-    for name in ("teacher", "decomposed", "student", "student_int8"):
+    for name in ("teacher", "student_base", "decomposed", "student", "student_int8"):
         row = report.get(name)
         if row is None:
             continue
@@ -420,10 +425,14 @@ def run(config: Config, resume: bool = False) -> int:
     # Data
     with state.main_process_first():
         train_pairs, eval_pairs = data.load_data(config)
-    # Model
+    # Model: the teacher, and the model factorized into the student (the teacher itself by default)
     teacher, tokenizer = load_teacher(config.teacher_model_path)
-    positions = getattr(teacher.config, "max_position_embeddings", None)
-    if positions:  # sequences the teacher cannot represent are truncated, not crashed on
+    base = teacher
+    if config.student_model_path:
+        base, base_tokenizer = load_teacher(config.student_model_path, key="student_model_path")
+        decomposition.check_same_vocabulary(teacher, tokenizer, base, base_tokenizer)
+    positions = min((getattr(m.config, "max_position_embeddings", None) or 10**9) for m in (teacher, base))
+    if positions < 10**9:  # sequences the models cannot represent are truncated, not crashed on
         config = dataclasses.replace(config, max_source_length=min(config.max_source_length, positions),
                                      max_target_length=min(config.max_target_length, positions),
                                      max_new_tokens=min(config.max_new_tokens, positions - 1))
@@ -450,12 +459,16 @@ def run(config: Config, resume: bool = False) -> int:
     # evaluation translates what the model is trained on: the preprocessor's inputs
     sources, references = eval_set["input_ids"], eval_pairs["target_text"]
 
-    # Decompose: the target layers; their input statistics on the teacher (activation init); their
-    # ranks (k_info, or allocated to meet target_ratio); then the factorization itself
+    # Decompose: the target layers of the base model (the teacher, or student_model_path); their input
+    # statistics (activation init); their ranks (k_info, or allocated to meet target_ratio); then the
+    # factorization itself
     budget = config.target_ratio is not None
-    target_layers = list(resolve_ranks(teacher, config.decompose_layers, 1 if budget else config.k_info))
+    target_layers = list(resolve_ranks(base, config.decompose_layers, 1 if budget else config.k_info))
     if budget:
-        check_target_ratio(teacher, target_layers, config.target_ratio)  # before any work
+        check_target_ratio(base, target_layers, config.target_ratio)  # before any work
+    feature_layers = decomposition.resolve_feature_layers(base, config.feature_layers, target_layers)
+    if base is not teacher:  # the loss terms that compare layers need layers of the same shapes
+        decomposition.check_student_shapes(teacher, base, config.loss_weights, feature_layers)
     input_grams, errors = None, None
     reused = saved.get("ranks") if saved and budget else None  # an allocation is measured once per run
     sensitivity = budget and config.rank_allocation == "sensitivity" and not reused
@@ -463,11 +476,11 @@ def run(config: Config, resume: bool = False) -> int:
         batches = decomposition.calibration_batches(train_set, tokenizer, config.calibration_samples,
                                                     config.batch_size)
     if config.init == "activation":
-        linears = [name for name in target_layers if isinstance(teacher.get_submodule(name), torch.nn.Linear)]
-        input_grams = decomposition.gather_input_grams(teacher, linears, batches)
+        linears = [name for name in target_layers if isinstance(base.get_submodule(name), torch.nn.Linear)]
+        input_grams = decomposition.gather_input_grams(base, linears, batches)
     if sensitivity:
         started = time.time()
-        errors = decomposition.sensitivity_errors(teacher, target_layers, batches, svd=config.svd,
+        errors = decomposition.sensitivity_errors(base, target_layers, batches, svd=config.svd,
                                                   input_grams=input_grams, progress=config.progress and main_process)
         say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
             f"in {time.time() - started:.0f} s", flush=True)
@@ -475,20 +488,21 @@ def run(config: Config, resume: bool = False) -> int:
         k_info = reused
         say("ranks allocated to target_ratio reused from the interrupted run", flush=True)
     elif budget:
-        k_info = ranks_for_ratio(teacher, target_layers, config.target_ratio, input_grams, errors)
+        k_info = ranks_for_ratio(base, target_layers, config.target_ratio, input_grams, errors)
     else:
         k_info = config.k_info
-    student, ranks = decomposition.build_student(teacher, target_layers, k_info, config.svd, input_grams=input_grams)
+    student, ranks = decomposition.build_student(base, target_layers, k_info, config.svd, input_grams=input_grams)
     notes = init_notes(student)
     for name, note in notes.items():
         say(f"note: {name}: {note}", flush=True)
-    feature_layers = decomposition.resolve_feature_layers(teacher, config.feature_layers, ranks)
-    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    teacher_params, base_params, student_params = (count_parameters(m) for m in (teacher, base, student))
     target = f", target {100 * config.target_ratio:g}%" if budget else ""
-    say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {teacher_params:,} → {student_params:,} params "
-        f"({100 * student_params / teacher_params:.1f}%{target})", flush=True)
+    of = "" if base is teacher else " of the student model"
+    say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {base_params:,} → {student_params:,} params{of} "
+        f"({100 * student_params / base_params:.1f}%{target})", flush=True)
 
-    # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)
+    # Evaluate the teacher (and a separate student model) and the decomposed model before recovery
+    # (once: a resumed run reuses it)
     folder = checkpoint_dir(config)
     if saved:
         report = saved["report"]
@@ -496,12 +510,14 @@ def run(config: Config, resume: bool = False) -> int:
     else:
         report = {}
         if main_process:
-            report["teacher"] = decomposition.evaluate_translation(teacher, tokenizer, sources, references,
-                                                                   **generate_kwargs)
-            report["decomposed"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
-                                                                      **generate_kwargs)
-            say(f"BLEU teacher {report['teacher']['bleu']:.2f}, decomposed {report['decomposed']['bleu']:.2f} "
-                f"(before recovery)", flush=True)
+            models = {"teacher": teacher, "student_base": base, "decomposed": student}
+            if base is teacher:
+                del models["student_base"]
+            for name, model in models.items():
+                report[name] = decomposition.evaluate_translation(model, tokenizer, sources, references,
+                                                                  **generate_kwargs)
+            say("BLEU " + ", ".join(f"{name.replace('_', ' ')} {report[name]['bleu']:.2f}" for name in models)
+                + " (before recovery)", flush=True)
             if config.checkpoint_steps:
                 if folder.exists():  # an abandoned run's (overwrite_output was given)
                     shutil.rmtree(folder)
@@ -535,6 +551,7 @@ def run(config: Config, resume: bool = False) -> int:
         "compression_ratio": round(student_params / teacher_params, 4),
         "layers_decomposed": len(ranks), "ranks": ranks, "target_ratio": config.target_ratio,
         "rank_allocation": config.rank_allocation if budget else None,
+        "teacher_model_path": config.teacher_model_path, "student_model_path": config.student_model_path,
         "init": config.init, "init_notes": notes, "sequence_level_kd": config.sequence_level_kd,
         "feature_layers": feature_layers,
         "train_seconds": round(distiller.train_seconds, 1), "train_pairs": len(train_pairs),
