@@ -95,7 +95,7 @@ class LengthGroupedSampler(Sampler[int]):
     ``batch_size``; ``set_epoch`` gives each epoch its order, the same one on every process."""
 
     def __init__(self, lengths, batch_size: int, seed: int = 0, mega_batches: int = 50):
-        self.lengths = np.asarray(lengths)
+        self.lengths = np.asarray(lengths, dtype=np.int64)
         self.batch_size, self.seed, self.mega = batch_size, seed, mega_batches * batch_size
         self.epoch = 0
 
@@ -107,15 +107,15 @@ class LengthGroupedSampler(Sampler[int]):
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed + self.epoch)
-        order = torch.randperm(len(self.lengths), generator=generator).numpy()
-        batches = []
-        for start in range(0, len(order), self.mega):
-            mega = order[start:start + self.mega]
-            mega = mega[np.argsort(-self.lengths[mega], kind="stable")]  # longest first
-            batches.extend(mega[i:i + self.batch_size] for i in range(0, len(mega), self.batch_size))
-        last = [batches.pop()] if batches and len(batches[-1]) < self.batch_size else []
-        shuffled = [batches[i] for i in torch.randperm(len(batches), generator=generator).tolist()] + last
-        return iter(int(i) for batch in shuffled for i in batch)
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()  # (N,)
+        mega_batch = np.arange(len(order)) // self.mega
+        order = order[np.lexsort((-self.lengths[order], mega_batch))]  # longest first in each mega-batch (stable)
+        # mega-batches hold whole batches, so only the very last batch can be smaller: it stays last
+        whole = len(order) // self.batch_size * self.batch_size
+        batches = order[:whole].reshape(-1, self.batch_size)  # (batches, batch_size)
+        shuffled = batches[torch.randperm(len(batches), generator=generator).numpy()]
+        for i in np.concatenate([shuffled.reshape(-1), order[whole:]]):  # index arrays, no Python object per pair
+            yield int(i)
 
 
 @contextmanager
