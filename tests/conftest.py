@@ -65,6 +65,22 @@ def edit_config(run_dir: Path, drop=(), **changes) -> None:
     path.write_text(json.dumps({**config, **changes}))
 
 
+def refused_in_one_line(run_dir: Path, capsys, monkeypatch, words) -> str:
+    """Run the CLI on ``run_dir/config.json``: it must exit with 2 after one line
+    ``compress_model.py: error: …`` holding each of ``words``, and write nothing in ``run_dir``."""
+    import compress_model
+
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    monkeypatch.chdir(run_dir)
+    assert compress_model.main(["--config", "config.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("compress_model.py: error: "), err
+    for word in words:
+        assert word in err, (word, err)
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing written
+    return err
+
+
 def save_model_folder(model, tokenizer, folder: Path) -> Path:
     """A folder ``from_pretrained`` can read (model.safetensors, config, tokenizer): a teacher."""
     model.save_pretrained(folder)

@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, edit_config, make_run_dir
+from conftest import REPO, edit_config, make_run_dir, refused_in_one_line
 from transformers import AutoTokenizer
 
 import compress_model
@@ -134,14 +134,7 @@ def _write_csv(run_dir, text, encoding="utf-8", name="bad.csv"):
 @pytest.mark.parametrize("case, breaks, words", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
 def test_bad_config_is_one_line_error_and_writes_nothing(run_dir, capsys, monkeypatch, case, breaks, words):
     breaks(run_dir)
-    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    monkeypatch.chdir(run_dir)
-    assert compress_model.main(["--config", "config.json"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("compress_model.py: error: "), err
-    for word in words:
-        assert word in err, (word, err)
-    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing written
+    refused_in_one_line(run_dir, capsys, monkeypatch, words)
 
 
 def test_bad_config_from_the_shell_has_no_traceback(run_dir):

@@ -7,7 +7,7 @@ import sys
 
 import datasets
 import pytest
-from conftest import edit_config, make_run_dir
+from conftest import edit_config, make_run_dir, refused_in_one_line
 
 import compress_model
 import data
@@ -253,11 +253,4 @@ BAD_DATA = [  # (id, how to break the run folder, words the one-line message mus
 @pytest.mark.parametrize("case, breaks, words", BAD_DATA, ids=[c[0] for c in BAD_DATA])
 def test_bad_data_is_one_line_error_and_writes_nothing(run_dir, capsys, monkeypatch, case, breaks, words):
     breaks(run_dir)
-    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    monkeypatch.chdir(run_dir)
-    assert compress_model.main(["--config", "config.json"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("compress_model.py: error: "), err
-    for word in words:
-        assert word in err, (word, err)
-    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing written
+    refused_in_one_line(run_dir, capsys, monkeypatch, words)

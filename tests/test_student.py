@@ -4,7 +4,7 @@ folder written by this tool in either role, and the refusals when the two cannot
 import json
 
 import pytest
-from conftest import edit_config, make_run_dir, save_model_folder
+from conftest import edit_config, make_run_dir, refused_in_one_line, save_model_folder
 
 import compress_model
 from matrix_decomposition import count_parameters, load_compressed_model
@@ -89,11 +89,4 @@ def test_a_student_that_cannot_learn_from_the_teacher_is_refused(run_dir, capsys
             _swap_two_tokens(folder)
         changes = {"student_model_path": str(folder), **changes}
     edit_config(run_dir, **changes)
-    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    monkeypatch.chdir(run_dir)
-    assert compress_model.main(["--config", "config.json"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("compress_model.py: error: "), err
-    for word in words:
-        assert word in err, (word, err)
-    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing written
+    refused_in_one_line(run_dir, capsys, monkeypatch, words)
