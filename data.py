@@ -270,9 +270,10 @@ def preprocess(pairs, tokenizer, config, preprocessor: Callable, cache_dir: str 
     files of ``preprocessor`` and of the functions in ``code``, e.g. the default preprocessor it
     calls) and the ``PREPROCESSING_KEYS`` of ``config``: a later run with the same of all of these
     reads them instead of tokenizing again; any change gives new files."""
+    num_proc = num_workers if num_workers and num_workers > 1 else None  # datasets forks a pool even for 1
     if cache_dir is None:
         ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
-                       remove_columns=pairs.column_names, load_from_cache_file=False, num_proc=num_workers)
+                       remove_columns=pairs.column_names, load_from_cache_file=False, num_proc=num_proc)
         return _checked(ds, pairs, [])
     cache_dir = Path(cache_dir)
     key = _cache_key(pairs, tokenizer, config, [preprocessor, *code])
@@ -284,7 +285,7 @@ def preprocess(pairs, tokenizer, config, preprocessor: Callable, cache_dir: str 
     cache_dir.mkdir(parents=True, exist_ok=True)
     ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
                    remove_columns=pairs.column_names, cache_file_name=str(manifest.with_suffix(".arrow")),
-                   load_from_cache_file=False, new_fingerprint=key, num_proc=num_workers)
+                   load_from_cache_file=False, new_fingerprint=key, num_proc=num_proc)
     files = [Path(f["filename"]) for f in ds.cache_files]
     ds = _checked(ds, pairs, files)
     tmp = manifest.with_name(f".{manifest.name}.tmp-{os.getpid()}")

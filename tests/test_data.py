@@ -125,8 +125,8 @@ def pairs(tiny_pairs):
 def test_tokenized_pairs_are_cached_and_reused(pairs, tiny_tokenizer, tmp_path):
     calls = []
     hook = counting(compress_model.default_data_preprocessor, calls)
-    first = data.preprocess(pairs, tiny_tokenizer, CONFIG, hook, cache_dir=tmp_path)
-    assert sum(calls) == 40 and first.cache_files  # written to Arrow files in cache_dir
+    first = data.preprocess(pairs, tiny_tokenizer, CONFIG, hook, cache_dir=tmp_path, num_workers=1)
+    assert sum(calls) == 40 and first.cache_files  # in this process (one worker), written to Arrow files in cache_dir
     calls.clear()
     second = data.preprocess(pairs, tiny_tokenizer, CONFIG, hook, cache_dir=tmp_path)
     assert calls == [] and second[:] == first[:]
