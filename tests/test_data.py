@@ -139,7 +139,8 @@ def test_a_changed_tokenizer_preprocessor_or_length_tokenizes_again(pairs, tiny_
     hook = counting(compress_model.default_data_preprocessor, calls)
     data.preprocess(pairs, tiny_tokenizer, CONFIG, hook, cache_dir=tmp_path)
     tiny_tokenizer.save_pretrained(tmp_path / "tok")  # the same tokenizer with one more token
-    (tmp_path / "tok" / "vocab.json").write_text(json.dumps({**tiny_tokenizer.get_vocab(), "extra": len(tiny_tokenizer)}))
+    vocab = {**tiny_tokenizer.get_vocab(), "extra": len(tiny_tokenizer)}
+    (tmp_path / "tok" / "vocab.json").write_text(json.dumps(vocab))
     other_tokenizer = type(tiny_tokenizer).from_pretrained(tmp_path / "tok")
     shouting = counting(lambda b, tok, c: compress_model.default_data_preprocessor(
         {**b, "source_text": [s.upper() for s in b["source_text"]]}, tok, c), calls)
@@ -149,6 +150,21 @@ def test_a_changed_tokenizer_preprocessor_or_length_tokenizes_again(pairs, tiny_
         calls.clear()
         data.preprocess(*args, cache_dir=tmp_path)
         assert sum(calls) == len(args[0])
+
+
+def test_an_edited_data_file_tokenizes_again(tiny_tokenizer, tmp_path):
+    calls = []
+    hook = counting(compress_model.default_data_preprocessor, calls)
+    for pairs, rewrite, tokenized_again in [(PAIRS, True, True), (PAIRS[::-1], True, True),
+                                            (PAIRS[::-1], False, False)]:
+        if rewrite:
+            write_tsv(tmp_path, pairs)  # the same file, edited
+        calls.clear()
+        tokenized = data.preprocess(data.load_pairs(str(tmp_path / "pairs.tsv"), CONFIG), tiny_tokenizer, CONFIG,
+                                    hook, cache_dir=tmp_path / "cache")
+        assert bool(calls) == tokenized_again
+        first_target = next(t for s, t in pairs if s.strip())
+        assert tokenized["labels"][0] == tiny_tokenizer(text_target=first_target)["input_ids"]
 
 
 def test_an_edited_preprocessor_module_tokenizes_again(pairs, tiny_tokenizer, tmp_path, monkeypatch):

@@ -46,7 +46,8 @@ def test_a_folder_written_by_the_tool_works_as_student_and_as_teacher(run_dir, m
     edit_config(run_dir, decompose_layers=["*fc?.weight"])
     assert compress_model.main(["--config", "config.json"]) == 0  # feed-forward layers factorized, in out/
     compressed, original = str(run_dir / "out"), str(tiny_teacher_dir)
-    for teacher, student, layers, output in [(original, compressed, ["*self_attn.*"], "a"), (compressed, original, [], "b")]:
+    roles = [(original, compressed, ["*self_attn.*"], "a"), (compressed, original, [], "b")]
+    for teacher, student, layers, output in roles:
         edit_config(run_dir, teacher_model_path=teacher, student_model_path=student, decompose_layers=layers,
                     output_path=str(run_dir / output))
         assert compress_model.main(["--config", "config.json"]) == 0
@@ -64,7 +65,8 @@ def _swap_two_tokens(folder):
 BAD_STUDENTS = [  # (id, student overrides, config changes, words the one-line message must contain)
     ("vocabulary-size", {"vocab_size": 308}, {}, ["student_model_path", "308 tokens", "teacher's 300",
                                                   "share the teacher's vocabulary"]),
-    ("vocabulary-tokens", {}, {"swap": True}, ["student_model_path", "the teacher's size (300 tokens) but other tokens"]),
+    ("vocabulary-tokens", {}, {"swap": True},
+     ["student_model_path", "the teacher's size (300 tokens) but other tokens"]),
     ("hidden-layers", {"encoder_layers": 1}, {"loss_weights": {"ce": 1.0, "hidden": 1.0}},
      ["loss_weights: hidden", "teacher: encoder_layers 2", "student: encoder_layers 1", "set hidden to 0",
       "output distillation and cross-entropy work with any student"]),
