@@ -79,10 +79,27 @@ class Config:
 
     teacher_model_path: str = field(default="models/teacher-en-de", metadata={
         "help": "teacher: a local folder or a hub id (e.g. Helsinki-NLP/opus-mt-en-de)"})
+    student_model_path: str | None = field(default=None, metadata={
+        "help": "the model that is factorized and trained (a folder or a hub id sharing the teacher's vocabulary, "
+                "e.g. a smaller model to distill a big teacher into); null = the teacher itself"})
     dataset_path: str = field(default="data/tatoeba_en_de/train.csv", metadata={
-        "help": "training pairs: a .csv/.json/.jsonl/.parquet file, a folder of them, or a hub dataset id"})
+        "help": "training pairs: a .csv/.tsv/.json/.jsonl/.parquet file or a folder of them, a folder saved with "
+                "datasets (save_to_disk), the prefix of line-aligned text files (corpus → corpus.en + corpus.de), "
+                "or a hub dataset id"})
     eval_dataset_path: str | None = field(default="data/tatoeba_en_de/eval.csv", metadata={
-        "help": "held-out pairs for BLEU/chrF; null: hold out eval_size pairs of dataset_path"})
+        "help": "held-out pairs for BLEU/chrF (same forms); null: eval_split of dataset_path, or eval_size pairs "
+                "held out of it"})
+    dataset_config: str | None = field(default=None, metadata={
+        "help": "configuration of a hub dataset (e.g. \"de-en\" for wmt16)"})
+    train_split: str = field(default="train", metadata={
+        "help": "split of dataset_path to train on (hub datasets and saved DatasetDicts; a file has one)"})
+    eval_split: str | None = field(default=None, metadata={
+        "help": "split to evaluate on (e.g. \"validation\"): of eval_dataset_path, or of dataset_path when "
+                "eval_dataset_path is null; null = eval_dataset_path's \"train\", or eval_size held-out pairs"})
+    source_lang: str | None = field(default=None, metadata={
+        "help": "source language key (e.g. \"en\") of the translation layout ({\"translation\": {\"en\": …, "
+                "\"de\": …}}) and the suffix of line-aligned text files; null = flat columns"})
+    target_lang: str | None = field(default=None, metadata={"help": "target language key (e.g. \"de\"), likewise"})
     output_path: str = field(default="outputs/compressed-en-de", metadata={
         "help": "folder for the compressed model, tokenizer, config used and report.json"})
     overwrite_output: bool = field(default=False, metadata={"help": "replace a non-empty output_path"})
@@ -94,6 +111,8 @@ class Config:
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N evaluation pairs"})
     max_source_length: int = field(default=128, metadata={"help": "source tokens kept (truncation)"})
     max_target_length: int = field(default=128, metadata={"help": "target tokens kept (truncation)"})
+    preprocessing_num_workers: int | None = field(default=None, metadata={
+        "help": "processes that tokenize the pairs; null = the main process alone"})
 
     decompose_layers: list[str] = field(default_factory=list, metadata={
         "help": "state-dict keys of the nn.Linear weights to factorize, or patterns (\"model.decoder.*\"); "
@@ -103,8 +122,9 @@ class Config:
         "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\"; left out: "
                 f"{DEFAULT_RANK}, or allocated when target_ratio is set"})
     target_ratio: float | None = field(default=None, metadata={
-        "help": "fraction of the TEACHER's total parameters (embeddings included) the student keeps, e.g. 0.5; "
-                "leave k_info out: per-layer ranks are allocated to meet it (see rank_allocation)"})
+        "help": "fraction of the total parameters (embeddings included) of the model factorized (the teacher, or "
+                "student_model_path) the student keeps, e.g. 0.5; leave k_info out: per-layer ranks are "
+                "allocated to meet it (see rank_allocation)"})
     rank_allocation: str = field(default="sensitivity", metadata={
         "help": "how target_ratio shares the budget: sensitivity (least drift, in KL, of the teacher's predictions "
                 "on calibration_samples pairs, each layer measured at a few ranks, as ASVD does) | spectrum (least "
@@ -125,6 +145,8 @@ class Config:
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy term"})
     epoch: int = field(default=1, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (per process)"})
+    group_by_length: bool = field(default=True, metadata={
+        "help": "batch pairs of similar length together (less padding; the order of the batches stays random)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
     learning_rate: float = field(default=3e-4, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/norms)"})
@@ -138,7 +160,9 @@ class Config:
         "help": "train on the teacher's own translations of the training sources (generated once with num_beams "
                 "and max_new_tokens, cached in cache_dir) instead of the reference translations"})
     cache_dir: str | None = field(default=None, metadata={
-        "help": "where sequence_level_kd keeps the teacher's translations; null = <output_path>-cache"})
+        "help": "where the tokenized pairs are cached (reused by any run with the same data, tokenizer and "
+                "preprocessor) and sequence_level_kd keeps the teacher's translations; null = datasets' cache "
+                "(HF_DATASETS_CACHE/matrix-decomposition) for the pairs, <output_path>-cache for the translations"})
 
     quantize_int8: bool = field(default=False, metadata={
         "help": "also evaluate the student with int8 dynamically quantized linear layers (CPU): adds a student_int8 "
@@ -166,7 +190,8 @@ class Config:
         positive = ["epoch", "batch_size", "eval_size", "max_source_length", "max_target_length",
                     "gradient_accumulation_steps", "num_beams", "eval_batch_size", "max_new_tokens",
                     "calibration_samples"]
-        for name in positive + ["max_train_samples", "max_eval_samples", "max_steps", "num_threads"]:
+        for name in positive + ["max_train_samples", "max_eval_samples", "max_steps", "num_threads",
+                                "preprocessing_num_workers"]:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {value}")
@@ -184,6 +209,13 @@ class Config:
                               f"remove one of them")
         if self.target_ratio is None and self.k_info is None:
             self.k_info = DEFAULT_RANK
+        one_language = (self.source_lang is None) != (self.target_lang is None)
+        if one_language or (self.source_lang is not None and self.source_lang == self.target_lang):
+            raise ConfigError(f"source_lang and target_lang: give two different languages or neither, got "
+                              f"{json.dumps(self.source_lang)} and {json.dumps(self.target_lang)}")
+        if self.eval_split and self.eval_split == self.train_split and not self.eval_dataset_path:
+            raise ConfigError(f"eval_split: {self.eval_split!r} is the split trained on (train_split); evaluate on "
+                              f"another split, or leave eval_split null to hold out eval_size pairs")
         if self.warmup_ratio >= 1 or self.label_smoothing >= 1:
             raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
                               f"{self.warmup_ratio} and {self.label_smoothing}")
@@ -280,110 +312,13 @@ def config_help() -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Data
-
-
-DATA_FORMATS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-
-
-def load_pairs(path: str, config: Config, key: str = "dataset_path"):
-    """A ``datasets.Dataset`` with the columns ``source_text`` and ``target_text`` (renamed from the
-    configured columns), rows with an empty side dropped."""
-    import datasets
-
-    datasets.disable_progress_bars()
-    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors become our one-line message
-    local = Path(path)
-    try:
-        if local.is_file():
-            kind = DATA_FORMATS.get(local.suffix.lower())
-            if kind is None:
-                raise ConfigError(f"{key}: {path!r} has an unsupported type {local.suffix!r}; "
-                                  f"use {', '.join(DATA_FORMATS)}")
-            ds = datasets.load_dataset(kind, data_files=str(local), split="train")
-        elif local.is_dir():
-            files = sorted(p for p in local.iterdir() if p.suffix.lower() in DATA_FORMATS)
-            kinds = {DATA_FORMATS[p.suffix.lower()] for p in files}
-            if len(kinds) != 1:
-                found = "no" if not files else "mixed"
-                raise ConfigError(f"{key}: folder {path!r} has {found} data files; it needs files of one type "
-                                  f"among {', '.join(DATA_FORMATS)}")
-            ds = datasets.load_dataset(kinds.pop(), data_files=[str(p) for p in files], split="train")
-        elif local.suffix.lower() in DATA_FORMATS or path.startswith((".", "/")) or path.count("/") != 1:
-            raise ConfigError(f"{key}: {path!r} does not exist")
-        else:
-            ds = datasets.load_dataset(path, split="train")
-    except ConfigError:
-        raise
-    except UnicodeDecodeError:
-        raise ConfigError(f"{key}: {path!r} is not valid UTF-8 text") from None
-    except Exception as e:  # datasets wraps parser and hub errors in many types
-        cause = e
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            if isinstance(cause, UnicodeDecodeError):
-                raise ConfigError(f"{key}: {path!r} is not valid UTF-8 text") from None
-            cause = cause.__cause__ or cause.__context__
-        if isinstance(cause, UnicodeDecodeError):
-            raise ConfigError(f"{key}: {path!r} is not valid UTF-8 text") from None
-        if "corresponds to no data" in str(e):  # datasets' words for a file with no rows
-            raise ConfigError(f"{key}: {path!r} holds no pairs (no rows under the header)") from None
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{key}: cannot load {path!r}: {first}") from None
-
-    wanted = [config.source_column, config.target_column]
-    missing = [c for c in wanted if c not in ds.column_names]
-    if missing:
-        raise ConfigError(f"{key}: {path!r} has no column {missing[0]!r}; columns found: "
-                          f"{', '.join(ds.column_names) or 'none'} (set source_column/target_column)")
-    ds = ds.select_columns(wanted)
-    if wanted != ["source_text", "target_text"]:
-        ds = ds.rename_columns(dict(zip(wanted, ["source_text", "target_text"])))
-    ds = ds.filter(lambda row: bool(row["source_text"] and str(row["source_text"]).strip()
-                                    and row["target_text"] and str(row["target_text"]).strip()))
-    if len(ds) == 0:
-        raise ConfigError(f"{key}: {path!r} holds no pairs with both {wanted[0]!r} and {wanted[1]!r} filled")
-    return ds
-
-
-def load_data(config: Config):
-    """(train, eval) raw pair datasets, following ``eval_dataset_path`` or holding out ``eval_size`` pairs."""
-    train = load_pairs(config.dataset_path, config)
-    if config.eval_dataset_path:
-        evaluation = load_pairs(config.eval_dataset_path, config, key="eval_dataset_path")
-    else:
-        if len(train) <= config.eval_size:
-            raise ConfigError(f"eval_size: {config.eval_size} pairs cannot be held out of the {len(train)} in "
-                              f"dataset_path; lower eval_size or set eval_dataset_path")
-        split = train.train_test_split(test_size=config.eval_size, seed=config.seed)
-        train, evaluation = split["train"], split["test"]
-    if config.max_train_samples:
-        train = train.select(range(min(config.max_train_samples, len(train))))
-    if config.max_eval_samples:
-        evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
-    return train, evaluation
-
-
-def preprocess(pairs, tokenizer, config: Config, preprocessor):
-    """Apply the preprocessing hook to every pair; keeps only the model inputs it returns."""
-    ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
-                   remove_columns=pairs.column_names, load_from_cache_file=False)
-    missing = {"input_ids", "attention_mask", "labels"} - set(ds.column_names)
-    if missing:
-        raise ConfigError(f"data_preprocessor returned no {', '.join(sorted(missing))}; "
-                          f"it must return input_ids, attention_mask and labels")
-    if len(ds) != len(pairs):
-        raise ConfigError(f"data_preprocessor returned {len(ds):,} examples for {len(pairs):,} pairs; "
-                          f"it must return one per pair")
-    return ds
-
-
-# ---------------------------------------------------------------------------------------------
 # Model
 
 
-def load_teacher(path: str):
-    """(model, tokenizer) from a local folder or a hub id; a folder written by this tool (with
-    factorized layers) is rebuilt with ``load_compressed_model``. Never runs remote code."""
+def load_teacher(path: str, key: str = "teacher_model_path"):
+    """(model, tokenizer) from a local folder or a hub id (the teacher, or the student named by
+    ``key``); a folder written by this tool (with factorized layers) is rebuilt with
+    ``load_compressed_model``. Never runs remote code."""
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
@@ -397,12 +332,12 @@ def load_teacher(path: str):
         siblings = [str(p) for p in local.parent.iterdir() if p.is_dir()] if local.parent.is_dir() else []
         close = difflib.get_close_matches(str(local), siblings, n=1, cutoff=0.6)
         hint = f"; closest: {close[0]!r}" if close else ""
-        raise ConfigError(f"teacher_model_path: {path!r} is not a folder{hint} (and not a hub id like "
+        raise ConfigError(f"{key}: {path!r} is not a folder{hint} (and not a hub id like "
                           f"'Helsinki-NLP/opus-mt-en-de')")
     try:
         model_config = AutoConfig.from_pretrained(path)
         if not model_config.is_encoder_decoder:
-            raise ConfigError(f"teacher_model_path: {path!r} is a {model_config.model_type} model, not an "
+            raise ConfigError(f"{key}: {path!r} is a {model_config.model_type} model, not an "
                               f"encoder-decoder translation model such as MarianMT")
         if getattr(model_config, CONFIG_FIELD, None):
             model = load_compressed_model(path, dtype=torch.float32)
@@ -414,7 +349,7 @@ def load_teacher(path: str):
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if local.is_dir() else " (no local folder of that name, so as a hub id)"
-        raise ConfigError(f"teacher_model_path: cannot load {path!r}{where}: {first}") from None
+        raise ConfigError(f"{key}: cannot load {path!r}{where}: {first}") from None
     return model.eval(), tokenizer
 
 
@@ -425,7 +360,7 @@ def load_teacher(path: str):
 def print_report(report: dict) -> None:
     teacher_params = report["teacher"]["params"]
     print(f"\n{'model':<18}{'params':>12}{'% teacher':>11}{'BLEU':>8}{'chrF':>8}{'MB':>9}")
-    for name in ("teacher", "decomposed", "student", "student_int8", "student_onnx", "student_onnx_int8"):
+    for name in ("teacher", "student_base", "decomposed", "student", "student_int8", "student_onnx", "student_onnx_int8"):
         row = report.get(name)
         if row is None:
             continue
@@ -455,17 +390,20 @@ def main(argv: list[str] | None = None) -> int:
             print(f"compress_model.py: {after_interrupt(config)}", file=sys.stderr)
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     except Exception as e:
-        # a DecompositionError can only come from an imported matrix_decomposition (and importing it
-        # here would load transformers just to report a bad config key)
-        surgery = sys.modules.get("matrix_decomposition")
-        if not isinstance(e, (ConfigError, FloatingPointError) + ((surgery.DecompositionError,) if surgery else ())):
+        # a DataError or DecompositionError can only come from an imported data / matrix_decomposition
+        # (and importing them here would load datasets and transformers just to report a bad config key)
+        user_errors = (ConfigError, FloatingPointError) + tuple(
+            getattr(sys.modules[module], name) for module, name in (("data", "DataError"),
+                                                                    ("matrix_decomposition", "DecompositionError"))
+            if module in sys.modules)
+        if not isinstance(e, user_errors):
             raise
         print(f"compress_model.py: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2  # 2: the input was wrong; 1: the run failed
 
 
 # Keys that may change between an interrupted run and its resumption.
-RESUMABLE_CHANGES = {"progress", "overwrite_output", "num_threads", "cache_dir"}
+RESUMABLE_CHANGES = {"progress", "overwrite_output", "num_threads", "cache_dir", "preprocessing_num_workers"}
 
 
 def checkpoint_dir(config: Config) -> Path:
@@ -570,6 +508,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     from accelerate import PartialState
     from transformers.utils import logging as hf_logging
 
+    import data
     import decomposition
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
     from matrix_decomposition import (
@@ -596,17 +535,22 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     decomposition.check_clear_of("checkpoint_dir", checkpoint_dir(config), {**inputs, "output_path": config.output_path})
     if config.sequence_level_kd and cache_dir(config).exists() and not cache_dir(config).is_dir():
         raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")
+    tokenized_cache = data.tokenized_cache_dir(config)
     saved = check_resume(config, resume)
     requested = dataclasses.asdict(config)  # as the user wrote it; lengths may be clamped below
     say(f"torch threads: {threads} ({why})", flush=True)
 
     # Data
     with state.main_process_first():
-        train_pairs, eval_pairs = load_data(config)
-    # Model
+        train_pairs, eval_pairs = data.load_data(config)
+    # Model: the teacher, and the model factorized into the student (the teacher itself by default)
     teacher, tokenizer = load_teacher(config.teacher_model_path)
-    positions = getattr(teacher.config, "max_position_embeddings", None)
-    if positions:  # sequences the teacher cannot represent are truncated, not crashed on
+    base = teacher
+    if config.student_model_path:
+        base, base_tokenizer = load_teacher(config.student_model_path, key="student_model_path")
+        decomposition.check_same_vocabulary(teacher, tokenizer, base, base_tokenizer)
+    positions = min((getattr(m.config, "max_position_embeddings", None) or 10**9) for m in (teacher, base))
+    if positions < 10**9:  # sequences the models cannot represent are truncated, not crashed on
         config = dataclasses.replace(config, max_source_length=min(config.max_source_length, positions),
                                      max_target_length=min(config.max_target_length, positions),
                                      max_new_tokens=min(config.max_new_tokens, positions - 1))
@@ -614,9 +558,14 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
                        "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length,
                        "progress": config.progress and main_process}
     preprocessor = globals()["data_preprocessor"]  # looked up now, so a replaced hook is the one used
+
+    def preprocess(pairs):  # tokenized once: a later run with the same data, tokenizer and code reads the cache
+        return data.preprocess(pairs, tokenizer, config, preprocessor, cache_dir=tokenized_cache,
+                               num_workers=config.preprocessing_num_workers, code=[default_data_preprocessor], say=say)
+
     with state.main_process_first():
-        train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
-        eval_set = preprocess(eval_pairs, tokenizer, config, preprocessor)
+        train_set = preprocess(train_pairs)
+        eval_set = preprocess(eval_pairs)
     if config.sequence_level_kd:  # the teacher's translations of the model inputs replace the references
         targets, cache_file, reused = decomposition.teacher_translations(  # shared among the processes
             teacher, tokenizer, train_set["input_ids"], cache_dir(config), config.teacher_model_path,
@@ -625,16 +574,20 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
             f"{'reused from' if reused else 'cached in'} {cache_file}", flush=True)
         train_pairs = train_pairs.remove_columns("target_text").add_column("target_text", targets)
         with state.main_process_first():
-            train_set = preprocess(train_pairs, tokenizer, config, preprocessor)
+            train_set = preprocess(train_pairs)
     # evaluation translates what the model is trained on: the preprocessor's inputs
     sources, references = eval_set["input_ids"], eval_pairs["target_text"]
 
-    # Decompose: the target layers; their input statistics on the teacher (activation init); their
-    # ranks (k_info, or allocated to meet target_ratio); then the factorization itself
+    # Decompose: the target layers of the base model (the teacher, or student_model_path); their input
+    # statistics (activation init); their ranks (k_info, or allocated to meet target_ratio); then the
+    # factorization itself
     budget = config.target_ratio is not None
-    target_layers = list(resolve_ranks(teacher, config.decompose_layers, 1 if budget else config.k_info))
+    target_layers = list(resolve_ranks(base, config.decompose_layers, 1 if budget else config.k_info))
     if budget:
-        check_target_ratio(teacher, target_layers, config.target_ratio)  # before any work
+        check_target_ratio(base, target_layers, config.target_ratio)  # before any work
+    feature_layers = decomposition.resolve_feature_layers(base, config.feature_layers, target_layers)
+    if base is not teacher:  # the loss terms that compare layers need layers of the same shapes
+        decomposition.check_student_shapes(teacher, base, config.loss_weights, feature_layers)
     input_grams, errors = None, None
     reused = saved.get("ranks") if saved and budget else None  # an allocation is measured once per run
     sensitivity = budget and config.rank_allocation == "sensitivity" and not reused
@@ -642,11 +595,11 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         batches = decomposition.calibration_batches(train_set, tokenizer, config.calibration_samples,
                                                     config.batch_size)
     if config.init == "activation":
-        linears = [name for name in target_layers if isinstance(teacher.get_submodule(name), torch.nn.Linear)]
-        input_grams = decomposition.gather_input_grams(teacher, linears, batches)
+        linears = [name for name in target_layers if isinstance(base.get_submodule(name), torch.nn.Linear)]
+        input_grams = decomposition.gather_input_grams(base, linears, batches)
     if sensitivity:
         started = time.time()
-        errors = decomposition.sensitivity_errors(teacher, target_layers, batches, svd=config.svd,
+        errors = decomposition.sensitivity_errors(base, target_layers, batches, svd=config.svd,
                                                   input_grams=input_grams, progress=config.progress and main_process)
         say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
             f"in {time.time() - started:.0f} s", flush=True)
@@ -654,20 +607,21 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         k_info = reused
         say("ranks allocated to target_ratio reused from the interrupted run", flush=True)
     elif budget:
-        k_info = ranks_for_ratio(teacher, target_layers, config.target_ratio, input_grams, errors)
+        k_info = ranks_for_ratio(base, target_layers, config.target_ratio, input_grams, errors)
     else:
         k_info = config.k_info
-    student, ranks = decomposition.build_student(teacher, target_layers, k_info, config.svd, input_grams=input_grams)
+    student, ranks = decomposition.build_student(base, target_layers, k_info, config.svd, input_grams=input_grams)
     notes = init_notes(student)
     for name, note in notes.items():
         say(f"note: {name}: {note}", flush=True)
-    feature_layers = decomposition.resolve_feature_layers(teacher, config.feature_layers, ranks)
-    teacher_params, student_params = count_parameters(teacher), count_parameters(student)
+    teacher_params, base_params, student_params = (count_parameters(m) for m in (teacher, base, student))
     target = f", target {100 * config.target_ratio:g}%" if budget else ""
-    say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {teacher_params:,} → {student_params:,} params "
-        f"({100 * student_params / teacher_params:.1f}%{target})", flush=True)
+    of = "" if base is teacher else " of the student model"
+    say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {base_params:,} → {student_params:,} params{of} "
+        f"({100 * student_params / base_params:.1f}%{target})", flush=True)
 
-    # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)
+    # Evaluate the teacher (and a separate student model) and the decomposed model before recovery
+    # (once: a resumed run reuses it)
     folder = checkpoint_dir(config)
     resume_training = bool(saved) and (folder / "latest").is_file()
     if saved:
@@ -677,12 +631,15 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     else:
         report = {}
         if main_process:
-            report["teacher"] = decomposition.evaluate_translation(teacher, tokenizer, sources, references,
-                                                                   desc="BLEU teacher", **generate_kwargs)
-            report["decomposed"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
-                                                                      desc="BLEU decomposed", **generate_kwargs)
-            say(f"BLEU teacher {report['teacher']['bleu']:.2f}, decomposed {report['decomposed']['bleu']:.2f} "
-                f"(before recovery)", flush=True)
+            models = {"teacher": teacher, "student_base": base, "decomposed": student}
+            if base is teacher:
+                del models["student_base"]
+            for name, model in models.items():
+                report[name] = decomposition.evaluate_translation(model, tokenizer, sources, references,
+                                                                  desc=f"BLEU {name.replace('_', ' ')}",
+                                                                  **generate_kwargs)
+            say("BLEU " + ", ".join(f"{name.replace('_', ' ')} {report[name]['bleu']:.2f}" for name in models)
+                + " (before recovery)", flush=True)
             if config.checkpoint_steps:
                 remove_checkpoints(folder)  # an abandoned run's (nothing to resume, or overwrite_output given)
                 folder.mkdir(parents=True, exist_ok=True)
@@ -697,7 +654,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         temperature=config.temperature, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
         eval_steps=config.eval_steps, mixed_precision=config.mixed_precision, seed=config.seed,
         progress=config.progress, checkpoint_dir=str(folder) if config.checkpoint_steps else None,
-        checkpoint_steps=config.checkpoint_steps, resume=resume_training)
+        checkpoint_steps=config.checkpoint_steps, resume=resume_training, group_by_length=config.group_by_length)
     distiller = decomposition.distill(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers)
     student = distiller.unwrapped_student
     if not main_process:
@@ -716,6 +673,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         "compression_ratio": round(student_params / teacher_params, 4),
         "layers_decomposed": len(ranks), "ranks": ranks, "target_ratio": config.target_ratio,
         "rank_allocation": config.rank_allocation if budget else None,
+        "teacher_model_path": config.teacher_model_path, "student_model_path": config.student_model_path,
         "init": config.init, "init_notes": notes, "sequence_level_kd": config.sequence_level_kd,
         "feature_layers": feature_layers,
         "train_seconds": round(distiller.train_seconds, 1), "train_pairs": distiller.trained["pairs"],

@@ -1,4 +1,5 @@
-"""The pipeline: copy the teacher, decompose the chosen layers, distill, evaluate, save.
+"""The pipeline: copy the teacher (or a separate student model), decompose the chosen layers,
+distill, evaluate, save.
 
 ``compress_model.py`` calls these stages in order; each is usable on its own from Python.
 """
@@ -14,7 +15,7 @@ import os
 import shutil
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
@@ -44,11 +45,12 @@ from matrix_decomposition import (
 )
 
 
-def build_student(teacher: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto",
+def build_student(model: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto",
                   input_grams: Mapping[str, torch.Tensor] | None = None):
-    """A deep copy of ``teacher`` with the chosen layers factorized (activation-aware when
-    ``input_grams`` are given, see ``gather_input_grams``); returns (student, ranks)."""
-    student = copy.deepcopy(teacher)
+    """A deep copy of ``model`` (the teacher, or a separate student model) with the chosen layers
+    factorized (activation-aware when ``input_grams`` are given, see ``gather_input_grams``);
+    returns (student, ranks)."""
+    student = copy.deepcopy(model)
     ranks = decompose_(student, decompose_layers, k_info, svd=svd, input_grams=input_grams)
     return student, ranks
 
@@ -165,11 +167,12 @@ def sensitivity_errors(model: nn.Module, names: Sequence[str], batches, points: 
     return errors
 
 
-def resolve_feature_layers(model: nn.Module, feature_layers: Sequence[str], ranks: Mapping[str, int]) -> list[str]:
-    """Module names whose outputs are matched by the feature loss; empty means every decomposed
-    ``nn.Linear`` (a factorized embedding is called by both encoder and decoder: not one feature)."""
+def resolve_feature_layers(model: nn.Module, feature_layers: Sequence[str], decomposed: Iterable[str]) -> list[str]:
+    """Module names whose outputs are matched by the feature loss; empty means every ``nn.Linear``
+    among the ``decomposed`` module names (a factorized embedding is called by both encoder and
+    decoder: not one feature)."""
     if not feature_layers:
-        return [name for name in ranks if isinstance(model.get_submodule(name), nn.Linear)]
+        return [name for name in decomposed if isinstance(model.get_submodule(name), nn.Linear)]
     modules = dict(model.named_modules())
     names: list[str] = []
     for key in feature_layers:
@@ -184,6 +187,50 @@ def resolve_feature_layers(model: nn.Module, feature_layers: Sequence[str], rank
         if name not in names:
             names.append(name)
     return names
+
+
+def check_same_vocabulary(teacher: nn.Module, teacher_tokenizer, student: nn.Module, student_tokenizer) -> None:
+    """Refuse a separate student whose vocabulary is not the teacher's: its output distribution would
+    not be over the same tokens, and the teacher's tokenizer prepares the data for both."""
+    sizes = student.config.vocab_size, teacher.config.vocab_size
+    if sizes[0] != sizes[1]:
+        raise DecompositionError(f"student_model_path: the student's vocabulary has {sizes[0]:,} tokens and the "
+                                 f"teacher's {sizes[1]:,}; the student must share the teacher's vocabulary")
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise DecompositionError(f"student_model_path: the student's vocabulary has the teacher's size ({sizes[0]:,} "
+                                 f"tokens) but other tokens; the student must share the teacher's vocabulary")
+
+
+def check_student_shapes(teacher: nn.Module, student: nn.Module, loss_weights: Mapping[str, float],
+                         feature_layers: Sequence[str]) -> None:
+    """Refuse the loss terms that compare a separate student's layers with the teacher's when their
+    shapes differ: feature (the same-named ``feature_layers`` must have as many outputs), hidden
+    (as many layers, as wide) and attention (as many layers and heads). Output distillation and
+    cross-entropy compare vocabulary distributions and work with any student."""
+    fix = "output distillation and cross-entropy work with any student"
+
+    def shape(model, *keys):
+        return tuple(getattr(model.config, k, None) for k in keys)
+
+    if loss_weights.get("feature"):
+        teacher_modules = dict(teacher.named_modules())
+        for name in feature_layers:
+            theirs = teacher_modules.get(name)
+            ours = student.get_submodule(name).out_features
+            if getattr(theirs, "out_features", None) != ours:
+                found = (f"the teacher has no layer {name!r}" if theirs is None else
+                         f"the student's {name} has {ours} outputs and the teacher's {theirs.out_features}")
+                raise DecompositionError(f"loss_weights: feature needs teacher and student layers of the same name and "
+                                         f"shape, but {found}; set feature to 0 or list matching feature_layers "
+                                         f"({fix})")
+    checks = {"hidden": ("encoder_layers", "decoder_layers", "d_model"),
+              "attention": ("encoder_layers", "decoder_layers", "encoder_attention_heads", "decoder_attention_heads")}
+    for term, keys in checks.items():
+        if loss_weights.get(term) and shape(teacher, *keys) != shape(student, *keys):
+            described = lambda m: ", ".join(f"{k} {v}" for k, v in zip(keys, shape(m, *keys)))  # noqa: E731
+            raise DecompositionError(f"loss_weights: {term} needs a student with the teacher's {', '.join(keys)} "
+                                     f"(teacher: {described(teacher)}; student: {described(student)}); set {term} "
+                                     f"to 0 ({fix})")
 
 
 def distill(teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, eval_dataset,

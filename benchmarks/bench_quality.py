@@ -72,14 +72,8 @@ import torch  # noqa: E402
 from transformers import MarianConfig, MarianMTModel, MarianTokenizer, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from compress_model import (  # noqa: E402
-    Config,
-    ConfigError,
-    default_data_preprocessor,
-    load_pairs,
-    load_teacher,
-    preprocess,
-)
+from compress_model import Config, ConfigError, default_data_preprocessor, load_teacher  # noqa: E402
+from data import DataError, load_pairs, preprocess  # noqa: E402
 from decomposition import build_student, distill, translate  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings  # noqa: E402
 from matrix_decomposition import (  # noqa: E402
@@ -382,7 +376,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         return run(args)
-    except (BenchError, ConfigError, DecompositionError) as e:
+    except (BenchError, ConfigError, DataError, DecompositionError) as e:
         print(f"bench_quality.py: error: {e}", file=sys.stderr)
         return 2
 

@@ -25,6 +25,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
 import compress_model  # noqa: E402
+import data  # noqa: E402
 import decomposition  # noqa: E402
 from matrix_decomposition import ranks_for_ratio, resolve_ranks  # noqa: E402
 
@@ -44,8 +45,8 @@ def main() -> int:
     tokenizer = AutoTokenizer.from_pretrained(args.teacher)
     teacher = AutoModelForSeq2SeqLM.from_pretrained(args.teacher).eval()
     samples = 8 if args.quick else args.samples
-    pairs = compress_model.load_pairs(config.dataset_path, config).select(range(samples))
-    train = compress_model.preprocess(pairs, tokenizer, config, compress_model.default_data_preprocessor)
+    pairs = data.load_pairs(config.dataset_path, config).select(range(samples))
+    train = data.preprocess(pairs, tokenizer, config, compress_model.default_data_preprocessor)
     batches = decomposition.calibration_batches(train, tokenizer, samples, config.batch_size)
     names = list(resolve_ranks(teacher, ["*"], 1))
     if args.quick:

@@ -7,7 +7,8 @@ Per step the teacher runs without autograd; the student's loss combines
   hidden     MSE between the encoder and decoder hidden states after every layer,
   attention  MSE between the attention probabilities (needs the eager attention implementation),
 each weighted by ``loss_weights``. Accelerate provides device placement, gradient accumulation,
-mixed precision and data parallelism (``torchrun`` / ``accelerate launch``).
+mixed precision and data parallelism (``torchrun`` / ``accelerate launch``). Batches hold pairs
+of similar length (``LengthGroupedSampler``) when ``group_by_length`` is set.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+import pyarrow.compute as pc
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration, set_seed
 from torch import nn
 from safetensors.torch import load_model, save_model
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq, get_linear_schedule_with_warmup
 
@@ -52,6 +55,7 @@ class DistillationSettings:
 
     epochs: int = 1
     batch_size: int = 32
+    group_by_length: bool = False  # batches of pairs of similar length (LengthGroupedSampler; a tokenized Dataset)
     learning_rate: float = 3e-4
     weight_decay: float = 0.01
     warmup_ratio: float = 0.06
@@ -74,6 +78,45 @@ def distributed_on_cpu() -> bool:
     """Several processes (torchrun / accelerate launch) and no GPU: Accelerate then needs
     ``cpu=True`` to join them with the gloo backend instead of running each alone."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def token_lengths(dataset) -> np.ndarray:
+    """Source + target tokens of every example of a tokenized ``datasets.Dataset``, read from its
+    Arrow columns a chunk at a time (no Python list per example)."""
+    chunks = [pc.add(pc.list_value_length(table["input_ids"]), pc.list_value_length(table["labels"])).to_numpy()
+              for table in dataset.with_format("arrow").iter(batch_size=100_000)]
+    return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
+
+
+class LengthGroupedSampler(Sampler[int]):
+    """A random order in which every ``batch_size`` consecutive examples have similar lengths, so
+    padded batches waste little: a permutation seeded by (seed, epoch) is cut into mega-batches of
+    ``mega_batches × batch_size`` examples, each sorted by length and cut into batches, and the
+    batches are shuffled (a last, smaller batch stays last). Used with a ``DataLoader`` of the same
+    ``batch_size``; ``set_epoch`` gives each epoch its order, the same one on every process."""
+
+    def __init__(self, lengths, batch_size: int, seed: int = 0, mega_batches: int = 50):
+        self.lengths = np.asarray(lengths, dtype=np.int64)
+        self.batch_size, self.seed, self.mega = batch_size, seed, mega_batches * batch_size
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(len(self.lengths), generator=generator).numpy()  # (N,)
+        mega_batch = np.arange(len(order)) // self.mega
+        order = order[np.lexsort((-self.lengths[order], mega_batch))]  # longest first in each mega-batch (stable)
+        # mega-batches hold whole batches, so only the very last batch can be smaller: it stays last
+        whole = len(order) // self.batch_size * self.batch_size
+        batches = order[:whole].reshape(-1, self.batch_size)  # (batches, batch_size)
+        shuffled = batches[torch.randperm(len(batches), generator=generator).numpy()]
+        for i in np.concatenate([shuffled.reshape(-1), order[whole:]]):  # index arrays, no Python object per pair
+            yield int(i)
 
 
 @contextmanager
@@ -117,7 +160,11 @@ class Distiller:
 
         self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False)
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
-        train_loader = DataLoader(train_dataset, batch_size=s.batch_size, shuffle=True, collate_fn=collator)
+        if s.group_by_length:
+            sampler = LengthGroupedSampler(token_lengths(train_dataset), s.batch_size, seed=s.seed)
+            train_loader = DataLoader(train_dataset, batch_size=s.batch_size, sampler=sampler, collate_fn=collator)
+        else:
+            train_loader = DataLoader(train_dataset, batch_size=s.batch_size, shuffle=True, collate_fn=collator)
         eval_loader = DataLoader(eval_dataset, batch_size=s.batch_size, collate_fn=collator) if eval_dataset else None
 
         for module in student.modules():  # fixed sinusoidal tables, computed under no_grad: never trained

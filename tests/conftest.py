@@ -1,14 +1,20 @@
 """Shared test fixtures: a sentencepiece vocabulary trained on a few hundred Tatoeba lines, the
 Marian tokenizer built on it, and tiny MarianMT models (d_model 16) that run in milliseconds."""
 
+import atexit
 import csv
 import json
 import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # runs in the tests (and their subprocesses) use one thread
+# datasets' cache (Arrow copies of the test files, tokenized pairs) in a folder of this session only
+os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="matrix-decomposition-tests-")
+atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -60,6 +66,22 @@ def edit_config(run_dir: Path, drop=(), **changes) -> None:
     path = run_dir / "config.json"
     config = {k: v for k, v in json.loads(path.read_text()).items() if k not in drop}
     path.write_text(json.dumps({**config, **changes}))
+
+
+def refused_in_one_line(run_dir: Path, capsys, monkeypatch, words) -> str:
+    """Run the CLI on ``run_dir/config.json``: it must exit with 2 after one line
+    ``compress_model.py: error: …`` holding each of ``words``, and write nothing in ``run_dir``."""
+    import compress_model
+
+    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
+    monkeypatch.chdir(run_dir)
+    assert compress_model.main(["--config", "config.json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("compress_model.py: error: "), err
+    for word in words:
+        assert word in err, (word, err)
+    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing written
+    return err
 
 
 def save_model_folder(model, tokenizer, folder: Path) -> Path:

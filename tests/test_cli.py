@@ -8,10 +8,11 @@ import subprocess
 import sys
 
 import pytest
-from conftest import REPO, edit_config, load_with_auto_classes, make_run_dir
+from conftest import REPO, edit_config, load_with_auto_classes, make_run_dir, refused_in_one_line
 from transformers import AutoTokenizer, GenerationConfig
 
 import compress_model
+import data
 import decomposition
 from matrix_decomposition import (
     DecompositionError, LowRankLinear, count_parameters, decompose_, load_compressed_model,
@@ -59,7 +60,7 @@ def test_cli_end_to_end(run_dir):
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert sum(isinstance(m, LowRankLinear) for m in model.modules()) == 32
     config = json.loads((run_dir / "config.json").read_text())
-    train_pairs, eval_pairs = compress_model.load_data(compress_model.Config(**config))
+    train_pairs, eval_pairs = data.load_data(compress_model.Config(**config))
     # 2 epochs over the 120 training pairs: what was trained on, every real token counted
     assert report["train_pairs"] == 2 * 120 and report["train_dataset_pairs"] == 120
     targets = tokenizer(text_target=list(train_pairs["target_text"]))["input_ids"]
@@ -109,7 +110,7 @@ def test_report_counts_the_pairs_trained_on_not_the_data_set(run_dir, monkeypatc
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert report["train_pairs"] == 96 and report["train_dataset_pairs"] == 120
     tokenizer = AutoTokenizer.from_pretrained(run_dir / "out")
-    pairs, _ = compress_model.load_data(compress_model.load_config(run_dir / "config.json"))
+    pairs, _ = data.load_data(compress_model.load_config(run_dir / "config.json"))
     lengths = [len(ids) for ids in tokenizer(text_target=list(pairs["target_text"]))["input_ids"]]
     assert 96 * min(lengths) <= report["train_target_tokens"] <= 96 * max(lengths)
     assert "on 96 pairs (0.8 epochs of 120; " in capsys.readouterr().out
@@ -270,14 +271,7 @@ def _write_csv(run_dir, text, encoding="utf-8", name="bad.csv"):
 @pytest.mark.parametrize("case, breaks, words", BAD_CONFIGS, ids=[c[0] for c in BAD_CONFIGS])
 def test_bad_config_is_one_line_error_and_writes_nothing(run_dir, capsys, monkeypatch, case, breaks, words):
     breaks(run_dir)
-    before = sorted(p.relative_to(run_dir) for p in run_dir.rglob("*"))
-    monkeypatch.chdir(run_dir)
-    assert compress_model.main(["--config", "config.json"]) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("compress_model.py: error: "), err
-    for word in words:
-        assert word in err, (word, err)
-    assert sorted(p.relative_to(run_dir) for p in run_dir.rglob("*")) == before  # nothing written
+    refused_in_one_line(run_dir, capsys, monkeypatch, words)
 
 
 def test_the_inputs_output_folders_keep_clear_of(run_dir, monkeypatch):

@@ -5,8 +5,8 @@ import json
 import pytest
 from conftest import write_pairs
 
-import compress_model
-from compress_model import Config, ConfigError, load_data
+from compress_model import Config
+from data import DataError, load_data, load_pairs
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def test_without_eval_dataset_path_eval_size_pairs_are_held_out(csv_120):
 
 
 def test_held_out_split_needs_pairs_left_to_train_on(csv_120):
-    with pytest.raises(ConfigError, match="eval_size: 120 pairs cannot be held out of the 120 in dataset_path"):
+    with pytest.raises(DataError, match="eval_size: 120 pairs cannot be held out of the 120 in dataset_path"):
         load_data(Config(dataset_path=str(csv_120), eval_dataset_path=None, eval_size=120))
 
 
@@ -51,7 +51,7 @@ def test_a_folder_without_one_kind_of_data_file_is_refused(tmp_path, files, word
     folder.mkdir()
     for name, text in files.items():
         (folder / name).write_text(text)
-    with pytest.raises(ConfigError, match=f"dataset_path: folder '{folder}' {words}"):
+    with pytest.raises(DataError, match=f"dataset_path: folder '{folder}' {words}"):
         load_data(Config(dataset_path=str(folder), eval_dataset_path=None))
 
 
@@ -64,5 +64,5 @@ def test_source_and_target_columns_are_renamed(tmp_path, tiny_pairs):
     for ds in (train, evaluation):
         assert ds.column_names == ["source_text", "target_text"]
         assert list(zip(ds["source_text"], ds["target_text"])) == tiny_pairs[:30]  # en → source, de → target
-    with pytest.raises(ConfigError, match="has no column 'source_text'; columns found: id, de, en"):
-        compress_model.load_pairs(str(data), Config())
+    with pytest.raises(DataError, match="has no column 'source_text'; columns found: id, de, en"):
+        load_pairs(str(data), Config())

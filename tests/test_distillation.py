@@ -4,19 +4,22 @@ and a short recovery run on tiny MarianMT models."""
 import copy
 
 import datasets
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from transformers import DataCollatorForSeq2Seq
 
 import compress_model
+import data
 from decomposition import build_student, distill, resolve_feature_layers
 from distillation.distillation_loss import (
     IGNORE_INDEX, attention_loss, cross_entropy_loss, feature_loss, mean_feature_loss, output_distillation_loss,
     weighted_sum,
 )
 from distillation.knowledge_distillation import (
-    LOSS_TERMS, DistillationSettings, Distiller, capture_outputs, source_positioned,
+    LOSS_TERMS, DistillationSettings, Distiller, LengthGroupedSampler, capture_outputs, source_positioned,
+    token_lengths,
 )
 from matrix_decomposition import DecompositionError, LowRankLinear, default_targets
 
@@ -35,7 +38,7 @@ def tiny_train_set(tiny_pairs, tiny_tokenizer):
     pairs = datasets.Dataset.from_dict({"source_text": [s for s, _ in tiny_pairs[:N_PAIRS]],
                                         "target_text": [t for _, t in tiny_pairs[:N_PAIRS]]})
     config = compress_model.Config(max_source_length=16, max_target_length=20)
-    return compress_model.preprocess(pairs, tiny_tokenizer, config, compress_model.default_data_preprocessor)
+    return data.preprocess(pairs, tiny_tokenizer, config, compress_model.default_data_preprocessor)
 
 
 @pytest.fixture(scope="module")
@@ -363,6 +366,45 @@ def test_attention_term_switches_both_models_to_eager_attention(make_tiny_marian
     student, _ = build_student(teacher, [], RANK)
     make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"attention": 1.0})
     assert teacher.config._attn_implementation == student.config._attn_implementation == "eager"
+
+
+def test_length_grouped_sampler_pads_less_and_stays_random():
+    lengths = np.random.default_rng(0).integers(2, 60, size=1000)
+    sampler = LengthGroupedSampler(lengths, batch_size=16, seed=3, mega_batches=8)
+    orders = []
+    for epoch in (0, 1, 0):
+        sampler.set_epoch(epoch)
+        orders.append(list(sampler))
+    assert sorted(orders[0]) == list(range(1000)) and orders[0] == orders[2] != orders[1]
+
+    def padding(order):
+        batches = [lengths[order[i:i + 16]] for i in range(0, len(order), 16)]
+        return sum(int(b.max()) * len(b) - int(b.sum()) for b in batches)
+
+    random_order = list(np.random.default_rng(1).permutation(1000))
+    assert padding(orders[0]) < 0.2 * padding(random_order)
+    longest = [lengths[orders[0][i:i + 16]].max() for i in range(0, 992, 16)]
+    assert longest != sorted(longest, reverse=True) and longest != sorted(longest)  # batches in random order
+    assert len(orders[0][992:]) == 8  # the smaller batch comes last, so every other batch is whole
+
+
+def test_token_lengths_follow_the_dataset_rows(tiny_train_set):
+    picked = tiny_train_set.select([5, 2, 30])
+    assert token_lengths(picked).tolist() == [len(r["input_ids"]) + len(r["labels"]) for r in picked]
+
+
+def test_length_grouped_batches_carry_less_padding(make_tiny_marian, tiny_tokenizer, tiny_train_set):
+    teacher = make_tiny_marian()
+    student, _ = build_student(teacher, [], RANK)
+
+    def padded_positions(group_by_length: bool) -> int:
+        distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"ce": 1.0},
+                                   group_by_length=group_by_length)
+        batches = list(distiller.train_loader)
+        assert sum(len(b["input_ids"]) for b in batches) == len(tiny_train_set)  # every pair once
+        return sum(int((b["attention_mask"] == 0).sum() + (b["labels"] == IGNORE_INDEX).sum()) for b in batches)
+
+    assert padded_positions(True) < 0.85 * padded_positions(False)  # most of these pairs fill max_*_length
 
 
 # ---------------------------------------------------------------------------------------------

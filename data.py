@@ -1,0 +1,349 @@
+"""The training and evaluation pairs: read from the layouts translation data comes in, then turned
+into model inputs by the preprocessing hook, once (cached, optionally in several processes).
+
+Layouts (``load_pairs``), each ending as a ``datasets.Dataset`` with the columns ``source_text``
+and ``target_text``:
+  flat           .csv / .tsv / .json / .jsonl / .parquet with a source and a target column, or a folder of them
+  translation    one ``translation`` column of {language: sentence} (wmt16, opus_books, opus100, tatoeba…),
+                 read with ``source_lang`` / ``target_lang``
+  parallel text  line-aligned ``corpus.en`` + ``corpus.de`` (the Moses format of OPUS), named by ``corpus``
+  saved          a folder written by ``datasets``' ``save_to_disk``: a Dataset, or a DatasetDict with splits
+  hub            a dataset id on the Hugging Face hub, with ``dataset_config`` and a split
+The pairs and the model inputs stay in memory-mapped Arrow files: memory follows the batch, not the corpus.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import inspect
+import json
+import os
+import tempfile
+import uuid
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from datasets.fingerprint import Hasher
+
+TEXT_COLUMNS = ("source_text", "target_text")
+TRANSLATION_COLUMN = "translation"  # the Hugging Face translation layout, as in run_translation.py
+FILE_TYPES = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+READERS = {  # file type → datasets builder and its options ("NA", "null"… are sentences here, not missing values)
+    "csv": ("csv", {"keep_default_na": False}),
+    "tsv": ("csv", {"delimiter": "\t", "quoting": csv.QUOTE_NONE, "keep_default_na": False}),
+    "json": ("json", {}),
+    "parquet": ("parquet", {}),
+}
+# config keys whose values a preprocessor may read to shape its output: part of the tokenized data's cache key
+PREPROCESSING_KEYS = ("max_source_length", "max_target_length", "source_column", "target_column",
+                      "source_lang", "target_lang")
+
+
+class DataError(ValueError):
+    """A user-facing problem with the data a config names (one-line message)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading pairs
+
+
+def load_pairs(path: str, config, key: str = "dataset_path", split: str = "train", split_key: str = "train_split"):
+    """A ``datasets.Dataset`` of the pairs at ``path`` (any layout of the module docstring) with the
+    columns ``source_text`` and ``target_text``, rows with an empty side dropped. ``split`` picks
+    the split of a hub dataset or a saved DatasetDict (files have one); ``key`` and ``split_key``
+    name the config keys an error message points at."""
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # its read errors become our one-line message
+    try:
+        ds = _read(path, config, key, split, split_key)
+    except DataError:
+        raise
+    except Exception as e:  # datasets wraps parser and hub errors in many types
+        raise _read_error(e, path, key) from None
+    return _as_pairs(ds, path, config, key)
+
+
+def _read(path: str, config, key: str, split: str, split_key: str):
+    local = Path(path)
+    parallel = _parallel_text_files(path, config, key)
+    if parallel:
+        return _read_parallel_text(*parallel, key)
+    if local.is_file():
+        kind = FILE_TYPES.get(local.suffix.lower())
+        if kind is None:
+            hint = ("" if config.source_lang else
+                    " (line-aligned text files such as corpus.en + corpus.de: set source_lang and target_lang)")
+            raise DataError(f"{key}: {path!r} has an unsupported type {local.suffix!r}; use "
+                            f"{', '.join(FILE_TYPES)}{hint}")
+        return _read_files(kind, [local])
+    if local.is_dir():
+        if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
+            return _read_saved(local, key, split, split_key)
+        files = sorted(p for p in local.iterdir() if p.suffix.lower() in FILE_TYPES)
+        kinds = {FILE_TYPES[p.suffix.lower()] for p in files}
+        if len(kinds) != 1:
+            found = "no" if not files else "mixed"
+            raise DataError(f"{key}: folder {path!r} has {found} data files; it needs files of one type among "
+                            f"{', '.join(FILE_TYPES)}, or a dataset saved with save_to_disk")
+        return _read_files(kinds.pop(), files)
+    if local.suffix.lower() in FILE_TYPES or path.startswith((".", "/")) or path.count("/") != 1:
+        also = (f" (nor {path + '.' + config.source_lang!r} + {path + '.' + config.target_lang!r})"
+                if config.source_lang and config.target_lang else "")
+        raise DataError(f"{key}: {path!r} does not exist{also}")
+    return datasets.load_dataset(path, config.dataset_config, split=split)  # a hub dataset id
+
+
+def _read_files(kind: str, files: Sequence[Path]):
+    builder, options = READERS[kind]
+    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+
+
+def _parallel_text_files(path: str, config, key: str) -> tuple[Path, Path] | None:
+    """(source file, target file) when ``path`` names line-aligned parallel text: the prefix
+    ``corpus`` of ``corpus.<source_lang>`` + ``corpus.<target_lang>``, or one of the two files."""
+    src, tgt = config.source_lang, config.target_lang
+    if not (src and tgt) or Path(path).is_dir():
+        return None
+    prefix = path
+    for lang in (src, tgt):
+        if path.endswith(f".{lang}") and Path(path).is_file():
+            prefix = path[: -len(lang) - 1]
+    files = Path(f"{prefix}.{src}"), Path(f"{prefix}.{tgt}")
+    if files[0].is_file() != files[1].is_file():
+        there, missing = files if files[0].is_file() else files[::-1]
+        raise DataError(f"{key}: {str(there)!r} has no {str(missing)!r} next to it; line-aligned parallel text "
+                        f"needs one file per language")
+    return files if files[0].is_file() else None
+
+
+def _read_parallel_text(source_file: Path, target_file: Path, key: str):
+    """One pair per line number of the two files (datasets' text reader: a line ends at \\n, \\r\\n or \\r)."""
+    sides = [datasets.load_dataset("text", data_files=str(f), split="train") for f in (source_file, target_file)]
+    if len(sides[0]) != len(sides[1]):
+        raise DataError(f"{key}: {str(source_file)!r} has {len(sides[0]):,} lines and {str(target_file)!r} "
+                        f"{len(sides[1]):,}; line-aligned parallel text needs the same number in both")
+    return datasets.concatenate_datasets([side.rename_column("text", column)
+                                          for side, column in zip(sides, TEXT_COLUMNS)], axis=1)
+
+
+def _read_saved(folder: Path, key: str, split: str, split_key: str):
+    """A dataset saved with ``save_to_disk`` (memory-mapped, not copied): a Dataset, or ``split`` of a DatasetDict."""
+    saved = datasets.load_from_disk(str(folder))
+    if isinstance(saved, datasets.DatasetDict):
+        if split not in saved:
+            raise DataError(f"{key}: {str(folder)!r} has no split {split!r}; splits found: "
+                            f"{', '.join(saved) or 'none'} (set {split_key})")
+        return saved[split]
+    return saved
+
+
+def _read_error(e: Exception, path: str, key: str) -> DataError:
+    cause = e
+    while True:
+        if isinstance(cause, UnicodeDecodeError):
+            return DataError(f"{key}: {path!r} is not valid UTF-8 text")
+        if cause.__cause__ is None and cause.__context__ is None:
+            break
+        cause = cause.__cause__ or cause.__context__
+    if "corresponds to no data" in str(e):  # datasets' words for a file with no rows
+        return DataError(f"{key}: {path!r} holds no pairs (no rows under the header)")
+    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return DataError(f"{key}: cannot load {path!r}: {first}")
+
+
+def _as_pairs(ds, path: str, config, key: str):
+    """``ds`` in the flat layout (the configured columns) or the translation layout, as the columns
+    ``source_text`` / ``target_text``, without the pairs that have an empty side."""
+    columns = ds.column_names
+    flat = [config.source_column, config.target_column]
+    if TRANSLATION_COLUMN in columns and not set(flat) & set(columns):
+        ds, wanted = _flatten_translation(ds, path, config, key), [f"{TRANSLATION_COLUMN}.{config.source_lang}",
+                                                                   f"{TRANSLATION_COLUMN}.{config.target_lang}"]
+    else:
+        wanted = flat
+        missing = [c for c in wanted if c not in columns]
+        if missing:
+            hint = ("; for line-aligned text files give their common prefix with source_lang/target_lang"
+                    if len(columns) == 1 and columns[0] == "text" else "")
+            raise DataError(f"{key}: {path!r} has no column {missing[0]!r}; columns found: "
+                            f"{', '.join(columns) or 'none'} (set source_column/target_column{hint})")
+    for column in wanted:
+        feature = ds.features[column]
+        if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
+            raise DataError(f"{key}: {path!r}: column {column!r} holds {_describe(feature)}, expected text")
+    ds = ds.select_columns(wanted)
+    if wanted != list(TEXT_COLUMNS):
+        ds = ds.rename_columns(dict(zip(wanted, TEXT_COLUMNS)))
+    filled = ds.with_format("arrow").filter(_both_sides_filled, batched=True, batch_size=10_000,
+                                            keep_in_memory=True).with_format(None)  # an index list, not a copy
+    if len(filled) < len(ds):  # else the data stays as it is: reading through an index list is slower
+        ds = filled
+    if len(ds) == 0:
+        raise DataError(f"{key}: {path!r} holds no pairs with both {wanted[0]!r} and {wanted[1]!r} filled")
+    return ds
+
+
+def _flatten_translation(ds, path: str, config, key: str):
+    """The ``translation`` column split into ``translation.<lang>`` columns (Arrow, no copy)."""
+    feature = ds.features[TRANSLATION_COLUMN]
+    if isinstance(feature, datasets.Translation):
+        languages = list(feature.languages)
+    elif isinstance(feature, dict):
+        languages = list(feature)
+    else:
+        raise DataError(f"{key}: {path!r}: column {TRANSLATION_COLUMN!r} holds {_describe(feature)}, "
+                        f"expected {{language: sentence}} (the Hugging Face translation layout)")
+    if not (config.source_lang and config.target_lang):
+        raise DataError(f"{key}: {path!r} holds a {TRANSLATION_COLUMN!r} column of {{language: sentence}} with the "
+                        f"languages {', '.join(sorted(languages))}; set source_lang and target_lang")
+    for lang, name in ((config.source_lang, "source_lang"), (config.target_lang, "target_lang")):
+        if lang not in languages:
+            raise DataError(f"{key}: {path!r} has no language {lang!r} in its {TRANSLATION_COLUMN!r} column; "
+                            f"languages found: {', '.join(sorted(languages)) or 'none'} (set {name})")
+    return ds.select_columns([TRANSLATION_COLUMN]).flatten()
+
+
+def _describe(feature) -> str:
+    if isinstance(feature, datasets.Value):
+        return f"{feature.dtype} values"
+    return f"{type(feature).__name__ if not isinstance(feature, dict) else 'dict'} values"
+
+
+def _both_sides_filled(batch: pa.Table) -> pa.Array:
+    keep = None
+    for column in TEXT_COLUMNS:
+        filled = pc.fill_null(pc.not_equal(pc.utf8_trim_whitespace(batch[column]), ""), False)
+        keep = filled if keep is None else pc.and_(keep, filled)
+    return keep
+
+
+def load_data(config):
+    """(train, eval) pair datasets: ``train_split`` of ``dataset_path``; for evaluation
+    ``eval_dataset_path`` (its ``eval_split``, or "train"), else ``eval_split`` of ``dataset_path``,
+    else ``eval_size`` pairs held out of the training pairs."""
+    train = load_pairs(config.dataset_path, config, split=config.train_split)
+    if config.eval_dataset_path:
+        evaluation = load_pairs(config.eval_dataset_path, config, key="eval_dataset_path",
+                                split=config.eval_split or "train", split_key="eval_split")
+    elif config.eval_split:
+        evaluation = load_pairs(config.dataset_path, config, split=config.eval_split, split_key="eval_split")
+    else:
+        if len(train) <= config.eval_size:
+            raise DataError(f"eval_size: {config.eval_size} pairs cannot be held out of the {len(train)} in "
+                            f"dataset_path; lower eval_size or set eval_dataset_path")
+        # train_test_split's partition, as index lists kept in memory: nothing written next to the user's data
+        order = np.random.default_rng(config.seed).permutation(len(train))
+        evaluation = train.select(order[:config.eval_size], keep_in_memory=True)
+        train = train.select(order[config.eval_size:], keep_in_memory=True)
+    if config.max_train_samples:
+        train = train.select(range(min(config.max_train_samples, len(train))))
+    if config.max_eval_samples:
+        evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+# ---------------------------------------------------------------------------------------------
+# Model inputs
+
+
+def tokenized_cache_dir(config) -> Path:
+    """Where tokenized pairs are cached: ``cache_dir``, or a folder of datasets' own cache
+    (``HF_DATASETS_CACHE``, by default ~/.cache/huggingface/datasets), shared by every run."""
+    folder = Path(config.cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "matrix-decomposition")
+    if folder.exists() and not folder.is_dir():
+        raise DataError(f"cache_dir: {str(folder)!r} is a file; give a folder path")
+    return folder
+
+
+def preprocess(pairs, tokenizer, config, preprocessor: Callable, cache_dir: str | os.PathLike | None = None,
+               num_workers: int | None = None, code: Sequence[Callable] = (), say: Callable = lambda *a, **k: None):
+    """The model inputs of ``pairs``: the preprocessing hook applied to every pair (batched, in
+    ``num_workers`` processes), keeping only the columns it returns.
+
+    With ``cache_dir`` the result is written there as Arrow files named by a hash of the pairs
+    (their datasets fingerprint), the tokenizer's files, the preprocessor (its code and the source
+    files of ``preprocessor`` and of the functions in ``code``, e.g. the default preprocessor it
+    calls) and the ``PREPROCESSING_KEYS`` of ``config``: a later run with the same of all of these
+    reads them instead of tokenizing again; any change gives new files."""
+    num_proc = num_workers if num_workers and num_workers > 1 else None  # datasets forks a pool even for 1
+    if cache_dir is None:
+        ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
+                       remove_columns=pairs.column_names, load_from_cache_file=False, num_proc=num_proc)
+        return _checked(ds, pairs, [])
+    cache_dir = Path(cache_dir)
+    key = _cache_key(pairs, tokenizer, config, [preprocessor, *code])
+    manifest = cache_dir / f"tokenized-{key}.json"
+    ds = _read_cached(manifest, len(pairs))
+    if ds is not None:
+        say(f"tokenized {len(ds):,} pairs reused from {manifest.with_suffix('.arrow')}", flush=True)
+        return ds
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
+                   remove_columns=pairs.column_names, cache_file_name=str(manifest.with_suffix(".arrow")),
+                   load_from_cache_file=False, new_fingerprint=key, num_proc=num_proc)
+    files = [Path(f["filename"]) for f in ds.cache_files]
+    ds = _checked(ds, pairs, files)
+    tmp = manifest.with_name(f".{manifest.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"files": [f.name for f in files], "rows": len(ds)}), encoding="utf-8")
+    os.replace(tmp, manifest)  # written last: a manifest means complete files
+    say(f"tokenized {len(ds):,} pairs, cached in {manifest.with_suffix('.arrow')}", flush=True)
+    return ds
+
+
+def _checked(ds, pairs, written: list[Path]):
+    """``ds`` if the preprocessor returned one example per pair with the model inputs; otherwise
+    the files it was written to are deleted and the problem raised."""
+    missing = {"input_ids", "attention_mask", "labels"} - set(ds.column_names)
+    problem = None
+    if missing:
+        problem = (f"data_preprocessor returned no {', '.join(sorted(missing))}; "
+                   f"it must return input_ids, attention_mask and labels")
+    elif len(ds) != len(pairs):
+        problem = (f"data_preprocessor returned {len(ds):,} examples for {len(pairs):,} pairs; "
+                   f"it must return one per pair")
+    if problem:
+        for f in written:
+            f.unlink(missing_ok=True)
+        raise DataError(problem)
+    return ds
+
+
+def _read_cached(manifest: Path, rows: int):
+    """The tokenized pairs a manifest lists, or None when it is missing or its files are not whole."""
+    try:
+        listed = json.loads(manifest.read_text(encoding="utf-8"))
+        parts = [datasets.Dataset.from_file(str(manifest.parent / name)) for name in listed["files"]]
+    except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+        return None
+    ds = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    return ds if len(ds) == rows == listed["rows"] else None
+
+
+def _cache_key(pairs, tokenizer, config, functions: Sequence[Callable]) -> str:
+    import transformers
+
+    digest = hashlib.sha256(json.dumps({
+        "pairs": pairs._fingerprint, "config": {k: getattr(config, k, None) for k in PREPROCESSING_KEYS},
+        "versions": [datasets.__version__, transformers.__version__],
+    }, sort_keys=True).encode())
+    with tempfile.TemporaryDirectory() as folder:  # the tokenizer as its files: vocabulary, models, settings
+        tokenizer.save_pretrained(folder)
+        for f in sorted(Path(folder).rglob("*")):
+            digest.update(f.name.encode() + b"\0" + (f.read_bytes() if f.is_file() else b""))
+    for function in functions:
+        try:
+            # datasets' hash of a function: its code and, for closures and scripts, the values it uses;
+            # a function of an importable module is hashed by name only, so its source file is added
+            digest.update(Hasher.hash(function).encode())
+        except Exception:
+            return f"uncached-{uuid.uuid4().hex[:16]}"  # cannot tell when it changes: never reused
+        try:
+            digest.update(Path(inspect.getsourcefile(function)).read_bytes())
+        except (TypeError, OSError):
+            pass  # defined interactively: its code is in the hash above
+    return digest.hexdigest()[:24]
