@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import difflib
 import json
 import os
 import shutil
@@ -315,44 +314,6 @@ def config_help() -> str:
 # Model
 
 
-def load_teacher(path: str, key: str = "teacher_model_path"):
-    """(model, tokenizer) from a local folder or a hub id (the teacher, or the student named by
-    ``key``); a folder written by this tool (with factorized layers) is rebuilt with
-    ``load_compressed_model``. Never runs remote code."""
-    import torch
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from matrix_decomposition import CONFIG_FIELD, load_compressed_model
-
-    local = Path(path)
-    # a local path unless it can only be a hub id ("owner/name", where no folder "owner" exists here):
-    # a mistyped folder must not turn into minutes of network retries
-    if not local.is_dir() and (path.startswith((".", "/", "~")) or local.suffix or path.count("/") > 1
-                               or Path(path.split("/")[0]).is_dir()):
-        siblings = [str(p) for p in local.parent.iterdir() if p.is_dir()] if local.parent.is_dir() else []
-        close = difflib.get_close_matches(str(local), siblings, n=1, cutoff=0.6)
-        hint = f"; closest: {close[0]!r}" if close else ""
-        raise ConfigError(f"{key}: {path!r} is not a folder{hint} (and not a hub id like "
-                          f"'Helsinki-NLP/opus-mt-en-de')")
-    try:
-        model_config = AutoConfig.from_pretrained(path)
-        if not model_config.is_encoder_decoder:
-            raise ConfigError(f"{key}: {path!r} is a {model_config.model_type} model, not an "
-                              f"encoder-decoder translation model such as MarianMT")
-        if getattr(model_config, CONFIG_FIELD, None):
-            model = load_compressed_model(path, dtype=torch.float32)
-        else:
-            model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except ConfigError:
-        raise
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = "" if local.is_dir() else " (no local folder of that name, so as a hub id)"
-        raise ConfigError(f"{key}: cannot load {path!r}{where}: {first}") from None
-    return model.eval(), tokenizer
-
-
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -512,8 +473,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     import decomposition
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
     from matrix_decomposition import (
-        check_target_ratio, count_parameters, describe_ranks, init_notes, quantize_int8, ranks_for_ratio,
-        resolve_ranks,
+        check_target_ratio, count_parameters, describe_ranks, init_notes, load_model, quantize_int8,
+        ranks_for_ratio, resolve_ranks,
     )
 
     hf_logging.set_verbosity_error()
@@ -544,10 +505,10 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     with state.main_process_first():
         train_pairs, eval_pairs = data.load_data(config)
     # Model: the teacher, and the model factorized into the student (the teacher itself by default)
-    teacher, tokenizer = load_teacher(config.teacher_model_path)
+    teacher, tokenizer = load_model(config.teacher_model_path, "teacher_model_path")
     base = teacher
     if config.student_model_path:
-        base, base_tokenizer = load_teacher(config.student_model_path, key="student_model_path")
+        base, base_tokenizer = load_model(config.student_model_path, "student_model_path")
         decomposition.check_same_vocabulary(teacher, tokenizer, base, base_tokenizer)
     positions = min((getattr(m.config, "max_position_embeddings", None) or 10**9) for m in (teacher, base))
     if positions < 10**9:  # sequences the models cannot represent are truncated, not crashed on

@@ -739,6 +739,42 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     return quantize_int8(model) if quantize == "int8" else model.eval()
 
 
+def load_model(path: str, key: str = "model"):
+    """(model, tokenizer) in float32 from a local folder or a hub id: a folder written by this tool
+    (factorized) is rebuilt with ``load_compressed_model``, any other encoder-decoder model loads
+    with ``AutoModelForSeq2SeqLM``. A path that can only be local and is no folder is refused at once
+    with the closest folder ("owner/name" is a hub id only when no local folder "owner" exists): a
+    mistyped folder must not turn into minutes of network retries. ``key`` (the config key or
+    option) starts each one-line ``DecompositionError``. Never runs remote code."""
+    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    local = Path(path)
+    if not local.is_dir() and (path.startswith((".", "/", "~")) or local.suffix or path.count("/") > 1
+                               or Path(path.split("/")[0]).is_dir()):
+        siblings = [str(p) for p in local.parent.iterdir() if p.is_dir()] if local.parent.is_dir() else []
+        close = difflib.get_close_matches(str(local), siblings, n=1, cutoff=0.6)
+        hint = f"; closest: {close[0]!r}" if close else ""
+        raise DecompositionError(f"{key}: {path!r} is not a folder{hint} (and not a hub id like "
+                                 f"'Helsinki-NLP/opus-mt-en-de')")
+    try:
+        model_config = AutoConfig.from_pretrained(path)
+        if not model_config.is_encoder_decoder:
+            raise DecompositionError(f"{key}: {path!r} is a {model_config.model_type} model, not an "
+                                     f"encoder-decoder translation model such as MarianMT")
+        if getattr(model_config, CONFIG_FIELD, None):
+            model = load_compressed_model(path, dtype=torch.float32)
+        else:
+            model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except DecompositionError:
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "" if local.is_dir() else " (no local folder of that name, so as a hub id)"
+        raise DecompositionError(f"{key}: cannot load {path!r}{where}: {first}") from None
+    return model.eval(), tokenizer
+
+
 def quantize_int8(model: nn.Module) -> nn.Module:
     """A copy of ``model`` with every ``nn.Linear`` (the factors of ``LowRankLinear`` included)
     replaced by PyTorch's dynamically quantized int8 linear: int8 weights, activations quantized

@@ -376,30 +376,21 @@ def _umask() -> int:
 
 
 def load_model(path: str):
-    """(model, tokenizer) of a folder written by this tool (factorized) or any MarianMT folder / hub id."""
-    from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from matrix_decomposition import CONFIG_FIELD, load_compressed_model
+    """(model, tokenizer) of a folder written by this tool (factorized), any MarianMT folder or a hub
+    id (``matrix_decomposition.load_model``); an ONNX export or a folder without a model config is
+    refused in one line."""
+    from matrix_decomposition import DecompositionError
+    from matrix_decomposition import load_model as load
 
     local = Path(path)
-    if (local.is_absolute() or path.startswith(".") or local.exists() or path.count("/") != 1) and not local.is_dir():
-        raise ExportError(f"--model: {path!r} is not a folder (and not a hub id like 'Helsinki-NLP/opus-mt-en-de')")
     if local.is_dir() and (local / EXPORT_INFO).is_file():
         raise ExportError(f"--model: {path!r} is already an ONNX export; give the model folder it came from")
     if local.is_dir() and not (local / "config.json").is_file():
         raise ExportError(f"--model: {path!r} has no config.json; it is not a model folder")
     try:
-        config = AutoConfig.from_pretrained(path)
-        if getattr(config, CONFIG_FIELD, None):
-            model = load_compressed_model(path)
-        else:
-            model = AutoModelForSeq2SeqLM.from_pretrained(path)
-        tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, KeyError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = "" if local.is_dir() else " (no such local folder; tried as a hub id)"
-        raise ExportError(f"--model: cannot load {path!r}{where}: {first}") from None
-    return model.eval(), tokenizer
+        return load(path, "--model")
+    except DecompositionError as e:
+        raise ExportError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
