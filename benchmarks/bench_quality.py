@@ -72,7 +72,7 @@ import torch  # noqa: E402
 from transformers import MarianConfig, MarianMTModel, MarianTokenizer, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
-from compress_model import Config, ConfigError, default_data_preprocessor, load_teacher  # noqa: E402
+from compress_model import Config, ConfigError, default_data_preprocessor  # noqa: E402
 from data import DataError, load_pairs, preprocess  # noqa: E402
 from decomposition import build_student, distill, translate  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings  # noqa: E402
@@ -80,6 +80,7 @@ from matrix_decomposition import (  # noqa: E402
     DecompositionError,
     count_parameters,
     default_targets,
+    load_model,
     low_rank_parameters,
     max_saving_rank,
 )
@@ -408,7 +409,7 @@ def run(args) -> int:
             if not (Path(folder) / "model.safetensors").is_file():
                 raise BenchError(f"--teacher: {args.teacher!r} has no model.safetensors; train it with "
                                  f"scripts/train_teacher.py, or run with --quick for a tiny random teacher")
-            teacher, tokenizer = load_teacher(folder)
+            teacher, tokenizer = load_model(folder, "--teacher")
             info_file = Path(folder) / "training_info.json"
             teacher_info = json.loads(info_file.read_text()) if info_file.is_file() else None
         else:
