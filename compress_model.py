@@ -473,7 +473,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     import decomposition
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
     from matrix_decomposition import (
-        check_target_ratio, count_parameters, describe_ranks, init_notes, load_model, quantize_int8,
+        check_target_ratio, count_parameters, describe_ranks, init_notes, load_pretrained, quantize_int8,
         ranks_for_ratio, resolve_ranks,
     )
 
@@ -505,10 +505,10 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     with state.main_process_first():
         train_pairs, eval_pairs = data.load_data(config)
     # Model: the teacher, and the model factorized into the student (the teacher itself by default)
-    teacher, tokenizer = load_model(config.teacher_model_path, "teacher_model_path")
+    teacher, tokenizer = load_pretrained(config.teacher_model_path, "teacher_model_path")
     base = teacher
     if config.student_model_path:
-        base, base_tokenizer = load_model(config.student_model_path, "student_model_path")
+        base, base_tokenizer = load_pretrained(config.student_model_path, "student_model_path")
         decomposition.check_same_vocabulary(teacher, tokenizer, base, base_tokenizer)
     positions = min((getattr(m.config, "max_position_embeddings", None) or 10**9) for m in (teacher, base))
     if positions < 10**9:  # sequences the models cannot represent are truncated, not crashed on

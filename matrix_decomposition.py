@@ -739,7 +739,7 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     return quantize_int8(model) if quantize == "int8" else model.eval()
 
 
-def load_model(path: str, key: str = "model"):
+def load_pretrained(path: str, key: str = "model"):
     """(model, tokenizer) in float32 from a local folder or a hub id: a folder written by this tool
     (factorized) is rebuilt with ``load_compressed_model``, any other encoder-decoder model loads
     with ``AutoModelForSeq2SeqLM``. A path that can only be local and is no folder is refused at once

@@ -377,10 +377,10 @@ def _umask() -> int:
 
 def load_model(path: str):
     """(model, tokenizer) of a folder written by this tool (factorized), any MarianMT folder or a hub
-    id (``matrix_decomposition.load_model``); an ONNX export or a folder without a model config is
+    id (``matrix_decomposition.load_pretrained``); an ONNX export or a folder without a model config is
     refused in one line."""
     from matrix_decomposition import DecompositionError
-    from matrix_decomposition import load_model as load
+    from matrix_decomposition import load_pretrained
 
     local = Path(path)
     if local.is_dir() and (local / EXPORT_INFO).is_file():
@@ -388,7 +388,7 @@ def load_model(path: str):
     if local.is_dir() and not (local / "config.json").is_file():
         raise ExportError(f"--model: {path!r} has no config.json; it is not a model folder")
     try:
-        return load(path, "--model")
+        return load_pretrained(path, "--model")
     except DecompositionError as e:
         raise ExportError(str(e)) from None
 

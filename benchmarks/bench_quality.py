@@ -80,7 +80,7 @@ from matrix_decomposition import (  # noqa: E402
     DecompositionError,
     count_parameters,
     default_targets,
-    load_model,
+    load_pretrained,
     low_rank_parameters,
     max_saving_rank,
 )
@@ -409,7 +409,7 @@ def run(args) -> int:
             if not (Path(folder) / "model.safetensors").is_file():
                 raise BenchError(f"--teacher: {args.teacher!r} has no model.safetensors; train it with "
                                  f"scripts/train_teacher.py, or run with --quick for a tiny random teacher")
-            teacher, tokenizer = load_model(folder, "--teacher")
+            teacher, tokenizer = load_pretrained(folder, "--teacher")
             info_file = Path(folder) / "training_info.json"
             teacher_info = json.loads(info_file.read_text()) if info_file.is_file() else None
         else:
