@@ -1,4 +1,5 @@
-"""Compress a MarianMT translation model by matrix decomposition, then recover it by distillation.
+"""Compress a translation model (MarianMT, NLLB/M2M100, mBART, BART, T5/mT5) by matrix decomposition,
+then recover it by distillation.
 
     python compress_model.py                     # reads ./config.json
     python compress_model.py --config my.json    # another config
@@ -55,6 +56,8 @@ def data_preprocessor(batch: dict[str, list[str]], tokenizer, config: "Config") 
 
     A target-language tag (``">>fra<< " + s``) belongs only to multilingual OPUS-MT models such
     as opus-mt-en-ROMANCE; a bilingual model never saw one, and it costs it most of its BLEU.
+    T5's task prefix (``"translate English to German: " + s``) belongs here too; the language codes
+    of NLLB/M2M100 and mBART are config keys (``source_lang``, ``target_lang``), not text.
     """
     return default_data_preprocessor(batch, tokenizer, config)
 
@@ -94,6 +97,13 @@ class Config:
     max_eval_samples: int | None = field(default=None, metadata={"help": "use only the first N evaluation pairs"})
     max_source_length: int = field(default=128, metadata={"help": "source tokens kept (truncation)"})
     max_target_length: int = field(default=128, metadata={"help": "target tokens kept (truncation)"})
+    source_lang: str | None = field(default=None, metadata={
+        "help": "language code of the sources for a multilingual tokenizer (NLLB: \"eng_Latn\", M2M100: \"en\", "
+                "mBART-50: \"en_XX\"); null: the tokenizer's own"})
+    target_lang: str | None = field(default=None, metadata={
+        "help": "language code to translate into (NLLB: \"deu_Latn\", M2M100: \"de\", mBART-50: \"de_DE\"): "
+                "tokenizes the references and is forced as the first generated token (forced_bos_token_id, saved "
+                "in generation_config.json); null: the teacher's own"})
 
     decompose_layers: list[str] = field(default_factory=list, metadata={
         "help": "state-dict keys of the nn.Linear weights to factorize, or patterns (\"model.decoder.*\"); "
@@ -381,13 +391,14 @@ def preprocess(pairs, tokenizer, config: Config, preprocessor):
 # Model
 
 
-def load_teacher(path: str):
+def load_teacher(path: str, source_lang: str | None = None, target_lang: str | None = None):
     """(model, tokenizer) from a local folder or a hub id; a folder written by this tool (with
-    factorized layers) is rebuilt with ``load_compressed_model``. Never runs remote code."""
+    factorized layers) is rebuilt with ``load_compressed_model``. Never runs remote code. The
+    language codes go to a multilingual tokenizer (``set_languages``)."""
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
-    from matrix_decomposition import CONFIG_FIELD, load_compressed_model
+    from matrix_decomposition import CONFIG_FIELD, SUPPORTED, check_supported, load_compressed_model
 
     local = Path(path)
     # a local path unless it can only be a hub id ("owner/name", where no folder "owner" exists here):
@@ -403,19 +414,61 @@ def load_teacher(path: str):
         model_config = AutoConfig.from_pretrained(path)
         if not model_config.is_encoder_decoder:
             raise ConfigError(f"teacher_model_path: {path!r} is a {model_config.model_type} model, not an "
-                              f"encoder-decoder translation model such as MarianMT")
+                              f"encoder-decoder; supported: {SUPPORTED}")
         if getattr(model_config, CONFIG_FIELD, None):
             model = load_compressed_model(path, dtype=torch.float32)
         else:
             model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        languages = {k: v for k, v in (("src_lang", source_lang), ("tgt_lang", target_lang)) if v}
+        tokenizer = AutoTokenizer.from_pretrained(path, **languages)
     except ConfigError:
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if local.is_dir() else " (no local folder of that name, so as a hub id)"
         raise ConfigError(f"teacher_model_path: cannot load {path!r}{where}: {first}") from None
+    check_supported(model)
+    set_languages_(model, tokenizer, source_lang, target_lang)
     return model.eval(), tokenizer
+
+
+def set_languages_(model, tokenizer, source_lang: str | None, target_lang: str | None) -> None:
+    """Check the language codes asked for against a multilingual tokenizer (NLLB, M2M100, mBART:
+    it has ``src_lang`` / ``tgt_lang``) and make the target language's token the first generated one,
+    as the references start with it (``generation_config.forced_bos_token_id``; for mBART-25, whose
+    references end with it, ``decoder_start_token_id``), which every ``generate()`` call of the run
+    and of the saved model then uses. A multilingual teacher with no target language anywhere
+    (config, tokenizer, generation config) is refused: it would translate into whatever it likes."""
+    name = type(tokenizer).__name__
+    multilingual = hasattr(tokenizer, "src_lang") and hasattr(tokenizer, "tgt_lang")
+    given = {k: v for k, v in (("source_lang", source_lang), ("target_lang", target_lang)) if v}
+    if given and not multilingual:
+        key = next(iter(given))
+        raise ConfigError(f"{key}: {given[key]!r} given, but the teacher's tokenizer ({name}) has no language codes "
+                          f"(they are for NLLB/M2M100 and mBART-50 teachers); leave {key} out")
+    if not multilingual:
+        return
+    target = target_lang or tokenizer.tgt_lang
+    if not target:
+        if model.generation_config.forced_bos_token_id is None:
+            raise ConfigError(f"target_lang: the teacher's tokenizer ({name}) is multilingual and nothing says which "
+                              f"language to translate into; set target_lang (e.g. \"deu_Latn\" for NLLB)")
+        return
+    ids = {}
+    for key, code in {**given, "target_lang": target}.items():
+        try:  # M2M100 names its codes "de" (token "__de__"), NLLB and mBART-50 by their tokens
+            ids[key] = tokenizer.get_lang_id(code) if hasattr(tokenizer, "get_lang_id") else \
+                tokenizer.convert_tokens_to_ids(code)
+        except KeyError:
+            ids[key] = None
+        if ids[key] in (None, tokenizer.unk_token_id):
+            codes = [t for t in tokenizer.all_special_tokens if not t.startswith("<")]  # not <pad>, </s>…
+            raise ConfigError(f"{key}: {code!r} is not a language code of the teacher's tokenizer ({name}); "
+                              f"its codes look like {', '.join(map(repr, codes[:3])) or 'nothing'}")
+    if tokenizer(text_target="a")["input_ids"][0] == ids["target_lang"]:  # NLLB, M2M100, mBART-50
+        model.generation_config.forced_bos_token_id = ids["target_lang"]
+    else:  # mBART-25 puts the code last; the model's shift of the labels moves it first: decoding starts with it
+        model.generation_config.decoder_start_token_id = ids["target_lang"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +657,13 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     with state.main_process_first():
         train_pairs, eval_pairs = load_data(config)
     # Model
-    teacher, tokenizer = load_teacher(config.teacher_model_path)
+    teacher, tokenizer = load_teacher(config.teacher_model_path, config.source_lang, config.target_lang)
+    if config.export:  # the ONNX export takes MarianMT only: said now, not after the training
+        from onnx_export import ExportError, _check_exportable
+        try:
+            _check_exportable(teacher)
+        except ExportError as e:
+            raise ConfigError(f"export: {e}; leave export out") from None
     positions = getattr(teacher.config, "max_position_embeddings", None)
     if positions:  # sequences the teacher cannot represent are truncated, not crashed on
         config = dataclasses.replace(config, max_source_length=min(config.max_source_length, positions),
