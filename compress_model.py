@@ -394,7 +394,7 @@ def preprocess(pairs, tokenizer, config: Config, preprocessor):
 def load_teacher(path: str, source_lang: str | None = None, target_lang: str | None = None):
     """(model, tokenizer) from a local folder or a hub id; a folder written by this tool (with
     factorized layers) is rebuilt with ``load_compressed_model``. Never runs remote code. The
-    language codes go to a multilingual tokenizer (``set_languages``)."""
+    language codes go to a multilingual tokenizer (``set_languages_``)."""
     import torch
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
