@@ -1,4 +1,5 @@
-"""Compress a MarianMT translation model by matrix decomposition, then recover it by distillation.
+"""Compress a translation model (MarianMT, NLLB/M2M100, mBART, BART, T5/mT5) by matrix decomposition,
+then recover it by distillation.
 
     python compress_model.py                     # reads ./config.json
     python compress_model.py --config my.json    # another config
@@ -54,6 +55,8 @@ def data_preprocessor(batch: dict[str, list[str]], tokenizer, config: "Config") 
 
     A target-language tag (``">>fra<< " + s``) belongs only to multilingual OPUS-MT models such
     as opus-mt-en-ROMANCE; a bilingual model never saw one, and it costs it most of its BLEU.
+    T5's task prefix (``"translate English to German: " + s``) belongs here too; the language codes
+    of NLLB/M2M100 and mBART are config keys (``source_lang_code``, ``target_lang_code``), not text.
     """
     return default_data_preprocessor(batch, tokenizer, config)
 
@@ -112,6 +115,13 @@ class Config:
     max_target_length: int = field(default=128, metadata={"help": "target tokens kept (truncation)"})
     preprocessing_num_workers: int | None = field(default=None, metadata={
         "help": "processes that tokenize the pairs; null = the main process alone"})
+    source_lang_code: str | None = field(default=None, metadata={
+        "help": "language code of the sources for a multilingual tokenizer (NLLB: \"eng_Latn\", M2M100: \"en\", "
+                "mBART-50: \"en_XX\"); null: the tokenizer's own"})
+    target_lang_code: str | None = field(default=None, metadata={
+        "help": "language code to translate into (NLLB: \"deu_Latn\", M2M100: \"de\", mBART-50: \"de_DE\"): "
+                "tokenizes the references and is forced as the first generated token (forced_bos_token_id, saved "
+                "in generation_config.json); null: the teacher's own"})
 
     decompose_layers: list[str] = field(default_factory=list, metadata={
         "help": "state-dict keys of the nn.Linear weights to factorize, or patterns (\"model.decoder.*\"); "
@@ -314,6 +324,45 @@ def config_help() -> str:
 # Model
 
 
+def set_languages_(model, tokenizer, source_lang_code: str | None, target_lang_code: str | None) -> None:
+    """Check the language codes asked for against a multilingual tokenizer (NLLB, M2M100, mBART:
+    it has ``src_lang`` / ``tgt_lang``; the config's source_lang_code / target_lang_code) and make the target language's token the first generated one,
+    as the references start with it (``generation_config.forced_bos_token_id``; for mBART-25, whose
+    references end with it, ``decoder_start_token_id``), which every ``generate()`` call of the run
+    and of the saved model then uses. A multilingual teacher with no target language anywhere
+    (config, tokenizer, generation config) is refused: it would translate into whatever it likes."""
+    name = type(tokenizer).__name__
+    multilingual = hasattr(tokenizer, "src_lang") and hasattr(tokenizer, "tgt_lang")
+    given = {k: v for k, v in (("source_lang_code", source_lang_code), ("target_lang_code", target_lang_code)) if v}
+    if given and not multilingual:
+        key = next(iter(given))
+        raise ConfigError(f"{key}: {given[key]!r} given, but the teacher's tokenizer ({name}) has no language codes "
+                          f"(they are for NLLB/M2M100 and mBART-50 teachers); leave {key} out")
+    if not multilingual:
+        return
+    target = target_lang_code or tokenizer.tgt_lang
+    if not target:
+        if model.generation_config.forced_bos_token_id is None:
+            raise ConfigError(f"target_lang_code: the teacher's tokenizer ({name}) is multilingual and nothing says which "
+                              f"language to translate into; set target_lang_code (e.g. \"deu_Latn\" for NLLB)")
+        return
+    ids = {}
+    for key, code in {**given, "target_lang_code": target}.items():
+        try:  # M2M100 names its codes "de" (token "__de__"), NLLB and mBART-50 by their tokens
+            ids[key] = tokenizer.get_lang_id(code) if hasattr(tokenizer, "get_lang_id") else \
+                tokenizer.convert_tokens_to_ids(code)
+        except KeyError:
+            ids[key] = None
+        if ids[key] in (None, tokenizer.unk_token_id):
+            codes = [t for t in tokenizer.all_special_tokens if not t.startswith("<")]  # not <pad>, </s>…
+            raise ConfigError(f"{key}: {code!r} is not a language code of the teacher's tokenizer ({name}); "
+                              f"its codes look like {', '.join(map(repr, codes[:3])) or 'nothing'}")
+    if tokenizer(text_target="a")["input_ids"][0] == ids["target_lang_code"]:  # NLLB, M2M100, mBART-50
+        model.generation_config.forced_bos_token_id = ids["target_lang_code"]
+    else:  # mBART-25 puts the code last; the model's shift of the labels moves it first: decoding starts with it
+        model.generation_config.decoder_start_token_id = ids["target_lang_code"]
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -504,11 +553,21 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     # Data
     with state.main_process_first():
         train_pairs, eval_pairs = data.load_data(config)
-    # Model: the teacher, and the model factorized into the student (the teacher itself by default)
-    teacher, tokenizer = load_pretrained(config.teacher_model_path, "teacher_model_path")
+    # Model: the teacher, and the model factorized into the student (the teacher itself by default);
+    # a multilingual tokenizer gets the language codes, and the target language is forced when generating
+    languages = {k: v for k, v in (("src_lang", config.source_lang_code), ("tgt_lang", config.target_lang_code)) if v}
+    teacher, tokenizer = load_pretrained(config.teacher_model_path, "teacher_model_path", languages)
+    set_languages_(teacher, tokenizer, config.source_lang_code, config.target_lang_code)
+    if config.export:  # the ONNX export takes MarianMT only: said now, not after the training
+        from onnx_export import ExportError, _check_exportable
+        try:
+            _check_exportable(teacher)
+        except ExportError as e:
+            raise ConfigError(f"export: {e}; leave export out") from None
     base = teacher
     if config.student_model_path:
-        base, base_tokenizer = load_pretrained(config.student_model_path, "student_model_path")
+        base, base_tokenizer = load_pretrained(config.student_model_path, "student_model_path", languages)
+        set_languages_(base, base_tokenizer, config.source_lang_code, config.target_lang_code)
         decomposition.check_same_vocabulary(teacher, tokenizer, base, base_tokenizer)
     positions = min((getattr(m.config, "max_position_embeddings", None) or 10**9) for m in (teacher, base))
     if positions < 10**9:  # sequences the models cannot represent are truncated, not crashed on

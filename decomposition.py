@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq
 
 from distillation.distillation_loss import IGNORE_INDEX
-from distillation.knowledge_distillation import DistillationSettings, Distiller, source_positioned
+from distillation.knowledge_distillation import DistillationSettings, Distiller, decoder_inputs, source_positioned
 from matrix_decomposition import (
     DecompositionError,
     chmod_as_umask,
@@ -65,7 +65,7 @@ def calibration_batches(train_dataset, tokenizer, samples: int, batch_size: int)
 def teacher_forced(model: nn.Module, batch: dict):
     """``model``'s forward pass on a tokenized batch, the labels shifted right as decoder inputs."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                 decoder_input_ids=model.prepare_decoder_input_ids_from_labels(labels=batch["labels"]))
+                 decoder_input_ids=decoder_inputs(model, batch["labels"]))
 
 
 @torch.no_grad()
@@ -77,9 +77,10 @@ def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[
     grams = {name: torch.zeros(model.get_submodule(name).in_features, model.get_submodule(name).in_features,
                                dtype=torch.float64) for name in names}
     masks: dict[str, torch.Tensor] = {}  # the current batch's {"source": (B, S), "target": (B, T)}
+    sources = source_positioned(model, names)
 
     def hook(_module, args, name):
-        x = args[0][masks["source" if source_positioned(name) else "target"]]  # (B, L, d) → (N, d)
+        x = args[0][masks["source" if name in sources else "target"]]  # (B, L, d) → (N, d)
         grams[name] += (x.T.double() @ x.double()).cpu()  # (d, d)
 
     handles = [model.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in names]

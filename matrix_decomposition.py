@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import heapq
+import json
 import math
 import os
 import warnings
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_file
 from torch import nn
-from transformers import AutoConfig, AutoModelForSeq2SeqLM, MarianConfig, MarianMTModel
+from transformers import AutoConfig, AutoModelForSeq2SeqLM, MarianConfig
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_FIELD = "matrix_decomposition"  # where the per-layer ranks live in the saved model config
@@ -100,13 +101,15 @@ class LowRankEmbedding(nn.Module):
     ``nn.Linear(d, r)``, the layout of the first factor of a ``LowRankLinear``. A tied output
     projection (Marian's ``lm_head``, logits = h·Eᵀ) becomes a ``LowRankLinear`` whose ``up`` and
     ``down`` weights are these very tensors: logits = (h·Bᵀ)·Aᵀ, one set of factor parameters.
+    ``embed_scale`` is the factor a scaled word embedding (NLLB/M2M100, mBART, BART: √d or 1)
+    multiplies its vectors by; None for a plain ``nn.Embedding`` (Marian, T5).
     """
 
     def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, padding_idx: int | None = None,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, embed_scale: float | None = None) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.rank = num_embeddings, embedding_dim, rank
-        self.padding_idx = padding_idx
+        self.padding_idx, self.embed_scale = padding_idx, embed_scale
         self.up = nn.Embedding(num_embeddings, rank, padding_idx, device=device, dtype=dtype)  # A (V, r)
         self.down = nn.Linear(embedding_dim, rank, bias=False, device=device, dtype=dtype)  # B (r, d)
         self.init_note: str | None = None
@@ -116,7 +119,7 @@ class LowRankEmbedding(nn.Module):
         """The rank-``rank`` truncated-SVD factorization of ``embedding`` (left unchanged)."""
         weight = embedding.weight.detach()  # (V, d)
         module = cls(embedding.num_embeddings, embedding.embedding_dim, rank, embedding.padding_idx,
-                     device=weight.device, dtype=weight.dtype)
+                     device=weight.device, dtype=weight.dtype, embed_scale=getattr(embedding, "embed_scale", None))
         up, down, _ = low_rank_factors(weight, rank, svd)  # (V, r), (r, d)
         with torch.no_grad():
             module.up.weight.copy_(up)
@@ -129,10 +132,12 @@ class LowRankEmbedding(nn.Module):
         return self.up.weight @ self.down.weight
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.up(input_ids) @ self.down.weight  # (…, r) @ (r, d) → (…, d)
+        vectors = self.up(input_ids) @ self.down.weight  # (…, r) @ (r, d) → (…, d)
+        return vectors if self.embed_scale is None else vectors * self.embed_scale
 
     def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, padding_idx={self.padding_idx}"
+        scale = "" if self.embed_scale is None else f", embed_scale={self.embed_scale:g}"
+        return f"{self.num_embeddings}, {self.embedding_dim}, rank={self.rank}, padding_idx={self.padding_idx}{scale}"
 
 
 LOW_RANK = (LowRankLinear, LowRankEmbedding)
@@ -238,12 +243,77 @@ def module_name(key: str) -> str:
     return key
 
 
+SUPPORTED = ("encoder-decoder models (AutoModelForSeq2SeqLM) whose attention and feed-forward layers are "
+             "nn.Linear: MarianMT, NLLB-200/M2M100, mBART/mBART-50, BART, T5/mT5/MADLAD-400")
+
+
+def _encoder_and_decoder(model: nn.Module) -> list[nn.Module | None]:
+    """What ``model.get_encoder()`` and ``model.get_decoder()`` return (None for a missing method)."""
+    return [getattr(model, method)() if callable(getattr(model, method, None)) else None
+            for method in ("get_encoder", "get_decoder")]
+
+
+def layer_stacks(model: nn.Module) -> list[str]:
+    """Names of the module lists holding the encoder's and the decoder's layers (Marian's
+    ``model.encoder.layers``, T5's ``encoder.block``…): found by structure, not by name, as the
+    outermost ``nn.ModuleList`` inside what ``get_encoder()`` and ``get_decoder()`` return."""
+    stacks = _encoder_and_decoder(model)
+    config = getattr(model, "config", None)
+    if not getattr(config, "is_encoder_decoder", False) or any(stack is None or stack is model for stack in stacks):
+        kind = getattr(config, "model_type", type(model).__name__)
+        raise DecompositionError(f"{kind} ({type(model).__name__}) is not an encoder-decoder model; "
+                                 f"supported: {SUPPORTED}")
+    names = {id(module): name for name, module in model.named_modules()}
+    lists = []
+    for stack in stacks:
+        prefix = names[id(stack)]
+        for name, module in stack.named_modules(prefix=prefix):
+            if isinstance(module, nn.ModuleList) and not any(name.startswith(f"{outer}.") for outer in lists):
+                lists.append(name)
+    return lists
+
+
+def check_supported(model: nn.Module) -> None:
+    """Raise a one-line ``DecompositionError`` unless ``model`` is an encoder-decoder whose layers'
+    projections are ``nn.Linear`` (GPT-2-style ``Conv1D`` layers hold their weight transposed)."""
+    stacks = layer_stacks(model)
+    for name, module in model.named_modules():
+        if type(module).__name__ == "Conv1D" and any(name.startswith(f"{stack}.") for stack in stacks):
+            raise DecompositionError(f"{type(model).__name__}: {name} is a Conv1D layer (GPT-2 style), not an "
+                                     f"nn.Linear; supported: {SUPPORTED}")
+
+
 def default_targets(model: nn.Module) -> list[str]:
-    """Every ``nn.Linear`` inside the encoder and decoder layers (attention projections, fc1, fc2):
-    not the embeddings, not the (tied) output projection."""
+    """Every ``nn.Linear`` inside the encoder and decoder layers (attention projections and
+    feed-forward layers, whatever the model calls them, ``layer_stacks``): not the embeddings, not
+    T5's relative attention bias, not the output projection."""
+    check_supported(model)
+    stacks = tuple(f"{stack}." for stack in layer_stacks(model))
     return [name for name, module in model.named_modules()
-            if isinstance(module, (nn.Linear, LowRankLinear)) and ".layers." in f".{name}."
+            if isinstance(module, (nn.Linear, LowRankLinear)) and name.startswith(stacks)
             and not _inside_low_rank(model, name)]
+
+
+def word_embeddings(model: nn.Module) -> list[nn.Module]:
+    """The token embedding tables of ``model`` (what ``get_input_embeddings()`` of the model, its
+    encoder and its decoder return), each once: not positional embeddings, not T5's relative
+    attention bias. An embedding tied to one of these (the same tensor) is the same table."""
+    found = []
+    for owner in (model, *_encoder_and_decoder(model)):
+        try:
+            embedding = owner.get_input_embeddings() if owner is not None else None
+        except (AttributeError, NotImplementedError):  # a module without token embeddings
+            embedding = None
+        if isinstance(embedding, nn.Embedding) and all(embedding.weight is not e.weight for e in found):
+            found.append(embedding)
+    return found
+
+
+def _factorizable_embedding(module: nn.Module) -> bool:
+    """A plain ``nn.Embedding`` or a scaled word embedding (its vectors times ``embed_scale``), the
+    two a ``LowRankEmbedding`` computes; other subclasses compute something else."""
+    return type(module) is nn.Embedding or (isinstance(module, nn.Embedding)
+                                             and isinstance(getattr(module, "embed_scale", None), (int, float)))
 
 
 def _inside_low_rank(model: nn.Module, name: str) -> bool:
@@ -271,9 +341,11 @@ def _parameter_order(model: nn.Module) -> dict[str, int]:
 
 
 def decomposable_keys(model: nn.Module) -> list[str]:
-    """The weight keys ``decompose_layers`` accepts: every untied ``nn.Linear`` not yet factorized,
-    and every embedding table under the name its (tied) weight goes by first (``model.shared.weight``)."""
+    """The weight keys ``decompose_layers`` accepts: every untied ``nn.Linear`` not yet factorized
+    (an untied ``lm_head`` included), and every token embedding table under the name its (tied)
+    weight goes by first (``model.shared.weight``, T5's ``shared.weight``)."""
     tied = _tied_names(model)
+    words = {id(m.weight) for m in word_embeddings(model)}
     keys = []
     for name, module in model.named_modules():
         key = f"{name}.weight"
@@ -281,9 +353,19 @@ def decomposable_keys(model: nn.Module) -> list[str]:
             continue  # a factor of a layer already decomposed
         if isinstance(module, nn.Linear) and not tied.get(key):
             keys.append(key)
-        elif type(module) is nn.Embedding and canonical_name(model, key) == key:
+        elif _word_embedding(module, words) and canonical_name(model, key) == key:
             keys.append(key)
     return keys
+
+
+def _word_embedding(module: nn.Module, words: set[int]) -> bool:
+    return _factorizable_embedding(module) and id(module.weight) in words
+
+
+def _token_embedding_key(model: nn.Module) -> str:
+    """The key ``decompose_layers`` takes for the token embedding (``model.shared.weight``), for messages."""
+    keys = [k for k in decomposable_keys(model) if isinstance(model.get_submodule(module_name(k)), nn.Embedding)]
+    return keys[0] if keys else "none here"
 
 
 def expand_patterns(model: nn.Module, layers: Iterable[str]) -> list[str]:
@@ -327,6 +409,7 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
     state_keys = list(model.state_dict().keys())
     modules = dict(model.named_modules())
     tied = _tied_names(model)
+    words = {id(m.weight) for m in word_embeddings(model)}
     names: list[str] = []
     for key in layers:
         name = module_name(key)
@@ -344,11 +427,13 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
             raise DecompositionError(f"decompose_layers: {key!r} is a factor of the already decomposed layer "
                                      f"{name.rpartition('.')[0]!r}")
         canonical = canonical_name(model, f"{name}.weight")  # the name its tied weight goes by first
-        if type(module) is nn.Embedding and canonical == f"{name}.weight":
-            pass  # an embedding table (with every module tied to it) is factorized as a whole
+        if _word_embedding(module, words) and canonical == f"{name}.weight":
+            pass  # a token embedding table (with every module tied to it) is factorized as a whole
         elif not isinstance(module, nn.Linear):
             example = next(iter(default_targets(model)), "an attention projection")
             also = (f"; the embedding it shares its weight with is factorized as {canonical}"
+                    if _word_embedding(module, words) else
+                    f"; of the embeddings, only the token embedding can be ({_token_embedding_key(model)})"
                     if isinstance(module, nn.Embedding) else "")
             raise DecompositionError(
                 f"decompose_layers: {key!r} belongs to a module of type {type(module).__name__}, not an nn.Linear; "
@@ -593,19 +678,40 @@ def _retie_mappings_(model: nn.Module) -> None:
             sub.all_tied_weights_keys = sub.get_expanded_tied_weights_keys(all_submodels=True)
 
 
+def _untie_(model: nn.Module, names: Sequence[str]) -> None:
+    """Give each linear of ``names`` a weight of its own, out of Hugging Face's tied-weight mappings."""
+    keys = {f"{name}.weight" for name in names}
+    for name in names:
+        module = model.get_submodule(name)
+        module.weight = nn.Parameter(module.weight.detach().clone())
+    prefixes = {id(sub): f"{prefix}." if prefix else "" for prefix, sub in model.named_modules()}
+    for _, sub in model.named_modules():
+        mapping = getattr(sub, "_tied_weights_keys", None)
+        if isinstance(mapping, dict):
+            sub._tied_weights_keys = {t: s for t, s in mapping.items() if prefixes[id(sub)] + t not in keys}
+    _retie_mappings_(model)
+
+
 def init_notes(model: nn.Module) -> dict[str, str]:
     """{module name: why its activation-aware init fell back to plain SVD} (empty when none did)."""
     return {name: m.init_note for name, m in model.named_modules() if isinstance(m, LOW_RANK) and m.init_note}
 
 
 def apply_low_rank_structure_(model: nn.Module, ranks: Mapping[str, int]) -> None:
-    """Swap in empty ``LowRankLinear`` modules of the given ranks (to load saved factors into)."""
+    """Swap in empty ``LowRankLinear`` modules of the given ranks (to load saved factors into). A
+    linear with a rank of its own that the freshly built model ties to the embedding (mT5's and
+    MADLAD's ``lm_head``: transformers builds T5 models tied and unties them only when the checkpoint
+    holds two different tables) is untied first."""
+    linears = [name for name in ranks if isinstance(model.get_submodule(name), nn.Linear)]
+    if any(_tied_names(model).get(f"{name}.weight") for name in linears):
+        _untie_(model, linears)
     for name, rank in ranks.items():
         layer = model.get_submodule(name)
-        if type(layer) is nn.Embedding:
+        if _factorizable_embedding(layer):
             w = layer.weight
             _replace_embedding_(model, layer, LowRankEmbedding(layer.num_embeddings, layer.embedding_dim, rank,
-                                                               layer.padding_idx, w.device, w.dtype))
+                                                               layer.padding_idx, w.device, w.dtype,
+                                                               getattr(layer, "embed_scale", None)))
         elif isinstance(layer, nn.Linear):
             w = layer.weight
             _replace_(model, name, LowRankLinear(layer.in_features, layer.out_features, rank,
@@ -639,39 +745,67 @@ def count_parameters(model: nn.Module) -> int:
 # The factorized architecture for the transformers Auto classes (registered on import; no remote code)
 
 
-class LowRankMarianConfig(MarianConfig):
-    """The config of a MarianMT model with factorized layers: a ``MarianConfig`` whose
-    ``matrix_decomposition`` entry holds the per-layer ranks. Its own ``model_type`` keeps plain
-    transformers from taking the folder for a dense Marian model (whose factorized layers it would
-    leave randomly initialized): without this module imported, the Auto classes refuse the type."""
-
-    model_type = "marian_low_rank"
+LOW_RANK_SUFFIX = "_low_rank"  # model_type of a factorized model: its base type + this ("marian_low_rank")
+FAMILIES = ("marian", "m2m_100", "mbart", "bart", "t5", "mt5")  # registered on import (NLLB-200 is m2m_100)
+_LOW_RANK_CLASSES: dict[str, tuple[type, type]] = {}
 
 
-class LowRankMarianMTModel(MarianMTModel):
-    """``MarianMTModel`` with the factorization recorded in its config applied: what
-    ``AutoModelForSeq2SeqLM.from_pretrained`` builds for a folder ``save_compressed_model`` wrote,
-    once this module is imported."""
+def low_rank_classes(base_config_class: type) -> tuple[type, type]:
+    """(config class, model class) of the factorized variant of a seq2seq architecture, made and
+    registered with the Auto classes on first use: the config is the base config class under the
+    ``model_type`` ``<base>_low_rank`` (so plain transformers refuses the folder instead of taking it
+    for a dense model whose factorized layers it would leave randomly initialized), and the model
+    is the base ``…ForConditionalGeneration`` with the factorization recorded in its config applied
+    (``apply_low_rank_structure_``) as it is built, before its weights are loaded."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
 
-    config_class = LowRankMarianConfig
+    base_type = base_config_class.model_type.removesuffix(LOW_RANK_SUFFIX)  # a low-rank class: its own
+    if base_type not in _LOW_RANK_CLASSES:
+        base_model_class = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING[base_config_class]
+        config_class = type(f"LowRank{base_config_class.__name__}", (base_config_class,), {
+            "model_type": f"{base_type}{LOW_RANK_SUFFIX}", "__module__": __name__,
+            "__doc__": f"A ``{base_config_class.__name__}`` whose ``{CONFIG_FIELD}`` entry holds the per-layer ranks."})
 
-    def __init__(self, config: LowRankMarianConfig):
-        super().__init__(config)
-        apply_low_rank_structure_(self, (getattr(config, CONFIG_FIELD, None) or {}).get("ranks", {}))
+        def __init__(self, config):
+            base_model_class.__init__(self, config)
+            apply_low_rank_structure_(self, (getattr(config, CONFIG_FIELD, None) or {}).get("ranks", {}))
+
+        model_class = type(f"LowRank{base_model_class.__name__}", (base_model_class,), {
+            "config_class": config_class, "__init__": __init__, "__module__": __name__,
+            "__doc__": f"``{base_model_class.__name__}`` with the factorization recorded in its config applied."})
+        AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
+        AutoModelForSeq2SeqLM.register(config_class, model_class, exist_ok=True)
+        _LOW_RANK_CLASSES[base_type] = config_class, model_class
+    return _LOW_RANK_CLASSES[base_type]
 
 
-AutoConfig.register(LowRankMarianConfig.model_type, LowRankMarianConfig, exist_ok=True)
-AutoModelForSeq2SeqLM.register(LowRankMarianConfig, LowRankMarianMTModel, exist_ok=True)
+def register_low_rank(model_type: str) -> None:
+    """Make the Auto classes know ``model_type`` (``"pegasus"`` or ``"pegasus_low_rank"``): needed
+    before ``AutoModelForSeq2SeqLM.from_pretrained`` reads a factorized folder of a family outside
+    ``FAMILIES`` (``load_compressed_model`` does it by itself)."""
+    from transformers import CONFIG_MAPPING
+
+    base = model_type.removesuffix(LOW_RANK_SUFFIX)
+    if base not in CONFIG_MAPPING:
+        raise DecompositionError(f"model_type {model_type!r}: transformers knows no architecture {base!r}; "
+                                 f"supported: {SUPPORTED}")
+    low_rank_classes(CONFIG_MAPPING[base])
+
+
+for _family in FAMILIES:
+    register_low_rank(_family)
+LowRankMarianConfig, LowRankMarianMTModel = low_rank_classes(MarianConfig)
 
 
 def _saved_config(model: nn.Module):
-    """The config to write for ``model``: a factorized Marian model's as a ``LowRankMarianConfig``
-    (so that the Auto classes rebuild the factors), any other model's unchanged."""
+    """The config to write for ``model``: a factorized model's as its family's low-rank config
+    (``low_rank_classes``, so that the Auto classes rebuild the factors), a dense one's unchanged."""
     config = model.config
-    if isinstance(config, MarianConfig) and low_rank_ranks(model) and not isinstance(config, LowRankMarianConfig):
-        config = LowRankMarianConfig.from_dict(config.to_dict())
-    if isinstance(config, LowRankMarianConfig):
-        config.architectures = [LowRankMarianMTModel.__name__]
+    if low_rank_ranks(model):
+        config_class, model_class = low_rank_classes(type(config))
+        if not isinstance(config, config_class):
+            config = config_class.from_dict(config.to_dict())
+        config.architectures = [model_class.__name__]
     return config
 
 
@@ -681,8 +815,8 @@ def _saved_config(model: nn.Module):
 
 def save_compressed_model(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
     """Write ``model`` (factorized or not) to the folder ``path``: ``model.safetensors`` (tied
-    tensors stored once), ``config.json`` with the per-layer ranks (a factorized Marian model as
-    ``model_type`` ``marian_low_rank``, see ``LowRankMarianConfig``), ``generation_config.json``,
+    tensors stored once), ``config.json`` with the per-layer ranks (a factorized model as
+    ``model_type`` ``<base>_low_rank``, e.g. ``marian_low_rank``, see ``low_rank_classes``), ``generation_config.json``,
     and the tokenizer's files. Load it back with ``load_compressed_model`` or, this module
     imported, ``AutoModelForSeq2SeqLM.from_pretrained``."""
     path = Path(path)
@@ -727,10 +861,14 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     path = Path(path)
     if not (path / WEIGHTS_NAME).is_file():
         raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}; is this a folder written by save_compressed_model?")
+    if (path / "config.json").is_file():  # a factorized family the Auto classes do not know yet
+        model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "")
+        if model_type.endswith(LOW_RANK_SUFFIX):
+            register_low_rank(model_type)
     config = AutoConfig.from_pretrained(path)
     ranks = (getattr(config, CONFIG_FIELD, None) or {}).get("ranks", {})
     model = AutoModelForSeq2SeqLM.from_config(config, dtype=dtype) if dtype else AutoModelForSeq2SeqLM.from_config(config)
-    if not low_rank_ranks(model):  # a LowRankMarianMTModel is built factorized; older folders say "marian"
+    if not low_rank_ranks(model):  # a low-rank model class is built factorized; older folders say "marian"
         apply_low_rank_structure_(model, ranks)
     missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=True)
     assert not missing and not unexpected  # strict=True raises first
@@ -739,13 +877,15 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     return quantize_int8(model) if quantize == "int8" else model.eval()
 
 
-def load_pretrained(path: str, key: str = "model"):
+def load_pretrained(path: str, key: str = "model", tokenizer_kwargs: Mapping[str, str] | None = None):
     """(model, tokenizer) in float32 from a local folder or a hub id: a folder written by this tool
     (factorized) is rebuilt with ``load_compressed_model``, any other encoder-decoder model loads
-    with ``AutoModelForSeq2SeqLM``. A path that can only be local and is no folder is refused at once
-    with the closest folder ("owner/name" is a hub id only when no local folder "owner" exists): a
-    mistyped folder must not turn into minutes of network retries. ``key`` (the config key or
-    option) starts each one-line ``DecompositionError``. Never runs remote code."""
+    with ``AutoModelForSeq2SeqLM`` (and is refused unless ``check_supported``). A path that can only
+    be local and is no folder is refused at once with the closest folder ("owner/name" is a hub id
+    only when no local folder "owner" exists): a mistyped folder must not turn into minutes of
+    network retries. ``key`` (the config key or option) starts each one-line ``DecompositionError``;
+    ``tokenizer_kwargs`` go to the tokenizer (a multilingual one's ``src_lang``/``tgt_lang``).
+    Never runs remote code."""
     from transformers import AutoConfig, AutoModelForSeq2SeqLM, AutoTokenizer
 
     local = Path(path)
@@ -760,18 +900,19 @@ def load_pretrained(path: str, key: str = "model"):
         model_config = AutoConfig.from_pretrained(path)
         if not model_config.is_encoder_decoder:
             raise DecompositionError(f"{key}: {path!r} is a {model_config.model_type} model, not an "
-                                     f"encoder-decoder translation model such as MarianMT")
+                                     f"encoder-decoder; supported: {SUPPORTED}")
         if getattr(model_config, CONFIG_FIELD, None):
             model = load_compressed_model(path, dtype=torch.float32)
         else:
             model = AutoModelForSeq2SeqLM.from_pretrained(path, dtype=torch.float32)
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        tokenizer = AutoTokenizer.from_pretrained(path, **(tokenizer_kwargs or {}))
     except DecompositionError:
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = "" if local.is_dir() else " (no local folder of that name, so as a hub id)"
         raise DecompositionError(f"{key}: cannot load {path!r}{where}: {first}") from None
+    check_supported(model)
     return model.eval(), tokenizer
 
 

@@ -136,10 +136,38 @@ def capture_outputs(model: nn.Module, names: Iterable[str]):
             handle.remove()
 
 
-def source_positioned(name: str) -> bool:
-    """Whether a layer's outputs are indexed by source positions (the encoder, and the key/value
-    projections of the decoder's cross-attention) rather than target positions."""
-    return ".encoder." in f".{name}." or name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj"))
+def decoder_inputs(model: nn.Module, labels: torch.Tensor) -> torch.Tensor:
+    """The decoder inputs for ``labels`` (B, T): the model's own ``prepare_decoder_input_ids_from_labels``
+    (mBART's moves the language code to the front), else, for models without one (NLLB/M2M100), the
+    labels shifted right behind ``decoder_start_token_id``, the -100 of padded positions made pad tokens."""
+    prepare = getattr(model, "prepare_decoder_input_ids_from_labels", None)
+    if prepare is not None:
+        return prepare(labels=labels)
+    shifted = labels.new_full(labels.shape, model.config.decoder_start_token_id)  # (B, T)
+    shifted[:, 1:] = labels[:, :-1]
+    return shifted.masked_fill_(shifted == IGNORE_INDEX, model.config.pad_token_id)
+
+
+@torch.no_grad()
+def source_positioned(model: nn.Module, names: Iterable[str]) -> set[str]:
+    """The modules among ``names`` whose outputs are indexed by source positions (the encoder's, and
+    the key/value projections of the decoder's cross-attention, whatever the model calls them:
+    Marian's ``encoder_attn.k_proj``, T5's ``EncDecAttention.k``) rather than target positions.
+    Found by one forward pass of ``model`` with 3 source and 2 target tokens, recording how many
+    positions each module's output has."""
+    names = list(names)
+    if not names:
+        return set()
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        with capture_outputs(model, names) as outputs:
+            model(input_ids=torch.ones(1, 3, dtype=torch.long, device=device),
+                  decoder_input_ids=torch.ones(1, 2, dtype=torch.long, device=device), use_cache=False)
+    finally:
+        model.train(was_training)
+    return {name for name in names if name in outputs and outputs[name].ndim >= 2 and outputs[name].shape[1] == 3}
 
 
 class Distiller:
@@ -150,6 +178,7 @@ class Distiller:
         self.settings = s = settings
         self.weights = {k: float(v) for k, v in s.loss_weights.items() if v}
         self.feature_layers = list(feature_layers) if self.weights.get("feature") else []
+        self.source_layers = source_positioned(teacher, self.feature_layers)  # the rest: target positions
         self.accelerator = Accelerator(cpu=distributed_on_cpu(), mixed_precision=s.mixed_precision,
                                        gradient_accumulation_steps=s.gradient_accumulation_steps,
                                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
@@ -170,6 +199,10 @@ class Distiller:
         for module in student.modules():  # fixed sinusoidal tables, computed under no_grad: never trained
             if "Sinusoidal" in type(module).__name__:
                 module.requires_grad_(False)
+            if isinstance(getattr(module, "layerdrop", None), float):
+                # LayerDrop (M2M100's default 0.05) would skip student layers at random, leaving the feature,
+                # hidden and attention terms nothing to compare: off while distilling
+                module.layerdrop = 0.0
         decay, no_decay = [], []
         for name, param in student.named_parameters():
             if param.requires_grad:
@@ -203,7 +236,7 @@ class Distiller:
         source_mask = batch["attention_mask"].bool()  # (B, S)
         inputs = {
             "input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
-            "decoder_input_ids": self.unwrapped_student.prepare_decoder_input_ids_from_labels(labels=labels),
+            "decoder_input_ids": decoder_inputs(self.unwrapped_student, labels),
             "decoder_attention_mask": batch.get("decoder_attention_mask"),
             "output_hidden_states": bool(w.get("hidden")), "output_attentions": bool(w.get("attention")),
         }
@@ -218,7 +251,7 @@ class Distiller:
             terms["kd"] = output_distillation_loss(student_out.logits, teacher_out.logits, target_mask,
                                                    self.settings.temperature)
         if self.feature_layers:
-            masks = [source_mask if source_positioned(n) else target_mask for n in self.feature_layers]
+            masks = [source_mask if n in self.source_layers else target_mask for n in self.feature_layers]
             terms["feature"] = mean_feature_loss([student_features[n] for n in self.feature_layers],
                                                  [teacher_features[n] for n in self.feature_layers], masks)
         if w.get("hidden"):  # index 0 is the embedding output: not a layer
@@ -381,8 +414,7 @@ class Distiller:
         for batch in self.eval_loader:
             labels = batch["labels"]
             logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                  decoder_input_ids=self.unwrapped_student.prepare_decoder_input_ids_from_labels(
-                                      labels=labels)).logits
+                                  decoder_input_ids=decoder_inputs(self.unwrapped_student, labels)).logits
             n = (labels != IGNORE_INDEX).sum()
             total += cross_entropy_loss(logits, labels).cpu() * n.cpu()
             count += n.cpu()

@@ -231,8 +231,8 @@ def test_weighted_sum_skips_terms_weighted_zero():
     ("model.decoder.layers.1.fc2", False),
     ("lm_head", False),
 ])
-def test_source_positioned(name, expected):
-    assert source_positioned(name) is expected
+def test_source_positioned(make_tiny_marian, name, expected):
+    assert (name in source_positioned(make_tiny_marian(), [name])) is expected
 
 
 HOOKED = ["model.encoder.layers.0.fc1", "model.encoder.layers.1", "model.decoder.layers.0.self_attn.q_proj",
@@ -249,10 +249,11 @@ def test_capture_outputs_records_both_models_and_removes_its_hooks(make_tiny_mar
         teacher(**inputs)
         student(**inputs)
     assert set(t_out) == set(s_out) == set(HOOKED)
+    sources = source_positioned(teacher, HOOKED)
     for name in HOOKED:
         module = teacher.get_submodule(name)
         width = module.out_features if isinstance(module, nn.Linear) else teacher.config.d_model
-        assert t_out[name].shape == s_out[name].shape == (b, s if source_positioned(name) else t, width), name
+        assert t_out[name].shape == s_out[name].shape == (b, s if name in sources else t, width), name
         # the student is a truncated factorization: its recorded activations really are its own
         assert not torch.allclose(t_out[name], s_out[name]), name
     assert all_hooks_removed(teacher) and all_hooks_removed(student)

@@ -1,0 +1,377 @@
+"""Beyond MarianMT: the same surgery, distillation, save and reload on tiny random models of each
+family (NLLB-200/M2M100, mBART, BART, T5, mT5 with an untied head), driven by one table; forced
+target-language tokens, T5's task prefix, and the architectures that are refused."""
+
+import json
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+
+import datasets
+import pytest
+import sentencepiece as spm
+import torch
+from conftest import LOADERS, save_model_folder
+from torch import nn
+from transformers import (
+    AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig, BertConfig, EncoderDecoderConfig, EncoderDecoderModel,
+    GPT2Config, GPT2LMHeadModel, M2M100Config, MarianConfig, MBartConfig, MT5Config, T5Config,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
+
+import compress_model
+import data
+import decomposition
+from distillation.knowledge_distillation import LOSS_TERMS, DistillationSettings, decoder_inputs, source_positioned
+from matrix_decomposition import (
+    DecompositionError, LowRankEmbedding, LowRankLinear, check_supported, count_parameters, decompose_,
+    default_targets, init_notes, load_pretrained, max_saving_rank, ranks_for_ratio, save_compressed_model,
+)
+
+RANK = 4
+BART_LIKE = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+T5_LIKE = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+               relative_attention_num_buckets=8)
+
+
+@dataclass
+class Family:
+    """One architecture, with what its layers are called spelled out here, independently of the code."""
+
+    name: str
+    config_class: type
+    kwargs: dict
+    layers: tuple[str, str]  # prefixes of the encoder's and the decoder's layers
+    linears: tuple[int, int]  # nn.Linear per encoder / decoder layer
+    cross_kv: tuple[str, str]  # the decoder's cross-attention key and value projections
+    embedding: str  # the token embedding's module name
+    tied_head: bool = True
+
+    def make(self, tokenizer):
+        ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        starts_with_pad = self.config_class in (MarianConfig, T5Config, MT5Config)  # the others with </s>
+        start = tokenizer.pad_token_id if starts_with_pad else tokenizer.eos_token_id
+        if self.config_class not in (T5Config, MT5Config):
+            ids.update(bos_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        config = self.config_class(**ids, decoder_start_token_id=start, **self.kwargs)
+        model = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING[self.config_class](config)
+        if self.tied_head:
+            return model.eval()
+        # transformers builds T5 models tied and unties a head only when loading a checkpoint that holds
+        # its own table, as mT5's and MADLAD's do: made here the same way
+        model.lm_head.weight = nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.1)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            return AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+
+
+MARIAN_NAMES = dict(layers=("model.encoder.layers.", "model.decoder.layers."), linears=(6, 10),
+                    cross_kv=("encoder_attn.k_proj", "encoder_attn.v_proj"), embedding="model.shared")
+T5_NAMES = dict(layers=("encoder.block.", "decoder.block."), cross_kv=("EncDecAttention.k", "EncDecAttention.v"),
+                embedding="shared")
+FAMILIES = [
+    Family("marian", MarianConfig, BART_LIKE, **MARIAN_NAMES),
+    # sinusoidal positions counted from the pad id: 299 in the tiny vocabulary (1 in NLLB's)
+    Family("nllb-m2m100", M2M100Config, {**BART_LIKE, "scale_embedding": True, "max_position_embeddings": 320},
+           **MARIAN_NAMES),
+    Family("mbart", MBartConfig, {**BART_LIKE, "scale_embedding": True}, **MARIAN_NAMES),
+    Family("bart", BartConfig, BART_LIKE, **MARIAN_NAMES),
+    Family("t5", T5Config, T5_LIKE, linears=(6, 10), **T5_NAMES),  # no biases; tied head scaled by d_model^-0.5
+    Family("mt5", MT5Config, {**T5_LIKE, "feed_forward_proj": "gated-gelu"},
+           linears=(7, 11), tied_head=False, **T5_NAMES),  # wi_0, wi_1; the head is a layer of its own
+]
+CASES = [pytest.param(f, id=f.name) for f in FAMILIES]
+BY_NAME = {f.name: f for f in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def train_set(tiny_pairs, tiny_tokenizer):
+    datasets.disable_progress_bars()
+    pairs = datasets.Dataset.from_dict({"source_text": [s for s, _ in tiny_pairs[:32]],
+                                        "target_text": [t for _, t in tiny_pairs[:32]]})
+    config = compress_model.Config(max_source_length=12, max_target_length=12)
+    return data.preprocess(pairs, tiny_tokenizer, config, compress_model.default_data_preprocessor)
+
+
+@pytest.fixture(scope="module")
+def batches(train_set, tiny_tokenizer):
+    return decomposition.calibration_batches(train_set, tiny_tokenizer, 16, 8)
+
+
+# ---------------------------------------------------------------------------------------------
+# Which layers
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_default_targets_are_every_linear_of_the_layers(family, tiny_tokenizer):
+    model = family.make(tiny_tokenizer)
+    targets = default_targets(model)
+    expected = [name for name, m in model.named_modules()
+                if isinstance(m, nn.Linear) and name.startswith(family.layers)]
+    assert targets == expected and len(targets) == 2 * family.linears[0] + 2 * family.linears[1]
+    assert not any("relative_attention_bias" in name or "lm_head" in name for name in targets)
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_source_positioned_are_the_encoder_and_the_cross_attention_keys_values(family, tiny_tokenizer):
+    model = family.make(tiny_tokenizer)
+    targets = default_targets(model)
+    expected = {n for n in targets if n.startswith(family.layers[0]) or n.endswith(family.cross_kv)}
+    assert source_positioned(model, targets) == expected and len(expected) == 2 * family.linears[0] + 4
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_star_factorizes_the_token_embedding_the_head_and_leaves_t5s_relative_bias(family, tiny_tokenizer):
+    model = family.make(tiny_tokenizer)
+    before = count_parameters(model)
+    relative = {n: m.weight.detach().clone() for n, m in model.named_modules() if "relative_attention_bias" in n}
+    shapes = {n: model.get_submodule(n).weight.shape for n in default_targets(model) + [family.embedding, "lm_head"]}
+    ranks = decompose_(model, ["*"], RANK)
+    head = [] if family.tied_head else ["lm_head"]
+    assert list(ranks) == [family.embedding, *default_targets(model), *head]
+    embedding = model.get_submodule(family.embedding)
+    assert isinstance(embedding, LowRankEmbedding) and model.get_input_embeddings() is embedding
+    assert isinstance(model.lm_head, LowRankLinear)
+    assert (model.lm_head.up.weight is embedding.up.weight) is family.tied_head
+    for name, weight in relative.items():  # T5: untouched, still an embedding with the same table
+        assert type(model.get_submodule(name)) is nn.Embedding and torch.equal(model.get_submodule(name).weight, weight)
+    # r·(n+d) per layer instead of n·d; biases (none in T5) and everything else unchanged
+    saved = sum(n * d - RANK * (n + d) for name, (n, d) in shapes.items() if name in ranks)
+    assert count_parameters(model) == before - saved
+    with torch.no_grad():
+        model(input_ids=torch.tensor([[5, 6, 7]]), decoder_input_ids=torch.tensor([[5, 6]]))
+
+
+@pytest.mark.parametrize("family, key, words", [
+    (BY_NAME["t5"], "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight", "(shared.weight)"),
+    (BY_NAME["bart"], "model.decoder.embed_positions.weight", "(model.shared.weight)"),
+], ids=["t5-relative-bias", "bart-positions"])
+def test_other_embeddings_are_refused_with_a_pointer(family, key, words, tiny_tokenizer):
+    pointer = r"not an nn\.Linear.*only the token embedding can be " + re.escape(words)
+    with pytest.raises(DecompositionError, match=pointer):
+        decompose_(family.make(tiny_tokenizer), [key], RANK)
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_full_rank_embedding_reproduces_the_scaled_one(family, tiny_tokenizer):
+    original = family.make(tiny_tokenizer).get_input_embeddings()  # ×√d in NLLB and mBART, ×1 in BART
+    low = LowRankEmbedding.from_embedding(original, original.embedding_dim, svd="exact")
+    ids = torch.tensor([[3, 4, 5, tiny_tokenizer.pad_token_id]])
+    torch.testing.assert_close(low(ids), original(ids), rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation init, sensitivity allocation, distillation, save → reload
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_activation_init_and_sensitivity_allocation(family, tiny_tokenizer, batches):
+    teacher = family.make(tiny_tokenizer)
+    linears = default_targets(teacher)
+    grams = decomposition.gather_input_grams(teacher, linears, batches)
+    assert set(grams) == set(linears) and all(g.abs().sum() > 0 for g in grams.values())
+    student, _ = decomposition.build_student(teacher, ["*"], RANK, input_grams=grams)
+    assert set(init_notes(student)) == {family.embedding} | ({"lm_head"} if not family.tied_head else set())
+    names = [family.embedding, linears[0], linears[-1]]
+    errors = decomposition.sensitivity_errors(teacher, names, batches, points=2)
+    assert all(errors[n][1] >= errors[n][-1] >= 0 for n in names)
+    shapes = [teacher.get_submodule(n).weight.shape for n in names]
+    total = count_parameters(teacher)
+    kept = total - sum(n * d for n, d in shapes)
+    middle = kept + sum(max_saving_rank(n, d) * (n + d) for n, d in shapes) // 2
+    ratio = round(middle / total, 3)
+    ranks = ranks_for_ratio(teacher, names, ratio, errors=errors)
+    allocated, _ = decomposition.build_student(teacher, names, ranks)
+    assert count_parameters(allocated) <= ratio * total
+
+
+@pytest.mark.parametrize("family", CASES)
+def test_distill_save_and_reload_identical(family, tiny_tokenizer, train_set, batches, tmp_path):
+    teacher = family.make(tiny_tokenizer)
+    student, ranks = decomposition.build_student(teacher, ["*"], RANK)
+    settings = DistillationSettings(max_steps=2, batch_size=8, loss_weights=dict.fromkeys(LOSS_TERMS, 1.0),
+                                    progress=False)
+    features = decomposition.resolve_feature_layers(teacher, [], ranks)
+    distiller = decomposition.distill(teacher, student, tiny_tokenizer, train_set, None, settings, features)
+    assert all(torch.isfinite(torch.tensor(v)) for k, v in distiller.history[-1].items() if k in LOSS_TERMS)
+    assert set(distiller.history[-1]) >= set(LOSS_TERMS)
+    student = distiller.unwrapped_student.eval()
+    save_compressed_model(student, tmp_path / "out", tiny_tokenizer)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["model_type"] == f"{teacher.config.model_type}_low_rank"
+    batch = {k: batches[0][k][:3] for k in ("input_ids", "attention_mask")}  # padded: rows of different lengths
+    decoder_input_ids = torch.tensor([[teacher.config.decoder_start_token_id, 5, 6]] * 3)
+    with torch.no_grad():
+        expected = student(**batch, decoder_input_ids=decoder_input_ids).logits
+        generated = student.generate(**batch, max_new_tokens=5, do_sample=False)
+    for loader in ("load_compressed_model", "auto-classes"):
+        loaded = LOADERS[loader](tmp_path / "out")
+        loaded.set_attn_implementation(student.config._attn_implementation)  # eager for the attention loss
+        with torch.no_grad():
+            assert torch.equal(loaded(**batch, decoder_input_ids=decoder_input_ids).logits, expected), loader
+            assert torch.equal(loaded.generate(**batch, max_new_tokens=5, do_sample=False), generated), loader
+
+
+def test_forced_bos_is_carried_into_evaluation_sequence_level_kd_and_the_saved_model(tiny_tokenizer, tmp_path):
+    """The target-language token (here a plain word, "Mary", so that it shows in the decoded text) forced by
+    the generation config starts every translation: BLEU's, the teacher's for sequence-level KD, and
+    the reloaded student's."""
+    teacher = BY_NAME["nllb-m2m100"].make(tiny_tokenizer)
+    mary = tiny_tokenizer.convert_tokens_to_ids("▁Mary")
+    assert tiny_tokenizer.decode([mary]) == "Mary"
+    teacher.generation_config.forced_bos_token_id = mary
+    sources = ["The train arrived.", "He is here."]
+    kwargs = dict(max_new_tokens=4, batch_size=2)
+    assert all(t.startswith("Mary") for t in decomposition.translate(teacher, tiny_tokenizer, sources, **kwargs))
+    targets, _, _ = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path / "cache", "t",
+                                                       **kwargs)
+    assert all(t.startswith("Mary") for t in targets)
+    student, _ = decomposition.build_student(teacher, [], RANK)
+    save_compressed_model(student, tmp_path / "out", tiny_tokenizer)
+    loaded = LOADERS["load_compressed_model"](tmp_path / "out")
+    assert loaded.generation_config.forced_bos_token_id == mary
+    assert all(t.startswith("Mary") for t in decomposition.translate(loaded, tiny_tokenizer, sources, **kwargs))
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI with real multilingual tokenizers: NLLB's language codes, T5's task prefix
+
+
+def sentencepiece_folder(folder, tiny_pairs, file_name, tokenizer_config):
+    """A tokenizer folder: a unigram sentencepiece model trained on the pairs, saved as ``file_name``."""
+    folder.mkdir(parents=True)
+    (folder / "input.txt").write_text("\n".join(s for pair in tiny_pairs for s in pair), encoding="utf-8")
+    spm.SentencePieceTrainer.train(input=str(folder / "input.txt"), model_prefix=str(folder / "sp"), vocab_size=300,
+                                   model_type="unigram", character_coverage=1.0, minloglevel=2, num_threads=1)
+    shutil.move(folder / "sp.model", folder / file_name)
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    return AutoTokenizer.from_pretrained(folder)
+
+
+@pytest.fixture
+def nllb_teacher(tmp_path, tiny_pairs):
+    """A tiny NLLB teacher (M2M100 architecture) with an NLLB tokenizer knowing three language codes."""
+    tokenizer = sentencepiece_folder(tmp_path / "spm", tiny_pairs, "sentencepiece.bpe.model", {
+        "tokenizer_class": "NllbTokenizer", "additional_special_tokens": ["eng_Latn", "deu_Latn", "fra_Latn"]})
+    return save_model_folder(BY_NAME["nllb-m2m100"].make(tokenizer), tokenizer, tmp_path / "nllb")
+
+
+def run_cli(run_dir, monkeypatch, **config):
+    monkeypatch.chdir(run_dir)
+    (run_dir / "config.json").write_text(json.dumps({
+        "dataset_path": "train.csv", "eval_dataset_path": "eval.csv", "output_path": "out", "progress": False,
+        "max_steps": 2, "batch_size": 8, "max_new_tokens": 8, "checkpoint_steps": 0, "num_threads": 1, **config}))
+    return compress_model.main(["--config", "config.json"])
+
+
+@pytest.fixture
+def run_dir(tmp_path, tiny_pairs):
+    from conftest import write_pairs
+
+    write_pairs(tmp_path / "train.csv", tiny_pairs[:24])
+    write_pairs(tmp_path / "eval.csv", tiny_pairs[100:106])
+    return tmp_path
+
+
+def test_nllb_target_language_is_forced_in_the_run_and_the_saved_model(nllb_teacher, run_dir, monkeypatch):
+    assert run_cli(run_dir, monkeypatch, teacher_model_path=str(nllb_teacher), decompose_layers=["*"], k_info=RANK,
+                   source_lang_code="eng_Latn", target_lang_code="deu_Latn", sequence_level_kd=True) == 0
+    out = run_dir / "out"
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    deu = tokenizer.convert_tokens_to_ids("deu_Latn")
+    assert json.loads((out / "generation_config.json").read_text())["forced_bos_token_id"] == deu
+    assert tokenizer.src_lang == "eng_Latn" and tokenizer.tgt_lang == "deu_Latn"
+    assert tokenizer(text_target="Hallo")["input_ids"][0] == deu  # the references start with it too
+    model = LOADERS["auto-classes"](out)
+    generated = model.generate(**tokenizer(["He is here.", "The train arrived."], return_tensors="pt", padding=True))
+    assert (generated[:, 0] == model.config.decoder_start_token_id).all() and (generated[:, 1] == deu).all()
+    assert json.loads((out / "report.json").read_text())["sequence_level_kd"] is True
+
+
+@pytest.mark.parametrize("tokenizer_class, source, target, first", [
+    ("NllbTokenizer", "eng_Latn", "deu_Latn", "forced_bos_token_id"),  # references: code, text, </s>
+    ("MBart50Tokenizer", "en_XX", "de_DE", "forced_bos_token_id"),
+    ("MBartTokenizer", "en_XX", "de_DE", "decoder_start_token_id"),  # mBART-25: text, </s>, code
+])
+def test_decoding_starts_as_the_references_do(tokenizer_class, source, target, first, tmp_path, tiny_pairs):
+    """A teacher loaded with language codes (``set_languages_``): generation starts with what the
+    decoder is trained to see first (the labels shifted right), the target language's code."""
+    codes = {"additional_special_tokens": ["eng_Latn", "deu_Latn"]} if tokenizer_class == "NllbTokenizer" else {}
+    tokenizer = sentencepiece_folder(tmp_path / "spm", tiny_pairs, "sentencepiece.bpe.model",
+                                     {"tokenizer_class": tokenizer_class, **codes})
+    family = BY_NAME["nllb-m2m100"] if tokenizer_class == "NllbTokenizer" else BY_NAME["mbart"]
+    folder = save_model_folder(family.make(tokenizer), tokenizer, tmp_path / "teacher")
+    teacher, tokenizer = load_pretrained(str(folder), "teacher_model_path", {"src_lang": source, "tgt_lang": target})
+    compress_model.set_languages_(teacher, tokenizer, source, target)
+    code = tokenizer.convert_tokens_to_ids(target)
+    assert code != tokenizer.unk_token_id and getattr(teacher.generation_config, first) == code
+    labels = torch.tensor(tokenizer(text_target=["Er ist hier."])["input_ids"])
+    generated = teacher.generate(**tokenizer(["He is here."], return_tensors="pt"), max_new_tokens=3)
+    n = 2 if first == "forced_bos_token_id" else 1  # (decoder start, code) or (code)
+    assert decoder_inputs(teacher, labels)[0, :n].tolist() == generated[0, :n].tolist() and code in generated[0, :n]
+
+
+@pytest.mark.parametrize("teacher, changes, words", [
+    ("nllb", {"target_lang_code": "xxx_Latn"}, ["target_lang_code", "'xxx_Latn' is not a language code", "'eng_Latn'"]),
+    ("nllb", {"source_lang_code": "deu_Latn"}, ["target_lang_code", "multilingual", "set target_lang_code"]),
+    ("marian", {"target_lang_code": "deu_Latn"}, ["target_lang_code", "MarianTokenizer", "has no language codes"]),
+    ("nllb", {"target_lang_code": "deu_Latn", "export": ["onnx"]}, ["export: M2M100ForConditionalGeneration",
+                                                               "supported is MarianMT", "leave export out"]),
+])
+def test_bad_family_configs_are_one_line_errors(teacher, changes, words, nllb_teacher, tiny_teacher_dir, run_dir,
+                                                monkeypatch, capsys):
+    folder = nllb_teacher if teacher == "nllb" else tiny_teacher_dir
+    assert run_cli(run_dir, monkeypatch, teacher_model_path=str(folder), **changes) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and all(word in err for word in words), err
+    assert not (run_dir / "out").exists()
+
+
+def test_t5_task_prefix_by_the_preprocessing_hook(tmp_path, tiny_pairs, run_dir, monkeypatch):
+    """mT5 (untied head, no biases, decoder_start_token_id = pad) with a sentencepiece T5 tokenizer and
+    the task prefix added by ``data_preprocessor``, for training and evaluation alike."""
+    tokenizer = sentencepiece_folder(tmp_path / "spm", tiny_pairs, "spiece.model", {"tokenizer_class": "T5Tokenizer"})
+    teacher = save_model_folder(BY_NAME["mt5"].make(tokenizer), tokenizer, tmp_path / "teacher")
+    seen = []
+
+    def with_prefix(batch, tokenizer, config):
+        sources = ["translate English to German: " + s for s in batch["source_text"]]
+        seen.extend(sources)
+        return compress_model.default_data_preprocessor({**batch, "source_text": sources}, tokenizer, config)
+
+    monkeypatch.setattr(compress_model, "data_preprocessor", with_prefix)
+    assert run_cli(run_dir, monkeypatch, teacher_model_path=str(teacher), decompose_layers=["*"], k_info=RANK) == 0
+    assert len(seen) == 24 + 6  # every training and evaluation source
+    report = json.loads((run_dir / "out" / "report.json").read_text())
+    assert "lm_head" in report["ranks"] and "shared" in report["ranks"]
+    model = LOADERS["auto-classes"](run_dir / "out")
+    generated = model.generate(**tokenizer(seen[:2], return_tensors="pt", padding=True), max_new_tokens=4)
+    assert (generated[:, 0] == tokenizer.pad_token_id).all()  # T5 starts decoding from its pad token
+
+
+# ---------------------------------------------------------------------------------------------
+# Refused architectures
+
+
+def test_a_decoder_only_teacher_is_refused_in_one_line(tmp_path, tiny_tokenizer, run_dir, monkeypatch, capsys):
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=len(tiny_tokenizer), n_embd=16, n_layer=1, n_head=2, n_positions=32))
+    folder = save_model_folder(gpt2, tiny_tokenizer, tmp_path / "gpt2")
+    assert run_cli(run_dir, monkeypatch, teacher_model_path=str(folder)) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "gpt2 model, not an encoder-decoder; supported:" in err, err
+    assert "T5" in err and "NLLB" in err and not (run_dir / "out").exists()
+
+
+def test_conv1d_layers_are_refused_in_one_line(tiny_tokenizer):
+    """An encoder-decoder whose decoder is GPT-2 (Conv1D projections, weights stored transposed)."""
+    encoder = BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32)
+    decoder = GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2, n_positions=32)
+    model = EncoderDecoderModel(EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder))
+    for surgery in (check_supported, default_targets, lambda m: decompose_(m, [], RANK)):
+        with pytest.raises(DecompositionError, match=r"decoder\.transformer\.h\.0\.attn\.c_attn is a Conv1D layer "
+                                                     r"\(GPT-2 style\), not an nn\.Linear; supported: .*T5"):
+            surgery(model)
