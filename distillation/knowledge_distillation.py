@@ -43,6 +43,7 @@ from distillation.distillation_loss import (
 )
 
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
+CURVE_POINTS = 200  # points of the recorded training curve (``Distiller.curve``)
 CHECKPOINT_ENTRIES = ("latest", ".latest.tmp", "step-*", ".tmp-step-*")  # what _save_checkpoint writes
 
 
@@ -141,6 +142,10 @@ class Distiller:
                                                     self.total_steps * n)
         self.scheduler = self.accelerator.prepare(scheduler)
         self.history: list[dict] = []
+        # the loss terms averaged over every ``curve_every`` steps, with the seconds trained so far: at
+        # most about CURVE_POINTS points, for the training-curve picture
+        self.curve: list[dict] = []
+        self.curve_every = max(1, math.ceil(self.total_steps / CURVE_POINTS))
         # what training went through, repeats counted: pairs and their real (non-padded) tokens
         self.trained = {"pairs": 0, "source_tokens": 0, "target_tokens": 0}
 
@@ -192,6 +197,7 @@ class Distiller:
         s, acc = self.settings, self.accelerator
         self.student.train()
         step, first_epoch, skip, elapsed, running = 0, 0, 0, 0.0, {}
+        interval: dict[str, float] = {}  # the terms summed over the steps since the last point of the curve
         if s.resume:
             step, first_epoch, skip, elapsed, running = self._load_checkpoint()
         start = time.time() - elapsed
@@ -228,6 +234,13 @@ class Distiller:
                     terms["loss"] = loss.detach()
                     for k, v in terms.items():  # exponential moving average for display
                         running[k] = v.item() if k not in running else 0.95 * running[k] + 0.05 * v.item()
+                        interval[k] = interval.get(k, 0.0) + v.item()
+                    interval["steps"] = interval.get("steps", 0) + 1
+                    if step % self.curve_every == 0 or step >= self.total_steps:
+                        n = interval.pop("steps")
+                        self.curve.append({"step": step, "seconds": round(time.time() - start, 3),
+                                           **{k: round(v / n, 4) for k, v in interval.items()}})
+                        interval = {}
                     bar.update(1)
                     bar.set_postfix_str(self._fmt(running), refresh=False)
                     if s.eval_steps and step % s.eval_steps == 0:
@@ -283,7 +296,7 @@ class Distiller:
                        tmp / "trainer_state.pt")
             (tmp / "progress.json").write_text(json.dumps({
                 "step": step, "epoch": epoch, "batches_done": batches_done, "elapsed": elapsed,
-                "running": running, "history": self.history, "trained": trained}))
+                "running": running, "history": self.history, "curve": self.curve, "trained": trained}))
             final = root / f"step-{step:08d}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -316,6 +329,7 @@ class Distiller:
         random.setstate(state["python_rng"])
         progress = json.loads((path / "progress.json").read_text())
         self.history = progress["history"]
+        self.curve = progress.get("curve", [])
         if self.accelerator.is_main_process:  # the others start from 0: the sum over the processes stays right
             self.trained.update(progress.get("trained", {}))
         epoch, batches_done = progress["epoch"], progress["batches_done"]
