@@ -586,10 +586,11 @@ def run_inputs(config: Config, config_path: str | os.PathLike | None = None) -> 
 
 
 def quiet_transformers() -> None:
+    """Silence transformers' warnings and "Loading weights" bars: ours are the messages that matter."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars; ours are the ones that matter
+    hf_logging.disable_progress_bar()
     warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
 
 
