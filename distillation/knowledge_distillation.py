@@ -146,6 +146,7 @@ class Distiller:
         # most about CURVE_POINTS points, for the training-curve picture
         self.curve: list[dict] = []
         self.curve_every = max(1, math.ceil(self.total_steps / CURVE_POINTS))
+        self._curve_sums: dict[str, float] = {}  # the terms summed over the steps since the curve's last point
         # what training went through, repeats counted: pairs and their real (non-padded) tokens
         self.trained = {"pairs": 0, "source_tokens": 0, "target_tokens": 0}
 
@@ -197,7 +198,6 @@ class Distiller:
         s, acc = self.settings, self.accelerator
         self.student.train()
         step, first_epoch, skip, elapsed, running = 0, 0, 0, 0.0, {}
-        interval: dict[str, float] = {}  # the terms summed over the steps since the last point of the curve
         if s.resume:
             step, first_epoch, skip, elapsed, running = self._load_checkpoint()
         start = time.time() - elapsed
@@ -232,15 +232,16 @@ class Distiller:
                         continue
                     step += 1
                     terms["loss"] = loss.detach()
+                    sums = self._curve_sums
                     for k, v in terms.items():  # exponential moving average for display
                         running[k] = v.item() if k not in running else 0.95 * running[k] + 0.05 * v.item()
-                        interval[k] = interval.get(k, 0.0) + v.item()
-                    interval["steps"] = interval.get("steps", 0) + 1
+                        sums[k] = sums.get(k, 0.0) + v.item()
+                    sums["steps"] = sums.get("steps", 0) + 1
                     if step % self.curve_every == 0 or step >= self.total_steps:
-                        n = interval.pop("steps")
+                        n = sums.pop("steps")
                         self.curve.append({"step": step, "seconds": round(time.time() - start, 3),
-                                           **{k: round(v / n, 4) for k, v in interval.items()}})
-                        interval = {}
+                                           **{k: round(v / n, 4) for k, v in sums.items()}})
+                        sums.clear()
                     bar.update(1)
                     bar.set_postfix_str(self._fmt(running), refresh=False)
                     if s.eval_steps and step % s.eval_steps == 0:
@@ -296,7 +297,8 @@ class Distiller:
                        tmp / "trainer_state.pt")
             (tmp / "progress.json").write_text(json.dumps({
                 "step": step, "epoch": epoch, "batches_done": batches_done, "elapsed": elapsed,
-                "running": running, "history": self.history, "curve": self.curve, "trained": trained}))
+                "running": running, "history": self.history, "curve": self.curve,
+                "curve_sums": self._curve_sums, "trained": trained}))
             final = root / f"step-{step:08d}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -329,7 +331,7 @@ class Distiller:
         random.setstate(state["python_rng"])
         progress = json.loads((path / "progress.json").read_text())
         self.history = progress["history"]
-        self.curve = progress.get("curve", [])
+        self.curve, self._curve_sums = progress.get("curve", []), progress.get("curve_sums", {})
         if self.accelerator.is_main_process:  # the others start from 0: the sum over the processes stays right
             self.trained.update(progress.get("trained", {}))
         epoch, batches_done = progress["epoch"], progress["batches_done"]

@@ -181,3 +181,28 @@ def test_pictures_of_a_factorized_embedding(tmp_path, make_tiny_marian):
     assert [p.name for p in written] == ["spectrum.png", "ranks.png", "training.png", "report.md"]
     assert_pictures(tmp_path, ["spectrum.png", "ranks.png", "training.png"])
     assert {pictures.layer_kind(name) for name in ranks} == {"embedding", "feed-forward"}
+
+
+def test_a_resumed_run_draws_the_same_training_curve(run_dir, monkeypatch):
+    monkeypatch.chdir(run_dir)
+    monkeypatch.setattr(knowledge_distillation, "CURVE_POINTS", 2)  # a point every 3 steps; checkpoints every 2
+    edit_config(run_dir, max_steps=6, epoch=2, checkpoint_steps=2)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    straight = json.loads((run_dir / "out" / "report.json").read_text())["loss_curve"]
+
+    real_step, calls = knowledge_distillation.Distiller._loss_step, {"n": 0}
+
+    def poisoned(self, *args):  # the run stops at step 4, after the checkpoint of step 2
+        loss, terms = real_step(self, *args)
+        calls["n"] += 1
+        return (loss * float("nan"), terms) if calls["n"] == 4 else (loss, terms)
+
+    edit_config(run_dir, output_path="again")
+    monkeypatch.setattr(knowledge_distillation.Distiller, "_loss_step", poisoned)
+    assert compress_model.main(["--config", "config.json"]) == 1
+    monkeypatch.setattr(knowledge_distillation.Distiller, "_loss_step", real_step)
+    assert compress_model.main(["--config", "config.json", "--resume"]) == 0
+    resumed = json.loads((run_dir / "again" / "report.json").read_text())["loss_curve"]
+    assert [p["step"] for p in straight] == [3, 6]
+    assert [{k: v for k, v in p.items() if k != "seconds"} for p in resumed] == \
+        [{k: v for k, v in p.items() if k != "seconds"} for p in straight]
