@@ -3,6 +3,7 @@ then recover it by distillation.
 
     python compress_model.py                     # reads ./config.json
     python compress_model.py --config my.json    # another config
+    python compress_model.py --plan              # what the run would do: layers, ranks, sizes, time; writes nothing
     torchrun --nproc_per_node 2 compress_model.py   # data-parallel distillation
 
 The chosen ``nn.Linear`` weights W (n×d) of the teacher are replaced by truncated-SVD factors
@@ -12,7 +13,7 @@ trained to imitate the untouched teacher. The run writes the compressed model an
 Beyond that: factors fitted to the layers' activations (``init``), ranks allocated to a
 parameter budget (``target_ratio``), the shared embedding factorized too (``model.shared.weight``),
 training on the teacher's own translations (``sequence_level_kd``) and an int8 evaluation
-(``quantize_int8``).
+(``quantize_int8``). ``target_ratio`` or ``k_info`` given as a list runs a size sweep (``run_sweep``).
 """
 
 from __future__ import annotations
@@ -127,13 +128,15 @@ class Config:
         "help": "state-dict keys of the nn.Linear weights to factorize, or patterns (\"model.decoder.*\"); "
                 "[] = every linear in the encoder/decoder layers; model.shared.weight factorizes the shared "
                 "embedding together with its tied output layer; [\"*\"] = all of these"})
-    k_info: int | dict[str, int] | None = field(default=None, metadata={
+    k_info: int | dict[str, int] | list[int] | None = field(default=None, metadata={
         "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\"; left out: "
-                f"{DEFAULT_RANK}, or allocated when target_ratio is set"})
-    target_ratio: float | None = field(default=None, metadata={
+                f"{DEFAULT_RANK}, or allocated when target_ratio is set; a list of ints: a size sweep, one model per "
+                "rank"})
+    target_ratio: float | list[float] | None = field(default=None, metadata={
         "help": "fraction of the total parameters (embeddings included) of the model factorized (the teacher, or "
                 "student_model_path) the student keeps, e.g. 0.5; leave k_info out: per-layer ranks are "
-                "allocated to meet it (see rank_allocation)"})
+                "allocated to meet it (see rank_allocation); a list: a size sweep, one model per value, in its "
+                "own subfolder of output_path"})
     rank_allocation: str = field(default="sensitivity", metadata={
         "help": "how target_ratio shares the budget: sensitivity (least drift, in KL, of the teacher's predictions "
                 "on calibration_samples pairs, each layer measured at a few ranks, as ASVD does) | spectrum (least "
@@ -194,6 +197,9 @@ class Config:
         "help": "CPU threads for torch; null = OMP_NUM_THREADS if set, else the cores the load average leaves free "
                 "(set 1 on a machine other jobs may start using)"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
+    plan: bool = field(default=False, metadata={
+        "help": "only print the plan (layers, ranks, parameters, sizes, predicted speed-up, estimated time) and "
+                "stop, writing nothing; the same as --plan"})
 
     def __post_init__(self) -> None:
         positive = ["epoch", "batch_size", "eval_size", "max_source_length", "max_target_length",
@@ -210,9 +216,14 @@ class Config:
         for name in ("weight_decay", "max_grad_norm", "eval_steps", "label_smoothing", "warmup_ratio", "checkpoint_steps"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
-        if self.target_ratio is not None and not 0 < self.target_ratio < 1:
-            raise ConfigError(f"target_ratio: must be above 0 and below 1 (a fraction of the teacher's parameters), "
-                              f"got {self.target_ratio}")
+        for name in ("target_ratio", "k_info"):
+            value = getattr(self, name)
+            if isinstance(value, list) and (not value or len(set(value)) < len(value)):
+                raise ConfigError(f"{name}: the sweep {json.dumps(value)} needs one or more different values")
+        for ratio in self.target_ratio if isinstance(self.target_ratio, list) else [self.target_ratio]:
+            if ratio is not None and not 0 < ratio < 1:
+                raise ConfigError(f"target_ratio: must be above 0 and below 1 (a fraction of the teacher's "
+                                  f"parameters), got {ratio}")
         if self.target_ratio is not None and self.k_info is not None:  # given, whatever its value
             raise ConfigError(f"k_info: {json.dumps(self.k_info)} is ignored when target_ratio is set; "
                               f"remove one of them")
@@ -388,13 +399,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, epilog=config_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config.json", help="the JSON config to run (default: ./config.json)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue an interrupted run from its latest checkpoint (same config)")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue an interrupted run from its latest checkpoint (same config)")
+    mode.add_argument("--plan", action="store_true",
+                      help="print the layers, ranks, sizes, predicted speed-up and estimated time of the run, then "
+                           "stop; writes nothing")
     args = parser.parse_args(argv)
     config = None
     try:
         config = load_config(args.config)
-        return run(config, resume=args.resume, config_path=args.config)
+        if args.resume and config.plan:
+            raise ConfigError("plan: true only plans a run; remove it (or --resume) to continue the interrupted run")
+        from sweep import sweep_key
+        if sweep_key(config):
+            return run_sweep(config, sweep_key(config), resume=args.resume, config_path=args.config,
+                             plan_only=args.plan or config.plan)
+        return run(config, resume=args.resume, config_path=args.config, plan_only=args.plan or config.plan)
     except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, not a traceback
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"compress_model.py: {after_interrupt(config)}", file=sys.stderr)
@@ -512,11 +533,25 @@ def run_inputs(config: Config, config_path: str | os.PathLike | None = None) -> 
     return inputs
 
 
-def run(config: Config, resume: bool = False, config_path: str | os.PathLike | None = None) -> int:
+def quiet_transformers() -> None:
+    """Silence transformers' warnings and "Loading weights" bars: ours are the messages that matter."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+
+
+def run(config: Config, resume: bool = False, config_path: str | os.PathLike | None = None, plan_only: bool = False,
+        shared: dict | None = None) -> int:
+    """One compression: data, teacher, decomposition, distillation, evaluation, saved outputs.
+    ``plan_only`` stops after the decomposition and prints the plan (``plan.print_plan``) instead,
+    writing nothing. ``shared`` is a sweep's memory across its runs: the teacher's evaluation
+    ("teacher") and the sensitivity curves ("errors") are taken from it when there, stored otherwise;
+    the outputs go to its "save_into" folder (the sweep's temporary one) instead of output_path."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     import torch
     from accelerate import PartialState
-    from transformers.utils import logging as hf_logging
 
     import data
     import decomposition
@@ -525,10 +560,10 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         check_target_ratio, count_parameters, describe_ranks, init_notes, load_pretrained, quantize_int8,
         ranks_for_ratio, resolve_ranks,
     )
+    from pictures import write_run_pictures
+    from plan import layer_spectra, no_saving_bounds
 
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()  # "Loading weights" bars; ours are the ones that matter
-    warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
+    quiet_transformers()
     state = PartialState(cpu=distributed_on_cpu())  # one process, or one of several under torchrun / accelerate launch
     main_process = state.is_main_process
     say = print if main_process else (lambda *a, **k: None)
@@ -586,7 +621,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     with state.main_process_first():
         train_set = preprocess(train_pairs)
         eval_set = preprocess(eval_pairs)
-    if config.sequence_level_kd:  # the teacher's translations of the model inputs replace the references
+    if config.sequence_level_kd and not plan_only:  # the teacher's translations of the inputs replace the references
         targets, cache_file, reused = decomposition.teacher_translations(  # shared among the processes
             teacher, tokenizer, train_set["input_ids"], cache_dir(config), config.teacher_model_path,
             **generate_kwargs)
@@ -601,6 +636,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     # Decompose: the target layers of the base model (the teacher, or student_model_path); their input
     # statistics (activation init); their ranks (k_info, or allocated to meet target_ratio); then the
     # factorization itself
+    decompose_started = time.time()
     budget = config.target_ratio is not None
     target_layers = list(resolve_ranks(base, config.decompose_layers, 1 if budget else config.k_info))
     if budget:
@@ -608,9 +644,9 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     feature_layers = decomposition.resolve_feature_layers(base, config.feature_layers, target_layers)
     if base is not teacher:  # the loss terms that compare layers need layers of the same shapes
         decomposition.check_student_shapes(teacher, base, config.loss_weights, feature_layers)
-    input_grams, errors = None, None
+    input_grams, errors = None, (shared or {}).get("errors")  # a sweep measures the sensitivity once
     reused = saved.get("ranks") if saved and budget else None  # an allocation is measured once per run
-    sensitivity = budget and config.rank_allocation == "sensitivity" and not reused
+    sensitivity = budget and config.rank_allocation == "sensitivity" and not reused and errors is None
     if config.init == "activation" or sensitivity:
         batches = decomposition.calibration_batches(train_set, tokenizer, config.calibration_samples,
                                                     config.batch_size)
@@ -623,6 +659,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
                                                   input_grams=input_grams, progress=config.progress and main_process)
         say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
             f"in {time.time() - started:.0f} s", flush=True)
+        if shared is not None:
+            shared["errors"] = errors
     if reused:
         k_info = reused
         say("ranks allocated to target_ratio reused from the interrupted run", flush=True)
@@ -639,11 +677,25 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     of = "" if base is teacher else " of the student model"
     say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {base_params:,} → {student_params:,} params{of} "
         f"({100 * student_params / base_params:.1f}%{target})", flush=True)
-
-    # Evaluate the teacher (and a separate student model) and the decomposed model before recovery
-    # (once: a resumed run reuses it)
+    decompose_seconds = time.time() - decompose_started
     folder = checkpoint_dir(config)
     resume_training = bool(saved) and (folder / "latest").is_file()
+    settings = DistillationSettings(
+        epochs=config.epoch, batch_size=config.batch_size, learning_rate=config.learning_rate,
+        weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_steps=config.max_steps,
+        gradient_accumulation_steps=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm,
+        temperature=config.temperature, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
+        eval_steps=config.eval_steps, mixed_precision=config.mixed_precision, seed=config.seed,
+        progress=config.progress, checkpoint_dir=str(folder) if config.checkpoint_steps else None,
+        checkpoint_steps=config.checkpoint_steps, resume=resume_training, group_by_length=config.group_by_length)
+    if plan_only:  # the plan: these layers and ranks, their sizes, speed and time; nothing written
+        if main_process:
+            from plan import print_plan
+            print_plan(teacher, student, ranks, tokenizer, train_set, eval_set, config, settings, feature_layers,
+                       decompose_seconds=decompose_seconds, shared=shared)
+        return 0
+
+    # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)
     if saved:
         report = saved["report"]
         say(f"resuming from {folder}" + ("" if resume_training else " (no checkpoint yet: distilling from the start)"),
@@ -655,9 +707,14 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
             if base is teacher:
                 del models["student_base"]
             for name, model in models.items():
+                if name == "teacher" and (shared or {}).get("teacher"):  # a sweep evaluates the teacher once
+                    report[name] = shared["teacher"]
+                    continue
                 report[name] = decomposition.evaluate_translation(model, tokenizer, sources, references,
                                                                   desc=f"BLEU {name.replace('_', ' ')}",
                                                                   **generate_kwargs)
+            if shared is not None:
+                shared["teacher"] = report["teacher"]
             say("BLEU " + ", ".join(f"{name.replace('_', ' ')} {report[name]['bleu']:.2f}" for name in models)
                 + " (before recovery)", flush=True)
             if config.checkpoint_steps:
@@ -667,14 +724,6 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
                                                 {"config": requested, "report": report, "ranks": ranks})
 
     # Distill
-    settings = DistillationSettings(
-        epochs=config.epoch, batch_size=config.batch_size, learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_steps=config.max_steps,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm,
-        temperature=config.temperature, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
-        eval_steps=config.eval_steps, mixed_precision=config.mixed_precision, seed=config.seed,
-        progress=config.progress, checkpoint_dir=str(folder) if config.checkpoint_steps else None,
-        checkpoint_steps=config.checkpoint_steps, resume=resume_training, group_by_length=config.group_by_length)
     distiller = decomposition.distill(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers)
     student = distiller.unwrapped_student
     if not main_process:
@@ -700,7 +749,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         "train_source_tokens": distiller.trained["source_tokens"],
         "train_target_tokens": distiller.trained["target_tokens"], "train_dataset_pairs": len(train_set),
         "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "processes": state.num_processes,
-        "history": distiller.history,
+        "history": distiller.history, "loss_curve": distiller.curve,
         "bleu_signature": "sacrebleu corpus_bleu/corpus_chrf defaults (13a tokenization), "
                           f"{'greedy' if config.num_beams == 1 else f'beam {config.num_beams}'} decoding",
     })
@@ -708,12 +757,75 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     # Save (atomically, with a length limit for generate() and the exports asked for); then drop the
     # checkpoints of the finished run
     decomposition.set_generation_limit_(student, config.max_new_tokens)
-    decomposition.save_outputs(config.output_path, student, tokenizer, report, dataclasses.asdict(config),
+    pictures = partial(write_run_pictures, spectra=layer_spectra(base, ranks), bounds=no_saving_bounds(base, ranks))
+    decomposition.save_outputs((shared or {}).get("save_into", config.output_path), student, tokenizer, report,
+                               dataclasses.asdict(config),
                                exports=config.export, evaluate=partial(decomposition.evaluate_export, sources=sources,
-                                                                       references=references, **generate_kwargs))
+                                                                       references=references, **generate_kwargs),
+                               write_more=pictures)
     remove_checkpoints(folder)
     print_report(report)
-    print(f"saved to {config.output_path}")
+    print(f"saved to {config.output_path}" + (" (when the sweep ends)" if shared else ""))
+    return 0
+
+
+def run_sweep(config: Config, key: str, resume: bool = False, config_path: str | os.PathLike | None = None,
+              plan_only: bool = False) -> int:
+    """One ``run`` per value of the list ``key`` (target_ratio or k_info) holds, sharing the teacher's
+    evaluation and the sensitivity measurement; each model goes to its own subfolder of output_path,
+    with the sweep's table, report.json and BLEU-against-size curve next to them. The whole folder
+    appears at the end, atomically, like a single run's."""
+    import tempfile
+
+    import decomposition
+    from matrix_decomposition import check_target_ratio, resolve_ranks
+    from pictures import write_sweep_pictures
+    from sweep import folder_name, print_sweep, sweep_report, sweep_row
+
+    values = getattr(config, key)
+    if resume:
+        raise ConfigError(f"--resume: a sweep ({key} {json.dumps(values)}) keeps no checkpoints and cannot be "
+                          f"resumed; run it again")
+    inputs = run_inputs(config, config_path)
+    final = decomposition.check_output_path(config.output_path, config.overwrite_output, inputs)
+    quiet_transformers()
+    teacher, _ = load_teacher(config.teacher_model_path)  # every value checked before hours go into the first
+    for value in values:
+        layers = resolve_ranks(teacher, config.decompose_layers, 1 if key == "target_ratio" else value)
+        if key == "target_ratio":
+            check_target_ratio(teacher, layers, value)
+    del teacher
+
+    def one(value) -> Config:  # its own subfolder, the sweep's sequence-level KD cache, no checkpoints
+        return dataclasses.replace(config, **{key: value}, output_path=str(final / folder_name(key, value)),
+                                   plan=False, cache_dir=str(cache_dir(config)), checkpoint_steps=0)
+
+    shared: dict = {}
+    if plan_only:
+        for value in values:
+            print(f"\nsweep: {key} {value}")
+            run(one(value), config_path=config_path, plan_only=True, shared=shared)
+        return 0
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        rows = []
+        for i, value in enumerate(values, 1):
+            print(f"\nsweep {i}/{len(values)}: {key} {value} → {final / folder_name(key, value)}", flush=True)
+            shared["save_into"] = str(tmp / folder_name(key, value))
+            run(one(value), config_path=config_path, shared=shared)
+            report = json.loads((tmp / folder_name(key, value) / "report.json").read_text(encoding="utf-8"))
+            rows.append(sweep_row(key, value, report))
+        summary = sweep_report(key, rows, shared["teacher"])
+        decomposition.write_json_atomic(tmp / "report.json", summary)
+        decomposition.write_json_atomic(tmp / "compression_config.json", dataclasses.asdict(config))
+        write_sweep_pictures(tmp, summary)
+        decomposition.replace_folder(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    print_sweep(summary)
+    print(f"saved to {config.output_path} (one subfolder per model; report.md shows the table and the curve)")
     return 0
 
 

@@ -430,11 +430,12 @@ def write_json_atomic(path: Path, data) -> None:
 
 
 def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report: dict, config: dict,
-                 exports: Sequence[str] = (), evaluate=None) -> None:
+                 exports: Sequence[str] = (), evaluate=None, write_more=None) -> None:
     """Write the compressed model, tokenizer, the config used and ``report.json`` to ``path``,
     atomically: everything goes to a temporary sibling folder that is then renamed into place
     (an existing folder is replaced only once the new one is complete). Each of ``exports``
-    ("onnx", "onnx-int8") becomes a subfolder of that name; ``evaluate(folder)`` gives its report row."""
+    ("onnx", "onnx-int8") becomes a subfolder of that name; ``evaluate(folder)`` gives its report row.
+    ``write_more(folder, report)`` adds files of its own (the pictures and report.md)."""
     from onnx_export import export
 
     path = Path(path)
@@ -449,14 +450,22 @@ def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report:
                 report[f"student_{name.replace('-', '_')}"] = {"params": report["student"]["params"], **evaluate(folder)}
         (tmp / "compression_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        chmod_as_umask(tmp, 0o777)  # a folder like any other the user makes, not mkdtemp's 0700
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
+        if write_more is not None:
+            write_more(tmp, report)
+        replace_folder(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def replace_folder(tmp: Path, path: Path) -> None:
+    """Rename the finished temporary folder ``tmp`` to ``path``, replacing what was there only now,
+    with the permissions a folder the user makes gets (not mkdtemp's 0700)."""
+    chmod_as_umask(tmp, 0o777)
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old)

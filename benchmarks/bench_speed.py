@@ -13,7 +13,7 @@ The model has random weights (no download): d_model 512, 6+6 layers, 8 heads, ff
 - measured speedup vs dense (median over repeats of the dense/factorized ratio of the same round),
   the speedup an analytic multiply-add count predicts, and measured/predicted.
 
-The FLOP model counts the work that factorization changes plus the work it cannot touch:
+The FLOP model (``plan.predicted_macs``, shared with ``compress_model.py --plan``) counts the work that factorization changes plus the work it cannot touch:
 every linear (r·(n+d) per token when factorized, n·d when dense), the attention score and value
 matmuls (2·Lq·Lk·d_model per layer), and the lm_head (V·d per decoded token). In generation the
 decoder runs one token per step, self-attention reads a cache of t keys at step t, and the
@@ -51,18 +51,17 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
 from transformers import MarianConfig, MarianMTModel
 from transformers.utils import logging as hf_logging
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matrix_decomposition import (  # noqa: E402
     DecompositionError,
-    LowRankLinear,
     count_parameters,
     decompose_,
     default_targets,
 )
+from plan import predicted_macs  # noqa: E402  (the FLOP model, shared with the plan)
 
 FULL_MODEL = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
                   decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, vocab_size=58101,
@@ -78,62 +77,6 @@ QUICK = dict(ranks="8,16", batch_sizes="1,2", src_len=8, tgt_len=8, new_tokens=4
              warmup=1, min_time=0.0)
 TARGET_GEN_SPEEDUP = 1.45  # the paper's generation speedup at opus-mt-en-de shape
 TARGET_EFFICIENCY = 0.85  # measured speedup as a share of the FLOP prediction
-
-
-# ---------------------------------------------------------------------------------------------
-# The FLOP model
-
-
-def linear_macs(model: nn.Module) -> dict[str, int]:
-    """Module name → multiply-adds per token of every linear map: r·(n+d) for a ``LowRankLinear``,
-    n·d for an ``nn.Linear`` (the two halves of a ``LowRankLinear`` are not listed again)."""
-    macs, low_rank = {}, []
-    for name, module in model.named_modules():
-        if any(name.startswith(f"{parent}.") for parent in low_rank):
-            continue
-        if isinstance(module, LowRankLinear):
-            low_rank.append(name)
-            macs[name] = module.rank * (module.in_features + module.out_features)
-        elif isinstance(module, nn.Linear):
-            macs[name] = module.in_features * module.out_features
-    return macs
-
-
-def role(name: str) -> str:
-    """Which tokens a linear runs on: 'source' (encoder, and the cross-attention k/v of the
-    source, computed once per sequence), 'target' (decoder, once per decoded token) or 'lm_head'."""
-    if name == "lm_head":
-        return "lm_head"
-    if name.startswith("model.encoder.layers.") or name.endswith(("encoder_attn.k_proj", "encoder_attn.v_proj")):
-        return "source"
-    assert name.startswith("model.decoder.layers."), name  # MarianMTModel has no other linears
-    return "target"
-
-
-def predicted_macs(model: nn.Module, config: MarianConfig, batch: int, src_len: int, tgt_len: int,
-                   mode: str) -> dict[str, int]:
-    """Multiply-adds of one call, split into 'layers' (the linears inside encoder/decoder layers,
-    the part factorization changes), 'lm_head' and 'attention' (score and value matmuls).
-
-    mode 'forward': one teacher-forced pass over ``tgt_len`` target tokens (full T×T self-attention
-    scores, as computed). mode 'generate': ``tgt_len`` decoder steps of one token with KV cache.
-    """
-    d, s, t = config.d_model, src_len, tgt_len
-    parts = {"layers": 0, "lm_head": 0}
-    for name, macs in linear_macs(model).items():
-        kind = role(name)
-        tokens = s if kind == "source" else t
-        parts["lm_head" if kind == "lm_head" else "layers"] += macs * tokens
-    encoder_attention = config.encoder_layers * 2 * s * s * d  # QKᵀ and AV
-    if mode == "forward":
-        self_attention = 2 * t * t * d
-    else:  # step i (1-based) attends over i cached positions
-        self_attention = 2 * d * t * (t + 1) // 2
-    cross_attention = 2 * t * s * d
-    parts["attention"] = encoder_attention + config.decoder_layers * (self_attention + cross_attention)
-    parts = {k: v * batch for k, v in parts.items()}
-    parts["total"] = sum(parts.values())
-    return parts
 
 
 # ---------------------------------------------------------------------------------------------

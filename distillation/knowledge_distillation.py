@@ -46,6 +46,7 @@ from distillation.distillation_loss import (
 )
 
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
+CURVE_POINTS = 200  # points of the recorded training curve (``Distiller.curve``)
 CHECKPOINT_ENTRIES = ("latest", ".latest.tmp", "step-*", ".tmp-step-*")  # what _save_checkpoint writes
 
 
@@ -221,6 +222,11 @@ class Distiller:
                                                     self.total_steps * n)
         self.scheduler = self.accelerator.prepare(scheduler)
         self.history: list[dict] = []
+        # the loss terms averaged over every ``curve_every`` steps, with the seconds trained so far: at
+        # most about CURVE_POINTS points, for the training-curve picture
+        self.curve: list[dict] = []
+        self.curve_every = max(1, math.ceil(self.total_steps / CURVE_POINTS))
+        self._curve_sums: dict[str, float] = {}  # the terms summed over the steps since the curve's last point
         # what training went through, repeats counted: pairs and their real (non-padded) tokens
         self.trained = {"pairs": 0, "source_tokens": 0, "target_tokens": 0}
 
@@ -306,8 +312,16 @@ class Distiller:
                         continue
                     step += 1
                     terms["loss"] = loss.detach()
+                    sums = self._curve_sums
                     for k, v in terms.items():  # exponential moving average for display
                         running[k] = v.item() if k not in running else 0.95 * running[k] + 0.05 * v.item()
+                        sums[k] = sums.get(k, 0.0) + v.item()
+                    sums["steps"] = sums.get("steps", 0) + 1
+                    if step % self.curve_every == 0 or step >= self.total_steps:
+                        n = sums.pop("steps")
+                        self.curve.append({"step": step, "seconds": round(time.time() - start, 3),
+                                           **{k: round(v / n, 4) for k, v in sums.items()}})
+                        sums.clear()
                     bar.update(1)
                     bar.set_postfix_str(self._fmt(running), refresh=False)
                     if s.eval_steps and step % s.eval_steps == 0:
@@ -363,7 +377,8 @@ class Distiller:
                        tmp / "trainer_state.pt")
             (tmp / "progress.json").write_text(json.dumps({
                 "step": step, "epoch": epoch, "batches_done": batches_done, "elapsed": elapsed,
-                "running": running, "history": self.history, "trained": trained}))
+                "running": running, "history": self.history, "curve": self.curve,
+                "curve_sums": self._curve_sums, "trained": trained}))
             final = root / f"step-{step:08d}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)
@@ -396,6 +411,7 @@ class Distiller:
         random.setstate(state["python_rng"])
         progress = json.loads((path / "progress.json").read_text())
         self.history = progress["history"]
+        self.curve, self._curve_sums = progress.get("curve", []), progress.get("curve_sums", {})
         if self.accelerator.is_main_process:  # the others start from 0: the sum over the processes stays right
             self.trained.update(progress.get("trained", {}))
         epoch, batches_done = progress["epoch"], progress["batches_done"]

@@ -774,7 +774,7 @@ BAD_CONFIGS = [  # (changes, words the one-line message must contain)
                  id="allocation-choice"),
     pytest.param({"target_ratio": 0}, ["target_ratio", "above 0 and below 1", "got 0"], id="ratio-zero"),
     pytest.param({"target_ratio": 1.5}, ["target_ratio", "above 0 and below 1", "1.5"], id="ratio-above-one"),
-    pytest.param({"target_ratio": "half"}, ["target_ratio", "expected float or NoneType", '"half"'], id="ratio-type"),
+    pytest.param({"target_ratio": "half"}, ["target_ratio", "expected float or list or NoneType", '"half"'], id="ratio-type"),
     pytest.param({"target_ratio": 0.6}, ["k_info: 4 is ignored when target_ratio is set", "remove one of them"],
                  id="ratio-and-k-info"),
     pytest.param({"target_ratio": 0.6, "k_info": {"model.encoder.layers.0.fc1.weight": 4}},
