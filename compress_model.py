@@ -778,7 +778,7 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
     import tempfile
 
     import decomposition
-    from matrix_decomposition import check_target_ratio, resolve_ranks
+    from matrix_decomposition import check_target_ratio, load_pretrained, resolve_ranks
     from pictures import write_sweep_pictures
     from sweep import folder_name, print_sweep, sweep_report, sweep_row
 
@@ -789,16 +789,19 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
     inputs = run_inputs(config, config_path)
     final = decomposition.check_output_path(config.output_path, config.overwrite_output, inputs)
     quiet_transformers()
-    teacher, _ = load_teacher(config.teacher_model_path)  # every value checked before hours go into the first
+    # every value checked on the model that is factorized before hours go into the first
+    key_path = "student_model_path" if config.student_model_path else "teacher_model_path"
+    base, _ = load_pretrained(getattr(config, key_path), key_path)
     for value in values:
-        layers = resolve_ranks(teacher, config.decompose_layers, 1 if key == "target_ratio" else value)
+        layers = resolve_ranks(base, config.decompose_layers, 1 if key == "target_ratio" else value)
         if key == "target_ratio":
-            check_target_ratio(teacher, layers, value)
-    del teacher
+            check_target_ratio(base, layers, value)
+    del base
 
     def one(value) -> Config:  # its own subfolder, the sweep's sequence-level KD cache, no checkpoints
         return dataclasses.replace(config, **{key: value}, output_path=str(final / folder_name(key, value)),
-                                   plan=False, cache_dir=str(cache_dir(config)), checkpoint_steps=0)
+                                   plan=False, checkpoint_steps=0,
+                                   cache_dir=str(cache_dir(config)) if config.sequence_level_kd else config.cache_dir)
 
     shared: dict = {}
     if plan_only:

@@ -219,7 +219,8 @@ def test_cli_trains_on_a_hub_layout_dataset_and_evaluates_on_its_validation_spli
                 target_lang="de", preprocessing_num_workers=2, cache_dir=str(run_dir / "cache"))
     assert compress_model.main(["--config", "config.json"]) == 0
     report = json.loads((run_dir / "out" / "report.json").read_text())
-    assert (report["train_pairs"], report["eval_pairs"]) == (48, 12)
+    assert (report["train_dataset_pairs"], report["eval_pairs"]) == (48, 12)
+    assert report["train_pairs"] == 2 * 16  # max_steps 2 of batch 16
     assert "tokenized 48 pairs, cached in" in capsys.readouterr().out
     edit_config(run_dir, output_path=str(run_dir / "again"))
     assert compress_model.main(["--config", "config.json"]) == 0
