@@ -71,9 +71,7 @@ def _graphs(model):
     torch, nn = _import_torch()
     from matrix_decomposition import LowRankEmbedding, LowRankLinear
 
-    config = model.config
-    marian = model.model
-    encoder, decoder = marian.encoder, marian.decoder
+    encoder, decoder = model.model.encoder, model.model.decoder
     neg = torch.finfo(torch.float32).min
 
     def table(embedding):
@@ -86,6 +84,8 @@ def _graphs(model):
         rows = tab.index_select(1, ids.reshape(-1)).t()  # (B·T, d or r)
         if isinstance(embedding, LowRankEmbedding):
             rows = rows @ embedding.down.weight  # (B·T, r) @ (r, d)
+            if embedding.embed_scale is not None:  # a scaled word embedding's own factor (1 or absent in Marian)
+                rows = rows * embedding.embed_scale
         return rows.reshape(-1, 1, embedding.embedding_dim) if step else rows.reshape(ids.shape[0], ids.shape[1], -1)
 
     def heads(x, attention, step: bool):  # (B, T, D) → (B, H, T, Dh)
