@@ -407,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
                            "stop; writes nothing")
     args = parser.parse_args(argv)
     config = None
+    interrupt = _InterruptWatch(lambda: config)
     try:
         config = load_config(args.config)
         if args.resume and config.plan:
@@ -417,8 +418,7 @@ def main(argv: list[str] | None = None) -> int:
                              plan_only=args.plan or config.plan)
         return run(config, resume=args.resume, config_path=args.config, plan_only=args.plan or config.plan)
     except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, not a traceback
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"compress_model.py: {after_interrupt(config)}", file=sys.stderr)
+        interrupt.report()
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     except Exception as e:
         # a DataError or DecompositionError can only come from an imported data / matrix_decomposition
@@ -431,6 +431,8 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"compress_model.py: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2  # 2: the input was wrong; 1: the run failed
+    finally:
+        interrupt.close()
 
 
 # Keys that may change between an interrupted run and its resumption.
@@ -462,6 +464,48 @@ def remove_checkpoints(folder: Path) -> None:
         folder.rmdir()
     except OSError:
         pass  # it holds something else: left alone
+
+
+class _InterruptWatch:
+    """Ctrl-C stops the run within seconds, whatever it was doing: the first SIGINT raises
+    KeyboardInterrupt as usual and starts a watchdog; should a library swallow the interrupt, so
+    that ``main()`` has not returned after a grace time, the watchdog reports and exits."""
+
+    GRACE_SECONDS = 15
+
+    def __init__(self, config) -> None:
+        import signal
+        import threading
+
+        self.config, self.reported, self.done, self.installed = config, threading.Event(), threading.Event(), False
+        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
+                signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self.installed = True
+
+    def _on_sigint(self, signum, frame):
+        import threading
+
+        threading.Thread(target=self._watchdog, daemon=True).start()
+        raise KeyboardInterrupt
+
+    def _watchdog(self) -> None:
+        if self.done.wait(self.GRACE_SECONDS):
+            return
+        self.report()
+        os._exit(130)
+
+    def report(self) -> None:
+        if not self.reported.is_set() and int(os.environ.get("RANK", "0")) == 0:
+            print(f"compress_model.py: {after_interrupt(self.config())}", file=sys.stderr, flush=True)
+        self.reported.set()
+
+    def close(self) -> None:
+        import signal
+
+        self.done.set()
+        if self.installed:
+            signal.signal(signal.SIGINT, self.previous)
 
 
 def after_interrupt(config: Config | None) -> str:
@@ -833,4 +877,9 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:  # interrupted: leave at once, not waiting for threads a library left running
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
