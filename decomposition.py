@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq
 
 from distillation.distillation_loss import IGNORE_INDEX
-from distillation.knowledge_distillation import DistillationSettings, Distiller, decoder_inputs, source_positioned
+from distillation.knowledge_distillation import DistillationSettings, Distiller
 from matrix_decomposition import (
     DecompositionError,
     chmod_as_umask,
@@ -43,6 +43,7 @@ from matrix_decomposition import (
     save_compressed_model,
     size_mb,
 )
+from teacher_forcing import source_positioned, teacher_forced
 
 
 def build_student(model: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto",
@@ -60,12 +61,6 @@ def calibration_batches(train_dataset, tokenizer, samples: int, batch_size: int)
     subset = train_dataset.select(range(min(samples, len(train_dataset))))
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
     return list(DataLoader(subset, batch_size=batch_size, collate_fn=collator))
-
-
-def teacher_forced(model: nn.Module, batch: dict):
-    """``model``'s forward pass on a tokenized batch, the labels shifted right as decoder inputs."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
-                 decoder_input_ids=decoder_inputs(model, batch["labels"]))
 
 
 @torch.no_grad()

@@ -41,8 +41,9 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from decomposition import build_student  # noqa: E402
 from distillation.distillation_loss import IGNORE_INDEX, cross_entropy_loss  # noqa: E402
-from distillation.knowledge_distillation import DistillationSettings, Distiller, capture_outputs  # noqa: E402
+from distillation.knowledge_distillation import DistillationSettings, Distiller  # noqa: E402
 from matrix_decomposition import count_parameters, default_targets, max_saving_rank  # noqa: E402
+from teacher_forcing import capture_outputs  # noqa: E402
 
 TARGET_RATIO = 1.6
 FULL = dict(d_model=256, layers=3, heads=4, ffn=1024, vocab=8000, batch=32, length=16, steps=20, warmup=3)

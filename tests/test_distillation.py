@@ -18,10 +18,10 @@ from distillation.distillation_loss import (
     weighted_sum,
 )
 from distillation.knowledge_distillation import (
-    LOSS_TERMS, DistillationSettings, Distiller, LengthGroupedSampler, capture_outputs, source_positioned,
-    token_lengths,
+    LOSS_TERMS, DistillationSettings, Distiller, LengthGroupedSampler, token_lengths,
 )
 from matrix_decomposition import DecompositionError, LowRankLinear, default_targets
+from teacher_forcing import capture_outputs, source_positioned
 
 RANK = 4  # truncated: the student differs from the teacher (every tiny layer saves weights up to rank 7)
 N_PAIRS = 64

@@ -23,11 +23,12 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_L
 import compress_model
 import data
 import decomposition
-from distillation.knowledge_distillation import LOSS_TERMS, DistillationSettings, decoder_inputs, source_positioned
+from distillation.knowledge_distillation import LOSS_TERMS, DistillationSettings
 from matrix_decomposition import (
     DecompositionError, LowRankEmbedding, LowRankLinear, check_supported, count_parameters, decompose_,
     default_targets, init_notes, load_pretrained, max_saving_rank, ranks_for_ratio, save_compressed_model,
 )
+from teacher_forcing import decoder_inputs, source_positioned
 
 RANK = 4
 BART_LIKE = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
