@@ -599,6 +599,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
 
     import data
     import decomposition
+    import evaluation
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
     from matrix_decomposition import (
         check_target_ratio, count_parameters, describe_ranks, init_notes, load_pretrained, quantize_int8,
@@ -804,7 +805,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     pictures = partial(write_run_pictures, spectra=layer_spectra(base, ranks), bounds=no_saving_bounds(base, ranks))
     decomposition.save_outputs((shared or {}).get("save_into", config.output_path), student, tokenizer, report,
                                dataclasses.asdict(config),
-                               exports=config.export, evaluate=partial(decomposition.evaluate_export, sources=sources,
+                               exports=config.export, evaluate=partial(evaluation.evaluate_export, sources=sources,
                                                                        references=references, **generate_kwargs),
                                write_more=pictures)
     remove_checkpoints(folder)

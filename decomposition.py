@@ -19,7 +19,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
-import sacrebleu
 import torch
 import torch.nn.functional as F
 from accelerate import PartialState
@@ -43,7 +42,9 @@ from matrix_decomposition import (
     save_compressed_model,
     size_mb,
 )
+from evaluation import evaluate_translation
 from teacher_forcing import source_positioned, teacher_forced
+from translate import translate
 
 
 def build_student(model: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto",
@@ -238,38 +239,6 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, ev
     return distiller
 
 
-@torch.no_grad()
-def translate(model: nn.Module, tokenizer, inputs: Sequence[str] | Sequence[Sequence[int]], batch_size: int = 64,
-              num_beams: int = 1, max_new_tokens: int = 128, max_source_length: int = 128, progress: bool = False,
-              desc: str = "translating") -> list[str]:
-    """Translations of ``inputs`` in their order: token-id lists (as ``data_preprocessor`` returns
-    them, used as they are) or raw sentences (tokenized here, truncated to ``max_source_length``).
-    Padded with the tokenizer's pad token and batched by length for speed; ``progress`` shows a bar
-    (sentences, labelled ``desc``)."""
-    model.eval()
-    device = next(model.parameters()).device
-    if inputs and isinstance(inputs[0], str):
-        inputs = tokenizer(list(inputs), truncation=True, max_length=max_source_length)["input_ids"]
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]))
-    out: list[str] = [""] * len(inputs)
-    bar = tqdm(total=len(inputs), desc=desc, unit="sentence", disable=not progress)
-    for start in range(0, len(order), batch_size):
-        idx = order[start:start + batch_size]
-        longest = max(len(inputs[i]) for i in idx)
-        input_ids = torch.full((len(idx), longest), tokenizer.pad_token_id, dtype=torch.long)  # (B, S)
-        attention_mask = torch.zeros(len(idx), longest, dtype=torch.long)  # (B, S)
-        for row, i in enumerate(idx):
-            input_ids[row, :len(inputs[i])] = torch.tensor(list(inputs[i]), dtype=torch.long)
-            attention_mask[row, :len(inputs[i])] = 1
-        generated = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
-                                   num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens)
-        for i, text in zip(idx, tokenizer.batch_decode(generated, skip_special_tokens=True)):
-            out[i] = text
-        bar.update(len(idx))
-    bar.close()
-    return out
-
-
 def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str] | Sequence[Sequence[int]],
                          cache_dir: str | os.PathLike, teacher_path: str, **generate_kwargs
                          ) -> tuple[list[str], Path, bool]:
@@ -327,38 +296,6 @@ def _read_translation_cache(path: Path, sources: list) -> list[str] | None:
     except (ValueError, KeyError, TypeError):
         pass  # damaged: generated again and replaced
     return None
-
-
-def evaluate_translation(model: nn.Module, tokenizer, sources: Sequence[str] | Sequence[Sequence[int]],
-                         references: Sequence[str], **generate_kwargs) -> dict:
-    """BLEU and chrF (sacrebleu, corpus level) of ``model`` translating ``sources`` (token-id lists
-    or sentences, see ``translate``) against ``references``, with its size (parameters and
-    megabytes in memory) and the time the translation took."""
-    start = time.perf_counter()
-    hypotheses = translate(model, tokenizer, sources, **generate_kwargs)
-    seconds = time.perf_counter() - start
-    return {"params": count_parameters(model), "size_mb": size_mb(model), **corpus_scores(hypotheses, references),
-            "translate_seconds": round(seconds, 2)}
-
-
-def evaluate_export(folder: str | os.PathLike, sources: Sequence[Sequence[int]], references: Sequence[str],
-                    batch_size: int = 64, num_beams: int = 1, max_new_tokens: int = 128, **_) -> dict:
-    """BLEU and chrF of an ONNX export (``onnx_export``) translating the token-id lists ``sources``
-    in ONNX Runtime, with its size on disk and the time the translation took."""
-    from translate import OnnxTranslator, folder_mb, translate_ids
-
-    translator = OnnxTranslator(folder, threads=torch.get_num_threads())
-    start = time.perf_counter()
-    hypotheses = translate_ids(translator, sources, batch_size, num_beams, max_new_tokens, progress=False)
-    seconds = time.perf_counter() - start
-    return {"size_mb": folder_mb(folder), **corpus_scores(hypotheses, references), "translate_seconds": round(seconds, 2)}
-
-
-def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
-    """Corpus BLEU and chrF (sacrebleu defaults), rounded to two decimals."""
-    refs = [list(references)]
-    return {"bleu": round(sacrebleu.corpus_bleu(list(hypotheses), refs).score, 2),
-            "chrf": round(sacrebleu.corpus_chrf(list(hypotheses), refs).score, 2)}
 
 
 def set_generation_limit_(model: nn.Module, max_new_tokens: int) -> None:

@@ -178,7 +178,7 @@ def timed_steps(teacher, student, tokenizer, train_set, eval_set, settings, feat
 def translation_seconds(model, tokenizer, sources, config, sample: int | None = None) -> float:
     """Seconds ``model`` takes to translate the token-id lists ``sources`` with the run's generation
     settings, extrapolated from its first ``sample`` (one generate() call's worth by default)."""
-    from decomposition import translate
+    from translate import translate
 
     sample = min(len(sources), sample or config.eval_batch_size)
     started = time.perf_counter()

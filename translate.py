@@ -181,18 +181,23 @@ class OnnxTranslator:
 
 
 class TorchTranslator:
-    """``generate()`` of the PyTorch model in a folder written by this tool (or any MarianMT)."""
+    """``generate()`` of a PyTorch model: one in memory, or (``load``) the one in a folder written by
+    this tool (or any MarianMT folder or hub id)."""
 
     backend = "torch"
 
-    def __init__(self, path: str | os.PathLike, threads: int = 1) -> None:
+    def __init__(self, model, tokenizer) -> None:
+        self.model, self.tokenizer = model, tokenizer
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, threads: int = 1) -> "TorchTranslator":
         import torch
 
         from onnx_export import ExportError, load_model
 
         torch.set_num_threads(threads)
         try:
-            self.model, self.tokenizer = load_model(str(path))
+            return cls(*load_model(str(path)))
         except ExportError as e:
             raise TranslateError(str(e)) from None
 
@@ -200,10 +205,12 @@ class TorchTranslator:
                  min_new_tokens: int = 0) -> list[list[int]]:
         import torch
 
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=torch.from_numpy(input_ids), attention_mask=torch.from_numpy(attention_mask),
-                                      num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens,
-                                      min_new_tokens=min_new_tokens)
+        device = next(self.model.parameters()).device
+        at_least = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}  # else the model's own min_length
+        with torch.no_grad():  # not inference_mode: a model in memory may be trained afterwards
+            out = self.model.generate(input_ids=torch.from_numpy(input_ids).to(device),
+                                      attention_mask=torch.from_numpy(attention_mask).to(device),
+                                      num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **at_least)
         return [row[1:] for row in out.tolist()]  # without the decoder start token
 
 
@@ -226,7 +233,7 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
         raise TranslateError(f"--backend torch: {str(folder)!r} is an ONNX export; give the model folder it came from")
     if int8 and not exported:
         raise TranslateError("--int8 goes with --backend onnx (PyTorch runs the saved float32 weights)")
-    return OnnxTranslator(folder, threads) if exported else TorchTranslator(path, threads)
+    return OnnxTranslator(folder, threads) if exported else TorchTranslator.load(path, threads)
 
 
 def translate_lines(translator, sentences: Sequence[str], batch_size: int = 32, num_beams: int = 1,
@@ -242,9 +249,11 @@ def translate_lines(translator, sentences: Sequence[str], batch_size: int = 32, 
 
 
 def translate_ids(translator, inputs: Sequence[Sequence[int]], batch_size: int = 32, num_beams: int = 1,
-                  max_new_tokens: int = 128, progress: bool | None = None) -> list[str]:
+                  max_new_tokens: int = 128, progress: bool | None = None, desc: str | None = None) -> list[str]:
     """Translations of tokenized sources (lists of ids ending with </s>) in their order: sorted by
-    length into padded batches, so that little time goes into padding."""
+    length into padded batches, so that little time goes into padding. ``progress`` shows a bar on
+    standard error (None: when it is a terminal); one labelled ``desc`` (a stage of a run) stays
+    once done, an unlabelled one is cleared."""
     import numpy as np
     from tqdm import tqdm
 
@@ -252,7 +261,8 @@ def translate_ids(translator, inputs: Sequence[Sequence[int]], batch_size: int =
     order = sorted(range(len(inputs)), key=lambda k: len(inputs[k]))
     out = [""] * len(inputs)
     show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(inputs), unit="sent", file=sys.stderr, disable=not show, leave=False) as bar:
+    with tqdm(total=len(inputs), desc=desc, unit="sentence", file=sys.stderr, disable=not show,
+              leave=desc is not None) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             longest = max(len(inputs[k]) for k in chunk)
@@ -266,6 +276,19 @@ def translate_ids(translator, inputs: Sequence[Sequence[int]], batch_size: int =
                 out[k] = text
             bar.update(len(chunk))
     return out
+
+
+def translate(model, tokenizer, inputs: Sequence[str] | Sequence[Sequence[int]], batch_size: int = 64,
+              num_beams: int = 1, max_new_tokens: int = 128, max_source_length: int = 128, progress: bool = False,
+              desc: str = "translating") -> list[str]:
+    """Translations by the PyTorch ``model`` (in memory) of ``inputs`` in their order: token-id lists
+    (as ``data_preprocessor`` returns them, used as they are) or raw sentences (tokenized here,
+    truncated to ``max_source_length``); batched by ``translate_ids``."""
+    model.eval()
+    if inputs and isinstance(inputs[0], str):
+        inputs = tokenizer(list(inputs), truncation=True, max_length=max_source_length)["input_ids"]
+    return translate_ids(TorchTranslator(model, tokenizer), inputs, batch_size, num_beams, max_new_tokens, progress,
+                         desc)
 
 
 def folder_mb(folder: str | os.PathLike) -> float:

@@ -38,9 +38,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
-import sacrebleu  # noqa: E402
 import torch  # noqa: E402
 
+from evaluation import corpus_scores  # noqa: E402
 from matrix_decomposition import count_parameters, decompose_, load_compressed_model, save_compressed_model  # noqa: E402
 from onnx_export import export, quiet_  # noqa: E402
 from translate import OnnxTranslator, TorchTranslator, folder_mb  # noqa: E402
@@ -98,7 +98,7 @@ def build_systems(teacher_dir: Path, student_dir: Path, work: Path, threads: int
     torch.set_num_threads(threads)
     systems = []
     for role, folder in (("teacher", teacher_dir), ("student", student_dir)):
-        pytorch = TorchTranslator(folder, threads)
+        pytorch = TorchTranslator.load(folder, threads)
         params = count_parameters(pytorch.model)
         systems.append(ours(f"PyTorch {role}", pytorch, params, round((folder / "model.safetensors").stat().st_size
                                                                       / 2**20, 3), max_new, min_new))
@@ -167,15 +167,14 @@ def shipped(args, work: Path) -> dict:
     tokenizer = systems[0].tokenizer
     sources = tokenizer([s for s, _ in pairs], truncation=True, max_length=128)["input_ids"]
     speed = timed_rounds(systems, {32: sources, 1: sources[:args.batch1]}, args.rounds)
-    refs = [[t for _, t in pairs]]
+    references = [t for _, t in pairs]
     texts = {s.name: tokenizer.batch_decode(speed[s.name][32][1], skip_special_tokens=True) for s in systems}
     base = speed["PyTorch teacher"][32][0]
     for s in systems:
         reference = "PyTorch student" if "student" in s.name else "PyTorch teacher"
         results["systems"].append({
             "system": s.name, "params": s.params, "size_mb": s.size_mb,
-            "bleu": round(sacrebleu.corpus_bleu(texts[s.name], refs).score, 2),
-            "chrf": round(sacrebleu.corpus_chrf(texts[s.name], refs).score, 2),
+            **corpus_scores(texts[s.name], references),
             "same": sum(a == b for a, b in zip(texts[s.name], texts[reference])),
             "sent_per_s_b1": round(speed[s.name][1][0], 1), "sent_per_s_b32": round(speed[s.name][32][0], 1),
             "speedup_b32": round(speed[s.name][32][0] / base, 2)})

@@ -67,15 +67,15 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-import sacrebleu  # noqa: E402
 import torch  # noqa: E402
 from transformers import MarianConfig, MarianMTModel, MarianTokenizer, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from compress_model import Config, ConfigError, default_data_preprocessor  # noqa: E402
 from data import DataError, load_pairs, preprocess  # noqa: E402
-from decomposition import build_student, distill, translate  # noqa: E402
+from decomposition import build_student, distill  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings  # noqa: E402
+from evaluation import corpus_scores  # noqa: E402
 from matrix_decomposition import (  # noqa: E402
     DecompositionError,
     count_parameters,
@@ -84,6 +84,7 @@ from matrix_decomposition import (  # noqa: E402
     low_rank_parameters,
     max_saving_rank,
 )
+from translate import translate  # noqa: E402
 
 TARGET_RETENTION = 97.0  # % of the teacher's BLEU kept at <= 50% of its layer parameters, after recovery
 FULL = dict(teacher="models/teacher-en-de", train="data/tatoeba_en_de/train.csv",
@@ -201,16 +202,14 @@ def tiny_teacher(pairs, folder: Path, seed: int) -> tuple[MarianMTModel, MarianT
 
 
 def translation_scores(model, tokenizer, sources, references, generate: dict) -> dict:
-    """BLEU/chrF (sacrebleu corpus level) of greedy translations, as ``evaluate_translation``
-    computes them, plus the mean output length in target tokens and a few samples."""
+    """BLEU/chrF of greedy translations (``corpus_scores``, as the run's report computes them), plus
+    the mean output length in target tokens and a few samples."""
     start = time.perf_counter()
     hypotheses = translate(model, tokenizer, sources, num_beams=1, **generate)
     seconds = time.perf_counter() - start
     lengths = [len(ids) for ids in tokenizer(text_target=hypotheses)["input_ids"]]
-    refs = [list(references)]
-    return {"bleu": round(sacrebleu.corpus_bleu(hypotheses, refs).score, 2),
-            "chrf": round(sacrebleu.corpus_chrf(hypotheses, refs).score, 2),
-            "translate_seconds": round(seconds, 2), "mean_output_tokens": round(statistics.mean(lengths), 2),
+    return {**corpus_scores(hypotheses, references), "translate_seconds": round(seconds, 2),
+            "mean_output_tokens": round(statistics.mean(lengths), 2),
             "samples": [{"source": s, "reference": r, "hypothesis": h}
                         for s, r, h in list(zip(sources, references, hypotheses))[:3]]}
 

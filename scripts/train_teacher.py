@@ -25,13 +25,15 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
 
-import sacrebleu  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
 from transformers import MarianConfig, MarianMTModel, MarianTokenizer  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
+from evaluation import corpus_scores  # noqa: E402
+from translate import translate  # noqa: E402
 
 
 def read_pairs(path, limit=None):
@@ -98,17 +100,11 @@ def collate(features, idx, pad_id):
     return {"input_ids": input_ids, "attention_mask": (input_ids != pad_id).long(), "labels": pad("labels", -100)}
 
 
-@torch.no_grad()
 def bleu(model, tokenizer, pairs, batch_size=128):
-    model.eval()
-    hyps = []
-    for start in range(0, len(pairs), batch_size):
-        src = [s for s, _ in pairs[start:start + batch_size]]
-        enc = tokenizer(src, return_tensors="pt", padding=True, truncation=True, max_length=128)
-        out = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=128)
-        hyps += tokenizer.batch_decode(out, skip_special_tokens=True)
-    refs = [[t for _, t in pairs]]
-    return sacrebleu.corpus_bleu(hyps, refs).score, sacrebleu.corpus_chrf(hyps, refs).score
+    """(BLEU, chrF) of greedy translations of the pairs' sources, scored as the compression run scores."""
+    hypotheses = translate(model, tokenizer, [s for s, _ in pairs], batch_size=batch_size, max_new_tokens=128)
+    scores = corpus_scores(hypotheses, [t for _, t in pairs])
+    return scores["bleu"], scores["chrf"]
 
 
 def main():

@@ -17,7 +17,9 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 import compress_model
 import decomposition
 import matrix_decomposition
+import translate
 from distillation.knowledge_distillation import DistillationSettings, Distiller
+from evaluation import evaluate_translation
 from matrix_decomposition import (
     WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, allocate_ranks, convex_errors,
     count_parameters, decompose_, default_targets, init_notes, load_compressed_model, low_rank_factors,
@@ -513,7 +515,7 @@ def test_teacher_translations_are_cached_and_reused(make_tiny_marian, tiny_token
     first, path, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                              **settings)
     assert not reused and sum(counted_generate) == 10
-    assert first == decomposition.translate(teacher, tiny_tokenizer, sources, num_beams=1, max_new_tokens=6)
+    assert first == translate.translate(teacher, tiny_tokenizer, sources, num_beams=1, max_new_tokens=6)
     assert [json.loads(line) for line in path.read_text().splitlines()] == \
         [{"source": s, "target": t} for s, t in zip(sources, first)]
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
@@ -565,7 +567,7 @@ def test_teacher_translations_are_sharded_across_processes(make_tiny_marian, tin
     targets, path, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                                max_new_tokens=6)
     assert not reused and sum(counted_generate) == 2  # its share only
-    mine = decomposition.translate(teacher, tiny_tokenizer, [sources[1], sources[3]], max_new_tokens=6)
+    mine = translate.translate(teacher, tiny_tokenizer, [sources[1], sources[3]], max_new_tokens=6)
     assert targets == ["rank0-0", mine[0], "rank0-2", mine[1], "rank0-4"] and not path.exists()
 
 
@@ -702,7 +704,7 @@ def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, mak
     assert loaded.lm_head.up.weight is loaded.model.shared.up.weight
     assert count_parameters(loaded) == report["student"]["params"]
     sources, references = zip(*read_pairs(run_dir / "eval.csv"))
-    scores = decomposition.evaluate_translation(loaded, tiny_tokenizer, sources, references, max_new_tokens=8)
+    scores = evaluate_translation(loaded, tiny_tokenizer, sources, references, max_new_tokens=8)
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
 
 
@@ -712,9 +714,9 @@ def test_cli_sequence_level_kd_trains_on_cached_teacher_translations(run_dir, mo
     train_pairs = read_pairs(run_dir / "train.csv")
     train_inputs = tiny_tokenizer([s for s, _ in train_pairs], truncation=True, max_length=128)["input_ids"]
     calls, seen_targets = [], []
-    real_translate, real_preprocessor = decomposition.translate, compress_model.data_preprocessor
-    monkeypatch.setattr(decomposition, "translate", lambda model, tokenizer, sources, **kw:
-                        calls.append(list(sources)) or real_translate(model, tokenizer, sources, **kw))
+    real_translate, real_preprocessor = translate.translate_ids, compress_model.data_preprocessor
+    monkeypatch.setattr(translate, "translate_ids", lambda translator, sources, *args, **kw:
+                        calls.append(list(sources)) or real_translate(translator, sources, *args, **kw))
     monkeypatch.setattr(compress_model, "data_preprocessor", lambda batch, tokenizer, config:
                         seen_targets.append(list(batch["target_text"])) or real_preprocessor(batch, tokenizer, config))
     outputs = []
@@ -739,10 +741,10 @@ def test_cli_evaluation_and_sequence_level_kd_translate_the_preprocessed_inputs(
     """A preprocessor that rewrites every source (as a language tag would) changes what is translated."""
     monkeypatch.chdir(run_dir)
     edit_config(run_dir, sequence_level_kd=True, quantize_int8=True)
-    real_translate, real_preprocessor = decomposition.translate, compress_model.data_preprocessor
+    real_translate, real_preprocessor = translate.translate_ids, compress_model.data_preprocessor
     calls = []
-    monkeypatch.setattr(decomposition, "translate", lambda model, tokenizer, sources, **kw:
-                        calls.append(list(sources)) or real_translate(model, tokenizer, sources, **kw))
+    monkeypatch.setattr(translate, "translate_ids", lambda translator, sources, *args, **kw:
+                        calls.append(list(sources)) or real_translate(translator, sources, *args, **kw))
     monkeypatch.setattr(compress_model, "data_preprocessor", lambda batch, tokenizer, config: real_preprocessor(
         {**batch, "source_text": ["the same sentence"] * len(batch["source_text"])}, tokenizer, config))
     assert compress_model.main(["--config", "config.json"]) == 0

@@ -14,6 +14,7 @@ from transformers import AutoTokenizer, GenerationConfig
 import compress_model
 import data
 import decomposition
+from evaluation import evaluate_translation
 from matrix_decomposition import (
     DecompositionError, LowRankLinear, count_parameters, decompose_, load_compressed_model,
 )
@@ -66,8 +67,8 @@ def test_cli_end_to_end(run_dir):
     targets = tokenizer(text_target=list(train_pairs["target_text"]))["input_ids"]
     assert report["train_target_tokens"] == 2 * sum(map(len, targets))
     assert report["train_source_tokens"] == 2 * sum(map(len, tokenizer(list(train_pairs["source_text"]))["input_ids"]))
-    scores = decomposition.evaluate_translation(model, tokenizer, eval_pairs["source_text"],
-                                                eval_pairs["target_text"], max_new_tokens=12)
+    scores = evaluate_translation(model, tokenizer, eval_pairs["source_text"], eval_pairs["target_text"],
+                                  max_new_tokens=12)
     assert (scores["bleu"], scores["chrf"]) == (report["student"]["bleu"], report["student"]["chrf"])
 
     # The ONNX exports sit in the output folder; float32 translates as PyTorch does; int8 is quantized

@@ -29,6 +29,7 @@ from matrix_decomposition import (
     default_targets, init_notes, load_pretrained, max_saving_rank, ranks_for_ratio, save_compressed_model,
 )
 from teacher_forcing import decoder_inputs, source_positioned
+from translate import translate
 
 RANK = 4
 BART_LIKE = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
@@ -226,7 +227,7 @@ def test_forced_bos_is_carried_into_evaluation_sequence_level_kd_and_the_saved_m
     teacher.generation_config.forced_bos_token_id = mary
     sources = ["The train arrived.", "He is here."]
     kwargs = dict(max_new_tokens=4, batch_size=2)
-    assert all(t.startswith("Mary") for t in decomposition.translate(teacher, tiny_tokenizer, sources, **kwargs))
+    assert all(t.startswith("Mary") for t in translate(teacher, tiny_tokenizer, sources, **kwargs))
     targets, _, _ = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path / "cache", "t",
                                                        **kwargs)
     assert all(t.startswith("Mary") for t in targets)
@@ -234,7 +235,7 @@ def test_forced_bos_is_carried_into_evaluation_sequence_level_kd_and_the_saved_m
     save_compressed_model(student, tmp_path / "out", tiny_tokenizer)
     loaded = LOADERS["load_compressed_model"](tmp_path / "out")
     assert loaded.generation_config.forced_bos_token_id == mary
-    assert all(t.startswith("Mary") for t in decomposition.translate(loaded, tiny_tokenizer, sources, **kwargs))
+    assert all(t.startswith("Mary") for t in translate(loaded, tiny_tokenizer, sources, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------
