@@ -20,8 +20,9 @@ import inspect
 import json
 import os
 import tempfile
+import types
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import datasets
@@ -245,6 +246,32 @@ def load_data(config):
     if config.max_eval_samples:
         evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
     return train, evaluation
+
+
+# the keys ``load_pairs`` reads, as the flat layout of the shipped CSVs has them
+FLAT = types.SimpleNamespace(source_column=TEXT_COLUMNS[0], target_column=TEXT_COLUMNS[1], source_lang=None,
+                             target_lang=None, dataset_config=None)
+
+
+def read_pairs(path: str | os.PathLike) -> list[tuple[str, str]]:
+    """The (source, target) pairs of a file in the flat layout with the columns ``source_text`` and
+    ``target_text`` (the shipped CSVs), as ``load_pairs`` reads them, in a list."""
+    pairs = load_pairs(str(path), FLAT, key="pairs")
+    return list(zip(pairs[TEXT_COLUMNS[0]], pairs[TEXT_COLUMNS[1]]))
+
+
+def write_pairs(path: str | os.PathLike, pairs: Iterable[tuple[str, str]]) -> Path:
+    """Write (source, target) pairs as a CSV with the header ``source_text,target_text``, atomically
+    (a temporary file, then a rename); returns ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(TEXT_COLUMNS)
+        writer.writerows(pairs)
+    os.replace(tmp, path)
+    return path
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,6 @@ memory-mapped Arrow data among them, which the kernel can drop).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -187,13 +186,12 @@ def padding(tokenized, sampler, batch_size: int) -> dict:
 
 
 def write_corpus(path: Path, pairs: int) -> None:
-    with open(SHIPPED / "train.csv", newline="", encoding="utf-8") as f:
-        rows = [(r["source_text"], r["target_text"]) for r in csv.DictReader(f)]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["source_text", "target_text"])
-        for start in range(0, pairs, len(rows)):
-            writer.writerows(rows[:pairs - start])
+    """``pairs`` pairs: the shipped training pairs, repeated."""
+    sys.path.insert(0, str(REPO))
+    from data import read_pairs, write_pairs
+
+    rows = read_pairs(SHIPPED / "train.csv")
+    write_pairs(path, (rows[i % len(rows)] for i in range(pairs)))
 
 
 def run_step(name: str, corpus: Path, work: Path, workers: int, cache: str, batches: int, quick: bool) -> dict:

@@ -40,6 +40,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from data import read_pairs  # noqa: E402
 from evaluation import corpus_scores  # noqa: E402
 from matrix_decomposition import count_parameters, decompose_, load_compressed_model, save_compressed_model  # noqa: E402
 from onnx_export import export, quiet_  # noqa: E402
@@ -150,16 +151,8 @@ def table(rows: list[dict], columns: list[tuple[str, str, str]]) -> str:
     return "\n".join(lines)
 
 
-def read_pairs(path: Path, skip: int, limit: int | None) -> list[tuple[str, str]]:
-    import csv
-
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [(r["source_text"], r["target_text"]) for r in csv.DictReader(f)][skip:]
-    return rows[:limit] if limit else rows
-
-
 def shipped(args, work: Path) -> dict:
-    pairs = read_pairs(Path(args.pairs), args.skip, args.limit)
+    pairs = read_pairs(args.pairs)[args.skip:][:args.limit]
     teacher_dir, student_dir = Path(args.teacher), Path(args.student)
     results = {"section": "shipped", "pairs": f"{args.pairs} [{args.skip}:{args.skip + len(pairs)}]",
                "threads": args.threads, "rounds": args.rounds, "systems": []}
@@ -196,7 +189,7 @@ def opus_models(work: Path, quick: bool):
         d, layers, heads, ffn, vocab, ranks = 512, 6, 8, 2048, 58101, (128, 205, 256)
     spm_dir = work / "spm"
     spm_dir.mkdir(parents=True, exist_ok=True)
-    pairs = read_pairs(REPO / "data" / "tatoeba_en_de" / "train.csv", 0, 2000)
+    pairs = read_pairs(REPO / "data" / "tatoeba_en_de" / "train.csv")[:2000]
     build_tokenizer(pairs, spm_dir, 500, seed=0, hard_vocab_limit=False)
     pieces = json.loads((spm_dir / "vocab.json").read_text())
     pad = pieces.pop("<pad>")

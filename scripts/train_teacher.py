@@ -13,7 +13,6 @@ Outputs (written atomically: a temporary folder, then a rename):
 """
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -32,24 +31,9 @@ import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
 from transformers import MarianConfig, MarianMTModel, MarianTokenizer  # noqa: E402
 
+from data import read_pairs, write_pairs  # noqa: E402
 from evaluation import corpus_scores  # noqa: E402
 from translate import translate  # noqa: E402
-
-
-def read_pairs(path, limit=None):
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [(r["source_text"], r["target_text"]) for r in csv.DictReader(f)]
-    return rows[:limit] if limit else rows
-
-
-def write_pairs(path, pairs):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["source_text", "target_text"])
-        writer.writerows(pairs)
-    os.replace(tmp, path)
 
 
 def build_tokenizer(pairs, work_dir, vocab_size, seed, hard_vocab_limit=True):
@@ -136,7 +120,7 @@ def main():
     torch.set_num_threads(args.threads)
     rng = random.Random(args.seed)
     data_dir = Path(args.data_dir)
-    train = read_pairs(data_dir / "train.csv", args.limit)
+    train = read_pairs(data_dir / "train.csv")[:args.limit]
     dev = read_pairs(data_dir / "dev.csv")
     if args.subset_dir:
         write_pairs(Path(args.subset_dir) / "train.csv", train[:args.subset_train])

@@ -2,7 +2,6 @@
 Marian tokenizer built on it, and tiny MarianMT models (d_model 16) that run in milliseconds."""
 
 import atexit
-import csv
 import json
 import os
 import shutil
@@ -23,6 +22,7 @@ from transformers import AutoModelForSeq2SeqLM, MarianConfig, MarianMTModel, Mar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from data import read_pairs, write_pairs  # noqa: E402  (the CSV helpers of the tests' runs)
 from matrix_decomposition import load_compressed_model  # noqa: E402  (importing it registers marian_low_rank)
 from scripts.train_teacher import build_tokenizer  # noqa: E402
 
@@ -32,23 +32,6 @@ torch.set_num_threads(1)
 
 TRAIN_CSV = REPO / "data" / "tatoeba_en_de" / "train.csv"
 VOCAB_SIZE = 300  # sentencepiece pieces + </s> + <pad>
-
-
-def read_pairs(path: Path = TRAIN_CSV, limit: int | None = None) -> list[tuple[str, str]]:
-    """(source_text, target_text) rows of a CSV in the project's data format."""
-    with open(path, newline="", encoding="utf-8") as f:
-        rows = [(r["source_text"], r["target_text"]) for r in csv.DictReader(f)]
-    return rows[:limit] if limit else rows
-
-
-def write_pairs(path: Path, pairs: list[tuple[str, str]]) -> Path:
-    """Write pairs as a CSV with the header source_text,target_text (a tiny data set for a run)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f)
-        writer.writerow(["source_text", "target_text"])
-        writer.writerows(pairs)
-    return path
 
 
 def make_run_dir(folder: Path, teacher_dir: Path, train_pairs, eval_pairs, **config) -> Path:
@@ -116,7 +99,7 @@ LOADERS = {"load_compressed_model": load_compressed_model, "auto-classes": load_
 @pytest.fixture(scope="session")
 def tiny_pairs() -> list[tuple[str, str]]:
     """The first 400 English–German pairs of the committed training CSV."""
-    return read_pairs(TRAIN_CSV, limit=400)
+    return read_pairs(TRAIN_CSV)[:400]
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import LOADERS, edit_config, make_run_dir, read_pairs
+from conftest import LOADERS, edit_config, make_run_dir
 from datasets import Dataset
 from safetensors import safe_open
 from torch import nn
@@ -19,6 +19,7 @@ import decomposition
 import matrix_decomposition
 import translate
 from distillation.knowledge_distillation import DistillationSettings, Distiller
+from data import read_pairs
 from evaluation import evaluate_translation
 from matrix_decomposition import (
     WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, allocate_ranks, convex_errors,

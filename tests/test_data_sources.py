@@ -3,10 +3,9 @@
 import json
 
 import pytest
-from conftest import write_pairs
 
 from compress_model import Config
-from data import DataError, load_data, load_pairs
+from data import DataError, load_data, load_pairs, write_pairs
 
 
 @pytest.fixture

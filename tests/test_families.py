@@ -271,7 +271,7 @@ def run_cli(run_dir, monkeypatch, **config):
 
 @pytest.fixture
 def run_dir(tmp_path, tiny_pairs):
-    from conftest import write_pairs
+    from data import write_pairs
 
     write_pairs(tmp_path / "train.csv", tiny_pairs[:24])
     write_pairs(tmp_path / "eval.csv", tiny_pairs[100:106])

@@ -12,7 +12,8 @@ import pytest
 import sacrebleu
 import torch
 
-from conftest import REPO, read_pairs
+from conftest import REPO
+from data import read_pairs
 from matrix_decomposition import count_parameters, decompose_, save_compressed_model
 from onnx_export import ExportError, export
 from translate import TranslateError, load_translator, translate_lines
@@ -94,7 +95,7 @@ def test_factorized_export_stores_the_factors_and_the_embedding_once(make_tiny_m
 
 
 def test_int8_of_the_shipped_teacher_is_smaller_and_keeps_bleu(tmp_path):
-    pairs = read_pairs(EVAL_CSV, limit=400)
+    pairs = read_pairs(EVAL_CSV)[:400]
     sources, refs = [s for s, _ in pairs], [[t for _, t in pairs]]
     fp32, int8 = export(SHIPPED, tmp_path / "fp32"), export(SHIPPED, tmp_path / "int8", "int8")
     size = lambda folder: sum(f.stat().st_size for f in folder.glob("*.onnx")) + (folder / "weights.bin").stat().st_size  # noqa: E731
@@ -108,7 +109,7 @@ def test_int8_of_the_shipped_teacher_is_smaller_and_keeps_bleu(tmp_path):
 
 
 def test_exported_greedy_equals_pytorch_on_real_sentences(tmp_path):
-    sources = [s for s, _ in read_pairs(EVAL_CSV, limit=300)]
+    sources = [s for s, _ in read_pairs(EVAL_CSV)[:300]]
     expected = translate_lines(load_translator(SHIPPED), sources, max_new_tokens=64)
     got = translate_lines(load_translator(export(SHIPPED, tmp_path / "onnx")), sources, max_new_tokens=64)
     assert got == expected
