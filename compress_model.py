@@ -602,9 +602,9 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     import evaluation
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
     from matrix_decomposition import (
-        check_target_ratio, count_parameters, describe_ranks, init_notes, load_pretrained, quantize_int8,
-        ranks_for_ratio, resolve_ranks,
+        count_parameters, describe_ranks, init_notes, load_pretrained, quantize_int8, resolve_ranks,
     )
+    from rank_allocation import check_target_ratio, ranks_for_ratio
     from pictures import write_run_pictures
     from plan import layer_spectra, no_saving_bounds
 
@@ -823,7 +823,8 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
     import tempfile
 
     import decomposition
-    from matrix_decomposition import check_target_ratio, load_pretrained, resolve_ranks
+    from matrix_decomposition import load_pretrained, resolve_ranks
+    from rank_allocation import check_target_ratio
     from pictures import write_sweep_pictures
     from sweep import folder_name, print_sweep, sweep_report, sweep_row
 

@@ -10,11 +10,9 @@ import copy
 import difflib
 import hashlib
 import json
-import math
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -25,7 +23,6 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 from transformers import DataCollatorForSeq2Seq
 
 from distillation.distillation_loss import IGNORE_INDEX
@@ -33,16 +30,12 @@ from distillation.knowledge_distillation import DistillationSettings, Distiller
 from matrix_decomposition import (
     DecompositionError,
     chmod_as_umask,
-    convex_errors,
-    count_parameters,
     decompose_,
-    low_rank_factors,
-    max_saving_rank,
     module_name,
     save_compressed_model,
-    size_mb,
 )
 from evaluation import evaluate_translation
+from rank_allocation import sensitivity_errors
 from teacher_forcing import source_positioned, teacher_forced
 from translate import translate
 
@@ -93,75 +86,6 @@ def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[
             handle.remove()
         model.train(was_training)
     return grams
-
-
-def _real_token_log_probs(model: nn.Module, batch: dict) -> torch.Tensor:
-    """Teacher-forced log-probabilities (N, V) of ``model`` at the real target positions of ``batch``."""
-    logits = teacher_forced(model, batch).logits  # (B, T, V)
-    return logits[batch["labels"] != IGNORE_INDEX].float().log_softmax(-1)
-
-
-@torch.no_grad()
-def output_drift(model: nn.Module, batches, reference: Sequence[torch.Tensor]) -> float:
-    """Mean KL(reference ‖ model) per real target token over ``batches``, ``reference`` being the
-    log-probabilities ``_real_token_log_probs`` gave for each batch (the unchanged model's)."""
-    total, tokens = 0.0, 0
-    for batch, ref in zip(batches, reference):
-        log_probs = _real_token_log_probs(model, batch)
-        total += F.kl_div(log_probs, ref, log_target=True, reduction="sum").item()
-        tokens += ref.shape[0]
-    return max(total / max(tokens, 1), 0.0)  # a KL divergence: below 0 only by rounding
-
-
-@torch.no_grad()
-def sensitivity_errors(model: nn.Module, names: Sequence[str], batches, points: int = 8, svd: str = "auto",
-                       input_grams: Mapping[str, torch.Tensor] | None = None,
-                       progress: bool = False) -> dict[str, list[float]]:
-    """{name: errors} for ``allocate_ranks``: errors[r] is how far the model's output moves
-    (``output_drift``: the mean KL divergence from its own unchanged predictions, per target token,
-    teacher-forced on ``batches``) when that layer alone is replaced by its rank-r factorization
-    (the activation-aware one for layers in ``input_grams``), for r = 0..its no-saving bound.
-    Measured at rank 1 and ``points`` evenly spaced ranks up to the bound, then made convex
-    (``convex_errors``). Layers are taken one at a time and restored, so ``model`` is unchanged on
-    return; a shared embedding changes together with the output layer tied to it.
-
-    This is ASVD's sensitivity-based rank search (Yuan et al., 2023) as a budget allocation, measured
-    in the distillation's own currency: unlike the spectrum, it sees that the vocabulary embedding,
-    cheap per singular value, is what every token passes through twice. Cost: (points + 1) forward
-    passes over ``batches`` per layer; memory: the reference log-probabilities, tokens × vocabulary
-    floats."""
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    batches = [{k: v.to(device) for k, v in batch.items()} for batch in batches]
-    errors: dict[str, list[float]] = {}
-    try:
-        reference = [_real_token_log_probs(model, batch) for batch in batches]
-        if not all(torch.isfinite(ref).all() for ref in reference):
-            raise DecompositionError("rank sensitivity: the teacher's log-probabilities on the calibration pairs are "
-                                     "not all finite (a -inf final_logits_bias?); use rank_allocation \"spectrum\"")
-        for name in tqdm(names, desc="rank sensitivity", disable=not progress):
-            weight = model.get_submodule(name).weight
-            n, d = weight.shape
-            top = max_saving_rank(n, d)
-            up, down, _ = low_rank_factors(weight.detach(), top, svd, (input_grams or {}).get(name))
-            original = weight.detach().clone()
-            measured = {}
-            try:
-                for r in sorted({1, *(math.ceil(k * top / points) for k in range(1, points + 1))}):
-                    weight.copy_(up[:, :r] @ down[:r])  # the rank-r factorization's product, in place
-                    measured[r] = output_drift(model, batches, reference)
-                    if not math.isfinite(measured[r]):
-                        raise DecompositionError(
-                            f"rank sensitivity: the teacher's predictions drift by {measured[r]} with {name!r} at "
-                            f"rank {r}; its outputs are not finite on the calibration pairs (use "
-                            f"rank_allocation \"spectrum\")")
-            finally:
-                weight.copy_(original)
-            errors[name] = convex_errors(measured, top)
-    finally:
-        model.train(was_training)
-    return errors
 
 
 def resolve_feature_layers(model: nn.Module, feature_layers: Sequence[str], decomposed: Iterable[str]) -> list[str]:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import heapq
 import json
 import math
 import os
@@ -229,6 +228,15 @@ def whitening(gram: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
         if info.item() == 0 and torch.isfinite(root).all() and root.diagonal().min() > 0:
             return root, None
     return None, "the input Gram matrix is not positive semi-definite, even with jitter; plain SVD used"
+
+
+def singular_values(weight: torch.Tensor, input_gram: torch.Tensor | None = None) -> torch.Tensor:
+    """All singular values (float64, descending) of W, or of the whitened W·L when a usable
+    ``input_gram`` = L·Lᵀ is given (the spectrum the activation-aware init truncates)."""
+    root_gram = whitening(input_gram)[0] if input_gram is not None else None
+    if root_gram is None:
+        return torch.linalg.svdvals(weight.detach().float()).double()
+    return torch.linalg.svdvals(weight.detach().double() @ root_gram)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -473,122 +481,6 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
         ranks[name] = rank
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     return dict(sorted(ranks.items(), key=lambda item: order[item[0]]))
-
-
-# ---------------------------------------------------------------------------------------------
-# Ranks from a parameter budget
-
-
-def singular_values(weight: torch.Tensor, input_gram: torch.Tensor | None = None) -> torch.Tensor:
-    """All singular values (float64, descending) of W, or of the whitened W·L when a usable
-    ``input_gram`` = L·Lᵀ is given (the spectrum the activation-aware init truncates)."""
-    root_gram = whitening(input_gram)[0] if input_gram is not None else None
-    if root_gram is None:
-        return torch.linalg.svdvals(weight.detach().float()).double()
-    return torch.linalg.svdvals(weight.detach().double() @ root_gram)
-
-
-def spectrum_errors(s: torch.Tensor) -> list[float]:
-    """errors[r] = Σ_{i>r} σ_i²/Σ_i σ_i² for r = 0..len(s): the relative truncation error of each rank."""
-    energy = s.double().square()
-    tail = energy.flip(0).cumsum(0).flip(0) / energy.sum().clamp(min=1e-300)  # tail[r] = Σ_{i≥r}
-    return tail.tolist() + [0.0]
-
-
-def convex_errors(points: Mapping[int, float], max_rank: int) -> list[float]:
-    """errors[r] for r = 0..max_rank from errors measured at a few ranks: made non-increasing in r
-    (more rank never hurts), then read off their lower convex hull, linear between its corners, flat
-    below the lowest measured rank. Convex curves are what makes the greedy allocation optimal."""
-    ranks = sorted(points)
-    best, pts = math.inf, []
-    for r in ranks:
-        best = min(best, points[r])
-        pts.append((r, best))
-    hull: list[tuple[int, float]] = []
-    for p in pts:  # Andrew's monotone chain, lower half
-        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (p[1] - hull[-2][1])
-                                  - (hull[-1][1] - hull[-2][1]) * (p[0] - hull[-2][0])) <= 0:
-            hull.pop()
-        hull.append(p)
-    errors = []
-    for r in range(max_rank + 1):
-        if r <= hull[0][0]:
-            errors.append(hull[0][1])
-        elif r >= hull[-1][0]:
-            errors.append(hull[-1][1])
-        else:
-            (r0, e0), (r1, e1) = next((a, b) for a, b in zip(hull, hull[1:]) if a[0] <= r <= b[0])
-            errors.append(e0 + (e1 - e0) * (r - r0) / (r1 - r0))
-    return errors
-
-
-def allocate_ranks(layers: Mapping[str, tuple[int, int, Sequence[float]]], budget: int) -> dict[str, int]:
-    """Ranks minimizing Σ_layers errors[r] with Σ r·(n+d) ≤ ``budget`` and 1 ≤ r ≤ max_saving_rank(n, d).
-
-    ``layers`` maps a name to (n, d, errors), errors[r] being the layer's cost at rank r
-    (``spectrum_errors``: the relative truncation error; ``decomposition.sensitivity_errors``: the
-    rise of the loss on calibration data). Greedy: start at rank 1 and keep raising the rank that
-    removes the most error per weight it adds, (errors[r] − errors[r+1]) / (n+d). For convex curves
-    (each layer's gains only shrink with r) this is the optimal allocation up to the last few
-    weights of the budget, and exactly optimal when all layers have the same n+d."""
-    ranks = {name: 1 for name in layers}
-    left = budget - sum(n + d for n, d, _ in layers.values())
-    if left < 0:
-        raise DecompositionError(f"the budget of {budget:,} weights is below rank 1 everywhere "
-                                 f"({budget - left:,} weights)")
-    top = {name: min(max_saving_rank(n, d), len(errors) - 1) for name, (n, d, errors) in layers.items()}
-
-    def entry(name: str, i: int):
-        n, d, errors = layers[name]
-        r = ranks[name]
-        return (-(errors[r] - errors[r + 1]) / (n + d), i, name)
-
-    heap = [entry(name, i) for i, name in enumerate(layers) if top[name] > 1]
-    heapq.heapify(heap)
-    while heap:
-        _, i, name = heapq.heappop(heap)
-        n, d, _ = layers[name]
-        if n + d > left:
-            continue  # this layer no longer fits; cheaper ones may
-        ranks[name] += 1
-        left -= n + d
-        if ranks[name] < top[name]:
-            heapq.heappush(heap, entry(name, i))
-    return ranks
-
-
-def ranks_for_ratio(model: nn.Module, names: Iterable[str], target_ratio: float,
-                    input_grams: Mapping[str, torch.Tensor] | None = None,
-                    errors: Mapping[str, Sequence[float]] | None = None) -> dict[str, int]:
-    """Ranks for the layers ``names`` such that the factorized model keeps at most ``target_ratio``
-    of ``model``'s parameters (all of them: embeddings, biases and norms included), as close to
-    it as the ranks allow, with the least total error (``allocate_ranks``): the given per-layer
-    ``errors`` curves, else the relative truncation error of each spectrum (the whitened one when
-    ``input_grams`` are given)."""
-    names = list(names)
-    kept = check_target_ratio(model, names, target_ratio)
-    weights = {name: model.get_submodule(name).weight for name in names}
-    if errors is None:
-        errors = {name: spectrum_errors(singular_values(w, (input_grams or {}).get(name))) for name, w in weights.items()}
-    layers = {name: (*w.shape, errors[name]) for name, w in weights.items()}
-    return allocate_ranks(layers, math.floor(target_ratio * count_parameters(model)) - kept)
-
-
-def check_target_ratio(model: nn.Module, names: Iterable[str], target_ratio: float) -> int:
-    """Raise unless factorizing the layers ``names`` can bring ``model`` to ``target_ratio`` of its
-    parameters; return the number of parameters the factorization leaves alone."""
-    shapes = [tuple(model.get_submodule(name).weight.shape) for name in names]
-    total = count_parameters(model)
-    kept = total - sum(n * d for n, d in shapes)
-    low = kept + sum(n + d for n, d in shapes)  # rank 1 everywhere
-    high = kept + sum(max_saving_rank(n, d) * (n + d) for n, d in shapes)
-    if not low <= target_ratio * total <= high:
-        lo, hi = math.ceil(1000 * low / total) / 1000, math.floor(1000 * high / total) / 1000
-        raise DecompositionError(
-            f"target_ratio {target_ratio} is out of reach: factorizing these {len(shapes)} layers keeps between "
-            f"{lo} (rank 1 everywhere) and {hi} (every rank at its no-saving bound) of the teacher's {total:,} "
-            f"parameters; choose target_ratio in [{lo}, {hi}] or change decompose_layers")
-    return kept
 
 
 # ---------------------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from matrix_decomposition import LowRankLinear, max_saving_rank, singular_values, spectrum_errors
+from matrix_decomposition import LowRankLinear, max_saving_rank, singular_values
+from rank_allocation import spectrum_errors
 
 # ---------------------------------------------------------------------------------------------
 # Multiply-adds

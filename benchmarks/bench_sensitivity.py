@@ -4,7 +4,7 @@ and show what it allocates at a budget, next to the spectrum allocation.
     python benchmarks/bench_sensitivity.py                 # ~3.5 min on one thread
     python benchmarks/bench_sensitivity.py --quick         # smoke test: 8 pairs, 4 layers, seconds
 
-Measures ``decomposition.sensitivity_errors`` over every linear of the layers and the shared
+Measures ``rank_allocation.sensitivity_errors`` over every linear of the layers and the shared
 embedding (``decompose_layers: ["*"]``) on the first ``--samples`` shipped training pairs, the
 tool's defaults (256 pairs, batches of 32, 8 ranks + rank 1 per layer).
 """
@@ -27,7 +27,8 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 import compress_model  # noqa: E402
 import data  # noqa: E402
 import decomposition  # noqa: E402
-from matrix_decomposition import ranks_for_ratio, resolve_ranks  # noqa: E402
+from matrix_decomposition import resolve_ranks  # noqa: E402
+from rank_allocation import ranks_for_ratio, sensitivity_errors  # noqa: E402
 
 
 def main() -> int:
@@ -53,7 +54,7 @@ def main() -> int:
         names = names[:4]
 
     started = time.perf_counter()
-    errors = decomposition.sensitivity_errors(teacher, names, batches)
+    errors = sensitivity_errors(teacher, names, batches)
     seconds = time.perf_counter() - started
     print(f"sensitivity of {len(names)} layers on {samples} pairs ({len(batches)} batches), "
           f"{args.threads} thread(s): {seconds:.0f} s")

@@ -18,15 +18,15 @@ import compress_model
 import decomposition
 import matrix_decomposition
 import translate
-from distillation.knowledge_distillation import DistillationSettings, Distiller
 from data import read_pairs
+from distillation.knowledge_distillation import DistillationSettings, Distiller
 from evaluation import evaluate_translation
 from matrix_decomposition import (
-    WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, allocate_ranks, convex_errors,
-    count_parameters, decompose_, default_targets, init_notes, load_compressed_model, low_rank_factors,
-    max_saving_rank, quantize_int8, ranks_for_ratio, save_compressed_model, singular_values, size_mb,
-    spectrum_errors, whitening,
+    WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, count_parameters, decompose_, default_targets,
+    init_notes, load_compressed_model, low_rank_factors, max_saving_rank, quantize_int8, save_compressed_model,
+    singular_values, size_mb, whitening,
 )
+from rank_allocation import allocate_ranks, convex_errors, ranks_for_ratio, sensitivity_errors, spectrum_errors
 
 ENC_Q1 = "model.encoder.layers.1.self_attn.q_proj"
 DEC_Q0 = "model.decoder.layers.0.self_attn.q_proj"
@@ -306,7 +306,7 @@ def test_sensitivity_sees_what_the_spectrum_cannot_and_leaves_the_model_unchange
     teacher = _silence(make_tiny_marian(init_std=0.3))  # weights large enough for peaked predictions
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     names = [LIVE_V, SILENCED_V, SHARED_MODULE]
-    errors = decomposition.sensitivity_errors(teacher, names, calibration, points=4)
+    errors = sensitivity_errors(teacher, names, calibration, points=4)
     assert all(torch.equal(before[k], v) for k, v in teacher.state_dict().items())
     assert teacher.lm_head.weight is teacher.model.shared.weight  # the tie survives the in-place trials
     assert set(errors[SILENCED_V]) == {0.0}  # its output is ignored downstream: truncating it changes nothing
@@ -327,14 +327,14 @@ def test_sensitivity_refuses_non_finite_predictions(make_tiny_marian, calibratio
     with torch.no_grad():
         teacher.final_logits_bias[0, 5] = float("-inf")
     with pytest.raises(DecompositionError, match="not all finite.*spectrum"):
-        decomposition.sensitivity_errors(teacher, [LIVE_V], calibration, points=2)
+        sensitivity_errors(teacher, [LIVE_V], calibration, points=2)
 
 
 def test_sensitivity_with_activation_init_measures_the_factors_it_will_get(make_tiny_marian, calibration):
     teacher = make_tiny_marian(init_std=0.3)
     grams = decomposition.gather_input_grams(teacher, [LIVE_V], calibration)
-    plain = decomposition.sensitivity_errors(teacher, [LIVE_V], calibration, points=4)[LIVE_V]
-    aware = decomposition.sensitivity_errors(teacher, [LIVE_V], calibration, points=4, input_grams=grams)[LIVE_V]
+    plain = sensitivity_errors(teacher, [LIVE_V], calibration, points=4)[LIVE_V]
+    aware = sensitivity_errors(teacher, [LIVE_V], calibration, points=4, input_grams=grams)[LIVE_V]
     assert aware[1] < plain[1]  # fitted to these very inputs, the whitened rank-1 factors drift less
 
 

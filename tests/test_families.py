@@ -26,8 +26,9 @@ import decomposition
 from distillation.knowledge_distillation import LOSS_TERMS, DistillationSettings
 from matrix_decomposition import (
     DecompositionError, LowRankEmbedding, LowRankLinear, check_supported, count_parameters, decompose_,
-    default_targets, init_notes, load_pretrained, max_saving_rank, ranks_for_ratio, save_compressed_model,
+    default_targets, init_notes, load_pretrained, max_saving_rank, save_compressed_model,
 )
+from rank_allocation import ranks_for_ratio, sensitivity_errors
 from teacher_forcing import decoder_inputs, source_positioned
 from translate import translate
 
@@ -178,7 +179,7 @@ def test_activation_init_and_sensitivity_allocation(family, tiny_tokenizer, batc
     student, _ = decomposition.build_student(teacher, ["*"], RANK, input_grams=grams)
     assert set(init_notes(student)) == {family.embedding} | ({"lm_head"} if not family.tied_head else set())
     names = [family.embedding, linears[0], linears[-1]]
-    errors = decomposition.sensitivity_errors(teacher, names, batches, points=2)
+    errors = sensitivity_errors(teacher, names, batches, points=2)
     assert all(errors[n][1] >= errors[n][-1] >= 0 for n in names)
     shapes = [teacher.get_submodule(n).weight.shape for n in names]
     total = count_parameters(teacher)
