@@ -421,11 +421,13 @@ def main(argv: list[str] | None = None) -> int:
         interrupt.report()
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     except Exception as e:
-        # a DataError or DecompositionError can only come from an imported data / matrix_decomposition
-        # (and importing them here would load datasets and transformers just to report a bad config key)
+        # a DataError, DecompositionError or OutputError can only come from an imported data /
+        # matrix_decomposition / output_folder (and importing them here would load datasets and
+        # transformers just to report a bad config key)
         user_errors = (ConfigError, FloatingPointError) + tuple(
             getattr(sys.modules[module], name) for module, name in (("data", "DataError"),
-                                                                    ("matrix_decomposition", "DecompositionError"))
+                                                                    ("matrix_decomposition", "DecompositionError"),
+                                                                    ("output_folder", "OutputError"))
             if module in sys.modules)
         if not isinstance(e, user_errors):
             raise
@@ -600,6 +602,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     import data
     import decomposition
     import evaluation
+    import output_folder
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
     from matrix_decomposition import (
         count_parameters, describe_ranks, init_notes, load_pretrained, quantize_int8, resolve_ranks,
@@ -621,8 +624,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         raise ConfigError("mixed_precision: 'fp16' needs a GPU (on a CPU, Accelerate trains in float32 without "
                           "saying so); use \"bf16\" or \"no\"")
     inputs = run_inputs(config, config_path)
-    decomposition.check_output_path(config.output_path, config.overwrite_output, inputs)
-    decomposition.check_clear_of("checkpoint_dir", checkpoint_dir(config), {**inputs, "output_path": config.output_path})
+    output_folder.check_output_path(config.output_path, config.overwrite_output, inputs)
+    output_folder.check_clear_of("checkpoint_dir", checkpoint_dir(config), {**inputs, "output_path": config.output_path})
     if config.sequence_level_kd and cache_dir(config).exists() and not cache_dir(config).is_dir():
         raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")
     tokenized_cache = data.tokenized_cache_dir(config)
@@ -765,7 +768,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
             if config.checkpoint_steps:
                 remove_checkpoints(folder)  # an abandoned run's (nothing to resume, or overwrite_output given)
                 folder.mkdir(parents=True, exist_ok=True)
-                decomposition.write_json_atomic(folder / "run.json",
+                output_folder.write_json_atomic(folder / "run.json",
                                                 {"config": requested, "report": report, "ranks": ranks})
 
     # Distill
@@ -803,7 +806,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     # checkpoints of the finished run
     decomposition.set_generation_limit_(student, config.max_new_tokens)
     pictures = partial(write_run_pictures, spectra=layer_spectra(base, ranks), bounds=no_saving_bounds(base, ranks))
-    decomposition.save_outputs((shared or {}).get("save_into", config.output_path), student, tokenizer, report,
+    output_folder.save_outputs((shared or {}).get("save_into", config.output_path), student, tokenizer, report,
                                dataclasses.asdict(config),
                                exports=config.export, evaluate=partial(evaluation.evaluate_export, sources=sources,
                                                                        references=references, **generate_kwargs),
@@ -822,7 +825,7 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
     appears at the end, atomically, like a single run's."""
     import tempfile
 
-    import decomposition
+    import output_folder
     from matrix_decomposition import load_pretrained, resolve_ranks
     from rank_allocation import check_target_ratio
     from pictures import write_sweep_pictures
@@ -833,7 +836,7 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
         raise ConfigError(f"--resume: a sweep ({key} {json.dumps(values)}) keeps no checkpoints and cannot be "
                           f"resumed; run it again")
     inputs = run_inputs(config, config_path)
-    final = decomposition.check_output_path(config.output_path, config.overwrite_output, inputs)
+    final = output_folder.check_output_path(config.output_path, config.overwrite_output, inputs)
     quiet_transformers()
     # every value checked on the model that is factorized before hours go into the first
     key_path = "student_model_path" if config.student_model_path else "teacher_model_path"
@@ -866,10 +869,10 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
             report = json.loads((tmp / folder_name(key, value) / "report.json").read_text(encoding="utf-8"))
             rows.append(sweep_row(key, value, report))
         summary = sweep_report(key, rows, shared["teacher"])
-        decomposition.write_json_atomic(tmp / "report.json", summary)
-        decomposition.write_json_atomic(tmp / "compression_config.json", dataclasses.asdict(config))
+        output_folder.write_json_atomic(tmp / "report.json", summary)
+        output_folder.write_json_atomic(tmp / "compression_config.json", dataclasses.asdict(config))
         write_sweep_pictures(tmp, summary)
-        decomposition.replace_folder(tmp, final)
+        output_folder.replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

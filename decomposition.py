@@ -11,8 +11,6 @@ import difflib
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -29,10 +27,8 @@ from distillation.distillation_loss import IGNORE_INDEX
 from distillation.knowledge_distillation import DistillationSettings, Distiller
 from matrix_decomposition import (
     DecompositionError,
-    chmod_as_umask,
     decompose_,
     module_name,
-    save_compressed_model,
 )
 from evaluation import evaluate_translation
 from rank_allocation import sensitivity_errors
@@ -231,97 +227,3 @@ def set_generation_limit_(model: nn.Module, max_new_tokens: int) -> None:
     if generation_config is not None and generation_config.max_length is None \
             and generation_config.max_new_tokens is None:
         generation_config.max_new_tokens = max_new_tokens
-
-
-OUTPUT_MARKERS = ("compression_config.json", "report.json")  # what save_outputs writes next to the model
-
-
-def check_clear_of(key: str, path: str | os.PathLike, inputs: Mapping[str, str | os.PathLike]) -> None:
-    """Refuse a folder the run writes (and may replace or delete) that is, contains or lies inside
-    one of its ``inputs`` ({config key: local path}: the teacher, the data, the config file…)."""
-    mine = Path(path).resolve()
-    for name, other in inputs.items():
-        theirs = Path(other).resolve()
-        relation = ("is" if mine == theirs else "contains" if mine in theirs.parents
-                    else "lies inside" if theirs in mine.parents else None)
-        if relation:
-            raise DecompositionError(f"{key}: {str(path)!r} {relation} the {name} {str(other)!r}; a run replaces "
-                                     f"and deletes what it writes there: choose a folder apart from its inputs")
-
-
-def check_output_path(path: str | os.PathLike, overwrite: bool,
-                      inputs: Mapping[str, str | os.PathLike] | None = None) -> Path:
-    """Refuse an output path that is a file, is, contains or lies inside one of the run's
-    ``inputs`` (``check_clear_of``), or is a non-empty folder, unless ``overwrite`` and the folder is
-    one this tool wrote (it holds ``OUTPUT_MARKERS``): overwriting replaces the whole folder.
-    Checked before any work so that nothing is lost or half-written."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise DecompositionError(f"output_path: {str(path)!r} is a file; give a folder path")
-    check_clear_of("output_path", path, inputs or {})
-    if path.is_dir() and any(path.iterdir()):
-        if not overwrite:
-            raise DecompositionError(f"output_path: {str(path)!r} exists and is not empty; choose another path "
-                                     f"or set \"overwrite_output\": true")
-        if not all((path / name).is_file() for name in OUTPUT_MARKERS):
-            raise DecompositionError(f"output_path: {str(path)!r} was not written by this tool (it has no "
-                                     f"{' and '.join(OUTPUT_MARKERS)}), and overwrite_output only replaces a "
-                                     f"folder this tool wrote; choose another path")
-    ancestor = path.resolve().parent  # the nearest folder that exists must take new entries
-    while not ancestor.exists():
-        ancestor = ancestor.parent
-    if not ancestor.is_dir():
-        raise DecompositionError(f"output_path: {str(path)!r} lies under {str(ancestor)!r}, which is a file")
-    try:  # a real probe: permissions, read-only file systems and quotas all show up here
-        tempfile.TemporaryDirectory(prefix=".probe-", dir=ancestor).cleanup()
-    except OSError as e:
-        raise DecompositionError(f"output_path: cannot write under {str(ancestor)!r} ({e.strerror})") from None
-    return path
-
-
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report: dict, config: dict,
-                 exports: Sequence[str] = (), evaluate=None, write_more=None) -> None:
-    """Write the compressed model, tokenizer, the config used and ``report.json`` to ``path``,
-    atomically: everything goes to a temporary sibling folder that is then renamed into place
-    (an existing folder is replaced only once the new one is complete). Each of ``exports``
-    ("onnx", "onnx-int8") becomes a subfolder of that name; ``evaluate(folder)`` gives its report row.
-    ``write_more(folder, report)`` adds files of its own (the pictures and report.md)."""
-    from onnx_export import export
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        save_compressed_model(student, tmp, tokenizer)
-        for name in exports:
-            folder = export(path, tmp / name, "int8" if name.endswith("int8") else "float32", model=student,
-                            tokenizer=tokenizer)
-            if evaluate is not None:
-                report[f"student_{name.replace('-', '_')}"] = {"params": report["student"]["params"], **evaluate(folder)}
-        (tmp / "compression_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-        (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-        if write_more is not None:
-            write_more(tmp, report)
-        replace_folder(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_folder(tmp: Path, path: Path) -> None:
-    """Rename the finished temporary folder ``tmp`` to ``path``, replacing what was there only now,
-    with the permissions a folder the user makes gets (not mkdtemp's 0700)."""
-    chmod_as_umask(tmp, 0o777)
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old)

@@ -14,10 +14,10 @@ from transformers import AutoTokenizer, GenerationConfig
 import compress_model
 import data
 import decomposition
+import output_folder
 from evaluation import evaluate_translation
-from matrix_decomposition import (
-    DecompositionError, LowRankLinear, count_parameters, decompose_, load_compressed_model,
-)
+from matrix_decomposition import LowRankLinear, count_parameters, decompose_, load_compressed_model
+from output_folder import OutputError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
@@ -132,7 +132,7 @@ def test_output_folder_and_files_follow_the_umask(tmp_path, make_tiny_marian, ti
     decompose_(model, [], 4)
     previous = os.umask(umask)
     try:
-        decomposition.save_outputs(tmp_path / "out", model, tiny_tokenizer, {"report": 1}, {"config": 1})
+        output_folder.save_outputs(tmp_path / "out", model, tiny_tokenizer, {"report": 1}, {"config": 1})
     finally:
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
@@ -281,21 +281,21 @@ def test_the_inputs_output_folders_keep_clear_of(run_dir, monkeypatch):
     assert compress_model.run_inputs(config, "config.json") == {
         "teacher_model_path": str(run_dir / "teacher"), "dataset_path": str(run_dir / "train.csv"),
         "eval_dataset_path": str(run_dir / "eval.csv"), "config file": "config.json"}
-    with pytest.raises(DecompositionError, match="output_path: 'conf' contains the config file 'conf/c.json'"):
-        decomposition.check_clear_of("output_path", "conf", {"config file": "conf/c.json"})
+    with pytest.raises(OutputError, match="output_path: 'conf' contains the config file 'conf/c.json'"):
+        output_folder.check_clear_of("output_path", "conf", {"config file": "conf/c.json"})
 
 
 def test_overwrite_output_replaces_only_a_folder_this_tool_wrote(tmp_path):
     folder = tmp_path / "out"
     folder.mkdir()
     (folder / "notes.txt").write_text("mine")
-    with pytest.raises(DecompositionError, match="was not written by this tool"):
-        decomposition.check_output_path(folder, overwrite=True)
-    for name in decomposition.OUTPUT_MARKERS:
+    with pytest.raises(OutputError, match="was not written by this tool"):
+        output_folder.check_output_path(folder, overwrite=True)
+    for name in output_folder.OUTPUT_MARKERS:
         (folder / name).write_text("{}")
-    assert decomposition.check_output_path(folder, overwrite=True) == folder
-    with pytest.raises(DecompositionError, match="not empty"):
-        decomposition.check_output_path(folder, overwrite=False)
+    assert output_folder.check_output_path(folder, overwrite=True) == folder
+    with pytest.raises(OutputError, match="not empty"):
+        output_folder.check_output_path(folder, overwrite=False)
 
 
 def test_bad_config_from_the_shell_has_no_traceback(run_dir):
