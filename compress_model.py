@@ -604,6 +604,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     import evaluation
     import output_folder
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
+    from distillation.sequence_level_kd import teacher_translations
     from matrix_decomposition import (
         count_parameters, describe_ranks, init_notes, load_pretrained, quantize_int8, resolve_ranks,
     )
@@ -670,7 +671,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         train_set = preprocess(train_pairs)
         eval_set = preprocess(eval_pairs)
     if config.sequence_level_kd and not plan_only:  # the teacher's translations of the inputs replace the references
-        targets, cache_file, reused = decomposition.teacher_translations(  # shared among the processes
+        targets, cache_file, reused = teacher_translations(  # shared among the processes
             teacher, tokenizer, train_set["input_ids"], cache_dir(config), config.teacher_model_path,
             **generate_kwargs)
         say(f"sequence-level KD: teacher translations of {len(targets):,} training sources "

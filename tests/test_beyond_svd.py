@@ -19,6 +19,7 @@ import decomposition
 import matrix_decomposition
 import translate
 from data import read_pairs
+from distillation import sequence_level_kd
 from distillation.knowledge_distillation import DistillationSettings, Distiller
 from evaluation import evaluate_translation
 from matrix_decomposition import (
@@ -513,7 +514,7 @@ def test_teacher_translations_are_cached_and_reused(make_tiny_marian, tiny_token
                                                     counted_generate):
     teacher, sources = make_tiny_marian(), [s for s, _ in tiny_pairs[:10]]
     settings = dict(num_beams=1, max_new_tokens=6, batch_size=4)
-    first, path, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+    first, path, reused = sequence_level_kd.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                              **settings)
     assert not reused and sum(counted_generate) == 10
     assert first == translate.translate(teacher, tiny_tokenizer, sources, num_beams=1, max_new_tokens=6)
@@ -521,7 +522,7 @@ def test_teacher_translations_are_cached_and_reused(make_tiny_marian, tiny_token
         [{"source": s, "target": t} for s, t in zip(sources, first)]
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left behind
     counted_generate.clear()
-    again, path_again, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+    again, path_again, reused = sequence_level_kd.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                                    **{**settings, "batch_size": 3})
     assert reused and again == first and path_again == path and counted_generate == []
 
@@ -530,17 +531,17 @@ def test_teacher_translations_are_cached_and_reused(make_tiny_marian, tiny_token
                     dict(teacher=make_tiny_marian(d_model=8))]:
         args = {"teacher": teacher, "sources": sources, "teacher_path": "t", **settings, **changed}
         counted_generate.clear()
-        _, other, reused = decomposition.teacher_translations(args.pop("teacher"), tiny_tokenizer, args.pop("sources"),
+        _, other, reused = sequence_level_kd.teacher_translations(args.pop("teacher"), tiny_tokenizer, args.pop("sources"),
                                                               tmp_path, args.pop("teacher_path"), **args)
         assert not reused and other != path and sum(counted_generate) == len(changed.get("sources", sources))
 
 
 def test_a_damaged_cache_is_regenerated(make_tiny_marian, tiny_tokenizer, tiny_pairs, tmp_path, counted_generate):
     teacher, sources = make_tiny_marian(), [s for s, _ in tiny_pairs[:4]]
-    first, path, _ = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+    first, path, _ = sequence_level_kd.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                         max_new_tokens=6)
     path.write_text(path.read_text()[:-10])  # cut off mid-line
-    again, _, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+    again, _, reused = sequence_level_kd.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                           max_new_tokens=6)
     assert not reused and again == first and len(path.read_text().splitlines()) == 4
 
@@ -549,10 +550,10 @@ def test_a_cache_with_unicode_line_separators_is_reused(make_tiny_marian, tiny_t
                                                        counted_generate):
     teacher = make_tiny_marian()
     sources = ["one\u2028two", "three\u2029four", "five\x85six", "plain"]
-    first, path, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+    first, path, reused = sequence_level_kd.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                              max_new_tokens=6)
     counted_generate.clear()
-    again, _, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+    again, _, reused = sequence_level_kd.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                           max_new_tokens=6)
     assert reused and again == first and counted_generate == []
 
@@ -561,11 +562,11 @@ def test_teacher_translations_are_sharded_across_processes(make_tiny_marian, tin
                                                           counted_generate, monkeypatch):
     """Process 1 of 2 translates only its share, gets the others' from gather_object and writes no cache."""
     teacher, sources = make_tiny_marian(), [s for s, _ in tiny_pairs[:5]]
-    monkeypatch.setattr(decomposition, "PartialState", lambda: types.SimpleNamespace(
+    monkeypatch.setattr(sequence_level_kd, "PartialState", lambda: types.SimpleNamespace(
         num_processes=2, process_index=1, is_main_process=False))
     from_rank0 = [(i, f"rank0-{i}") for i in (0, 2, 4)]
-    monkeypatch.setattr(decomposition, "gather_object", lambda obj: obj * 2 if obj == [False] else from_rank0 + obj)
-    targets, path, reused = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
+    monkeypatch.setattr(sequence_level_kd, "gather_object", lambda obj: obj * 2 if obj == [False] else from_rank0 + obj)
+    targets, path, reused = sequence_level_kd.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path, "t",
                                                                max_new_tokens=6)
     assert not reused and sum(counted_generate) == 2  # its share only
     mine = translate.translate(teacher, tiny_tokenizer, [sources[1], sources[3]], max_new_tokens=6)

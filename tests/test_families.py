@@ -24,6 +24,7 @@ import compress_model
 import data
 import decomposition
 from distillation.knowledge_distillation import LOSS_TERMS, DistillationSettings
+from distillation.sequence_level_kd import teacher_translations
 from matrix_decomposition import (
     DecompositionError, LowRankEmbedding, LowRankLinear, check_supported, count_parameters, decompose_,
     default_targets, init_notes, load_pretrained, max_saving_rank, save_compressed_model,
@@ -229,8 +230,7 @@ def test_forced_bos_is_carried_into_evaluation_sequence_level_kd_and_the_saved_m
     sources = ["The train arrived.", "He is here."]
     kwargs = dict(max_new_tokens=4, batch_size=2)
     assert all(t.startswith("Mary") for t in translate(teacher, tiny_tokenizer, sources, **kwargs))
-    targets, _, _ = decomposition.teacher_translations(teacher, tiny_tokenizer, sources, tmp_path / "cache", "t",
-                                                       **kwargs)
+    targets, _, _ = teacher_translations(teacher, tiny_tokenizer, sources, tmp_path / "cache", "t", **kwargs)
     assert all(t.startswith("Mary") for t in targets)
     student, _ = decomposition.build_student(teacher, [], RANK)
     save_compressed_model(student, tmp_path / "out", tiny_tokenizer)
