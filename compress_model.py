@@ -729,14 +729,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     decompose_seconds = time.time() - decompose_started
     folder = checkpoint_dir(config)
     resume_training = bool(saved) and (folder / "latest").is_file()
-    settings = DistillationSettings(
-        epochs=config.epoch, batch_size=config.batch_size, learning_rate=config.learning_rate,
-        weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_steps=config.max_steps,
-        gradient_accumulation_steps=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm,
-        temperature=config.temperature, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
-        eval_steps=config.eval_steps, mixed_precision=config.mixed_precision, seed=config.seed,
-        progress=config.progress, checkpoint_dir=str(folder) if config.checkpoint_steps else None,
-        checkpoint_steps=config.checkpoint_steps, resume=resume_training, group_by_length=config.group_by_length)
+    settings = DistillationSettings.from_config(config, str(folder), resume=resume_training)
     if plan_only:  # the plan: these layers and ranks, their sizes, speed and time; nothing written
         if main_process:
             from plan import print_plan

@@ -144,7 +144,7 @@ def optimizer_steps(pairs: int, settings) -> tuple[int, int]:
     """(optimizer steps of the run, of one epoch) over ``pairs`` training pairs (one process), as the
     ``Distiller`` counts them."""
     per_epoch = math.ceil(math.ceil(pairs / settings.batch_size) / settings.gradient_accumulation_steps)
-    steps = per_epoch * settings.epochs
+    steps = per_epoch * settings.epoch
     return (min(steps, settings.max_steps) if settings.max_steps else steps), per_epoch
 
 
@@ -160,7 +160,7 @@ def timed_steps(teacher, student, tokenizer, train_set, eval_set, settings, feat
     steps = warmup + timed
     pairs = min(len(train_set), steps * settings.batch_size * settings.gradient_accumulation_steps)
     held_out = eval_set.select(range(min(len(eval_set), 2 * settings.batch_size)))
-    quick = dataclasses.replace(settings, epochs=steps, max_steps=steps, eval_steps=0, progress=False,
+    quick = dataclasses.replace(settings, epoch=steps, max_steps=steps, eval_steps=0, progress=False,
                                 checkpoint_dir=None, checkpoint_steps=0, resume=False)
     distiller = Distiller(teacher, copy.deepcopy(student), tokenizer, train_set.select(range(pairs)), None, quick,
                           list(feature_layers))

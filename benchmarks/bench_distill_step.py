@@ -39,6 +39,7 @@ import torch  # noqa: E402
 from transformers import MarianConfig, MarianMTModel  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
+from compress_model import Config  # noqa: E402
 from decomposition import build_student  # noqa: E402
 from distillation.distillation_loss import IGNORE_INDEX, cross_entropy_loss  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings, Distiller  # noqa: E402
@@ -109,8 +110,8 @@ class DistillStep:
 
     def __init__(self, teacher, student, weights: dict[str, float], feature_layers: list[str],
                  learning_rate: float):
-        settings = DistillationSettings(loss_weights=weights, learning_rate=learning_rate, batch_size=1,
-                                        progress=False)
+        settings = DistillationSettings.from_config(Config(loss_weights=weights, learning_rate=learning_rate,
+                                                           batch_size=1, progress=False, group_by_length=False))
         # The data loader is never used (batches come from make_batch), so neither tokenizer nor data are needed.
         self.distiller = d = Distiller(teacher, student.train(), None, [{}], None, settings, feature_layers)
         self.models = (d.teacher, d.unwrapped_student)

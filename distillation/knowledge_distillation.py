@@ -20,7 +20,7 @@ import random
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -51,27 +51,38 @@ CHECKPOINT_ENTRIES = ("latest", ".latest.tmp", "step-*", ".tmp-step-*")  # what 
 
 @dataclass
 class DistillationSettings:
-    """How the student is trained (filled from the user's config by ``decomposition.py``)."""
+    """How the student is trained: the training keys of the run's ``Config``, under their names there
+    (``compress_model.Config`` gives their defaults and meaning), and where checkpoints go. Made by
+    ``from_config``."""
 
-    epochs: int = 1
-    batch_size: int = 32
-    group_by_length: bool = False  # batches of pairs of similar length (LengthGroupedSampler; a tokenized Dataset)
-    learning_rate: float = 3e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.06
-    max_steps: int | None = None
-    gradient_accumulation_steps: int = 1
-    max_grad_norm: float = 1.0
-    temperature: float = 2.0
-    label_smoothing: float = 0.0
-    loss_weights: dict[str, float] = field(default_factory=lambda: {"ce": 1.0, "kd": 1.0, "feature": 1.0})
-    eval_steps: int = 0  # 0: evaluate at the end of every epoch only
-    mixed_precision: str = "no"
-    seed: int = 42
-    progress: bool = True
-    checkpoint_dir: str | None = None  # where step checkpoints go (None: no checkpoints)
-    checkpoint_steps: int = 0  # write one every N optimizer steps (0: never)
-    resume: bool = False  # continue from the latest checkpoint in checkpoint_dir
+    epoch: int  # passes over the training pairs
+    batch_size: int
+    group_by_length: bool  # batches of pairs of similar length (LengthGroupedSampler; a tokenized Dataset)
+    learning_rate: float
+    weight_decay: float
+    warmup_ratio: float
+    max_steps: int | None
+    gradient_accumulation_steps: int
+    max_grad_norm: float
+    temperature: float
+    label_smoothing: float
+    loss_weights: dict[str, float]
+    eval_steps: int  # 0: evaluate at the end of every epoch only
+    mixed_precision: str
+    seed: int
+    progress: bool
+    checkpoint_dir: str | None  # where step checkpoints go (None: no checkpoints)
+    checkpoint_steps: int  # write one every N optimizer steps (0: never)
+    resume: bool  # continue from the latest checkpoint in checkpoint_dir
+
+    @classmethod
+    def from_config(cls, config, checkpoint_dir: str | None = None, resume: bool = False) -> "DistillationSettings":
+        """The settings ``config`` (a ``Config``) gives, checkpoints every ``checkpoint_steps`` into
+        ``checkpoint_dir`` (none without one), continued from the latest one when ``resume``."""
+        saving = bool(checkpoint_dir and config.checkpoint_steps)
+        run = {"checkpoint_dir": checkpoint_dir if saving else None,
+               "checkpoint_steps": config.checkpoint_steps if saving else 0, "resume": resume}
+        return cls(**{f.name: run[f.name] if f.name in run else getattr(config, f.name) for f in fields(cls)})
 
 
 def distributed_on_cpu() -> bool:
@@ -160,7 +171,7 @@ class Distiller:
                                        {"params": no_decay, "weight_decay": 0.0}], lr=s.learning_rate)
         self.student, self.optimizer, self.train_loader = self.accelerator.prepare(student, optimizer, train_loader)
         self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader else None
-        self.total_steps = math.ceil(len(self.train_loader) / s.gradient_accumulation_steps) * s.epochs
+        self.total_steps = math.ceil(len(self.train_loader) / s.gradient_accumulation_steps) * s.epoch
         if s.max_steps:
             self.total_steps = min(self.total_steps, s.max_steps)
         # The prepared scheduler advances once per process at every optimizer step, so its length is
@@ -222,7 +233,7 @@ class Distiller:
         return loss, {k: v.detach() for k, v in terms.items()}
 
     def train(self) -> list[dict]:
-        """Run ``epochs`` passes (or ``max_steps`` optimizer steps); return the evaluation history."""
+        """Run ``epoch`` passes (or ``max_steps`` optimizer steps); return the evaluation history."""
         s, acc = self.settings, self.accelerator
         self.student.train()
         step, first_epoch, skip, elapsed, running = 0, 0, 0, 0.0, {}
@@ -233,7 +244,7 @@ class Distiller:
                    disable=not (s.progress and acc.is_main_process))
         with capture_outputs(self.teacher, self.feature_layers) as teacher_features, \
                 capture_outputs(self.unwrapped_student, self.feature_layers) as student_features:
-            for epoch in range(first_epoch, s.epochs):
+            for epoch in range(first_epoch, s.epoch):
                 self.train_loader.set_epoch(epoch)
                 # on resume, the seeded epoch order is replayed and the batches already used are skipped
                 loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader

@@ -22,7 +22,9 @@ from transformers import AutoModelForSeq2SeqLM, MarianConfig, MarianMTModel, Mar
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from compress_model import Config  # noqa: E402
 from data import read_pairs, write_pairs  # noqa: E402  (the CSV helpers of the tests' runs)
+from distillation.knowledge_distillation import DistillationSettings  # noqa: E402
 from matrix_decomposition import load_compressed_model  # noqa: E402  (importing it registers marian_low_rank)
 from scripts.train_teacher import build_tokenizer  # noqa: E402
 
@@ -32,6 +34,12 @@ torch.set_num_threads(1)
 
 TRAIN_CSV = REPO / "data" / "tatoeba_en_de" / "train.csv"
 VOCAB_SIZE = 300  # sentencepiece pieces + </s> + <pad>
+
+
+def distillation_settings(**keys) -> DistillationSettings:
+    """The training settings of a ``Config`` with ``keys`` on top; unless given, batches in random
+    order (not grouped by length) and no progress bars."""
+    return DistillationSettings.from_config(Config(**{"group_by_length": False, "progress": False, **keys}))
 
 
 def make_run_dir(folder: Path, teacher_dir: Path, train_pairs, eval_pairs, **config) -> Path:

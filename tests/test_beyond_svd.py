@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import LOADERS, edit_config, make_run_dir
+from conftest import LOADERS, distillation_settings, edit_config, make_run_dir
 from datasets import Dataset
 from safetensors import safe_open
 from torch import nn
@@ -20,7 +20,7 @@ import matrix_decomposition
 import translate
 from data import read_pairs
 from distillation import sequence_level_kd
-from distillation.knowledge_distillation import DistillationSettings, Distiller
+from distillation.knowledge_distillation import Distiller
 from evaluation import evaluate_translation
 from matrix_decomposition import (
     WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, count_parameters, decompose_, default_targets,
@@ -479,8 +479,7 @@ def test_distilling_with_a_factorized_embedding(factorized, tiny_tokenizer, cali
     pairs = Dataset.from_dict({k: [row for b in calibration for row in _unpad(b, k)]
                                for k in ("input_ids", "attention_mask", "labels")})
     before = student.model.shared.down.weight.detach().clone()
-    settings = DistillationSettings(max_steps=3, batch_size=8, progress=False, learning_rate=1e-2,
-                                    loss_weights={"ce": 1.0, "kd": 1.0})
+    settings = distillation_settings(max_steps=3, batch_size=8, learning_rate=1e-2, loss_weights={"ce": 1.0, "kd": 1.0})
     decomposition.distill(teacher, student, tiny_tokenizer, pairs, None, settings, [])
     assert not torch.equal(before, student.model.shared.down.weight)
     assert student.lm_head.down.weight is student.model.shared.down.weight  # still one tensor after training

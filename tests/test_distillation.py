@@ -7,6 +7,7 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from conftest import distillation_settings
 from torch import nn
 from transformers import DataCollatorForSeq2Seq
 
@@ -18,7 +19,7 @@ from distillation.distillation_loss import (
     weighted_sum,
 )
 from distillation.knowledge_distillation import (
-    LOSS_TERMS, DistillationSettings, Distiller, LengthGroupedSampler, token_lengths,
+    LOSS_TERMS, Distiller, LengthGroupedSampler, token_lengths,
 )
 from matrix_decomposition import DecompositionError, LowRankLinear, default_targets
 from teacher_forcing import capture_outputs, source_positioned
@@ -52,7 +53,7 @@ def tiny_batch(tiny_train_set, tiny_tokenizer):
 
 
 def make_distiller(teacher, student, tokenizer, train_set, weights, feature_layers=(), **settings):
-    settings = DistillationSettings(loss_weights=weights, progress=False, batch_size=16, **settings)
+    settings = distillation_settings(loss_weights=weights, batch_size=16, **settings)
     return Distiller(teacher, student, tokenizer, train_set, None, settings, list(feature_layers))
 
 
@@ -420,8 +421,8 @@ def test_a_few_steps_reduce_the_distillation_loss_and_leave_the_teacher_untouche
     student, ranks = build_student(teacher, [], RANK)
     before_teacher = {k: v.clone() for k, v in teacher.state_dict().items()}
     weights = {"ce": 1.0, "kd": 1.0, "feature": 1.0, "hidden": 1.0}
-    settings = DistillationSettings(epochs=100, max_steps=30, batch_size=16, learning_rate=1e-3, warmup_ratio=0.0,
-                                    loss_weights=weights, progress=False)
+    settings = distillation_settings(epoch=100, max_steps=30, batch_size=16, learning_rate=1e-3, warmup_ratio=0.0,
+                                     loss_weights=weights)
     feature_layers = resolve_feature_layers(teacher, [], ranks)
 
     probe = make_distiller(teacher, copy.deepcopy(student), tiny_tokenizer, tiny_train_set, weights, feature_layers)
@@ -499,7 +500,7 @@ def test_gradient_accumulation_steps_once_per_group_and_the_schedule_ends_at_zer
     teacher = make_tiny_marian()
     student, _ = build_student(teacher, [], RANK)
     # 64 pairs in batches of 16: 4 batches an epoch, in groups of 3 (the last group is the epoch's last batch)
-    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"ce": 1.0}, epochs=3,
+    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"ce": 1.0}, epoch=3,
                                gradient_accumulation_steps=3, warmup_ratio=0.34, learning_rate=1e-3)
     assert distiller.total_steps == 3 * 2
     learning_rates = []
@@ -522,7 +523,7 @@ def test_gradient_accumulation_steps_once_per_group_and_the_schedule_ends_at_zer
 def test_eval_steps_evaluate_every_n_steps_and_at_each_epochs_end(make_tiny_marian, tiny_tokenizer, tiny_train_set):
     teacher = make_tiny_marian()
     student, _ = build_student(teacher, [], RANK)
-    settings = DistillationSettings(loss_weights={"ce": 1.0}, progress=False, batch_size=16, epochs=4, eval_steps=5)
+    settings = distillation_settings(loss_weights={"ce": 1.0}, batch_size=16, epoch=4, eval_steps=5)
     distiller = Distiller(teacher, student, tiny_tokenizer, tiny_train_set, tiny_train_set.select(range(8)),
                           settings, [])
     history = distiller.train()

@@ -12,7 +12,7 @@ import datasets
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import LOADERS, save_model_folder
+from conftest import LOADERS, distillation_settings, save_model_folder
 from torch import nn
 from transformers import (
     AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig, BertConfig, EncoderDecoderConfig, EncoderDecoderModel,
@@ -23,7 +23,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_L
 import compress_model
 import data
 import decomposition
-from distillation.knowledge_distillation import LOSS_TERMS, DistillationSettings
+from distillation.knowledge_distillation import LOSS_TERMS
 from distillation.sequence_level_kd import teacher_translations
 from matrix_decomposition import (
     DecompositionError, LowRankEmbedding, LowRankLinear, check_supported, count_parameters, decompose_,
@@ -196,8 +196,7 @@ def test_activation_init_and_sensitivity_allocation(family, tiny_tokenizer, batc
 def test_distill_save_and_reload_identical(family, tiny_tokenizer, train_set, batches, tmp_path):
     teacher = family.make(tiny_tokenizer)
     student, ranks = decomposition.build_student(teacher, ["*"], RANK)
-    settings = DistillationSettings(max_steps=2, batch_size=8, loss_weights=dict.fromkeys(LOSS_TERMS, 1.0),
-                                    progress=False)
+    settings = distillation_settings(max_steps=2, batch_size=8, loss_weights=dict.fromkeys(LOSS_TERMS, 1.0))
     features = decomposition.resolve_feature_layers(teacher, [], ranks)
     distiller = decomposition.distill(teacher, student, tiny_tokenizer, train_set, None, settings, features)
     assert all(torch.isfinite(torch.tensor(v)) for k, v in distiller.history[-1].items() if k in LOSS_TERMS)
