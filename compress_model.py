@@ -374,6 +374,76 @@ def set_languages_(model, tokenizer, source_lang_code: str | None, target_lang_c
         model.generation_config.decoder_start_token_id = ids["target_lang_code"]
 
 
+def load_models(config: Config) -> tuple:
+    """(teacher, the model factorized into the student, the teacher's tokenizer): the model is
+    ``student_model_path``, or the teacher itself by default. A multilingual tokenizer gets the
+    language codes, and the target language is forced when generating (``set_languages_``). An
+    export the teacher cannot have is refused now, not after the training."""
+    from decomposition import check_same_vocabulary
+    from matrix_decomposition import load_pretrained
+
+    languages = {k: v for k, v in (("src_lang", config.source_lang_code), ("tgt_lang", config.target_lang_code)) if v}
+    teacher, tokenizer = load_pretrained(config.teacher_model_path, "teacher_model_path", languages)
+    set_languages_(teacher, tokenizer, config.source_lang_code, config.target_lang_code)
+    if config.export:  # the ONNX export takes MarianMT only
+        from onnx_export import ExportError, _check_exportable
+        try:
+            _check_exportable(teacher)
+        except ExportError as e:
+            raise ConfigError(f"export: {e}; leave export out") from None
+    base = teacher
+    if config.student_model_path:
+        base, base_tokenizer = load_pretrained(config.student_model_path, "student_model_path", languages)
+        set_languages_(base, base_tokenizer, config.source_lang_code, config.target_lang_code)
+        check_same_vocabulary(teacher, tokenizer, base, base_tokenizer)
+    return teacher, base, tokenizer
+
+
+def fit_lengths(config: Config, *models) -> Config:
+    """``config`` with max_source_length, max_target_length and max_new_tokens cut to the positions
+    the ``models`` can represent: longer sequences are truncated, not crashed on."""
+    positions = min((getattr(m.config, "max_position_embeddings", None) or 10**9) for m in models)
+    if positions >= 10**9:
+        return config
+    return dataclasses.replace(config, max_source_length=min(config.max_source_length, positions),
+                               max_target_length=min(config.max_target_length, positions),
+                               max_new_tokens=min(config.max_new_tokens, positions - 1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data
+
+
+def model_inputs(config: Config, tokenizer, train_pairs, eval_pairs, state, say=print, teacher=None,
+                 generate: dict | None = None) -> tuple:
+    """(train_set, eval_set): the pairs (``data.load_data``) turned into model inputs by the
+    preprocessing hook, looked up now (so a replaced ``data_preprocessor`` is the one used) and
+    cached (``data.preprocess``). With ``sequence_level_kd`` and a ``teacher``, the training
+    targets are the teacher's translations of the training inputs (``generate``: their settings),
+    generated once and shared among the processes (``distillation.sequence_level_kd``)."""
+    import data
+    from distillation.sequence_level_kd import teacher_translations
+
+    preprocessor = globals()["data_preprocessor"]
+
+    def preprocess(pairs):  # tokenized once: a later run with the same data, tokenizer and code reads the cache
+        return data.preprocess(pairs, tokenizer, config, preprocessor, cache_dir=data.tokenized_cache_dir(config),
+                               num_workers=config.preprocessing_num_workers, code=[default_data_preprocessor], say=say)
+
+    with state.main_process_first():
+        train_set = preprocess(train_pairs)
+        eval_set = preprocess(eval_pairs)
+    if config.sequence_level_kd and teacher is not None:
+        targets, cache_file, reused = teacher_translations(teacher, tokenizer, train_set["input_ids"],
+                                                           cache_dir(config), config.teacher_model_path, **generate)
+        say(f"sequence-level KD: teacher translations of {len(targets):,} training sources "
+            f"{'reused from' if reused else 'cached in'} {cache_file}", flush=True)
+        train_pairs = train_pairs.remove_columns("target_text").add_column("target_text", targets)
+        with state.main_process_first():
+            train_set = preprocess(train_pairs)
+    return train_set, eval_set
+
+
 # ---------------------------------------------------------------------------------------------
 # The run
 
@@ -588,6 +658,34 @@ def quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")
 
 
+def check_before_work(config: Config, config_path: str | os.PathLike | None, device) -> None:
+    """Refuse, before any work: fp16 on a CPU; an output or checkpoint folder that would clobber
+    something or overlaps the run's inputs; a cache folder that is a file."""
+    import data
+    from output_folder import check_clear_of, check_output_path
+
+    if config.mixed_precision == "fp16" and device.type == "cpu":
+        raise ConfigError("mixed_precision: 'fp16' needs a GPU (on a CPU, Accelerate trains in float32 without "
+                          "saying so); use \"bf16\" or \"no\"")
+    inputs = run_inputs(config, config_path)
+    check_output_path(config.output_path, config.overwrite_output, inputs)
+    check_clear_of("checkpoint_dir", checkpoint_dir(config), {**inputs, "output_path": config.output_path})
+    if config.sequence_level_kd and cache_dir(config).exists() and not cache_dir(config).is_dir():
+        raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")
+    data.tokenized_cache_dir(config)  # refuses a cache_dir that is a file
+
+
+def start_checkpoints(folder: Path, run_state: dict) -> None:
+    """A fresh checkpoint folder holding run.json (``run_state``: the config, the report so far and the
+    ranks, what --resume reuses); an abandoned run's checkpoints (nothing to resume, or
+    overwrite_output given) are removed first."""
+    from output_folder import write_json_atomic
+
+    remove_checkpoints(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(folder / "run.json", run_state)
+
+
 def run(config: Config, resume: bool = False, config_path: str | os.PathLike | None = None, plan_only: bool = False,
         shared: dict | None = None) -> int:
     """One compression: data, teacher, decomposition, distillation, evaluation, saved outputs.
@@ -601,140 +699,53 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
 
     import data
     import decomposition
-    import evaluation
-    import output_folder
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
-    from distillation.sequence_level_kd import teacher_translations
-    from matrix_decomposition import (
-        count_parameters, describe_ranks, init_notes, load_pretrained, quantize_int8, resolve_ranks,
-    )
-    from rank_allocation import check_target_ratio, ranks_for_ratio
+    from evaluation import evaluate_export
+    from output_folder import save_outputs
     from pictures import write_run_pictures
-    from plan import layer_spectra, no_saving_bounds
+    from plan import layer_spectra, no_saving_bounds, print_plan
 
     quiet_transformers()
     state = PartialState(cpu=distributed_on_cpu())  # one process, or one of several under torchrun / accelerate launch
     main_process = state.is_main_process
     say = print if main_process else (lambda *a, **k: None)
 
-    # Seed; refuse an output or checkpoint folder that would be clobbered, before any work.
+    # Seed and threads; refuse an output or checkpoint folder that would be clobbered, before any work
     torch.manual_seed(config.seed)
     threads, why = torch_threads(config.num_threads)
     torch.set_num_threads(threads)
-    if config.mixed_precision == "fp16" and state.device.type == "cpu":
-        raise ConfigError("mixed_precision: 'fp16' needs a GPU (on a CPU, Accelerate trains in float32 without "
-                          "saying so); use \"bf16\" or \"no\"")
-    inputs = run_inputs(config, config_path)
-    output_folder.check_output_path(config.output_path, config.overwrite_output, inputs)
-    output_folder.check_clear_of("checkpoint_dir", checkpoint_dir(config), {**inputs, "output_path": config.output_path})
-    if config.sequence_level_kd and cache_dir(config).exists() and not cache_dir(config).is_dir():
-        raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")
-    tokenized_cache = data.tokenized_cache_dir(config)
-    saved = check_resume(config, resume)
+    check_before_work(config, config_path, state.device)
+    saved = check_resume(config, resume)  # an interrupted run's config, evaluations and ranks
     requested = dataclasses.asdict(config)  # as the user wrote it; lengths may be clamped below
     say(f"torch threads: {threads} ({why})", flush=True)
 
     # Data
     with state.main_process_first():
         train_pairs, eval_pairs = data.load_data(config)
-    # Model: the teacher, and the model factorized into the student (the teacher itself by default);
-    # a multilingual tokenizer gets the language codes, and the target language is forced when generating
-    languages = {k: v for k, v in (("src_lang", config.source_lang_code), ("tgt_lang", config.target_lang_code)) if v}
-    teacher, tokenizer = load_pretrained(config.teacher_model_path, "teacher_model_path", languages)
-    set_languages_(teacher, tokenizer, config.source_lang_code, config.target_lang_code)
-    if config.export:  # the ONNX export takes MarianMT only: said now, not after the training
-        from onnx_export import ExportError, _check_exportable
-        try:
-            _check_exportable(teacher)
-        except ExportError as e:
-            raise ConfigError(f"export: {e}; leave export out") from None
-    base = teacher
-    if config.student_model_path:
-        base, base_tokenizer = load_pretrained(config.student_model_path, "student_model_path", languages)
-        set_languages_(base, base_tokenizer, config.source_lang_code, config.target_lang_code)
-        decomposition.check_same_vocabulary(teacher, tokenizer, base, base_tokenizer)
-    positions = min((getattr(m.config, "max_position_embeddings", None) or 10**9) for m in (teacher, base))
-    if positions < 10**9:  # sequences the models cannot represent are truncated, not crashed on
-        config = dataclasses.replace(config, max_source_length=min(config.max_source_length, positions),
-                                     max_target_length=min(config.max_target_length, positions),
-                                     max_new_tokens=min(config.max_new_tokens, positions - 1))
-    generate_kwargs = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
-                       "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length,
-                       "progress": config.progress and main_process}
-    preprocessor = globals()["data_preprocessor"]  # looked up now, so a replaced hook is the one used
 
-    def preprocess(pairs):  # tokenized once: a later run with the same data, tokenizer and code reads the cache
-        return data.preprocess(pairs, tokenizer, config, preprocessor, cache_dir=tokenized_cache,
-                               num_workers=config.preprocessing_num_workers, code=[default_data_preprocessor], say=say)
+    # Model: the teacher, and the model factorized into the student (the teacher itself by default)
+    teacher, base, tokenizer = load_models(config)
+    config = fit_lengths(config, teacher, base)
+    generate = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
+                "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length,
+                "progress": config.progress and main_process}
 
-    with state.main_process_first():
-        train_set = preprocess(train_pairs)
-        eval_set = preprocess(eval_pairs)
-    if config.sequence_level_kd and not plan_only:  # the teacher's translations of the inputs replace the references
-        targets, cache_file, reused = teacher_translations(  # shared among the processes
-            teacher, tokenizer, train_set["input_ids"], cache_dir(config), config.teacher_model_path,
-            **generate_kwargs)
-        say(f"sequence-level KD: teacher translations of {len(targets):,} training sources "
-            f"{'reused from' if reused else 'cached in'} {cache_file}", flush=True)
-        train_pairs = train_pairs.remove_columns("target_text").add_column("target_text", targets)
-        with state.main_process_first():
-            train_set = preprocess(train_pairs)
+    # Model inputs, by the preprocessing hook (sequence_level_kd: the teacher's translations as targets);
     # evaluation translates what the model is trained on: the preprocessor's inputs
+    train_set, eval_set = model_inputs(config, tokenizer, train_pairs, eval_pairs, state, say,
+                                       teacher=None if plan_only else teacher, generate=generate)
     sources, references = eval_set["input_ids"], eval_pairs["target_text"]
 
-    # Decompose: the target layers of the base model (the teacher, or student_model_path); their input
-    # statistics (activation init); their ranks (k_info, or allocated to meet target_ratio); then the
-    # factorization itself
-    decompose_started = time.time()
-    budget = config.target_ratio is not None
-    target_layers = list(resolve_ranks(base, config.decompose_layers, 1 if budget else config.k_info))
-    if budget:
-        check_target_ratio(base, target_layers, config.target_ratio)  # before any work
-    feature_layers = decomposition.resolve_feature_layers(base, config.feature_layers, target_layers)
-    if base is not teacher:  # the loss terms that compare layers need layers of the same shapes
-        decomposition.check_student_shapes(teacher, base, config.loss_weights, feature_layers)
-    input_grams, errors = None, (shared or {}).get("errors")  # a sweep measures the sensitivity once
-    reused = saved.get("ranks") if saved and budget else None  # an allocation is measured once per run
-    sensitivity = budget and config.rank_allocation == "sensitivity" and not reused and errors is None
-    if config.init == "activation" or sensitivity:
-        batches = decomposition.calibration_batches(train_set, tokenizer, config.calibration_samples,
-                                                    config.batch_size)
-    if config.init == "activation":
-        linears = [name for name in target_layers if isinstance(base.get_submodule(name), torch.nn.Linear)]
-        input_grams = decomposition.gather_input_grams(base, linears, batches)
-    if sensitivity:
-        started = time.time()
-        errors = decomposition.sensitivity_errors(base, target_layers, batches, svd=config.svd,
-                                                  input_grams=input_grams, progress=config.progress and main_process)
-        say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
-            f"in {time.time() - started:.0f} s", flush=True)
-        if shared is not None:
-            shared["errors"] = errors
-    if reused:
-        k_info = reused
-        say("ranks allocated to target_ratio reused from the interrupted run", flush=True)
-    elif budget:
-        k_info = ranks_for_ratio(base, target_layers, config.target_ratio, input_grams, errors)
-    else:
-        k_info = config.k_info
-    student, ranks = decomposition.build_student(base, target_layers, k_info, config.svd, input_grams=input_grams)
-    notes = init_notes(student)
-    for name, note in notes.items():
-        say(f"note: {name}: {note}", flush=True)
-    teacher_params, base_params, student_params = (count_parameters(m) for m in (teacher, base, student))
-    target = f", target {100 * config.target_ratio:g}%" if budget else ""
-    of = "" if base is teacher else " of the student model"
-    say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {base_params:,} → {student_params:,} params{of} "
-        f"({100 * student_params / base_params:.1f}%{target})", flush=True)
-    decompose_seconds = time.time() - decompose_started
+    # Decompose: choose the ranks (k_info, or allocated to target_ratio), factorize
+    student = decomposition.decompose(teacher, base, tokenizer, train_set, config, (saved or {}).get("ranks"), shared,
+                                      progress=config.progress and main_process, say=say)
     folder = checkpoint_dir(config)
-    resume_training = bool(saved) and (folder / "latest").is_file()
+    resume_training = bool(saved) and (folder / "latest").is_file()  # else distilled from the start
     settings = DistillationSettings.from_config(config, str(folder), resume=resume_training)
     if plan_only:  # the plan: these layers and ranks, their sizes, speed and time; nothing written
         if main_process:
-            from plan import print_plan
-            print_plan(teacher, student, ranks, tokenizer, train_set, eval_set, config, settings, feature_layers,
-                       decompose_seconds=decompose_seconds, shared=shared)
+            print_plan(teacher, student.model, student.ranks, tokenizer, train_set, eval_set, config, settings,
+                       student.feature_layers, decompose_seconds=student.seconds, shared=shared)
         return 0
 
     # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)
@@ -742,69 +753,29 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         report = saved["report"]
         say(f"resuming from {folder}" + ("" if resume_training else " (no checkpoint yet: distilling from the start)"),
             flush=True)
-    else:
-        report = {}
-        if main_process:
-            models = {"teacher": teacher, "student_base": base, "decomposed": student}
-            if base is teacher:
-                del models["student_base"]
-            for name, model in models.items():
-                if name == "teacher" and (shared or {}).get("teacher"):  # a sweep evaluates the teacher once
-                    report[name] = shared["teacher"]
-                    continue
-                report[name] = decomposition.evaluate_translation(model, tokenizer, sources, references,
-                                                                  desc=f"BLEU {name.replace('_', ' ')}",
-                                                                  **generate_kwargs)
-            if shared is not None:
-                shared["teacher"] = report["teacher"]
-            say("BLEU " + ", ".join(f"{name.replace('_', ' ')} {report[name]['bleu']:.2f}" for name in models)
-                + " (before recovery)", flush=True)
-            if config.checkpoint_steps:
-                remove_checkpoints(folder)  # an abandoned run's (nothing to resume, or overwrite_output given)
-                folder.mkdir(parents=True, exist_ok=True)
-                output_folder.write_json_atomic(folder / "run.json",
-                                                {"config": requested, "report": report, "ranks": ranks})
+    elif main_process:
+        report = decomposition.evaluate_before(teacher, base, student.model, tokenizer, sources, references, generate,
+                                               shared)
+        if config.checkpoint_steps:
+            start_checkpoints(folder, {"config": requested, "report": report, "ranks": student.ranks})
 
     # Distill
-    distiller = decomposition.distill(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers)
-    student = distiller.unwrapped_student
+    distiller = decomposition.distill(teacher, student.model, tokenizer, train_set, eval_set, settings,
+                                      student.feature_layers)
     if not main_process:
         return 0
 
-    # Evaluate the recovered student (and its int8 version: CPU only, never saved)
-    report["student"] = decomposition.evaluate_translation(student, tokenizer, sources, references,
-                                                           desc="BLEU student", **generate_kwargs)
-    if config.quantize_int8:
-        student = student.cpu()
-        report["student_int8"] = {**decomposition.evaluate_translation(quantize_int8(student), tokenizer, sources,
-                                                                       references, desc="BLEU student int8",
-                                                                       **generate_kwargs),
-                                  "params": report["student"]["params"]}  # the same weights, in int8
-    report.update({
-        "compression_ratio": round(student_params / teacher_params, 4),
-        "layers_decomposed": len(ranks), "ranks": ranks, "target_ratio": config.target_ratio,
-        "rank_allocation": config.rank_allocation if budget else None,
-        "teacher_model_path": config.teacher_model_path, "student_model_path": config.student_model_path,
-        "init": config.init, "init_notes": notes, "sequence_level_kd": config.sequence_level_kd,
-        "feature_layers": feature_layers,
-        "train_seconds": round(distiller.train_seconds, 1), "train_pairs": distiller.trained["pairs"],
-        "train_source_tokens": distiller.trained["source_tokens"],
-        "train_target_tokens": distiller.trained["target_tokens"], "train_dataset_pairs": len(train_set),
-        "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "processes": state.num_processes,
-        "history": distiller.history, "loss_curve": distiller.curve,
-        "bleu_signature": "sacrebleu corpus_bleu/corpus_chrf defaults (13a tokenization), "
-                          f"{'greedy' if config.num_beams == 1 else f'beam {config.num_beams}'} decoding",
-    })
+    # Evaluate the recovered student; the report
+    model, report = decomposition.result(report, teacher, student, distiller, tokenizer, sources, references, config,
+                                         generate, len(train_set))
 
-    # Save (atomically, with a length limit for generate() and the exports asked for); then drop the
-    # checkpoints of the finished run
-    decomposition.set_generation_limit_(student, config.max_new_tokens)
-    pictures = partial(write_run_pictures, spectra=layer_spectra(base, ranks), bounds=no_saving_bounds(base, ranks))
-    output_folder.save_outputs((shared or {}).get("save_into", config.output_path), student, tokenizer, report,
-                               dataclasses.asdict(config),
-                               exports=config.export, evaluate=partial(evaluation.evaluate_export, sources=sources,
-                                                                       references=references, **generate_kwargs),
-                               write_more=pictures)
+    # Save (atomically, with the exports asked for and the pictures); then drop the run's checkpoints
+    pictures = partial(write_run_pictures, spectra=layer_spectra(base, student.ranks),
+                       bounds=no_saving_bounds(base, student.ranks))
+    save_outputs((shared or {}).get("save_into", config.output_path), model, tokenizer, report,
+                 dataclasses.asdict(config), exports=config.export,
+                 evaluate=partial(evaluate_export, sources=sources, references=references, **generate),
+                 write_more=pictures)
     remove_checkpoints(folder)
     print_report(report)
     print(f"saved to {config.output_path}" + (" (when the sweep ends)" if shared else ""))
@@ -819,10 +790,10 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
     appears at the end, atomically, like a single run's."""
     import tempfile
 
-    import output_folder
     from matrix_decomposition import load_pretrained, resolve_ranks
-    from rank_allocation import check_target_ratio
+    from output_folder import check_output_path, replace_folder, write_json_atomic
     from pictures import write_sweep_pictures
+    from rank_allocation import check_target_ratio
     from sweep import folder_name, print_sweep, sweep_report, sweep_row
 
     values = getattr(config, key)
@@ -830,7 +801,7 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
         raise ConfigError(f"--resume: a sweep ({key} {json.dumps(values)}) keeps no checkpoints and cannot be "
                           f"resumed; run it again")
     inputs = run_inputs(config, config_path)
-    final = output_folder.check_output_path(config.output_path, config.overwrite_output, inputs)
+    final = check_output_path(config.output_path, config.overwrite_output, inputs)
     quiet_transformers()
     # every value checked on the model that is factorized before hours go into the first
     key_path = "student_model_path" if config.student_model_path else "teacher_model_path"
@@ -863,10 +834,10 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
             report = json.loads((tmp / folder_name(key, value) / "report.json").read_text(encoding="utf-8"))
             rows.append(sweep_row(key, value, report))
         summary = sweep_report(key, rows, shared["teacher"])
-        output_folder.write_json_atomic(tmp / "report.json", summary)
-        output_folder.write_json_atomic(tmp / "compression_config.json", dataclasses.asdict(config))
+        write_json_atomic(tmp / "report.json", summary)
+        write_json_atomic(tmp / "compression_config.json", dataclasses.asdict(config))
         write_sweep_pictures(tmp, summary)
-        output_folder.replace_folder(tmp, final)
+        replace_folder(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,80 +1,48 @@
-"""The pipeline: copy the teacher (or a separate student model), decompose the chosen layers,
-distill, evaluate, save.
+"""The paper's pipeline on a loaded teacher: choose the ranks, factorize, evaluate, distill, evaluate.
 
-``compress_model.py`` calls these stages in order; each is usable on its own from Python.
+``compress_model.run`` loads the teacher (and a separate student model, if any) and the tokenized
+pairs, then calls these stages in order:
+  decompose        the ranks (``k_info``, or allocated to ``target_ratio`` by ``rank_allocation``) and
+                   the factorized student (``matrix_decomposition``), fitted to the weights or, with the
+                   activation init, to the layers' inputs on calibration pairs;
+  evaluate_before  BLEU and chrF of the teacher and the decomposed student (``evaluation``);
+  distill          the recovery (``distillation.knowledge_distillation``);
+  result           the recovered student's BLEU and chrF, and the run's report.
+Each stage is usable on its own from Python.
 """
 
 from __future__ import annotations
 
 import copy
 import difflib
+import time
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
 from distillation.distillation_loss import IGNORE_INDEX
 from distillation.knowledge_distillation import DistillationSettings, Distiller
+from evaluation import evaluate_translation
 from matrix_decomposition import (
     DecompositionError,
+    count_parameters,
     decompose_,
+    describe_ranks,
+    init_notes,
     module_name,
+    quantize_int8,
+    resolve_ranks,
 )
-from evaluation import evaluate_translation
-from rank_allocation import sensitivity_errors
+from rank_allocation import check_target_ratio, ranks_for_ratio, sensitivity_errors
 from teacher_forcing import source_positioned, teacher_forced
 
-
-def build_student(model: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto",
-                  input_grams: Mapping[str, torch.Tensor] | None = None):
-    """A deep copy of ``model`` (the teacher, or a separate student model) with the chosen layers
-    factorized (activation-aware when ``input_grams`` are given, see ``gather_input_grams``);
-    returns (student, ranks)."""
-    student = copy.deepcopy(model)
-    ranks = decompose_(student, decompose_layers, k_info, svd=svd, input_grams=input_grams)
-    return student, ranks
-
-
-def calibration_batches(train_dataset, tokenizer, samples: int, batch_size: int) -> list[dict]:
-    """The first ``samples`` tokenized training pairs, padded into batches (labels padded with -100)."""
-    subset = train_dataset.select(range(min(samples, len(train_dataset))))
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
-    return list(DataLoader(subset, batch_size=batch_size, collate_fn=collator))
-
-
-@torch.no_grad()
-def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
-    """{name: XᵀX} (d×d, float64) of the inputs X each named ``nn.Linear`` of ``model`` receives in
-    teacher-forced forward passes over ``batches``, summed over real positions only: source
-    positions for the encoder and the cross-attention key/value projections, target positions
-    for the rest (``source_positioned``). Forward pre-hooks, removed on exit."""
-    grams = {name: torch.zeros(model.get_submodule(name).in_features, model.get_submodule(name).in_features,
-                               dtype=torch.float64) for name in names}
-    masks: dict[str, torch.Tensor] = {}  # the current batch's {"source": (B, S), "target": (B, T)}
-    sources = source_positioned(model, names)
-
-    def hook(_module, args, name):
-        x = args[0][masks["source" if name in sources else "target"]]  # (B, L, d) → (N, d)
-        grams[name] += (x.T.double() @ x.double()).cpu()  # (d, d)
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in names]
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            masks.update(source=batch["attention_mask"].bool(), target=batch["labels"] != IGNORE_INDEX)
-            teacher_forced(model, batch)
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    return grams
+# ---------------------------------------------------------------------------------------------
+# The inputs: a separate student model and the loss terms that compare layers
 
 
 def resolve_feature_layers(model: nn.Module, feature_layers: Sequence[str], decomposed: Iterable[str]) -> list[str]:
@@ -142,6 +110,148 @@ def check_student_shapes(teacher: nn.Module, student: nn.Module, loss_weights: M
                                      f"(teacher: {described(teacher)}; student: {described(student)}); set {term} "
                                      f"to 0 ({fix})")
 
+# ---------------------------------------------------------------------------------------------
+# Choose the ranks, factorize
+
+
+@dataclass
+class Decomposed:
+    """The factorized student and how it was made."""
+
+    model: nn.Module
+    ranks: dict[str, int]  # {module name: rank}, in model order
+    feature_layers: list[str]  # the layers whose outputs the feature loss matches
+    notes: dict[str, str]  # {module name: why its activation init fell back to plain SVD}
+    seconds: float  # how long choosing the ranks and factorizing took
+
+
+def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config, saved_ranks=None,
+              shared: dict | None = None, progress: bool = False, say=print) -> Decomposed:
+    """Factorize ``base`` (the teacher, or a separate student model) into the student, as ``config``
+    (the run's ``Config``) asks: the target layers (``decompose_layers``), their ranks (``k_info``, or
+    allocated to ``target_ratio`` by the ``rank_allocation`` method, measured on ``calibration_samples``
+    of the tokenized ``train_set``), the factors (``init``: svd, or activation-aware on the same
+    calibration pairs). ``saved_ranks`` are an interrupted run's allocation, reused; ``shared`` is a
+    sweep's memory, whose sensitivity curves ("errors") are measured once. ``say`` prints progress."""
+    started = time.time()
+    budget = config.target_ratio is not None
+    target_layers = list(resolve_ranks(base, config.decompose_layers, 1 if budget else config.k_info))
+    if budget:
+        check_target_ratio(base, target_layers, config.target_ratio)  # before any work
+    feature_layers = resolve_feature_layers(base, config.feature_layers, target_layers)
+    if base is not teacher:  # the loss terms that compare layers need layers of the same shapes
+        check_student_shapes(teacher, base, config.loss_weights, feature_layers)
+
+    # calibration: the input statistics of the layers (activation init), their sensitivity (allocation)
+    input_grams, errors = None, (shared or {}).get("errors")  # a sweep measures the sensitivity once
+    reused = saved_ranks if budget else None  # an allocation is measured once per run
+    sensitivity = budget and config.rank_allocation == "sensitivity" and not reused and errors is None
+    if config.init == "activation" or sensitivity:
+        batches = calibration_batches(train_set, tokenizer, config.calibration_samples, config.batch_size)
+    if config.init == "activation":
+        linears = [name for name in target_layers if isinstance(base.get_submodule(name), nn.Linear)]
+        input_grams = gather_input_grams(base, linears, batches)
+    if sensitivity:
+        measured = time.time()
+        errors = sensitivity_errors(base, target_layers, batches, svd=config.svd, input_grams=input_grams,
+                                    progress=progress)
+        say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
+            f"in {time.time() - measured:.0f} s", flush=True)
+        if shared is not None:
+            shared["errors"] = errors
+
+    # the ranks, then the factorization
+    if reused:
+        k_info = reused
+        say("ranks allocated to target_ratio reused from the interrupted run", flush=True)
+    elif budget:
+        k_info = ranks_for_ratio(base, target_layers, config.target_ratio, input_grams, errors)
+    else:
+        k_info = config.k_info
+    student, ranks = build_student(base, target_layers, k_info, config.svd, input_grams=input_grams)
+    notes = init_notes(student)
+    for name, note in notes.items():
+        say(f"note: {name}: {note}", flush=True)
+    base_params, student_params = count_parameters(base), count_parameters(student)
+    target = f", target {100 * config.target_ratio:g}%" if budget else ""
+    of = "" if base is teacher else " of the student model"
+    say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {base_params:,} → {student_params:,} params{of} "
+        f"({100 * student_params / base_params:.1f}%{target})", flush=True)
+    return Decomposed(student, ranks, feature_layers, notes, time.time() - started)
+
+
+def calibration_batches(train_dataset, tokenizer, samples: int, batch_size: int) -> list[dict]:
+    """The first ``samples`` tokenized training pairs, padded into batches (labels padded with -100)."""
+    subset = train_dataset.select(range(min(samples, len(train_dataset))))
+    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+    return list(DataLoader(subset, batch_size=batch_size, collate_fn=collator))
+
+
+@torch.no_grad()
+def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
+    """{name: XᵀX} (d×d, float64) of the inputs X each named ``nn.Linear`` of ``model`` receives in
+    teacher-forced forward passes over ``batches``, summed over real positions only: source
+    positions for the encoder and the cross-attention key/value projections, target positions
+    for the rest (``source_positioned``). Forward pre-hooks, removed on exit."""
+    grams = {name: torch.zeros(model.get_submodule(name).in_features, model.get_submodule(name).in_features,
+                               dtype=torch.float64) for name in names}
+    masks: dict[str, torch.Tensor] = {}  # the current batch's {"source": (B, S), "target": (B, T)}
+    sources = source_positioned(model, names)
+
+    def hook(_module, args, name):
+        x = args[0][masks["source" if name in sources else "target"]]  # (B, L, d) → (N, d)
+        grams[name] += (x.T.double() @ x.double()).cpu()  # (d, d)
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in names]
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        for batch in batches:
+            batch = {k: v.to(device) for k, v in batch.items()}
+            masks.update(source=batch["attention_mask"].bool(), target=batch["labels"] != IGNORE_INDEX)
+            teacher_forced(model, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+        model.train(was_training)
+    return grams
+
+
+def build_student(model: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto",
+                  input_grams: Mapping[str, torch.Tensor] | None = None):
+    """A deep copy of ``model`` (the teacher, or a separate student model) with the chosen layers
+    factorized (activation-aware when ``input_grams`` are given, see ``gather_input_grams``);
+    returns (student, ranks)."""
+    student = copy.deepcopy(model)
+    ranks = decompose_(student, decompose_layers, k_info, svd=svd, input_grams=input_grams)
+    return student, ranks
+
+# ---------------------------------------------------------------------------------------------
+# Evaluate, distill, evaluate
+
+
+def evaluate_before(teacher: nn.Module, base: nn.Module, student: nn.Module, tokenizer, sources, references,
+                    generate: Mapping, shared: dict | None = None) -> dict:
+    """The report's rows (``evaluate_translation``) of the teacher, the separate student model (when
+    there is one) and the decomposed ``student``, before recovery; ``generate`` holds the settings of
+    the translations. A sweep evaluates its teacher once (``shared["teacher"]``)."""
+    models = {"teacher": teacher, "student_base": base, "decomposed": student}
+    if base is teacher:
+        del models["student_base"]
+    report = {}
+    for name, model in models.items():
+        if name == "teacher" and (shared or {}).get("teacher"):
+            report[name] = shared["teacher"]
+            continue
+        report[name] = evaluate_translation(model, tokenizer, sources, references,
+                                            desc=f"BLEU {name.replace('_', ' ')}", **generate)
+    if shared is not None:
+        shared["teacher"] = report["teacher"]
+    print("BLEU " + ", ".join(f"{name.replace('_', ' ')} {report[name]['bleu']:.2f}" for name in models)
+          + " (before recovery)", flush=True)
+    return report
+
 
 def distill(teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, eval_dataset,
             settings: DistillationSettings, feature_layers: Sequence[str]) -> Distiller:
@@ -150,6 +260,37 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, ev
     distiller = Distiller(teacher, student, tokenizer, train_dataset, eval_dataset, settings, list(feature_layers))
     distiller.train()
     return distiller
+
+def result(report: dict, teacher: nn.Module, student: Decomposed, distiller: Distiller, tokenizer, sources,
+           references, config, generate: Mapping, train_pairs: int) -> tuple[nn.Module, dict]:
+    """(the recovered student, ready to save; the run's report): ``report``'s rows of the models
+    before recovery, the student's (and with ``quantize_int8`` its int8 copy's: CPU only, never
+    saved), and how the student was made and trained."""
+    model = distiller.unwrapped_student
+    report["student"] = evaluate_translation(model, tokenizer, sources, references, desc="BLEU student", **generate)
+    if config.quantize_int8:
+        model = model.cpu()
+        report["student_int8"] = {**evaluate_translation(quantize_int8(model), tokenizer, sources, references,
+                                                         desc="BLEU student int8", **generate),
+                                  "params": report["student"]["params"]}  # the same weights, in int8
+    budget = config.target_ratio is not None
+    trained = distiller.trained
+    report.update({
+        "compression_ratio": round(count_parameters(model) / count_parameters(teacher), 4),
+        "layers_decomposed": len(student.ranks), "ranks": student.ranks, "target_ratio": config.target_ratio,
+        "rank_allocation": config.rank_allocation if budget else None,
+        "teacher_model_path": config.teacher_model_path, "student_model_path": config.student_model_path,
+        "init": config.init, "init_notes": student.notes, "sequence_level_kd": config.sequence_level_kd,
+        "feature_layers": student.feature_layers,
+        "train_seconds": round(distiller.train_seconds, 1), "train_pairs": trained["pairs"],
+        "train_source_tokens": trained["source_tokens"], "train_target_tokens": trained["target_tokens"],
+        "train_dataset_pairs": train_pairs, "eval_pairs": len(references), "optimizer_steps": distiller.total_steps,
+        "processes": distiller.accelerator.num_processes, "history": distiller.history, "loss_curve": distiller.curve,
+        "bleu_signature": "sacrebleu corpus_bleu/corpus_chrf defaults (13a tokenization), "
+                          f"{'greedy' if config.num_beams == 1 else f'beam {config.num_beams}'} decoding",
+    })
+    set_generation_limit_(model, config.max_new_tokens)  # a plain generate() of the saved model: no 20-token cut
+    return model, report
 
 
 def set_generation_limit_(model: nn.Module, max_new_tokens: int) -> None:

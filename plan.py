@@ -197,7 +197,7 @@ def _minutes(seconds: float) -> str:
 def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set, eval_set, config, settings,
                feature_layers, decompose_seconds: float, shared: dict | None = None) -> dict:
     """Print (and return) the plan of a run whose teacher, factorized student and ranks are given,
-    resolved by ``compress_model.run`` exactly as the run resolves them."""
+    resolved by ``decomposition.decompose`` exactly as the run resolves them."""
     from matrix_decomposition import count_parameters, size_mb
 
     spectra = layer_spectra(teacher, ranks)
