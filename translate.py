@@ -10,6 +10,10 @@ works too) or an ONNX export of one (``onnx_export.py``; recognised by its ``onn
 Sentences are sorted by length and translated in batches; the output keeps the input's order,
 and an empty line stays an empty line. Greedy search by default, beam search with ``--num-beams``.
 
+The compression run translates with the same code: ``translate`` (a PyTorch model in memory,
+token ids or sentences) for its BLEU evaluations (``evaluation``) and the teacher's translations of
+sequence-level KD; ``translate_ids`` batches every backend.
+
 The ONNX Runtime backend needs neither PyTorch nor transformers' models: numpy, onnxruntime and
 the tokenizer. Its search follows transformers' ``generate()``: the model's ``bad_words_ids`` and
 ``forced_eos_token_id`` apply, finished sentences are padded, and beam hypotheses are scored by

@@ -1,1 +1,2 @@
-"""Recovering a factorized student by imitating its teacher: the losses and the training loop."""
+"""Recovering a factorized student by imitating its teacher: the losses, the training loop, and the
+teacher's own translations as training targets (sequence-level distillation)."""
