@@ -74,6 +74,7 @@ def default_data_preprocessor(batch: dict[str, list[str]], tokenizer, config: "C
 
 EXPORTS = ("onnx", "onnx-int8")
 DEFAULT_RANK = 32  # k_info when neither it nor target_ratio is given
+DEFAULT_KD_TOP_K = 16  # kd_top_k when loss_weights needs no internal state of the teacher (BENCHMARKS.md, recovery)
 
 
 @dataclass
@@ -151,16 +152,22 @@ class Config:
     feature_layers: list[str] = field(default_factory=list, metadata={
         "help": "layers whose outputs the feature loss matches; [] = every decomposed layer"})
     loss_weights: dict[str, float] = field(default_factory=lambda: {
-        "ce": 1.0, "kd": 1.0, "feature": 1.0, "hidden": 0.0, "attention": 0.0}, metadata={
+        "ce": 1.0, "kd": 1.0, "feature": 0.0, "hidden": 0.0, "attention": 0.0}, metadata={
         "help": "weight per loss term: ce (references), kd (teacher outputs), feature, hidden, attention"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the output distillation"})
+    kd_top_k: int | None = field(default=None, metadata={
+        "help": "k > 0: the teacher's k largest logits at every target position are computed once before "
+                "training (one forward pass per pair), kept in cache_dir for every epoch and later run on the "
+                "same teacher and pairs (4·k bytes per target token), and the kd term matches them, so a step "
+                "costs about what fine-tuning does; 0: the teacher runs at every step (needed by the feature, "
+                f"hidden and attention terms); null = {DEFAULT_KD_TOP_K} unless loss_weights has one of those"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy term"})
     epoch: int = field(default=1, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (per process)"})
     group_by_length: bool = field(default=True, metadata={
         "help": "batch pairs of similar length together (less padding; the order of the batches stays random)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    learning_rate: float = field(default=3e-4, metadata={"help": "peak AdamW learning rate"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/norms)"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warmup"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
@@ -213,8 +220,9 @@ class Config:
         for name in ("learning_rate", "temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "max_grad_norm", "eval_steps", "label_smoothing", "warmup_ratio", "checkpoint_steps"):
-            if getattr(self, name) < 0:
+        for name in ("weight_decay", "max_grad_norm", "eval_steps", "label_smoothing", "warmup_ratio", "checkpoint_steps",
+                     "kd_top_k"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         for name in ("target_ratio", "k_info"):
             value = getattr(self, name)
@@ -257,6 +265,18 @@ class Config:
                 raise ConfigError(f"loss_weights: {term} must not be negative, got {weight}")
         if not any(self.loss_weights.values()):
             raise ConfigError("loss_weights: every weight is 0; nothing would be trained")
+        internal = [term for term in ("feature", "hidden", "attention") if self.loss_weights.get(term)]
+        if self.feature_layers and not self.loss_weights.get("feature"):
+            raise ConfigError(f"feature_layers: {len(self.feature_layers)} layer(s) given, but loss_weights has no "
+                              f"feature term (the default recipe is ce + kd); add it, e.g. \"loss_weights\": "
+                              f"{{\"ce\": 1, \"kd\": 1, \"feature\": 1}}")
+        if self.kd_top_k is None:
+            self.kd_top_k = 0 if internal else DEFAULT_KD_TOP_K
+        elif self.kd_top_k and internal:
+            terms = f"{' and '.join(internal)} term{'s' if len(internal) > 1 else ''}"
+            raise ConfigError(f"kd_top_k: {self.kd_top_k} keeps only the teacher's outputs, but the loss_weights "
+                              f"{terms} compare{'' if len(internal) > 1 else 's'} its internal states at every step; "
+                              f"set kd_top_k to 0 or {'those weights' if len(internal) > 1 else 'that weight'} to 0")
 
 
 class ConfigError(ValueError):
@@ -390,6 +410,8 @@ def print_report(report: dict) -> None:
     epochs = report["train_pairs"] / report["train_dataset_pairs"]
     print(f"compression ratio {report['compression_ratio']:.3f} (student params / teacher params); "
           f"{report['layers_decomposed']} layers decomposed; distilled in {report['train_seconds'] / 60:.1f} min "
+          + (f"(+ {report['teacher_cache_seconds']:.0f} s for the teacher's top-{report['kd_top_k']} logits) "
+             if report.get("teacher_cache_seconds") else "") +
           f"on {report['train_pairs']:,} pairs ({epochs:.3g} epoch{'' if epochs == 1 else 's'} of "
           f"{report['train_dataset_pairs']:,}; "
           f"{report['train_target_tokens']:,} target tokens); evaluated on {report['eval_pairs']:,} pairs")
@@ -643,6 +665,9 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
             _check_exportable(teacher)
         except ExportError as e:
             raise ConfigError(f"export: {e}; leave export out") from None
+    vocab = teacher.get_output_embeddings().out_features
+    if config.kd_top_k > vocab:
+        raise ConfigError(f"kd_top_k: {config.kd_top_k} is more than the teacher's vocabulary ({vocab} tokens)")
     base = teacher
     if config.student_model_path:
         base, base_tokenizer = load_pretrained(config.student_model_path, "student_model_path", languages)
@@ -729,6 +754,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         weight_decay=config.weight_decay, warmup_ratio=config.warmup_ratio, max_steps=config.max_steps,
         gradient_accumulation_steps=config.gradient_accumulation_steps, max_grad_norm=config.max_grad_norm,
         temperature=config.temperature, label_smoothing=config.label_smoothing, loss_weights=config.loss_weights,
+        kd_top_k=config.kd_top_k, cache_dir=str(tokenized_cache),
         eval_steps=config.eval_steps, mixed_precision=config.mixed_precision, seed=config.seed,
         progress=config.progress, checkpoint_dir=str(folder) if config.checkpoint_steps else None,
         checkpoint_steps=config.checkpoint_steps, resume=resume_training, group_by_length=config.group_by_length)
@@ -790,6 +816,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         "init": config.init, "init_notes": notes, "sequence_level_kd": config.sequence_level_kd,
         "feature_layers": feature_layers,
         "train_seconds": round(distiller.train_seconds, 1), "train_pairs": distiller.trained["pairs"],
+        "kd_top_k": config.kd_top_k, "teacher_cache_seconds": round(distiller.teacher_cache_seconds, 2),
         "train_source_tokens": distiller.trained["source_tokens"],
         "train_target_tokens": distiller.trained["target_tokens"], "train_dataset_pairs": len(train_set),
         "eval_pairs": len(eval_pairs), "optimizer_steps": distiller.total_steps, "processes": state.num_processes,

@@ -55,6 +55,18 @@ class _SoftenedKL(torch.autograd.Function):
         return ((log_p_s.exp() - p_t) * scale).to(ctx.dtype), None, None, None
 
 
+def top_k_distillation_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logits: torch.Tensor,
+                            mask: torch.Tensor | None, temperature: float = 2.0) -> torch.Tensor:
+    """``output_distillation_loss`` against a teacher known only by its k largest logits per position
+    (``top_ids``, ``top_logits``: (B, T, k)): the teacher's softened distribution renormalized over those
+    k tokens, the student's over the whole vocabulary (so the mass it puts elsewhere is pushed down)."""
+    t = float(temperature)
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, top_ids)  # (B, T, k)
+    log_p_t = F.log_softmax(top_logits.float() / t, dim=-1)  # (B, T, k)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)  # (B, T)
+    return masked_mean(kl, mask) * t * t
+
+
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
     """Token-level cross-entropy against the references; labels (B, T) of -100 are ignored."""
     if not (labels != IGNORE_INDEX).any():

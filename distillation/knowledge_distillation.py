@@ -42,8 +42,10 @@ from distillation.distillation_loss import (
     cross_entropy_loss,
     mean_feature_loss,
     output_distillation_loss,
+    top_k_distillation_loss,
     weighted_sum,
 )
+from distillation.teacher_cache import build_teacher_cache
 
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
 CURVE_POINTS = 200  # points of the recorded training curve (``Distiller.curve``)
@@ -73,6 +75,8 @@ class DistillationSettings:
     checkpoint_dir: str | None = None  # where step checkpoints go (None: no checkpoints)
     checkpoint_steps: int = 0  # write one every N optimizer steps (0: never)
     resume: bool = False  # continue from the latest checkpoint in checkpoint_dir
+    kd_top_k: int = 0  # > 0: the kd term uses the teacher's k largest logits, computed once (teacher_cache.py)
+    cache_dir: str | None = None  # where those are stored (required with kd_top_k)
 
 
 def distributed_on_cpu() -> bool:
@@ -190,6 +194,19 @@ class Distiller:
 
         self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False)
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+        self.teacher_cache, self.teacher_cache_reused, self.teacher_cache_seconds = None, False, 0.0
+        if s.kd_top_k and self.weights.get("kd"):
+            internal = [k for k in ("feature", "hidden", "attention") if self.weights.get(k)]
+            if internal:
+                raise ValueError(f"kd_top_k: the {', '.join(internal)} loss terms compare the teacher's internal "
+                                 "states, which the cache does not keep; set their loss_weights to 0 or kd_top_k to 0")
+            started = time.time()
+            with self.accelerator.main_process_first():  # one process computes, the others read
+                self.teacher_cache, self.teacher_cache_reused = build_teacher_cache(
+                    self.teacher, train_dataset, collator, decoder_inputs, s.kd_top_k, s.cache_dir,
+                    progress=s.progress and self.accelerator.is_main_process)
+            self.teacher_cache_seconds = time.time() - started
+            train_dataset = train_dataset.add_column("kd_row", np.arange(len(train_dataset)))
         if s.group_by_length:
             sampler = LengthGroupedSampler(token_lengths(train_dataset), s.batch_size, seed=s.seed)
             train_loader = DataLoader(train_dataset, batch_size=s.batch_size, sampler=sampler, collate_fn=collator)
@@ -246,14 +263,19 @@ class Distiller:
             "decoder_attention_mask": batch.get("decoder_attention_mask"),
             "output_hidden_states": bool(w.get("hidden")), "output_attentions": bool(w.get("attention")),
         }
-        need_teacher = any(w.get(k) for k in ("kd", "feature", "hidden", "attention"))
+        online = ("feature", "hidden", "attention") + (() if self.teacher_cache else ("kd",))
+        need_teacher = any(w.get(k) for k in online)
         if need_teacher:
             with torch.no_grad():
                 teacher_out = self.teacher(**inputs)
         student_out = self.student(**inputs)
 
         terms = {"ce": cross_entropy_loss(student_out.logits, labels, self.settings.label_smoothing)}
-        if w.get("kd"):
+        if w.get("kd") and self.teacher_cache:
+            top_ids, top_logits = self.teacher_cache.lookup(batch["kd_row"], labels)  # (B, T, k) each
+            terms["kd"] = top_k_distillation_loss(student_out.logits, top_ids, top_logits, target_mask,
+                                                  self.settings.temperature)
+        elif w.get("kd"):
             terms["kd"] = output_distillation_loss(student_out.logits, teacher_out.logits, target_mask,
                                                    self.settings.temperature)
         if self.feature_layers:

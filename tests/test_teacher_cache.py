@@ -1,0 +1,199 @@
+"""The teacher's top-k logits computed once (distillation/teacher_cache.py) and the kd term that uses them."""
+
+from __future__ import annotations
+
+import copy
+
+import datasets
+import pytest
+import torch
+from transformers import DataCollatorForSeq2Seq
+
+import compress_model
+import data
+from decomposition import build_student, distill
+from distillation.distillation_loss import IGNORE_INDEX, output_distillation_loss, top_k_distillation_loss
+from distillation.knowledge_distillation import DistillationSettings, Distiller, decoder_inputs
+from distillation.teacher_cache import build_teacher_cache
+
+K = 8
+
+
+@pytest.fixture(scope="module")
+def train_set(tiny_pairs, tiny_tokenizer):
+    datasets.disable_progress_bars()
+    pairs = datasets.Dataset.from_dict({"source_text": [s for s, _ in tiny_pairs[:48]],
+                                        "target_text": [t for _, t in tiny_pairs[:48]]})
+    config = compress_model.Config(max_source_length=16, max_target_length=20)
+    return data.preprocess(pairs, tiny_tokenizer, config, compress_model.default_data_preprocessor)
+
+
+@pytest.fixture
+def collator(tiny_tokenizer):
+    return DataCollatorForSeq2Seq(tiny_tokenizer, label_pad_token_id=IGNORE_INDEX)
+
+
+def teacher_logits(teacher, batch):
+    with torch.no_grad():
+        return teacher.eval()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                              decoder_input_ids=decoder_inputs(teacher, batch["labels"])).logits
+
+
+# ---------------------------------------------------------------------------------------------
+# The loss
+
+
+def test_top_k_loss_over_the_whole_vocabulary_is_the_full_kd():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(3, 5, 40), torch.randn(3, 5, 40)
+    mask = torch.rand(3, 5) > 0.3
+    values, ids = teacher.topk(40, dim=-1)
+    for t in (1.0, 2.0, 4.0):
+        assert top_k_distillation_loss(student, ids, values, mask, t).item() == pytest.approx(
+            output_distillation_loss(student, teacher, mask, t).item(), rel=1e-5)
+
+
+def test_top_k_loss_matches_a_hand_computation_and_sends_gradient_to_every_logit():
+    torch.manual_seed(1)
+    student = torch.randn(1, 1, 6, requires_grad=True)
+    ids, values = torch.tensor([[[4, 1]]]), torch.tensor([[[2.0, 1.0]]])
+    p = torch.softmax(values[0, 0] / 2, dim=-1)  # the teacher, renormalized over its top 2
+    log_q = torch.log_softmax(student[0, 0] / 2, dim=-1)[[4, 1]]  # the student, over all 6 tokens
+    expected = 4 * (p * (p.log() - log_q)).sum()
+    loss = top_k_distillation_loss(student, ids, values, torch.ones(1, 1, dtype=torch.bool), 2.0)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    loss.backward()
+    assert (student.grad != 0).all()  # the mass on tokens outside the top k is pushed down too
+
+
+def test_top_k_loss_with_everything_masked_is_zero():
+    ids = torch.zeros(2, 3, 4, dtype=torch.long)
+    loss = top_k_distillation_loss(torch.randn(2, 3, 10), ids, torch.randn(2, 3, 4),
+                                   torch.zeros(2, 3, dtype=torch.bool))
+    assert loss.item() == 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache
+
+
+def test_the_cache_holds_the_teachers_top_k_at_every_real_target_position(make_tiny_marian, train_set, collator,
+                                                                          tmp_path):
+    teacher = make_tiny_marian(init_std=0.3)
+    cache, reused = build_teacher_cache(teacher, train_set, collator, decoder_inputs, K, tmp_path, batch_size=5,
+                                        progress=False)
+    assert not reused and len(cache) == len(train_set)
+    assert cache.ids.shape == (sum(len(x) for x in train_set["labels"]), K)
+    rows = torch.tensor([7, 0, 31, 12])
+    batch = collator([train_set[int(i)] for i in rows])
+    ids, logits = cache.lookup(rows, batch["labels"])
+    values, expected = teacher_logits(teacher, batch).topk(K, dim=-1)
+    real = batch["labels"] != IGNORE_INDEX
+    assert torch.equal(ids[real], expected[real])
+    torch.testing.assert_close(logits[real], values[real], atol=2e-2, rtol=1e-2)  # stored in float16
+    assert (ids[~real] == 0).all()
+    assert [p.name for p in tmp_path.iterdir()] == [cache.folder.name]  # no temporary folder left
+
+
+def test_the_cache_is_reused_for_the_same_teacher_and_pairs_and_remade_otherwise(make_tiny_marian, train_set,
+                                                                                 collator, tmp_path):
+    teacher = make_tiny_marian()
+    first, _ = build_teacher_cache(teacher, train_set, collator, decoder_inputs, K, tmp_path, progress=False)
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("the teacher ran although its outputs were cached")
+    same = copy.deepcopy(teacher)
+    same.forward = no_forward
+    again, reused = build_teacher_cache(same, train_set, collator, decoder_inputs, K, tmp_path, progress=False)
+    assert reused and again.folder == first.folder
+
+    changed = copy.deepcopy(teacher)
+    with torch.no_grad():
+        changed.model.decoder.layers[0].fc1.weight[0, 0] += 1.0
+    others = [build_teacher_cache(changed, train_set, collator, decoder_inputs, K, tmp_path, progress=False),
+              build_teacher_cache(teacher, train_set, collator, decoder_inputs, K + 1, tmp_path, progress=False),
+              build_teacher_cache(teacher, train_set.select(range(40)), collator, decoder_inputs, K, tmp_path,
+                                  progress=False)]
+    assert all(not reused for _, reused in others)
+    assert len({first.folder, *(c.folder for c, _ in others)}) == 4
+
+
+def test_a_half_written_cache_is_never_read(make_tiny_marian, train_set, collator, tmp_path, monkeypatch):
+    teacher = make_tiny_marian()
+    calls = {"n": 0}
+    forward = teacher.forward
+
+    def failing(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+    teacher.forward = failing
+    with pytest.raises(KeyboardInterrupt):
+        build_teacher_cache(teacher, train_set, collator, decoder_inputs, K, tmp_path, batch_size=8, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    teacher.forward = forward
+    cache, reused = build_teacher_cache(teacher, train_set, collator, decoder_inputs, K, tmp_path, progress=False)
+    assert not reused and len(cache) == len(train_set)
+
+
+def test_k_outside_the_vocabulary_is_refused(make_tiny_marian, train_set, collator, tmp_path):
+    teacher = make_tiny_marian()
+    vocab = teacher.config.vocab_size
+    for k in (0, vocab + 1):
+        with pytest.raises(ValueError, match=rf"kd_top_k: {k} must be between 1 and the vocabulary size \({vocab}\)"):
+            build_teacher_cache(teacher, train_set, collator, decoder_inputs, k, tmp_path, progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Distilling from the cache
+
+
+def test_with_the_cache_the_teacher_runs_once_per_pair_and_the_kd_term_uses_its_top_k(
+        make_tiny_marian, tiny_tokenizer, train_set, collator, tmp_path):
+    teacher = make_tiny_marian(init_std=0.3)
+    student, _ = build_student(teacher, [], 4)
+    forwards = []
+    teacher.register_forward_hook(lambda module, args, kwargs_or_out: forwards.append(1))
+    settings = DistillationSettings(loss_weights={"ce": 1.0, "kd": 1.0}, kd_top_k=K, cache_dir=str(tmp_path),
+                                    batch_size=8, epochs=2, progress=False)
+    distiller = Distiller(teacher, student, tiny_tokenizer, train_set, None, settings, [])
+    built = len(forwards)
+    assert built == -(-len(train_set) // 64)  # the cache: one forward pass per batch of 64 pairs
+
+    batch = next(iter(distiller.train_loader))
+    _, terms = distiller._loss_step(batch, {}, {})
+    assert len(forwards) == built  # no teacher forward in the step
+    with torch.no_grad():
+        logits = distiller.unwrapped_student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                             decoder_input_ids=decoder_inputs(student, batch["labels"])).logits
+    values, ids = teacher_logits(teacher, batch).topk(K, dim=-1)
+    expected = top_k_distillation_loss(logits, ids, values, batch["labels"] != IGNORE_INDEX, 2.0)
+    assert terms["kd"].item() == pytest.approx(expected.item(), rel=1e-3)
+
+    before = len(forwards)
+    distiller.train()
+    assert len(forwards) == before  # training ran no teacher forward either
+    assert distiller.total_steps == 2 * len(train_set) // 8
+
+
+def test_the_cache_learns_like_the_full_kd(make_tiny_marian, tiny_tokenizer, train_set, tmp_path):
+    teacher = make_tiny_marian(init_std=0.3)
+    student, _ = build_student(teacher, [], 4)
+    settings = DistillationSettings(loss_weights={"kd": 1.0}, kd_top_k=K, cache_dir=str(tmp_path), batch_size=8,
+                                    epochs=100, max_steps=30, learning_rate=1e-3, warmup_ratio=0.0, progress=False)
+    distiller = distill(teacher, student, tiny_tokenizer, train_set, None, settings, [])
+    first, last = distiller.curve[0]["kd"], distiller.curve[-1]["kd"]
+    assert last < 0.7 * first, distiller.curve
+
+
+@pytest.mark.parametrize("term", ["feature", "hidden", "attention"])
+def test_terms_that_need_the_teachers_internals_are_refused_with_the_cache(make_tiny_marian, tiny_tokenizer,
+                                                                            train_set, tmp_path, term):
+    teacher = make_tiny_marian()
+    student, _ = build_student(teacher, [], 4)
+    settings = DistillationSettings(loss_weights={"ce": 1.0, "kd": 1.0, term: 1.0}, kd_top_k=K,
+                                    cache_dir=str(tmp_path), progress=False)
+    with pytest.raises(ValueError, match=f"kd_top_k: the {term} loss terms"):
+        Distiller(teacher, student, tiny_tokenizer, train_set, None, settings, [])
+    assert list(tmp_path.iterdir()) == []
