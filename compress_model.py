@@ -160,7 +160,7 @@ class Config:
                 "training (one forward pass per pair), kept in cache_dir for every epoch and later run on the "
                 "same teacher and pairs (4·k bytes per target token), and the kd term matches them, so a step "
                 "costs about what fine-tuning does; 0: the teacher runs at every step (needed by the feature, "
-                f"hidden and attention terms); null = {DEFAULT_KD_TOP_K} unless loss_weights has one of those"})
+                f"hidden and attention terms); null = {DEFAULT_KD_TOP_K} when loss_weights has kd and none of those"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy term"})
     epoch: int = field(default=1, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (per process)"})
@@ -271,7 +271,7 @@ class Config:
                               f"feature term (the default recipe is ce + kd); add it, e.g. \"loss_weights\": "
                               f"{{\"ce\": 1, \"kd\": 1, \"feature\": 1}}")
         if self.kd_top_k is None:
-            self.kd_top_k = 0 if internal else DEFAULT_KD_TOP_K
+            self.kd_top_k = 0 if internal or not self.loss_weights.get("kd") else DEFAULT_KD_TOP_K
         elif self.kd_top_k and internal:
             terms = f"{' and '.join(internal)} term{'s' if len(internal) > 1 else ''}"
             raise ConfigError(f"kd_top_k: {self.kd_top_k} keeps only the teacher's outputs, but the loss_weights "
