@@ -217,7 +217,7 @@ def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set,
     per_step, per_batch, cache_per_pair = timed_steps(teacher, student, tokenizer, train_set, eval_set, settings,
                                                       feature_layers)
     cached = settings.kd_top_k and settings.loss_weights.get("kd") and \
-        cache_folder(teacher, train_set, settings.kd_top_k, settings.cache_dir).is_dir()
+        cache_folder(teacher, train_set, settings.kd_top_k, settings.temperature, settings.cache_dir).is_dir()
     evaluations = math.ceil(steps / (settings.eval_steps or per_epoch))
     held_out = evaluations * per_batch * math.ceil(len(eval_set) / settings.batch_size)
     one_pass = translation_seconds(teacher, tokenizer, eval_set["input_ids"], config)

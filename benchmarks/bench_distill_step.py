@@ -212,7 +212,8 @@ def main(argv: list[str] | None = None) -> int:
                 step.close()
         # the cache's one-off cost: computed again, from scratch, over the same pairs
         started = time.perf_counter()
-        build_teacher_cache(teacher, pairs, collator, decoder_inputs, TOP_K, Path(cache) / "again", progress=False)
+        build_teacher_cache(teacher, pairs, collator, decoder_inputs, TOP_K, 2.0, Path(cache) / "again",
+                            progress=False)
         cache_per_batch = (time.perf_counter() - started) / (len(pairs) / BATCH)
 
     # Report

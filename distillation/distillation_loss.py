@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+TINY_LOG = -27.631  # log(1e-12): the floor of a log-probability that may be log(0)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -56,14 +57,26 @@ class _SoftenedKL(torch.autograd.Function):
 
 
 def top_k_distillation_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logits: torch.Tensor,
-                            mask: torch.Tensor | None, temperature: float = 2.0) -> torch.Tensor:
-    """``output_distillation_loss`` against a teacher known only by its k largest logits per position
-    (``top_ids``, ``top_logits``: (B, T, k)): the teacher's softened distribution renormalized over those
-    k tokens, the student's over the whole vocabulary (so the mass it puts elsewhere is pushed down)."""
+                            teacher_log_norm: torch.Tensor, mask: torch.Tensor | None,
+                            temperature: float = 2.0) -> torch.Tensor:
+    """``output_distillation_loss`` against a teacher known by its k largest logits per position
+    (``top_ids``, ``top_logits``: (B, T, k)) and the log-normalizer of its softened distribution,
+    logsumexp(logits / T) over the whole vocabulary (``teacher_log_norm``: (B, T)). The KL is taken
+    over k + 1 outcomes: each of the k tokens, and "any other token", whose probability is what the
+    k leave over, in both models. With k = V it is the full KL; with fewer it is exact on the
+    teacher's k tokens and matches the rest as one lump (so the student is neither taught that the
+    tail is empty nor left free to grow it)."""
     t = float(temperature)
-    log_p_s = F.log_softmax(student_logits.float() / t, dim=-1).gather(-1, top_ids)  # (B, T, k)
-    log_p_t = F.log_softmax(top_logits.float() / t, dim=-1)  # (B, T, k)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum(dim=-1)  # (B, T)
+    scaled = student_logits.float() / t  # (B, T, V)
+    log_norm = scaled.logsumexp(dim=-1, keepdim=True)  # (B, T, 1)
+    log_q = scaled.gather(-1, top_ids) - log_norm  # (B, T, k): the student's softened log-probabilities
+    log_q_rest = scaled.scatter(-1, top_ids, float("-inf")).logsumexp(dim=-1) - log_norm[..., 0]  # (B, T)
+    log_q_rest = log_q_rest.clamp(min=TINY_LOG)  # -inf when the k are the whole vocabulary (its weight is then 0)
+    log_p = top_logits.float() / t - teacher_log_norm.float().unsqueeze(-1)  # (B, T, k)
+    p = log_p.exp()
+    p_rest = (1.0 - p.sum(dim=-1)).clamp(min=0.0)  # (B, T)
+    log_p_rest = p_rest.clamp(min=1e-12).log()
+    kl = (p * (log_p - log_q)).sum(dim=-1) + p_rest * (log_p_rest - log_q_rest)  # (B, T)
     return masked_mean(kl, mask) * t * t
 
 

@@ -203,7 +203,7 @@ class Distiller:
             started = time.time()
             with self.accelerator.main_process_first():  # one process computes, the others read
                 self.teacher_cache, self.teacher_cache_reused = build_teacher_cache(
-                    self.teacher, train_dataset, collator, decoder_inputs, s.kd_top_k, s.cache_dir,
+                    self.teacher, train_dataset, collator, decoder_inputs, s.kd_top_k, s.temperature, s.cache_dir,
                     progress=s.progress and self.accelerator.is_main_process)
             self.teacher_cache_seconds = time.time() - started
             train_dataset = train_dataset.add_column("kd_row", np.arange(len(train_dataset)))
@@ -272,8 +272,8 @@ class Distiller:
 
         terms = {"ce": cross_entropy_loss(student_out.logits, labels, self.settings.label_smoothing)}
         if w.get("kd") and self.teacher_cache:
-            top_ids, top_logits = self.teacher_cache.lookup(batch["kd_row"], labels)  # (B, T, k) each
-            terms["kd"] = top_k_distillation_loss(student_out.logits, top_ids, top_logits, target_mask,
+            top_ids, top_logits, log_norm = self.teacher_cache.lookup(batch["kd_row"], labels)  # (B, T, k) ×2, (B, T)
+            terms["kd"] = top_k_distillation_loss(student_out.logits, top_ids, top_logits, log_norm, target_mask,
                                                   self.settings.temperature)
         elif w.get("kd"):
             terms["kd"] = output_distillation_loss(student_out.logits, teacher_out.logits, target_mask,

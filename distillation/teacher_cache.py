@@ -1,13 +1,14 @@
 """The teacher's output distribution, computed once: its ``k`` largest logits at every target position
-of the training pairs, stored on disk and reused by every epoch and every later run with the same
-teacher, pairs and ``k``. The output distillation then costs no teacher forward pass per step
+of the training pairs and the log-normalizer of its softened distribution there, stored on disk and
+reused by every epoch and every later run with the same teacher, pairs, ``k`` and temperature. The output distillation then costs no teacher forward pass per step
 (``top_k_distillation_loss``); the teacher runs once per pair, in evaluation mode, in batches of
 similar length.
 
-On disk, one folder per (teacher, pairs, k), named by a hash of the three:
-  ids.npy      (N_tokens, k)  int16/int32  token ids, the most probable first
-  logits.npy   (N_tokens, k)  float16      their logits
-  offsets.npy  (N_pairs + 1,) int64        pair i owns rows offsets[i]:offsets[i + 1], one per label token
+On disk, one folder per (teacher, pairs, k, temperature), named by a hash of the four:
+  ids.npy       (N_tokens, k)  int16/int32  token ids, the most probable first
+  logits.npy    (N_tokens, k)  float16      their logits
+  log_norm.npy  (N_tokens,)    float32      logsumexp(logits / temperature) over the whole vocabulary
+  offsets.npy   (N_pairs + 1,) int64        pair i owns rows offsets[i]:offsets[i + 1], one per label token
 written under a temporary name and renamed, so a half-written cache is never read.
 """
 
@@ -27,7 +28,7 @@ from tqdm.auto import tqdm
 
 from distillation.distillation_loss import IGNORE_INDEX
 
-VERSION = "1"  # part of the key: a change of what is stored invalidates older caches
+VERSION = "2"  # part of the key: a change of what is stored invalidates older caches
 
 
 class TeacherTopK:
@@ -37,28 +38,31 @@ class TeacherTopK:
         self.folder = Path(folder)
         self.ids = np.load(self.folder / "ids.npy", mmap_mode="r")
         self.logits = np.load(self.folder / "logits.npy", mmap_mode="r")
+        self.log_norm = np.load(self.folder / "log_norm.npy", mmap_mode="r")
         self.offsets = np.load(self.folder / "offsets.npy")
         self.k = self.ids.shape[1]
 
     def __len__(self) -> int:
         return len(self.offsets) - 1
 
-    def lookup(self, rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The stored top-k of the pairs ``rows`` (B,), laid out like ``labels`` (B, T): (B, T, k) ids
-        and logits; padded positions get token 0 and logit 0 (they are masked out of the loss)."""
+    def lookup(self, rows: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What is stored for the pairs ``rows`` (B,), laid out like ``labels`` (B, T): (B, T, k) ids and
+        logits, (B, T) log-normalizers; padded positions get zeros (they are masked out of the loss)."""
         batch, length = labels.shape
         ids = np.zeros((batch, length, self.k), dtype=np.int64)
         logits = np.zeros((batch, length, self.k), dtype=np.float32)
+        log_norm = np.zeros((batch, length), dtype=np.float32)
         for b, row in enumerate(rows.tolist()):
             start, end = self.offsets[row], self.offsets[row + 1]
             ids[b, :end - start] = self.ids[start:end]
             logits[b, :end - start] = self.logits[start:end]
-        return torch.from_numpy(ids).to(labels.device), torch.from_numpy(logits).to(labels.device)
+            log_norm[b, :end - start] = self.log_norm[start:end]
+        return tuple(torch.from_numpy(a).to(labels.device) for a in (ids, logits, log_norm))
 
 
-def cache_key(teacher: nn.Module, dataset, k: int) -> str:
-    """A hash of the teacher's weights, the pairs' token ids and ``k``."""
-    digest = hashlib.sha256(f"{VERSION}:{k}:{type(teacher).__name__}".encode())
+def cache_key(teacher: nn.Module, dataset, k: int, temperature: float) -> str:
+    """A hash of the teacher's weights, the pairs' token ids, ``k`` and ``temperature``."""
+    digest = hashlib.sha256(f"{VERSION}:{k}:{float(temperature)!r}:{type(teacher).__name__}".encode())
     for name, tensor in teacher.state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
@@ -70,14 +74,14 @@ def cache_key(teacher: nn.Module, dataset, k: int) -> str:
     return digest.hexdigest()[:20]
 
 
-def cache_folder(teacher: nn.Module, dataset, k: int, root: str | os.PathLike) -> Path:
-    """Where the cache of ``teacher`` on ``dataset`` with ``k`` is, or will be, under ``root``."""
-    return Path(root) / f"teacher-top{k}-{cache_key(teacher, dataset, k)}"
+def cache_folder(teacher: nn.Module, dataset, k: int, temperature: float, root: str | os.PathLike) -> Path:
+    """Where the cache of ``teacher`` on ``dataset`` with ``k`` and ``temperature`` is, or will be, under ``root``."""
+    return Path(root) / f"teacher-top{k}-{cache_key(teacher, dataset, k, temperature)}"
 
 
 @torch.no_grad()
-def build_teacher_cache(teacher: nn.Module, dataset, collator, decoder_inputs, k: int, root: str | os.PathLike,
-                        batch_size: int = 64, progress: bool = True) -> tuple[TeacherTopK, bool]:
+def build_teacher_cache(teacher: nn.Module, dataset, collator, decoder_inputs, k: int, temperature: float,
+                        root: str | os.PathLike, batch_size: int = 64, progress: bool = True) -> tuple[TeacherTopK, bool]:
     """The cache of ``teacher`` on the tokenized pairs ``dataset`` (columns input_ids, attention_mask,
     labels), read from ``root`` when there, else computed (batches made by ``collator``, the decoder's
     inputs by ``decoder_inputs(model, labels)``, as in training) and written there. Returns it and
@@ -85,7 +89,7 @@ def build_teacher_cache(teacher: nn.Module, dataset, collator, decoder_inputs, k
     vocab = teacher.get_output_embeddings().out_features
     if not 1 <= k <= vocab:
         raise ValueError(f"kd_top_k: {k} must be between 1 and the vocabulary size ({vocab})")
-    folder = cache_folder(teacher, dataset, k, root)
+    folder = cache_folder(teacher, dataset, k, temperature, root)
     if folder.is_dir():
         return TeacherTopK(folder), True
     lengths = np.concatenate([pc.list_value_length(table["labels"]).to_numpy() for table in
@@ -99,6 +103,8 @@ def build_teacher_cache(teacher: nn.Module, dataset, collator, decoder_inputs, k
                                         dtype=np.int16 if vocab <= 2**15 else np.int32)
         logits = np.lib.format.open_memmap(tmp / "logits.npy", mode="w+", shape=(int(offsets[-1]), k),
                                            dtype=np.float16)
+        log_norm = np.lib.format.open_memmap(tmp / "log_norm.npy", mode="w+", shape=(int(offsets[-1]),),
+                                             dtype=np.float32)
         was_training = teacher.training
         teacher.eval()
         device = next(teacher.parameters()).device
@@ -112,17 +118,24 @@ def build_teacher_cache(teacher: nn.Module, dataset, collator, decoder_inputs, k
             out = teacher(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
                           decoder_input_ids=decoder_inputs(teacher, labels))
             top_logits, top_ids = out.logits.float().topk(k, dim=-1)  # (B, T, k)
+            norms = (out.logits.float() / temperature).logsumexp(dim=-1)  # (B, T)
             for b, row in enumerate(rows):
                 n = lengths[row]
                 assert (labels[b, n:] == IGNORE_INDEX).all()  # labels are padded on the right
                 ids[offsets[row]:offsets[row + 1]] = top_ids[b, :n].cpu().numpy()
                 logits[offsets[row]:offsets[row + 1]] = top_logits[b, :n].cpu().numpy()
+                log_norm[offsets[row]:offsets[row + 1]] = norms[b, :n].cpu().numpy()
         teacher.train(was_training)
-        ids.flush()
-        logits.flush()
-        del ids, logits
+        for array in (ids, logits, log_norm):
+            array.flush()
+        del ids, logits, log_norm
         np.save(tmp / "offsets.npy", offsets)
-        os.replace(tmp, folder)
+        try:
+            os.replace(tmp, folder)
+        except OSError:
+            if not folder.is_dir():
+                raise
+            shutil.rmtree(tmp)  # another run wrote the same cache meanwhile: theirs is as good
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
