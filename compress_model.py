@@ -74,7 +74,6 @@ def default_data_preprocessor(batch: dict[str, list[str]], tokenizer, config: "C
 
 EXPORTS = ("onnx", "onnx-int8")
 DEFAULT_RANK = 32  # k_info when neither it nor target_ratio is given
-DEFAULT_KD_TOP_K = 16  # kd_top_k when loss_weights needs no internal state of the teacher (BENCHMARKS.md, recovery)
 
 
 @dataclass
@@ -152,22 +151,23 @@ class Config:
     feature_layers: list[str] = field(default_factory=list, metadata={
         "help": "layers whose outputs the feature loss matches; [] = every decomposed layer"})
     loss_weights: dict[str, float] = field(default_factory=lambda: {
-        "ce": 1.0, "kd": 1.0, "feature": 0.0, "hidden": 0.0, "attention": 0.0}, metadata={
+        "ce": 1.0, "kd": 1.0, "feature": 1.0, "hidden": 0.0, "attention": 0.0}, metadata={
         "help": "weight per loss term: ce (references), kd (teacher outputs), feature, hidden, attention"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the output distillation"})
-    kd_top_k: int | None = field(default=None, metadata={
-        "help": "k > 0: the teacher's k largest logits at every target position are computed once before "
-                "training (one forward pass per pair), kept in cache_dir for every epoch and later run on the "
-                "same teacher and pairs (4·k bytes per target token), and the kd term matches them, so a step "
-                "costs about what fine-tuning does; 0: the teacher runs at every step (needed by the feature, "
-                f"hidden and attention terms); null = {DEFAULT_KD_TOP_K} when loss_weights has kd and none of those"})
+    kd_top_k: int = field(default=0, metadata={
+        "help": "0: the teacher runs at every step; k > 0: its k largest logits and the log-normalizer at every "
+                "target position are computed once before training (one forward pass per pair), kept in cache_dir "
+                "for every epoch and later run on the same teacher, pairs and temperature (4·k + 4 bytes per "
+                "target token), and the kd term matches them (the rest of the vocabulary as one outcome): a step "
+                "then costs what fine-tuning does, for about 1 BLEU less at equal steps (BENCHMARKS.md, "
+                "recovery); the feature, hidden and attention terms need the teacher at every step and must be 0"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy term"})
     epoch: int = field(default=1, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (per process)"})
     group_by_length: bool = field(default=True, metadata={
         "help": "batch pairs of similar length together (less padding; the order of the batches stays random)"})
     max_steps: int | None = field(default=None, metadata={"help": "stop after this many optimizer steps"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
+    learning_rate: float = field(default=3e-4, metadata={"help": "peak AdamW learning rate"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay (not on biases/norms)"})
     warmup_ratio: float = field(default=0.06, metadata={"help": "fraction of steps of linear warmup"})
     gradient_accumulation_steps: int = field(default=1, metadata={"help": "batches per optimizer step"})
@@ -222,7 +222,7 @@ class Config:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
         for name in ("weight_decay", "max_grad_norm", "eval_steps", "label_smoothing", "warmup_ratio", "checkpoint_steps",
                      "kd_top_k"):
-            if getattr(self, name) is not None and getattr(self, name) < 0:
+            if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         for name in ("target_ratio", "k_info"):
             value = getattr(self, name)
@@ -268,11 +268,9 @@ class Config:
         internal = [term for term in ("feature", "hidden", "attention") if self.loss_weights.get(term)]
         if self.feature_layers and not self.loss_weights.get("feature"):
             raise ConfigError(f"feature_layers: {len(self.feature_layers)} layer(s) given, but loss_weights has no "
-                              f"feature term (the default recipe is ce + kd); add it, e.g. \"loss_weights\": "
+                              f"feature term; add it, e.g. \"loss_weights\": "
                               f"{{\"ce\": 1, \"kd\": 1, \"feature\": 1}}")
-        if self.kd_top_k is None:
-            self.kd_top_k = 0 if internal or not self.loss_weights.get("kd") else DEFAULT_KD_TOP_K
-        elif self.kd_top_k and internal:
+        if self.kd_top_k and internal:
             terms = f"{' and '.join(internal)} term{'s' if len(internal) > 1 else ''}"
             raise ConfigError(f"kd_top_k: {self.kd_top_k} keeps only the teacher's outputs, but the loss_weights "
                               f"{terms} compare{'' if len(internal) > 1 else 's'} its internal states at every step; "

@@ -13,11 +13,11 @@ from conftest import REPO
 def test_bench_recovery_quick(tmp_path):
     out = tmp_path / "recovery.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_recovery.py"), "--quick", "--seeds", "2",
-                             "--recipes", "paper", "default", "--json", str(out)], capture_output=True, text=True,
+                             "--recipes", "paper", "cached", "--json", str(out)], capture_output=True, text=True,
                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert list(results) == ["paper (the default before)", "default"]
+    assert list(results) == ["paper: ce + kd + feature (the default)", "ce + kd from the cached top-16 (kd_top_k 16), lr 1e-3"]
     paper, default = results.values()
     assert [r["kd_top_k"] for r in paper + default] == [0, 0, 16, 16]  # the paper runs the teacher every step
     assert all(r["teacher_cache_seconds"] > 0 for r in default)  # each run builds its own cache
