@@ -66,18 +66,39 @@ def top_k_distillation_loss(student_logits: torch.Tensor, top_ids: torch.Tensor,
     k leave over, in both models. With k = V it is the full KL; with fewer it is exact on the
     teacher's k tokens and matches the rest as one lump (so the student is neither taught that the
     tail is empty nor left free to grow it)."""
-    t = float(temperature)
-    scaled = student_logits.float() / t  # (B, T, V)
-    log_norm = scaled.logsumexp(dim=-1, keepdim=True)  # (B, T, 1)
-    log_q = scaled.gather(-1, top_ids) - log_norm  # (B, T, k): the student's softened log-probabilities
-    log_q_rest = scaled.scatter(-1, top_ids, float("-inf")).logsumexp(dim=-1) - log_norm[..., 0]  # (B, T)
-    log_q_rest = log_q_rest.clamp(min=TINY_LOG)  # -inf when the k are the whole vocabulary (its weight is then 0)
-    log_p = top_logits.float() / t - teacher_log_norm.float().unsqueeze(-1)  # (B, T, k)
-    p = log_p.exp()
-    p_rest = (1.0 - p.sum(dim=-1)).clamp(min=0.0)  # (B, T)
-    log_p_rest = p_rest.clamp(min=1e-12).log()
-    kl = (p * (log_p - log_q)).sum(dim=-1) + p_rest * (log_p_rest - log_q_rest)  # (B, T)
-    return masked_mean(kl, mask) * t * t
+    if mask is None:
+        mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    weights = mask.float() / mask.sum().clamp(min=1)  # (B, T): each real token's share of the mean
+    return _TopKSoftenedKL.apply(student_logits, top_ids, top_logits.detach(), teacher_log_norm.detach(), weights,
+                                 float(temperature))
+
+
+class _TopKSoftenedKL(torch.autograd.Function):
+    """T²·Σ weights·KL over (the k tokens, the rest) with its gradient in closed form: with q the
+    student's softened distribution, p the teacher's on its k tokens (scattered, 0 elsewhere), p_r and
+    q_r the two models' mass on the rest, d/d(logits) = T·weights·(q − p − (p_r / q_r)·q·[not in k])."""
+
+    @staticmethod
+    def forward(ctx, student_logits, top_ids, top_logits, log_norm, weights, t):  # (B,T,V) (B,T,k) (B,T,k) (B,T)
+        log_q_all = F.log_softmax(student_logits.float() / t, dim=-1)  # (B, T, V)
+        log_q = log_q_all.gather(-1, top_ids)  # (B, T, k)
+        q_rest = (1.0 - log_q.exp().sum(dim=-1)).clamp(min=1e-12)  # (B, T)
+        log_p = top_logits.float() / t - log_norm.float().unsqueeze(-1)  # (B, T, k)
+        p = log_p.exp()
+        p_rest = (1.0 - p.sum(dim=-1)).clamp(min=0.0)  # (B, T)
+        kl = (p * (log_p - log_q)).sum(dim=-1) + p_rest * (p_rest.clamp(min=1e-12).log() - q_rest.log())  # (B, T)
+        ctx.save_for_backward(log_q_all, top_ids, p, p_rest, q_rest, weights)
+        ctx.t, ctx.dtype = t, student_logits.dtype
+        return (kl * weights).sum() * t * t
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        log_q_all, top_ids, p, p_rest, q_rest, weights = ctx.saved_tensors
+        q = log_q_all.exp()  # (B, T, V)
+        rest = torch.ones_like(q).scatter_(-1, top_ids, 0.0)  # 1 outside the k tokens
+        grad = q - torch.zeros_like(q).scatter_(-1, top_ids, p) - (p_rest / q_rest).unsqueeze(-1) * q * rest
+        scale = (weights * (ctx.t * grad_output)).unsqueeze(-1)  # (B, T, 1)
+        return (grad * scale).to(ctx.dtype), None, None, None, None, None
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

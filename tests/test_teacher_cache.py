@@ -74,6 +74,24 @@ def test_top_k_loss_matches_a_hand_computation_with_the_rest_as_one_outcome():
     assert (student.grad != 0).all() and torch.isfinite(student.grad).all()
 
 
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_top_k_closed_form_gradient_matches_autograd(k):
+    torch.manual_seed(3)
+    student = torch.randn(2, 3, 40, dtype=torch.float64, requires_grad=True)
+    teacher, mask = 3 * torch.randn(2, 3, 40, dtype=torch.float64), torch.rand(2, 3) > 0.3
+    ids, values, log_norm = top_k_of(teacher, k, 2.0)
+    closed, = torch.autograd.grad(top_k_distillation_loss(student, ids, values, log_norm, mask, 2.0), student)
+
+    scaled = student / 2.0  # the same KL written with autograd-friendly operations
+    log_q = scaled.gather(-1, ids) - scaled.logsumexp(-1, keepdim=True)
+    log_q_rest = (scaled.scatter(-1, ids, float("-inf")).logsumexp(-1) - scaled.logsumexp(-1)).clamp(min=-27.6)
+    log_p = values / 2.0 - log_norm.unsqueeze(-1)
+    p_rest = (1 - log_p.exp().sum(-1)).clamp(min=0)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1) + p_rest * (p_rest.clamp(min=1e-12).log() - log_q_rest)
+    reference, = torch.autograd.grad(4 * (kl * mask).sum() / mask.sum(), student)
+    torch.testing.assert_close(closed, reference, atol=1e-6, rtol=1e-5)
+
+
 def test_top_k_loss_is_zero_for_the_teacher_itself_and_positive_otherwise():
     torch.manual_seed(2)
     teacher = 3 * torch.randn(2, 4, 30)
