@@ -94,11 +94,12 @@ class _TopKSoftenedKL(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_output):
         log_q_all, top_ids, p, p_rest, q_rest, weights = ctx.saved_tensors
-        q = log_q_all.exp()  # (B, T, V)
-        rest = torch.ones_like(q).scatter_(-1, top_ids, 0.0)  # 1 outside the k tokens
-        grad = q - torch.zeros_like(q).scatter_(-1, top_ids, p) - (p_rest / q_rest).unsqueeze(-1) * q * rest
         scale = (weights * (ctx.t * grad_output)).unsqueeze(-1)  # (B, T, 1)
-        return (grad * scale).to(ctx.dtype), None, None, None, None, None
+        q = log_q_all.exp_()  # (B, T, V), in place: log_q_all is not needed again
+        q_top = q.gather(-1, top_ids)  # (B, T, k)
+        grad = q.mul_(scale * (1.0 - p_rest / q_rest).unsqueeze(-1))  # outside the k: q·(1 − p_r/q_r)
+        grad.scatter_(-1, top_ids, (q_top - p) * scale)  # on the k: q − p
+        return grad.to(ctx.dtype), None, None, None, None, None
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
