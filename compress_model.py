@@ -154,6 +154,13 @@ class Config:
         "ce": 1.0, "kd": 1.0, "feature": 1.0, "hidden": 0.0, "attention": 0.0}, metadata={
         "help": "weight per loss term: ce (references), kd (teacher outputs), feature, hidden, attention"})
     temperature: float = field(default=2.0, metadata={"help": "softmax temperature of the output distillation"})
+    kd_top_k: int = field(default=0, metadata={
+        "help": "0: the teacher runs at every step; k > 0: its k largest logits and the log-normalizer at every "
+                "target position are computed once before training (one forward pass per pair), kept in cache_dir "
+                "for every epoch and later run on the same teacher, pairs and temperature (4·k + 4 bytes per "
+                "target token), and the kd term matches them (the rest of the vocabulary as one outcome): a step "
+                "then costs what fine-tuning does, for about 1 BLEU less at equal steps (BENCHMARKS.md, "
+                "recovery); the feature, hidden and attention terms need the teacher at every step and must be 0"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy term"})
     epoch: int = field(default=1, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (per process)"})
@@ -213,7 +220,8 @@ class Config:
         for name in ("learning_rate", "temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")
-        for name in ("weight_decay", "max_grad_norm", "eval_steps", "label_smoothing", "warmup_ratio", "checkpoint_steps"):
+        for name in ("weight_decay", "max_grad_norm", "eval_steps", "label_smoothing", "warmup_ratio", "checkpoint_steps",
+                     "kd_top_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
         for name in ("target_ratio", "k_info"):
@@ -257,6 +265,16 @@ class Config:
                 raise ConfigError(f"loss_weights: {term} must not be negative, got {weight}")
         if not any(self.loss_weights.values()):
             raise ConfigError("loss_weights: every weight is 0; nothing would be trained")
+        internal = [term for term in ("feature", "hidden", "attention") if self.loss_weights.get(term)]
+        if self.feature_layers and not self.loss_weights.get("feature"):
+            raise ConfigError(f"feature_layers: {len(self.feature_layers)} layer(s) given, but loss_weights has no "
+                              f"feature term; add it, e.g. \"loss_weights\": "
+                              f"{{\"ce\": 1, \"kd\": 1, \"feature\": 1}}")
+        if self.kd_top_k and internal:
+            terms = f"{' and '.join(internal)} term{'s' if len(internal) > 1 else ''}"
+            raise ConfigError(f"kd_top_k: {self.kd_top_k} keeps only the teacher's outputs, but the loss_weights "
+                              f"{terms} compare{'' if len(internal) > 1 else 's'} its internal states at every step; "
+                              f"set kd_top_k to 0 or {'those weights' if len(internal) > 1 else 'that weight'} to 0")
 
 
 class ConfigError(ValueError):
@@ -378,7 +396,8 @@ def load_models(config: Config) -> tuple:
     """(teacher, the model factorized into the student, the teacher's tokenizer): the model is
     ``student_model_path``, or the teacher itself by default. A multilingual tokenizer gets the
     language codes, and the target language is forced when generating (``set_languages_``). An
-    export the teacher cannot have is refused now, not after the training."""
+    export the teacher cannot have, or a kd_top_k above its vocabulary, is refused now, not after the
+    training."""
     from decomposition import check_same_vocabulary
     from matrix_decomposition import load_pretrained
 
@@ -391,6 +410,9 @@ def load_models(config: Config) -> tuple:
             _check_exportable(teacher)
         except ExportError as e:
             raise ConfigError(f"export: {e}; leave export out") from None
+    vocab = teacher.get_output_embeddings().out_features
+    if config.kd_top_k > vocab:
+        raise ConfigError(f"kd_top_k: {config.kd_top_k} is more than the teacher's vocabulary ({vocab} tokens)")
     base = teacher
     if config.student_model_path:
         base, base_tokenizer = load_pretrained(config.student_model_path, "student_model_path", languages)
@@ -460,6 +482,8 @@ def print_report(report: dict) -> None:
     epochs = report["train_pairs"] / report["train_dataset_pairs"]
     print(f"compression ratio {report['compression_ratio']:.3f} (student params / teacher params); "
           f"{report['layers_decomposed']} layers decomposed; distilled in {report['train_seconds'] / 60:.1f} min "
+          + (f"(+ {report['teacher_cache_seconds']:.0f} s for the teacher's top-{report['kd_top_k']} logits) "
+             if report.get("teacher_cache_seconds") else "") +
           f"on {report['train_pairs']:,} pairs ({epochs:.3g} epoch{'' if epochs == 1 else 's'} of "
           f"{report['train_dataset_pairs']:,}; "
           f"{report['train_target_tokens']:,} target tokens); evaluated on {report['eval_pairs']:,} pairs")
@@ -741,7 +765,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
                                       progress=config.progress and main_process, say=say)
     folder = checkpoint_dir(config)
     resume_training = bool(saved) and (folder / "latest").is_file()  # else distilled from the start
-    settings = DistillationSettings.from_config(config, str(folder), resume=resume_training)
+    settings = DistillationSettings.from_config(config, str(folder), resume=resume_training,
+                                                cache_dir=str(data.tokenized_cache_dir(config)))
     if plan_only:  # the plan: these layers and ranks, their sizes, speed and time; nothing written
         if main_process:
             print_plan(teacher, student.model, student.ranks, tokenizer, train_set, eval_set, config, settings,

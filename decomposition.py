@@ -283,6 +283,7 @@ def result(report: dict, teacher: nn.Module, student: Decomposed, distiller: Dis
         "init": config.init, "init_notes": student.notes, "sequence_level_kd": config.sequence_level_kd,
         "feature_layers": student.feature_layers,
         "train_seconds": round(distiller.train_seconds, 1), "train_pairs": trained["pairs"],
+        "kd_top_k": config.kd_top_k, "teacher_cache_seconds": round(distiller.teacher_cache_seconds, 2),
         "train_source_tokens": trained["source_tokens"], "train_target_tokens": trained["target_tokens"],
         "train_dataset_pairs": train_pairs, "eval_pairs": len(references), "optimizer_steps": distiller.total_steps,
         "processes": distiller.accelerator.num_processes, "history": distiller.history, "loss_curve": distiller.curve,

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import copy
 import math
+import tempfile
 import time
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from distillation.teacher_cache import cache_folder
 from matrix_decomposition import LowRankLinear, max_saving_rank, singular_values
 from rank_allocation import spectrum_errors
 
@@ -149,10 +151,11 @@ def optimizer_steps(pairs: int, settings) -> tuple[int, int]:
 
 
 def timed_steps(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers,
-                warmup: int = 1, timed: int = 3) -> tuple[float, float]:
-    """(seconds per optimizer step, seconds per held-out batch): ``warmup`` + ``timed`` real
-    distillation steps of a copy of ``student`` on the first training pairs, then one held-out pass
-    over a couple of evaluation batches, on this machine, with the run's settings."""
+                warmup: int = 1, timed: int = 3) -> tuple[float, float, float]:
+    """(seconds per optimizer step, seconds per held-out batch, seconds per pair of the teacher's top-k
+    cache): ``warmup`` + ``timed`` real distillation steps of a copy of ``student`` on the first
+    training pairs (their cache built in a temporary folder first, with ``kd_top_k``), then one
+    held-out pass over a couple of evaluation batches, on this machine, with the run's settings."""
     import dataclasses
 
     from distillation.knowledge_distillation import Distiller
@@ -160,11 +163,13 @@ def timed_steps(teacher, student, tokenizer, train_set, eval_set, settings, feat
     steps = warmup + timed
     pairs = min(len(train_set), steps * settings.batch_size * settings.gradient_accumulation_steps)
     held_out = eval_set.select(range(min(len(eval_set), 2 * settings.batch_size)))
-    quick = dataclasses.replace(settings, epoch=steps, max_steps=steps, eval_steps=0, progress=False,
-                                checkpoint_dir=None, checkpoint_steps=0, resume=False)
-    distiller = Distiller(teacher, copy.deepcopy(student), tokenizer, train_set.select(range(pairs)), None, quick,
-                          list(feature_layers))
-    distiller.train()
+    with tempfile.TemporaryDirectory() as cache:
+        quick = dataclasses.replace(settings, epoch=steps, max_steps=steps, eval_steps=0, progress=False,
+                                    checkpoint_dir=None, checkpoint_steps=0, resume=False, cache_dir=cache)
+        distiller = Distiller(teacher, copy.deepcopy(student), tokenizer, train_set.select(range(pairs)), None, quick,
+                              list(feature_layers))
+        distiller.train()
+    cache_per_pair = distiller.teacher_cache_seconds / pairs
     curve = distiller.curve
     per_step = ((curve[-1]["seconds"] - curve[warmup - 1]["seconds"]) / (len(curve) - warmup)
                 if len(curve) > warmup else curve[-1]["seconds"])
@@ -173,7 +178,7 @@ def timed_steps(teacher, student, tokenizer, train_set, eval_set, settings, feat
     started = time.perf_counter()
     distiller.evaluate()
     per_batch = (time.perf_counter() - started) / max(1, math.ceil(len(held_out) / settings.batch_size))
-    return per_step, per_batch
+    return per_step, per_batch, cache_per_pair
 
 
 def translation_seconds(model, tokenizer, sources, config, sample: int | None = None) -> float:
@@ -210,7 +215,10 @@ def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set,
 
     # the time: the decomposition as just measured, the distillation steps timed here, the evaluations
     steps, per_epoch = optimizer_steps(len(train_set), settings)
-    per_step, per_batch = timed_steps(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers)
+    per_step, per_batch, cache_per_pair = timed_steps(teacher, student, tokenizer, train_set, eval_set, settings,
+                                                      feature_layers)
+    cached = settings.kd_top_k and settings.loss_weights.get("kd") and \
+        cache_folder(teacher, train_set, settings.kd_top_k, settings.temperature, settings.cache_dir).is_dir()
     evaluations = math.ceil(steps / (settings.eval_steps or per_epoch))
     held_out = evaluations * per_batch * math.ceil(len(eval_set) / settings.batch_size)
     one_pass = translation_seconds(teacher, tokenizer, eval_set["input_ids"], config)
@@ -219,7 +227,9 @@ def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set,
     if shared is not None:
         shared["teacher_planned"] = True
     seq_kd = translation_seconds(teacher, tokenizer, train_set["input_ids"], config) if config.sequence_level_kd else 0
-    parts = {"decomposition": decompose_seconds, "distillation": steps * per_step, "held-out loss": held_out,
+    parts = {"decomposition": decompose_seconds,
+             "the teacher's top-k logits (kd_top_k)": 0 if cached else cache_per_pair * len(train_set),
+             "distillation": steps * per_step, "held-out loss": held_out,
              "BLEU translations": passes * one_pass, "teacher translations (sequence_level_kd)": seq_kd}
     total = sum(parts.values())
 

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 IGNORE_INDEX = -100
+TINY_LOG = -27.631  # log(1e-12): the floor of a log-probability that may be log(0)
 
 
 def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -53,6 +54,52 @@ class _SoftenedKL(torch.autograd.Function):
         log_p_s, p_t, weights = ctx.saved_tensors
         scale = (weights * (ctx.t * grad_output)).unsqueeze(-1)  # (B, T, 1)
         return ((log_p_s.exp() - p_t) * scale).to(ctx.dtype), None, None, None
+
+
+def top_k_distillation_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logits: torch.Tensor,
+                            teacher_log_norm: torch.Tensor, mask: torch.Tensor | None,
+                            temperature: float = 2.0) -> torch.Tensor:
+    """``output_distillation_loss`` against a teacher known by its k largest logits per position
+    (``top_ids``, ``top_logits``: (B, T, k)) and the log-normalizer of its softened distribution,
+    logsumexp(logits / T) over the whole vocabulary (``teacher_log_norm``: (B, T)). The KL is taken
+    over k + 1 outcomes: each of the k tokens, and "any other token", whose probability is what the
+    k leave over, in both models. With k = V it is the full KL; with fewer it is exact on the
+    teacher's k tokens and matches the rest as one lump (so the student is neither taught that the
+    tail is empty nor left free to grow it)."""
+    if mask is None:
+        mask = torch.ones(student_logits.shape[:-1], dtype=torch.bool, device=student_logits.device)
+    weights = mask.float() / mask.sum().clamp(min=1)  # (B, T): each real token's share of the mean
+    return _TopKSoftenedKL.apply(student_logits, top_ids, top_logits.detach(), teacher_log_norm.detach(), weights,
+                                 float(temperature))
+
+
+class _TopKSoftenedKL(torch.autograd.Function):
+    """T²·Σ weights·KL over (the k tokens, the rest) with its gradient in closed form: with q the
+    student's softened distribution, p the teacher's on its k tokens (scattered, 0 elsewhere), p_r and
+    q_r the two models' mass on the rest, d/d(logits) = T·weights·(q − p − (p_r / q_r)·q·[not in k])."""
+
+    @staticmethod
+    def forward(ctx, student_logits, top_ids, top_logits, log_norm, weights, t):  # (B,T,V) (B,T,k) (B,T,k) (B,T)
+        log_q_all = F.log_softmax(student_logits.float() / t, dim=-1)  # (B, T, V)
+        log_q = log_q_all.gather(-1, top_ids)  # (B, T, k)
+        q_rest = (1.0 - log_q.exp().sum(dim=-1)).clamp(min=1e-12)  # (B, T)
+        log_p = top_logits.float() / t - log_norm.float().unsqueeze(-1)  # (B, T, k)
+        p = log_p.exp()
+        p_rest = (1.0 - p.sum(dim=-1)).clamp(min=0.0)  # (B, T)
+        kl = (p * (log_p - log_q)).sum(dim=-1) + p_rest * (p_rest.clamp(min=1e-12).log() - q_rest.log())  # (B, T)
+        ctx.save_for_backward(log_q_all, top_ids, p, p_rest, q_rest, weights)
+        ctx.t, ctx.dtype = t, student_logits.dtype
+        return (kl * weights).sum() * t * t
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        log_q_all, top_ids, p, p_rest, q_rest, weights = ctx.saved_tensors
+        scale = (weights * (ctx.t * grad_output)).unsqueeze(-1)  # (B, T, 1)
+        q = log_q_all.exp_()  # (B, T, V), in place: log_q_all is not needed again
+        q_top = q.gather(-1, top_ids)  # (B, T, k)
+        grad = q.mul_(scale * (1.0 - p_rest / q_rest).unsqueeze(-1))  # outside the k: q·(1 − p_r/q_r)
+        grad.scatter_(-1, top_ids, (q_top - p) * scale)  # on the k: q − p
+        return grad.to(ctx.dtype), None, None, None, None, None
 
 
 def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:

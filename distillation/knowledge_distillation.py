@@ -40,9 +40,11 @@ from distillation.distillation_loss import (
     cross_entropy_loss,
     mean_feature_loss,
     output_distillation_loss,
+    top_k_distillation_loss,
     weighted_sum,
 )
 from teacher_forcing import capture_outputs, decoder_inputs, source_positioned, teacher_forced
+from distillation.teacher_cache import build_teacher_cache
 
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
 CURVE_POINTS = 200  # points of the recorded training curve (``Distiller.curve``)
@@ -74,14 +76,19 @@ class DistillationSettings:
     checkpoint_dir: str | None  # where step checkpoints go (None: no checkpoints)
     checkpoint_steps: int  # write one every N optimizer steps (0: never)
     resume: bool  # continue from the latest checkpoint in checkpoint_dir
+    kd_top_k: int  # > 0: the kd term uses the teacher's k largest logits, computed once (teacher_cache.py)
+    cache_dir: str | None  # where those are kept
 
     @classmethod
-    def from_config(cls, config, checkpoint_dir: str | None = None, resume: bool = False) -> "DistillationSettings":
+    def from_config(cls, config, checkpoint_dir: str | None = None, resume: bool = False,
+                    cache_dir: str | None = None) -> "DistillationSettings":
         """The settings ``config`` (a ``Config``) gives, checkpoints every ``checkpoint_steps`` into
-        ``checkpoint_dir`` (none without one), continued from the latest one when ``resume``."""
+        ``checkpoint_dir`` (none without one), continued from the latest one when ``resume``; the
+        teacher's top-k logits (``kd_top_k``) kept in ``cache_dir``."""
         saving = bool(checkpoint_dir and config.checkpoint_steps)
         run = {"checkpoint_dir": checkpoint_dir if saving else None,
-               "checkpoint_steps": config.checkpoint_steps if saving else 0, "resume": resume}
+               "checkpoint_steps": config.checkpoint_steps if saving else 0, "resume": resume,
+               "cache_dir": cache_dir}
         return cls(**{f.name: run[f.name] if f.name in run else getattr(config, f.name) for f in fields(cls)})
 
 
@@ -149,6 +156,19 @@ class Distiller:
 
         self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False)
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
+        self.teacher_cache, self.teacher_cache_reused, self.teacher_cache_seconds = None, False, 0.0
+        if s.kd_top_k and self.weights.get("kd"):
+            internal = [k for k in ("feature", "hidden", "attention") if self.weights.get(k)]
+            if internal:
+                raise ValueError(f"kd_top_k: the {', '.join(internal)} loss terms compare the teacher's internal "
+                                 "states, which the cache does not keep; set their loss_weights to 0 or kd_top_k to 0")
+            started = time.time()
+            with self.accelerator.main_process_first():  # one process computes, the others read
+                self.teacher_cache, self.teacher_cache_reused = build_teacher_cache(
+                    self.teacher, train_dataset, collator, decoder_inputs, s.kd_top_k, s.temperature, s.cache_dir,
+                    progress=s.progress and self.accelerator.is_main_process)
+            self.teacher_cache_seconds = time.time() - started
+            train_dataset = train_dataset.add_column("kd_row", np.arange(len(train_dataset)))
         if s.group_by_length:
             sampler = LengthGroupedSampler(token_lengths(train_dataset), s.batch_size, seed=s.seed)
             train_loader = DataLoader(train_dataset, batch_size=s.batch_size, sampler=sampler, collate_fn=collator)
@@ -205,14 +225,19 @@ class Distiller:
             "decoder_attention_mask": batch.get("decoder_attention_mask"),
             "output_hidden_states": bool(w.get("hidden")), "output_attentions": bool(w.get("attention")),
         }
-        need_teacher = any(w.get(k) for k in ("kd", "feature", "hidden", "attention"))
+        online = ("feature", "hidden", "attention") + (() if self.teacher_cache else ("kd",))
+        need_teacher = any(w.get(k) for k in online)
         if need_teacher:
             with torch.no_grad():
                 teacher_out = self.teacher(**inputs)
         student_out = self.student(**inputs)
 
         terms = {"ce": cross_entropy_loss(student_out.logits, labels, self.settings.label_smoothing)}
-        if w.get("kd"):
+        if w.get("kd") and self.teacher_cache:
+            top_ids, top_logits, log_norm = self.teacher_cache.lookup(batch["kd_row"], labels)  # (B, T, k) ×2, (B, T)
+            terms["kd"] = top_k_distillation_loss(student_out.logits, top_ids, top_logits, log_norm, target_mask,
+                                                  self.settings.temperature)
+        elif w.get("kd"):
             terms["kd"] = output_distillation_loss(student_out.logits, teacher_out.logits, target_mask,
                                                    self.settings.temperature)
         if self.feature_layers:

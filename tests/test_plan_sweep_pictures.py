@@ -67,7 +67,7 @@ def test_the_plan_gives_the_runs_numbers_and_writes_nothing(run_dir, monkeypatch
     # the run's pictures and report.md
     assert_pictures(run_dir / "out", ["spectrum.png", "ranks.png", "training.png"])
     assert [point["step"] for point in report["loss_curve"]] == [1, 2, 3]
-    assert {"ce", "kd", "feature", "loss", "seconds"} <= set(report["loss_curve"][0])
+    assert {"ce", "kd", "loss", "seconds"} <= set(report["loss_curve"][0])  # the default recipe: ce + kd
     assert "| student | " in (run_dir / "out" / "report.md").read_text()
 
 

@@ -62,6 +62,8 @@ def _swap_two_tokens(folder):
     (folder / "vocab.json").write_text(json.dumps(vocab))
 
 
+PAPER = {"ce": 1.0, "kd": 1.0, "feature": 1.0}  # the paper's recipe: the feature term compares layers of the same shapes
+
 BAD_STUDENTS = [  # (id, student overrides, config changes, words the one-line message must contain)
     ("vocabulary-size", {"vocab_size": 308}, {}, ["student_model_path", "308 tokens", "teacher's 300",
                                                   "share the teacher's vocabulary"]),
@@ -72,9 +74,9 @@ BAD_STUDENTS = [  # (id, student overrides, config changes, words the one-line m
       "output distillation and cross-entropy work with any student"]),
     ("attention-heads", {"encoder_attention_heads": 1}, {"loss_weights": {"ce": 1.0, "attention": 1.0}},
      ["loss_weights: attention", "encoder_attention_heads 2", "encoder_attention_heads 1", "set attention to 0"]),
-    ("feature-width", {"encoder_ffn_dim": 24}, {}, ["loss_weights: feature", "the student's model.encoder.layers.0.fc1 "
+    ("feature-width", {"encoder_ffn_dim": 24}, {"loss_weights": PAPER}, ["loss_weights: feature", "the student's model.encoder.layers.0.fc1 "
                                                     "has 24 outputs and the teacher's 32", "set feature to 0"]),
-    ("feature-no-such-layer", {"decoder_layers": 3}, {}, ["loss_weights: feature", "the teacher has no layer "
+    ("feature-no-such-layer", {"decoder_layers": 3}, {"loss_weights": PAPER}, ["loss_weights: feature", "the teacher has no layer "
                                                           "'model.decoder.layers.2"]),
     ("not-a-folder", None, {"student_model_path": "no/such/folder"}, ["student_model_path", "'no/such/folder'",
                                                                      "is not a folder"]),

@@ -1,0 +1,31 @@
+"""Smoke test: the recovery benchmark runs its recipes through the real pipeline in its quick mode,
+evaluates on held-out pairs, and its table holds what the reports say."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO
+
+
+def test_bench_recovery_quick(tmp_path):
+    out = tmp_path / "recovery.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_recovery.py"), "--quick", "--seeds", "2",
+                             "--recipes", "paper", "cached", "--json", str(out)], capture_output=True, text=True,
+                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["paper: ce + kd + feature (the default)", "ce + kd from the cached top-16 (kd_top_k 16), lr 1e-3"]
+    paper, default = results.values()
+    assert [r["kd_top_k"] for r in paper + default] == [0, 0, 16, 16]  # the paper runs the teacher every step
+    assert all(r["teacher_cache_seconds"] > 0 for r in default)  # each run builds its own cache
+    assert all(0.49 < r["compression_ratio"] <= 0.5 for r in paper + default)
+    assert all(r["eval_pairs"] == 16 for r in paper + default)
+    for name, reports in results.items():
+        bleu = [r["student"]["bleu"] for r in reports]
+        mean = sum(bleu) / len(bleu)
+        row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {name} |"))
+        assert f"| {mean:.2f} ({100 * mean / reports[0]['teacher']['bleu']:.1f}%) |" in row
+        assert f"| {max(bleu) - min(bleu):.2f} |" in row
