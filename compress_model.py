@@ -179,9 +179,10 @@ class Config:
         "help": "train on the teacher's own translations of the training sources (generated once with num_beams "
                 "and max_new_tokens, cached in cache_dir) instead of the reference translations"})
     cache_dir: str | None = field(default=None, metadata={
-        "help": "where the tokenized pairs are cached (reused by any run with the same data, tokenizer and "
-                "preprocessor) and sequence_level_kd keeps the teacher's translations; null = datasets' cache "
-                "(HF_DATASETS_CACHE/matrix-decomposition) for the pairs, <output_path>-cache for the translations"})
+        "help": "where the tokenized pairs and the teacher's top-k logits (kd_top_k) are cached (reused by any "
+                "run with the same data, tokenizer and preprocessor, or teacher) and sequence_level_kd keeps the "
+                "teacher's translations; null = datasets' cache (HF_DATASETS_CACHE/matrix-decomposition) for the "
+                "pairs and logits, <output_path>-cache for the translations"})
 
     quantize_int8: bool = field(default=False, metadata={
         "help": "also evaluate the student with int8 dynamically quantized linear layers (CPU): adds a student_int8 "
