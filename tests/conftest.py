@@ -104,6 +104,20 @@ LOADERS = {"load_compressed_model": load_compressed_model, "auto-classes": load_
 
 
 
+def tokenized_pairs(pairs, tokenizer, count: int, max_source_length: int, max_target_length: int):
+    """The first ``count`` of ``pairs`` tokenized as ``compress_model`` does, truncated to the given lengths."""
+    import datasets
+
+    import compress_model
+    import data
+
+    datasets.disable_progress_bars()
+    subset = datasets.Dataset.from_dict({"source_text": [s for s, _ in pairs[:count]],
+                                         "target_text": [t for _, t in pairs[:count]]})
+    config = compress_model.Config(max_source_length=max_source_length, max_target_length=max_target_length)
+    return data.preprocess(subset, tokenizer, config, compress_model.default_data_preprocessor)
+
+
 @pytest.fixture(scope="session")
 def tiny_pairs() -> list[tuple[str, str]]:
     """The first 400 English–German pairs of the committed training CSV."""

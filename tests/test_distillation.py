@@ -3,16 +3,14 @@ and a short recovery run on tiny MarianMT models."""
 
 import copy
 
-import datasets
 import numpy as np
 import pytest
 import torch
-from conftest import distillation_settings
+from conftest import distillation_settings, tokenized_pairs
 from torch import nn
 from transformers import DataCollatorForSeq2Seq
 
 import compress_model
-import data
 from decomposition import build_student, distill, resolve_feature_layers
 from distillation.distillation_loss import (
     IGNORE_INDEX, attention_loss, cross_entropy_loss, feature_loss, mean_feature_loss, output_distillation_loss,
@@ -35,11 +33,7 @@ N_PAIRS = 64
 @pytest.fixture(scope="module")
 def tiny_train_set(tiny_pairs, tiny_tokenizer):
     """The first 64 pairs tokenized as ``compress_model`` does (truncated to 16 source, 20 target tokens)."""
-    datasets.disable_progress_bars()
-    pairs = datasets.Dataset.from_dict({"source_text": [s for s, _ in tiny_pairs[:N_PAIRS]],
-                                        "target_text": [t for _, t in tiny_pairs[:N_PAIRS]]})
-    config = compress_model.Config(max_source_length=16, max_target_length=20)
-    return data.preprocess(pairs, tiny_tokenizer, config, compress_model.default_data_preprocessor)
+    return tokenized_pairs(tiny_pairs, tiny_tokenizer, N_PAIRS, max_source_length=16, max_target_length=20)
 
 
 @pytest.fixture(scope="module")

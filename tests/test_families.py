@@ -8,11 +8,10 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-import datasets
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import LOADERS, distillation_settings, save_model_folder
+from conftest import LOADERS, distillation_settings, save_model_folder, tokenized_pairs
 from torch import nn
 from transformers import (
     AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig, BertConfig, EncoderDecoderConfig, EncoderDecoderModel,
@@ -21,7 +20,6 @@ from transformers import (
 from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
 
 import compress_model
-import data
 import decomposition
 from distillation.knowledge_distillation import LOSS_TERMS
 from distillation.sequence_level_kd import teacher_translations
@@ -93,11 +91,7 @@ BY_NAME = {f.name: f for f in FAMILIES}
 
 @pytest.fixture(scope="module")
 def train_set(tiny_pairs, tiny_tokenizer):
-    datasets.disable_progress_bars()
-    pairs = datasets.Dataset.from_dict({"source_text": [s for s, _ in tiny_pairs[:32]],
-                                        "target_text": [t for _, t in tiny_pairs[:32]]})
-    config = compress_model.Config(max_source_length=12, max_target_length=12)
-    return data.preprocess(pairs, tiny_tokenizer, config, compress_model.default_data_preprocessor)
+    return tokenized_pairs(tiny_pairs, tiny_tokenizer, 32, max_source_length=12, max_target_length=12)
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,12 @@ from __future__ import annotations
 import copy
 import dataclasses
 
-import datasets
 import pytest
 import torch
 from transformers import DataCollatorForSeq2Seq
 
 import compress_model
-import data
+from conftest import tokenized_pairs
 from decomposition import build_student, distill
 from distillation.distillation_loss import IGNORE_INDEX, output_distillation_loss, top_k_distillation_loss
 from distillation.knowledge_distillation import DistillationSettings, Distiller
@@ -23,11 +22,7 @@ K = 8
 
 @pytest.fixture(scope="module")
 def train_set(tiny_pairs, tiny_tokenizer):
-    datasets.disable_progress_bars()
-    pairs = datasets.Dataset.from_dict({"source_text": [s for s, _ in tiny_pairs[:48]],
-                                        "target_text": [t for _, t in tiny_pairs[:48]]})
-    config = compress_model.Config(max_source_length=16, max_target_length=20)
-    return data.preprocess(pairs, tiny_tokenizer, config, compress_model.default_data_preprocessor)
+    return tokenized_pairs(tiny_pairs, tiny_tokenizer, 48, max_source_length=16, max_target_length=20)
 
 
 @pytest.fixture
