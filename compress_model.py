@@ -129,7 +129,8 @@ class Config:
                 "[] = every linear in the encoder/decoder layers; model.shared.weight factorizes the shared "
                 "embedding together with its tied output layer; [\"*\"] = all of these"})
     k_info: int | dict[str, int] | list[int] | None = field(default=None, metadata={
-        "help": "rank r of each factorization: one int, or {key: rank} with an optional \"default\"; left out: "
+        "help": "rank r of each factorization: one int, or {key or pattern: rank} with an optional \"default\" "
+                "(a layer's own key wins over the first pattern that matches it); left out: "
                 f"{DEFAULT_RANK}, or allocated when target_ratio is set; a list of ints: a size sweep, one model per "
                 "rank"})
     target_ratio: float | list[float] | None = field(default=None, metadata={

@@ -376,19 +376,25 @@ def _token_embedding_key(model: nn.Module) -> str:
     return keys[0] if keys else "none here"
 
 
+def _is_pattern(key: str) -> bool:
+    return any(c in key for c in "*?[")
+
+
 def expand_patterns(model: nn.Module, layers: Iterable[str]) -> list[str]:
     """``layers`` with each shell-style pattern (``*``, ``?``, ``[…]``; ``*`` also crosses dots)
     replaced by the ``decomposable_keys`` it matches, in model order; a pattern matching none is an error."""
     expanded: list[str] = []
     candidates = None
     for key in layers:
-        if not any(c in key for c in "*?["):
+        if not _is_pattern(key):
             expanded.append(key)
             continue
-        candidates = decomposable_keys(model) if candidates is None else candidates
-        matched = fnmatch.filter(candidates, key)
+        if candidates is None:  # a pattern may name the weights or the biases of the layers
+            weights = decomposable_keys(model)
+            candidates = {**{k: k for k in weights}, **{f"{k[:-len('weight')]}bias": k for k in weights}}
+        matched = list(dict.fromkeys(candidates[k] for k in fnmatch.filter(candidates, key)))
         if not matched:
-            hint = f" (they look like {candidates[0]!r})" if candidates else " (it has none left to decompose)"
+            hint = f" (they look like {next(iter(candidates))!r})" if candidates else " (it has none left to decompose)"
             raise DecompositionError(f"decompose_layers: the pattern {key!r} matches no nn.Linear or embedding "
                                      f"weight of this model{hint}")
         expanded.extend(matched)
@@ -402,7 +408,8 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
     ``layers`` are state-dict keys (``….weight`` or ``….bias``; duplicates are harmless) or patterns
     (``expand_patterns``: ``"model.decoder.*"``, ``"*fc?.weight"``). Empty:
     the keys of ``k_info`` when it is a mapping without ``"default"``, else every default target.
-    ``k_info`` is one rank for all, or {key: rank} with an optional ``"default"`` entry.
+    ``k_info`` is one rank for all, or {key or pattern: rank} with an optional ``"default"`` entry;
+    a layer takes the rank of its own key, else of the first pattern that matches it, else the default.
     """
     layers = [layers] if isinstance(layers, str) else list(layers or [])
     per_layer = dict(k_info) if isinstance(k_info, Mapping) else None
@@ -454,10 +461,21 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
             names.append(name)
 
     if per_layer is not None:
-        given = {module_name(k): v for k, v in per_layer.items() if k != "default"}
+        given = {module_name(k): v for k, v in per_layer.items() if k != "default" and not _is_pattern(k)}
         for name in given:
             if name not in names:
                 raise DecompositionError(f"k_info: {name!r} has a rank but is not in decompose_layers")
+        for pattern, rank in per_layer.items():
+            if not _is_pattern(pattern):
+                continue
+            matched = [name for name in names
+                       if fnmatch.fnmatchcase(f"{name}.weight", pattern) or fnmatch.fnmatchcase(f"{name}.bias", pattern)
+                       or fnmatch.fnmatchcase(name, pattern)]
+            if not matched:
+                raise DecompositionError(f"k_info: the pattern {pattern!r} matches none of the layers to decompose "
+                                         f"(they look like {names[0] + '.weight'!r})")
+            for name in matched:
+                given.setdefault(name, rank)
     ranks: dict[str, int] = {}
     for name in names:
         if per_layer is None:

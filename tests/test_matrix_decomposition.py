@@ -163,6 +163,22 @@ def test_per_layer_ranks_without_a_default_name_the_layers(make_tiny_marian):
     assert low_rank_names(model) == set(ranks)
 
 
+def test_per_layer_ranks_by_pattern_a_key_wins_then_the_first_pattern(make_tiny_marian):
+    model = make_tiny_marian()
+    ranks = resolve_ranks(model, [], {f"{FC1}.weight": 9, "*fc?.weight": 6, "model.decoder.*": 4, "default": 2})
+    assert ranks.pop(FC1) == 9
+    assert all(rank == 6 for name, rank in ranks.items() if name.endswith(("fc1", "fc2")))
+    assert all(rank == 4 for name, rank in ranks.items() if name.startswith("model.decoder") and "fc" not in name)
+    assert all(rank == 2 for name, rank in ranks.items() if name.startswith("model.encoder") and "fc" not in name)
+    # a pattern without a "default" picks the layers too; a pattern may name the biases
+    assert list(resolve_ranks(model, [], {"model.encoder.layers.0.fc?.bias": 3})) == [
+        "model.encoder.layers.0.fc1", "model.encoder.layers.0.fc2"]
+    assert list(resolve_ranks(model, ["model.encoder.layers.1.*_proj.bias"], 2)) == [
+        f"model.encoder.layers.1.self_attn.{p}_proj" for p in ("k", "v", "q", "out")]
+    with pytest.raises(DecompositionError, match=r"k_info: the pattern '\*cross\*' matches none of the layers"):
+        resolve_ranks(model, [], {"*cross*": 3, "default": 2})
+
+
 ERROR_CASES = [  # (decomposed first, layers, k_info, svd, fragments of the message)
     pytest.param([], ["model.encoder.layers.0.fc3.weight"], 4, "auto",
                  ["'model.encoder.layers.0.fc3.weight' is not a key", "closest keys:", f"{FC1}.weight"],
