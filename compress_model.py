@@ -180,10 +180,11 @@ class Config:
         "help": "train on the teacher's own translations of the training sources (generated once with num_beams "
                 "and max_new_tokens, cached in cache_dir) instead of the reference translations"})
     cache_dir: str | None = field(default=None, metadata={
-        "help": "where the tokenized pairs and the teacher's top-k logits (kd_top_k) are cached (reused by any "
-                "run with the same data, tokenizer and preprocessor, or teacher) and sequence_level_kd keeps the "
-                "teacher's translations; null = datasets' cache (HF_DATASETS_CACHE/matrix-decomposition) for the "
-                "pairs and logits, <output_path>-cache for the translations"})
+        "help": "where the tokenized pairs, the teacher's top-k logits (kd_top_k) and the rank sensitivity curves "
+                "(target_ratio) are cached (reused by any run with the same data, tokenizer and preprocessor, or "
+                "teacher) and sequence_level_kd keeps the teacher's translations; null = datasets' cache "
+                "(HF_DATASETS_CACHE/matrix-decomposition) for the pairs, logits and curves, <output_path>-cache for "
+                "the translations"})
 
     quantize_int8: bool = field(default=False, metadata={
         "help": "also evaluate the student with int8 dynamically quantized linear layers (CPU): adds a student_int8 "
@@ -764,7 +765,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
 
     # Decompose: choose the ranks (k_info, or allocated to target_ratio), factorize
     student = decomposition.decompose(teacher, base, tokenizer, train_set, config, (saved or {}).get("ranks"), shared,
-                                      progress=config.progress and main_process, say=say)
+                                      progress=config.progress and main_process, say=say,
+                                      cache_dir=data.tokenized_cache_dir(config))
     folder = checkpoint_dir(config)
     resume_training = bool(saved) and (folder / "latest").is_file()  # else distilled from the start
     settings = DistillationSettings.from_config(config, str(folder), resume=resume_training,

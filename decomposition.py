@@ -38,7 +38,7 @@ from matrix_decomposition import (
     quantize_int8,
     resolve_ranks,
 )
-from rank_allocation import check_target_ratio, ranks_for_ratio, sensitivity_errors
+from rank_allocation import check_target_ratio, ranks_for_ratio, stored_sensitivity_errors
 from teacher_forcing import source_positioned, teacher_forced
 
 # ---------------------------------------------------------------------------------------------
@@ -126,13 +126,14 @@ class Decomposed:
 
 
 def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config, saved_ranks=None,
-              shared: dict | None = None, progress: bool = False, say=print) -> Decomposed:
+              shared: dict | None = None, progress: bool = False, say=print, cache_dir=None) -> Decomposed:
     """Factorize ``base`` (the teacher, or a separate student model) into the student, as ``config``
     (the run's ``Config``) asks: the target layers (``decompose_layers``), their ranks (``k_info``, or
     allocated to ``target_ratio`` by the ``rank_allocation`` method, measured on ``calibration_samples``
     of the tokenized ``train_set``), the factors (``init``: svd, or activation-aware on the same
     calibration pairs). ``saved_ranks`` are an interrupted run's allocation, reused; ``shared`` is a
-    sweep's memory, whose sensitivity curves ("errors") are measured once. ``say`` prints progress."""
+    sweep's memory, whose sensitivity curves ("errors") are measured once; ``cache_dir`` keeps them for
+    later runs on the same model, layers and calibration pairs. ``say`` prints progress."""
     started = time.time()
     budget = config.target_ratio is not None
     target_layers = list(resolve_ranks(base, config.decompose_layers, 1 if budget else config.k_info))
@@ -153,10 +154,14 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
         input_grams = gather_input_grams(base, linears, batches)
     if sensitivity:
         measured = time.time()
-        errors = sensitivity_errors(base, target_layers, batches, svd=config.svd, input_grams=input_grams,
-                                    progress=progress)
-        say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
-            f"in {time.time() - measured:.0f} s", flush=True)
+        errors, stored = stored_sensitivity_errors(base, target_layers, batches, cache_dir, svd=config.svd,
+                                                   input_grams=input_grams, progress=progress)
+        if stored:
+            say(f"rank sensitivity of {len(target_layers)} layers read from {cache_dir} (measured by an earlier run "
+                f"on the same model and calibration pairs)", flush=True)
+        else:
+            say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
+                f"in {time.time() - measured:.0f} s", flush=True)
         if shared is not None:
             shared["errors"] = errors
 

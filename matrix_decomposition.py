@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import hashlib
 import json
 import math
 import os
@@ -721,6 +722,16 @@ def _saved_config(model: nn.Module):
 
 # ---------------------------------------------------------------------------------------------
 # Saving and loading
+
+
+def weights_digest(model: nn.Module, salt: str = "") -> "hashlib._Hash":
+    """A sha256 of ``salt``, the model's class and every tensor of its state dict (names and bytes):
+    the part of a cache key that says which weights a result was computed from."""
+    digest = hashlib.sha256(f"{salt}:{type(model).__name__}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return digest
 
 
 def save_compressed_model(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:

@@ -13,8 +13,12 @@ it adds, until the budget is spent.
 from __future__ import annotations
 
 import heapq
+import json
 import math
+import os
+import tempfile
 from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +32,7 @@ from matrix_decomposition import (
     low_rank_factors,
     max_saving_rank,
     singular_values,
+    weights_digest,
 )
 from teacher_forcing import teacher_forced
 
@@ -127,6 +132,52 @@ def sensitivity_errors(model: nn.Module, names: Sequence[str], batches, points: 
     finally:
         model.train(was_training)
     return errors
+
+
+SENSITIVITY_VERSION = "1"  # part of the key: a change of how the curves are measured invalidates stored ones
+
+
+def sensitivity_key(model: nn.Module, names: Sequence[str], batches, points: int = 8, svd: str = "auto",
+                    input_grams: Mapping[str, torch.Tensor] | None = None) -> str:
+    """A hash of everything ``sensitivity_errors`` reads: the model's weights, the layers, the
+    calibration batches, ``points``, ``svd`` and the activation init's input statistics."""
+    digest = weights_digest(model, f"sensitivity {SENSITIVITY_VERSION}:{points}:{svd}:{','.join(names)}")
+    for batch in batches:
+        for key in sorted(batch):
+            digest.update(key.encode())
+            digest.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
+    for name in sorted(input_grams or {}):
+        digest.update(name.encode())
+        digest.update(input_grams[name].detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:20]
+
+
+def stored_sensitivity_errors(model: nn.Module, names: Sequence[str], batches, cache_dir: str | os.PathLike | None,
+                              svd: str = "auto", input_grams: Mapping[str, torch.Tensor] | None = None,
+                              progress: bool = False) -> tuple[dict[str, list[float]], bool]:
+    """``sensitivity_errors``, kept in ``cache_dir`` (``sensitivity-<key>.json``) and read from there
+    by a later run on the same model, layers and calibration pairs; returns (errors, whether read).
+    Written under a temporary name and renamed: concurrent runs each write a whole file."""
+    if cache_dir is None:
+        return sensitivity_errors(model, names, batches, svd=svd, input_grams=input_grams, progress=progress), False
+    path = Path(cache_dir) / f"sensitivity-{sensitivity_key(model, names, batches, svd=svd, input_grams=input_grams)}.json"
+    try:
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(stored, dict) and list(stored) == list(names):
+            return stored, True
+    except (OSError, ValueError):
+        pass  # not there yet, or unreadable: measured again and rewritten
+    errors = sensitivity_errors(model, names, batches, svd=svd, input_grams=input_grams, progress=progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as f:
+            json.dump(errors, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return errors, False
 
 
 def convex_errors(points: Mapping[int, float], max_rank: int) -> list[float]:

@@ -14,7 +14,6 @@ written under a temporary name and renamed, so a half-written cache is never rea
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import tempfile
@@ -27,6 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from distillation.distillation_loss import IGNORE_INDEX
+from matrix_decomposition import weights_digest
 
 VERSION = "2"  # part of the key: a change of what is stored invalidates older caches
 
@@ -62,10 +62,7 @@ class TeacherTopK:
 
 def cache_key(teacher: nn.Module, dataset, k: int, temperature: float) -> str:
     """A hash of the teacher's weights, the pairs' token ids, ``k`` and ``temperature``."""
-    digest = hashlib.sha256(f"{VERSION}:{k}:{float(temperature)!r}:{type(teacher).__name__}".encode())
-    for name, tensor in teacher.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    digest = weights_digest(teacher, f"{VERSION}:{k}:{float(temperature)!r}")
     for table in dataset.select_columns(["input_ids", "labels"]).with_format("arrow").iter(batch_size=100_000):
         for column in ("input_ids", "labels"):
             values = table[column]

@@ -27,7 +27,10 @@ from matrix_decomposition import (
     init_notes, load_compressed_model, low_rank_factors, max_saving_rank, quantize_int8, save_compressed_model,
     singular_values, size_mb, whitening,
 )
-from rank_allocation import allocate_ranks, convex_errors, ranks_for_ratio, sensitivity_errors, spectrum_errors
+import rank_allocation
+from rank_allocation import (
+    allocate_ranks, convex_errors, ranks_for_ratio, sensitivity_errors, spectrum_errors, stored_sensitivity_errors,
+)
 
 ENC_Q1 = "model.encoder.layers.1.self_attn.q_proj"
 DEC_Q0 = "model.decoder.layers.0.self_attn.q_proj"
@@ -337,6 +340,35 @@ def test_sensitivity_with_activation_init_measures_the_factors_it_will_get(make_
     plain = sensitivity_errors(teacher, [LIVE_V], calibration, points=4)[LIVE_V]
     aware = sensitivity_errors(teacher, [LIVE_V], calibration, points=4, input_grams=grams)[LIVE_V]
     assert aware[1] < plain[1]  # fitted to these very inputs, the whitened rank-1 factors drift less
+
+
+def test_sensitivity_is_stored_and_read_back_only_for_the_same_model_and_pairs(make_tiny_marian, calibration,
+                                                                                tmp_path, monkeypatch):
+    teacher = make_tiny_marian(init_std=0.3)
+    names = [LIVE_V, SHARED_MODULE]
+    errors, read = stored_sensitivity_errors(teacher, names, calibration, tmp_path)
+    assert not read and errors == sensitivity_errors(teacher, names, calibration)
+    [stored] = tmp_path.glob("sensitivity-*.json")
+    assert [p.name for p in tmp_path.iterdir()] == [stored.name]  # no temporary file left
+
+    def measure(*args, **kwargs):
+        measure.calls += 1
+        return real(*args, **kwargs)
+    measure.calls, real = 0, rank_allocation.sensitivity_errors
+    monkeypatch.setattr(rank_allocation, "sensitivity_errors", measure)
+    assert stored_sensitivity_errors(teacher, names, calibration, tmp_path) == (errors, True)
+    assert measure.calls == 0
+    stored_sensitivity_errors(teacher, names, calibration[:1], tmp_path)  # other calibration pairs
+    stored_sensitivity_errors(teacher, names[:1], calibration, tmp_path)  # other layers
+    with torch.no_grad():
+        teacher.get_submodule(LIVE_V).weight.mul_(2)  # other weights
+    stored_sensitivity_errors(teacher, names, calibration, tmp_path)
+    assert measure.calls == 3 and len(list(tmp_path.glob("sensitivity-*.json"))) == 4
+    with torch.no_grad():
+        teacher.get_submodule(LIVE_V).weight.div_(2)
+    stored.write_text('{"cut short')  # unreadable: measured again and rewritten
+    assert stored_sensitivity_errors(teacher, names, calibration, tmp_path) == (errors, False)
+    assert json.loads(stored.read_text()) == errors
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from matplotlib.image import imread
 
 import compress_model
 import decomposition
+import rank_allocation
 import pictures
 import plan
 from distillation import knowledge_distillation
@@ -84,9 +85,11 @@ def test_plan_as_a_config_key(run_dir, monkeypatch, capsys):
 
 def test_sweep_shares_the_teacher_and_the_sensitivity_and_its_rows_are_the_runs(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
-    edit_config(run_dir, drop=["k_info"], target_ratio=[0.7, 0.55], checkpoint_steps=1)  # the runs ignore it
+    cache = run_dir.parent / f"{run_dir.name}-cache"  # a cache of its own: no curves stored by another test
+    edit_config(run_dir, drop=["k_info"], target_ratio=[0.7, 0.55], checkpoint_steps=1,  # the runs ignore it
+                cache_dir=str(cache))
     calls = {"sensitivity": 0, "teacher": 0}
-    real_sensitivity, real_evaluate = decomposition.sensitivity_errors, decomposition.evaluate_translation
+    real_sensitivity, real_evaluate = rank_allocation.sensitivity_errors, decomposition.evaluate_translation
 
     def sensitivity(*args, **kwargs):
         calls["sensitivity"] += 1
@@ -96,7 +99,7 @@ def test_sweep_shares_the_teacher_and_the_sensitivity_and_its_rows_are_the_runs(
         calls["teacher"] += desc == "BLEU teacher"
         return real_evaluate(*args, desc=desc, **kwargs)
 
-    monkeypatch.setattr(decomposition, "sensitivity_errors", sensitivity)
+    monkeypatch.setattr(rank_allocation, "sensitivity_errors", sensitivity)
     monkeypatch.setattr(decomposition, "evaluate_translation", evaluate)
     assert compress_model.main(["--config", "config.json"]) == 0
     assert calls == {"sensitivity": 1, "teacher": 1}
@@ -118,6 +121,11 @@ def test_sweep_shares_the_teacher_and_the_sensitivity_and_its_rows_are_the_runs(
     assert json.loads((out_dir / "compression_config.json").read_text())["target_ratio"] == [0.7, 0.55]
     out = capsys.readouterr().out
     assert "size sweep over target_ratio" in out and re.search(r"^ratio-0\.55 +[\d,]+ ", out, re.M)
+    # a later run on the same teacher and pairs reads the curves the sweep stored
+    edit_config(run_dir, target_ratio=0.6, output_path="again")
+    assert compress_model.main(["--config", "config.json"]) == 0
+    assert calls["sensitivity"] == 1 and "rank sensitivity of 32 layers read from" in capsys.readouterr().out
+    edit_config(run_dir, output_path=str(out_dir))
 
     # a sweep is replaced as a whole, like a single run's folder
     edit_config(run_dir, target_ratio=None, k_info=[4], overwrite_output=True)
