@@ -715,9 +715,9 @@ def test_resume_reuses_the_allocated_ranks(run_dir, monkeypatch, capsys):
     monkeypatch.setattr(Distiller, "_loss_step", real_step)
 
     def measured_again(*args, **kwargs):
-        raise AssertionError("the sensitivity was measured again on resume")
+        raise AssertionError("the sensitivity was measured (or read from the cache) again on resume")
 
-    monkeypatch.setattr(decomposition, "sensitivity_errors", measured_again)
+    monkeypatch.setattr(decomposition, "stored_sensitivity_errors", measured_again)
     capsys.readouterr()
     assert compress_model.main(["--config", "config.json", "--resume"]) == 0
     assert "reused from the interrupted run" in capsys.readouterr().out
