@@ -567,37 +567,66 @@ def remove_checkpoints(folder: Path) -> None:
 
 class _InterruptWatch:
     """Ctrl-C stops the run within seconds, whatever it was doing: the first SIGINT raises
-    KeyboardInterrupt as usual and starts a watchdog; should a library swallow the interrupt, so
-    that ``main()`` has not returned after a grace time, the watchdog reports and exits."""
+    KeyboardInterrupt as usual, and a watchdog thread hears of it at once through the signal wakeup
+    file descriptor, which the C-level handler writes to even while the main thread is stuck in a
+    library call (where Python's own handler cannot run) or deadlocked after the interrupt. Should
+    ``main()`` not have returned after a grace time, the watchdog reports and exits."""
 
     GRACE_SECONDS = 15
 
     def __init__(self, config) -> None:
         import signal
+        import socket
         import threading
 
-        self.config, self.reported, self.done, self.installed = config, threading.Event(), threading.Event(), False
+        self.config, self.done, self.installed = config, threading.Event(), False
+        self.report_lock, self.reported = threading.Lock(), False
         if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
                 signal.default_int_handler:
+            self.reader, self.writer = socket.socketpair()
+            self.writer.setblocking(False)  # the C handler must never block on it
+            self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
             self.previous = signal.signal(signal.SIGINT, self._on_sigint)
             self.installed = True
+            threading.Thread(target=self._watchdog, name="interrupt-watchdog", daemon=True).start()
 
     def _on_sigint(self, signum, frame):
-        import threading
-
-        threading.Thread(target=self._watchdog, daemon=True).start()
         raise KeyboardInterrupt
 
     def _watchdog(self) -> None:
+        import signal
+
+        with self.reader:
+            while True:  # the wakeup fd carries the number of every signal caught; wait for a SIGINT
+                try:
+                    received = self.reader.recv(64)
+                except OSError:
+                    return
+                if not received:  # close(): main() returned
+                    return
+                if signal.SIGINT in received:
+                    break
         if self.done.wait(self.GRACE_SECONDS):
             return
-        self.report()
+        self.report(raw=True)
         os._exit(130)
 
-    def report(self) -> None:
-        if not self.reported.is_set() and int(os.environ.get("RANK", "0")) == 0:
-            print(f"compress_model.py: {after_interrupt(self.config())}", file=sys.stderr, flush=True)
-        self.reported.set()
+    def report(self, raw: bool = False) -> None:
+        """The one line after an interrupt, once (from main(), or the watchdog with ``raw`` writes,
+        which bypass Python's stderr buffer in case the stuck main thread holds it)."""
+        if not self.report_lock.acquire(timeout=1):
+            return
+        try:
+            if self.reported or int(os.environ.get("RANK", "0")) != 0:
+                return
+            self.reported = True
+            line = f"compress_model.py: {after_interrupt(self.config())}\n"
+            if raw:
+                os.write(2, line.encode())
+            else:
+                print(line, end="", file=sys.stderr, flush=True)
+        finally:
+            self.report_lock.release()
 
     def close(self) -> None:
         import signal
@@ -605,6 +634,9 @@ class _InterruptWatch:
         self.done.set()
         if self.installed:
             signal.signal(signal.SIGINT, self.previous)
+            signal.set_wakeup_fd(self.previous_fd)
+            self.writer.close()  # the watchdog reads end-of-file and leaves
+            self.installed = False
 
 
 def after_interrupt(config: Config | None) -> str:

@@ -163,6 +163,51 @@ def test_ctrl_c_from_the_shell_is_one_line_and_exit_130(run_dir):
     assert not (run_dir / "out-checkpoints").exists()
 
 
+STUCK_RUN = """
+import ctypes, sys, threading, time
+sys.path.insert(0, {repo!r})
+import compress_model
+compress_model._InterruptWatch.GRACE_SECONDS = 1
+
+def waiting_in_c(*args, **kwargs):  # a wait in C with the GIL released that signals do not end (a C++ pool's)
+    print("ready", flush=True)
+    libc = ctypes.CDLL(None)
+    mutex, condition = ctypes.create_string_buffer(64), ctypes.create_string_buffer(64)
+    libc.pthread_mutex_lock(mutex)
+    libc.pthread_cond_wait(condition, mutex)
+
+def interrupt_swallowed(*args, **kwargs):  # a library catches the interrupt, then waits forever
+    print("ready", flush=True)
+    lock = threading.Lock()
+    lock.acquire()
+    try:
+        time.sleep(120)
+    except KeyboardInterrupt:
+        lock.acquire()
+
+compress_model.run = {{"c": waiting_in_c, "swallowed": interrupt_swallowed}}[sys.argv[1]]
+sys.exit(compress_model.main(["--config", "config.json"]))
+"""
+
+
+@pytest.mark.parametrize("stuck", ["c", "swallowed"])
+def test_ctrl_c_ends_a_run_stuck_where_python_cannot_raise(tmp_path, stuck):
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "stuck.py").write_text(STUCK_RUN.format(repo=str(REPO)))
+    proc = subprocess.Popen([sys.executable, "stuck.py", stuck], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n", proc.stderr.read()[-3000:]
+    proc.send_signal(signal.SIGINT)
+    try:
+        _, err = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running 30 s after Ctrl-C ({stuck})")
+    assert proc.returncode == 130, err[-3000:]
+    assert err.splitlines() == ["compress_model.py: interrupted before the first checkpoint, so nothing was kept; "
+                                "run the same command to start over"]
+
+
 def test_same_config_and_seed_give_the_same_report(run_dir, monkeypatch):
     monkeypatch.chdir(run_dir)
     edit_config(run_dir, epoch=2, checkpoint_steps=0)
