@@ -31,7 +31,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import csv
 import os
 import resource
 import statistics
@@ -50,6 +49,7 @@ from transformers import DataCollatorForSeq2Seq  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from compress_model import Config  # noqa: E402
+from data import read_pairs  # noqa: E402
 from decomposition import build_student  # noqa: E402
 from distillation.distillation_loss import IGNORE_INDEX, cross_entropy_loss  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings, Distiller  # noqa: E402
@@ -67,8 +67,7 @@ TRAIN = REPO / "data" / "tatoeba_en_de" / "train.csv"
 
 def median_length_pairs(tokenizer, count: int) -> datasets.Dataset:
     """``count`` tokenized training pairs around the median length (as a length-grouped batch holds)."""
-    with open(TRAIN, newline="", encoding="utf-8") as f:
-        pairs = [(r["source_text"], r["target_text"]) for r in csv.DictReader(f)][:4000]
+    pairs = read_pairs(TRAIN)[:4000]
     pairs.sort(key=lambda p: len(p[0]) + len(p[1]))
     middle = len(pairs) // 2
     chosen = pairs[middle - count // 2: middle - count // 2 + count]
