@@ -39,7 +39,7 @@ import data  # noqa: E402
 SHARED_DEV = REPO.parent / "shared" / "data" / "tatoeba_en_de" / "dev.csv"
 CACHED = {"loss_weights": {"ce": 1.0, "kd": 1.0, "feature": 0.0}, "kd_top_k": 16, "learning_rate": 1e-3}
 RECIPES = {  # key: (name, config changes, epochs)
-    "paper": ("paper: ce + kd + feature (the default)", {}, 1.0),
+    "paper": ("paper: ce + kd + feature, lr 3e-4, 1 epoch (Config's defaults)", {}, 1.0),
     "ce": ("ce only, lr 1e-3, 1.5 epochs", {"loss_weights": {"ce": 1.0, "kd": 0.0, "feature": 0.0},
                                              "learning_rate": 1e-3}, 1.5),
     "cached": ("ce + kd from the cached top-16 (kd_top_k 16), lr 1e-3", CACHED, 1.0),
@@ -52,6 +52,10 @@ RECIPES = {  # key: (name, config changes, epochs)
                 {"loss_weights": {"ce": 1.0, "kd": 1.0, "feature": 0.0}, "learning_rate": 1e-3}, 1.06),
     "cached_wall": ("ce + kd from the cached top-16, lr 1e-3, 1.49 epochs (the default's wall time)", CACHED, 1.49),
 }
+SHIPPED = json.loads((REPO / "config.json").read_text())
+RECIPES["shipped"] = (f"the shipped config.json: loss_weights {json.dumps(SHIPPED['loss_weights'])}, lr "
+                      f"{SHIPPED['learning_rate']:g}, {SHIPPED['epoch']} epochs",
+                      {key: SHIPPED[key] for key in ("loss_weights", "learning_rate")}, float(SHIPPED["epoch"]))
 
 
 def held_out_csv(source: Path, skip: int, folder: Path) -> Path:
