@@ -484,7 +484,7 @@ def print_report(report: dict) -> None:
               f"{row['bleu']:>8.2f}{row['chrf']:>8.2f}{row.get('size_mb', float('nan')):>9.2f}")
     epochs = report["train_pairs"] / report["train_dataset_pairs"]
     print(f"compression ratio {report['compression_ratio']:.3f} (student params / teacher params); "
-          f"{report['layers_decomposed']} layers decomposed; distilled in {report['train_seconds'] / 60:.1f} min "
+          f"{report['layers_decomposed']} layers decomposed; recovered in {report['train_seconds'] / 60:.1f} min "
           + (f"(+ {report['teacher_cache_seconds']:.0f} s for the teacher's top-{report['kd_top_k']} logits) "
              if report.get("teacher_cache_seconds") else "") +
           f"on {report['train_pairs']:,} pairs ({epochs:.3g} epoch{'' if epochs == 1 else 's'} of "

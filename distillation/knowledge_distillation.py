@@ -265,7 +265,8 @@ class Distiller:
         if s.resume:
             step, first_epoch, skip, elapsed, running = self._load_checkpoint()
         start = time.time() - elapsed
-        bar = tqdm(total=self.total_steps, initial=step, desc="distilling",
+        teacher_terms = any(self.weights.get(term) for term in ("kd", "feature", "hidden", "attention"))
+        bar = tqdm(total=self.total_steps, initial=step, desc="distilling" if teacher_terms else "fine-tuning",
                    disable=not (s.progress and acc.is_main_process))
         with capture_outputs(self.teacher, self.feature_layers) as teacher_features, \
                 capture_outputs(self.unwrapped_student, self.feature_layers) as student_features:
