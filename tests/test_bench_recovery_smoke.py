@@ -17,7 +17,8 @@ def test_bench_recovery_quick(tmp_path):
                             timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads(out.read_text())["results"]
-    assert list(results) == ["paper: ce + kd + feature (the default)", "ce + kd from the cached top-16 (kd_top_k 16), lr 1e-3"]
+    assert list(results) == ["paper: ce + kd + feature, lr 3e-4, 1 epoch (Config's defaults)",
+                             "ce + kd from the cached top-16 (kd_top_k 16), lr 1e-3"]
     paper, default = results.values()
     assert [r["kd_top_k"] for r in paper + default] == [0, 0, 16, 16]  # the paper runs the teacher every step
     assert all(r["teacher_cache_seconds"] > 0 for r in default)  # each run builds its own cache
@@ -29,3 +30,17 @@ def test_bench_recovery_quick(tmp_path):
         row = next(line for line in result.stdout.splitlines() if line.startswith(f"| {name} |"))
         assert f"| {mean:.2f} ({100 * mean / reports[0]['teacher']['bleu']:.1f}%) |" in row
         assert f"| {max(bleu) - min(bleu):.2f} |" in row
+
+
+def test_bench_recovery_default_job_runs_the_shipped_config(tmp_path):
+    out = tmp_path / "shipped.json"
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_recovery.py"), "--quick", "--seeds", "1",
+                             "--default-job", "--recipes", "shipped", "--json", str(out)], capture_output=True,
+                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    shipped = json.loads((REPO / "config.json").read_text())
+    [[report]] = json.loads(out.read_text())["results"].values()
+    terms = {term for term, weight in shipped["loss_weights"].items() if weight}
+    assert set(report["history"][-1]) - {"epoch", "step", "loss", "eval_ce"} == terms  # the terms it trained on
+    assert report["target_ratio"] is None and report["ranks"]
+    assert set(report["ranks"].values()) == {shipped["k_info"]}
