@@ -3,6 +3,8 @@ over several seeds, on pairs no decision looked at.
 
     OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py --recipes paper ce --json benchmarks/results/recovery_50.json
     OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py --recipes cached paper2     # ~25 min each
+    OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py --default-job --recipes paper shipped --seeds 2 --max-steps 300
+                                                                   # what a step of each costs in a real run
     python benchmarks/bench_recovery.py --quick --seeds 1                             # smoke test
 
 Every run is the tool itself (``compress_model.run``) on the shipped teacher: every linear of its
@@ -98,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--skip", type=int, default=1000 if SHARED_DEV.is_file() else 0,
                     help="evaluation pairs skipped (default: the 1,000 of dev.csv that are the shipped eval.csv)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--max-steps", type=int,
+                    help="time the recipes instead: this many steps each, BLEU on 32 pairs only (the table's "
+                         "train s / steps is then what a step of each recipe costs in a real run)")
     ap.add_argument("--quick", action="store_true", help="a few steps on a few pairs: checks the script runs")
     ap.add_argument("--json", help="also write the raw reports here")
     args = ap.parse_args(argv)
@@ -112,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
         shipped = json.loads((REPO / "config.json").read_text())
         base.update(decompose_layers=shipped["decompose_layers"], k_info=shipped["k_info"], target_ratio=None,
                     init=compress_model.Config.__dataclass_fields__["init"].default)
+    if args.max_steps:
+        base.update(max_steps=args.max_steps, max_eval_samples=32)
     if args.quick:
         base.update(max_train_samples=64, max_eval_samples=16, max_new_tokens=24, max_steps=2, calibration_samples=8)
     results: dict[str, list[dict]] = {}
