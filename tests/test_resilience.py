@@ -20,6 +20,12 @@ CLI = [sys.executable, str(REPO / "compress_model.py"), "--config", "config.json
 TIMING = ("train_seconds", "translate_seconds", "seconds")  # "seconds": the loss_curve's
 
 
+def _as_from_a_terminal() -> None:
+    """A child's SIGINT as a terminal's Ctrl-C finds it: a suite started in the background of a
+    non-interactive shell (``cmd &``, nohup) ignores SIGINT, and every child would inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
     return make_run_dir(tmp_path, tiny_teacher_dir, tiny_pairs[:160], tiny_pairs[300:332], k_info=4, epoch=8,
@@ -149,7 +155,8 @@ def test_a_run_stopped_before_its_first_checkpoint_is_restarted_or_resumed_from_
 
 def test_ctrl_c_from_the_shell_is_one_line_and_exit_130(run_dir):
     edit_config(run_dir, epoch=1000, checkpoint_steps=10**6)
-    proc = subprocess.Popen(CLI, cwd=run_dir, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(CLI, cwd=run_dir, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=_as_from_a_terminal)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (run_dir / "out-checkpoints" / "run.json").exists():
         time.sleep(0.02)  # run.json is written just before distillation starts
@@ -195,7 +202,7 @@ def test_ctrl_c_ends_a_run_stuck_where_python_cannot_raise(tmp_path, stuck):
     (tmp_path / "config.json").write_text("{}")
     (tmp_path / "stuck.py").write_text(STUCK_RUN.format(repo=str(REPO)))
     proc = subprocess.Popen([sys.executable, "stuck.py", stuck], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
     assert proc.stdout.readline() == "ready\n", proc.stderr.read()[-3000:]
     proc.send_signal(signal.SIGINT)
     try:
