@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> int:
             "decompose_layers": ["*"], "target_ratio": args.ratio, "init": "activation", "k_info": None,
             "num_threads": args.threads, "progress": False, "checkpoint_steps": 0, "export": []}
     if args.default_job:
-        shipped = json.loads((REPO / "config.json").read_text())
-        base.update(decompose_layers=shipped["decompose_layers"], k_info=shipped["k_info"], target_ratio=None,
+        base.update(decompose_layers=SHIPPED["decompose_layers"], k_info=SHIPPED["k_info"], target_ratio=None,
                     init=compress_model.Config.__dataclass_fields__["init"].default)
     if args.max_steps:
         base.update(max_steps=args.max_steps, max_eval_samples=32)
