@@ -30,16 +30,18 @@ from distillation.knowledge_distillation import DistillationSettings, Distiller
 from evaluation import evaluate_translation
 from matrix_decomposition import (
     DecompositionError,
+    Weighting,
     count_parameters,
     decompose_,
     describe_ranks,
+    encoder_and_decoder,
     init_notes,
     module_name,
     quantize_int8,
     resolve_ranks,
 )
 from rank_allocation import check_target_ratio, ranks_for_ratio, stored_sensitivity_errors
-from teacher_forcing import source_positioned, teacher_forced
+from teacher_forcing import decoder_inputs, source_positioned, teacher_forced
 
 # ---------------------------------------------------------------------------------------------
 # The inputs: a separate student model and the loss terms that compare layers
@@ -150,8 +152,7 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
     if config.init == "activation" or sensitivity:
         batches = calibration_batches(train_set, tokenizer, config.calibration_samples, config.batch_size)
     if config.init == "activation":
-        linears = [name for name in target_layers if isinstance(base.get_submodule(name), nn.Linear)]
-        input_grams = gather_input_grams(base, linears, batches)
+        input_grams = gather_input_grams(base, target_layers, batches)
     if sensitivity:
         measured = time.time()
         errors, stored = stored_sensitivity_errors(base, target_layers, batches, cache_dir, svd=config.svd,
@@ -193,21 +194,42 @@ def calibration_batches(train_dataset, tokenizer, samples: int, batch_size: int)
 
 
 @torch.no_grad()
-def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
-    """{name: XᵀX} (d×d, float64) of the inputs X each named ``nn.Linear`` of ``model`` receives in
-    teacher-forced forward passes over ``batches``, summed over real positions only: source
-    positions for the encoder and the cross-attention key/value projections, target positions
-    for the rest (``source_positioned``). Forward pre-hooks, removed on exit."""
+def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor | Weighting]:
+    """What the activation-aware init fits each named layer of ``model`` to, from teacher-forced
+    forward passes over ``batches``, real positions only. For an ``nn.Linear``: XᵀX (d×d, float64)
+    of the inputs X it receives (source positions for the encoder and the cross-attention
+    key/value projections, target positions for the rest, ``source_positioned``). For a token
+    embedding: its ``Weighting`` (``embedding_weighting``) from the count of each token it looks up
+    and the Gram matrix of the inputs of the output projection tied to it, if any. Forward
+    pre-hooks, removed on exit."""
+    linears = [name for name in names if isinstance(model.get_submodule(name), nn.Linear)]
+    tables = {name: model.get_submodule(name) for name in names if isinstance(model.get_submodule(name), nn.Embedding)}
     grams = {name: torch.zeros(model.get_submodule(name).in_features, model.get_submodule(name).in_features,
-                               dtype=torch.float64) for name in names}
+                               dtype=torch.float64) for name in linears}
     masks: dict[str, torch.Tensor] = {}  # the current batch's {"source": (B, S), "target": (B, T)}
-    sources = source_positioned(model, names)
+    sources = source_positioned(model, linears)
+    head = model.get_output_embeddings()
+    tied = {name for name, table in tables.items() if isinstance(head, nn.Linear) and head.weight is table.weight}
+    head_gram = torch.zeros(head.in_features, head.in_features, dtype=torch.float64) if tied else None
+    positions = [0]  # target positions the output projection saw
+    encoder, decoder = encoder_and_decoder(model)
+    looks_up = {name: [side for side, stack in (("source", encoder), ("target", decoder))
+                       if getattr(_input_embeddings(stack), "weight", None) is table.weight]
+                for name, table in tables.items()}
+    counts = {name: torch.zeros(table.num_embeddings, dtype=torch.float64) for name, table in tables.items()}
 
     def hook(_module, args, name):
         x = args[0][masks["source" if name in sources else "target"]]  # (B, L, d) → (N, d)
         grams[name] += (x.T.double() @ x.double()).cpu()  # (d, d)
 
-    handles = [model.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in names]
+    def head_hook(_module, args):
+        x = args[0][masks["target"]]  # (N, d)
+        head_gram.add_((x.T.double() @ x.double()).cpu())
+        positions[0] += x.shape[0]
+
+    handles = [model.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in linears]
+    if tied:
+        handles.append(head.register_forward_pre_hook(head_hook))
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -216,11 +238,38 @@ def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[
             batch = {k: v.to(device) for k, v in batch.items()}
             masks.update(source=batch["attention_mask"].bool(), target=batch["labels"] != IGNORE_INDEX)
             teacher_forced(model, batch)
+            ids = {"source": batch["input_ids"][masks["source"]],
+                   "target": decoder_inputs(model, batch["labels"])[masks["target"]]}
+            for name, sides in looks_up.items():
+                for side in sides:
+                    counts[name] += torch.bincount(ids[side].cpu(), minlength=counts[name].numel()).double()
     finally:
         for handle in handles:
             handle.remove()
         model.train(was_training)
+    for name in tables:
+        output_gram = head_gram / max(positions[0], 1) if name in tied else None
+        grams[name] = embedding_weighting(counts[name], output_gram)
     return grams
+
+
+def _input_embeddings(stack: nn.Module | None) -> nn.Module | None:
+    try:
+        return stack.get_input_embeddings() if stack is not None else None
+    except (AttributeError, NotImplementedError):  # a stack without token embeddings of its own
+        return None
+
+
+def embedding_weighting(counts: torch.Tensor, output_gram: torch.Tensor | None = None) -> Weighting:
+    """A token embedding's ``Weighting`` (see ``matrix_decomposition``): rows √(c_t + c̄) from the
+    tokens' counts ``counts`` (V,), columns from ``output_gram`` (the tied output projection's input
+    Gram matrix per position, d×d) plus mean(diag)·I, or none when no output projection is tied."""
+    counts = counts.double()
+    rows = (counts + counts.mean()).sqrt()
+    if output_gram is None:
+        return Weighting(rows=rows)
+    gram = output_gram.double()
+    return Weighting(gram=gram + gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype), rows=rows)
 
 
 def build_student(model: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto",

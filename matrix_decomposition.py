@@ -11,6 +11,15 @@ matrix G = XᵀX (d×d) of the inputs X the layer sees, the factors minimize the
 ‖(W − B'C')Xᵀ‖_F instead of ‖W − B'C'‖_F. With G = L·Lᵀ (Cholesky), ‖(W − B'C')Xᵀ‖_F =
 ‖(W − B'C')L‖_F, minimized by B'·C' = U_r·U_rᵀ·W where U_r are the top r left singular vectors
 of W·L (B' = U_r, C' = U_rᵀ·W, each rank-one term then rescaled so both factors have the same norm).
+
+A token embedding E (V×d) sees no input to take a Gram matrix of; what its errors cost is how often
+each token is looked up and, through the tied output projection (logits = h·Eᵀ), the Gram matrix
+G of the decoder states h. Its activation-aware factors minimize ‖D·(E − A·B)·L‖_F (``Weighting``):
+D = diag(√(c_t + c̄)) weighs each token's row by its count c_t in the calibration pairs (smoothed by
+the mean count c̄, so unseen tokens keep a share), and L·Lᵀ = G/N + mean(diag G/N)·I weighs the
+logit error (h·δ_t)² and the input vector's own error alike. A token's logit error costs in
+proportion to how likely the token is (the softmax's curvature), about its frequency: both terms
+share D. The minimizer is A·B = D⁻¹·U_r·U_rᵀ·D·E with U_r the top r left singular vectors of D·E·L.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import math
 import os
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,6 +46,18 @@ CONFIG_FIELD = "matrix_decomposition"  # where the per-layer ranks live in the s
 
 class DecompositionError(ValueError):
     """A user-facing problem with the layers or ranks asked for (one-line message)."""
+
+
+@dataclass(frozen=True)
+class Weighting:
+    """Which errors of a factorization W ≈ Ŵ (W n×d) cost most: Ŵ minimizes ‖diag(rows)·(W − Ŵ)·L‖_F,
+    with L·Lᵀ = ``gram`` (d×d; None: L = I) and ``rows`` (n,) positive weights (None: all 1).
+    A token embedding's activation-aware init (``embedding_weighting``); a linear's is a plain Gram."""
+    gram: torch.Tensor | None = None
+    rows: torch.Tensor | None = None
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.gram, self.rows) if t is not None]
 
 
 class LowRankLinear(nn.Module):
@@ -115,12 +137,14 @@ class LowRankEmbedding(nn.Module):
         self.init_note: str | None = None
 
     @classmethod
-    def from_embedding(cls, embedding: nn.Embedding, rank: int, svd: str = "auto") -> "LowRankEmbedding":
-        """The rank-``rank`` truncated-SVD factorization of ``embedding`` (left unchanged)."""
+    def from_embedding(cls, embedding: nn.Embedding, rank: int, svd: str = "auto",
+                       weighting: Weighting | None = None) -> "LowRankEmbedding":
+        """The rank-``rank`` truncated-SVD factorization of ``embedding`` (left unchanged); with
+        ``weighting`` (``embedding_weighting``) the activation-aware one, else the plain SVD."""
         weight = embedding.weight.detach()  # (V, d)
         module = cls(embedding.num_embeddings, embedding.embedding_dim, rank, embedding.padding_idx,
                      device=weight.device, dtype=weight.dtype, embed_scale=getattr(embedding, "embed_scale", None))
-        up, down, _ = low_rank_factors(weight, rank, svd)  # (V, r), (r, d)
+        up, down, module.init_note = low_rank_factors(weight, rank, svd, weighting)  # (V, r), (r, d)
         with torch.no_grad():
             module.up.weight.copy_(up)
             module.down.weight.copy_(down)
@@ -183,17 +207,26 @@ def truncated_svd(weight: torch.Tensor, rank: int, method: str = "auto"):
     return u.to(weight.dtype).contiguous(), s.to(weight.dtype), vh.to(weight.dtype).contiguous()
 
 
-def low_rank_factors(weight: torch.Tensor, rank: int, svd: str = "auto", input_gram: torch.Tensor | None = None):
+def low_rank_factors(weight: torch.Tensor, rank: int, svd: str = "auto",
+                     input_gram: torch.Tensor | Weighting | None = None):
     """B' (n×r), C' (r×d) with W ≈ B'·C', in the weight's dtype, and a note: None, or why the
-    activation-aware factorization asked for (``input_gram`` given) fell back to the plain SVD."""
+    activation-aware factorization asked for (``input_gram`` given: the Gram matrix XᵀX of the
+    inputs, or a ``Weighting``) fell back to the plain SVD. The factors of rank r are the first r
+    of those of any higher rank (the rank sensitivity relies on it)."""
     note = None
     if input_gram is not None:
-        root_gram, note = whitening(input_gram)  # L (d×d, float64) with G ≈ L·Lᵀ
-        if root_gram is not None:
-            # B'·C' = U_r·U_rᵀ·W with U_r the top left singular vectors of W·L: no inverse of L needed
+        weighting = input_gram if isinstance(input_gram, Weighting) else Weighting(gram=input_gram)
+        root_gram, note = whitening(weighting.gram) if weighting.gram is not None else (None, None)
+        rows, row_note = _row_weights(weighting.rows, weight.shape[0])
+        note = note or row_note
+        if note is None:
+            # D·B'·C' = U_r·U_rᵀ·D·W with U_r the top left singular vectors of D·W·L: no inverse of L needed
             w = weight.double()
-            u, _, _ = truncated_svd(w @ root_gram.to(weight.device), rank, method=svd)  # (n, r)
-            up, down = _balance(u, u.T @ w)  # (n, r), (r, d)
+            scaled = w if rows is None else rows.to(w.device)[:, None] * w  # D·W
+            whitened = scaled if root_gram is None else scaled @ root_gram.to(w.device)
+            u, _, _ = truncated_svd(whitened, rank, method=svd)  # (n, r)
+            up = u if rows is None else u / rows.to(w.device)[:, None]
+            up, down = _balance(up, u.T @ scaled)  # (n, r), (r, d)
             return up.to(weight.dtype), down.to(weight.dtype), None
     u, s, vh = truncated_svd(weight, rank, method=svd)  # (n, r), (r,), (r, d)
     root = s.sqrt()
@@ -207,6 +240,18 @@ def _balance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.
     scale = (down.norm(dim=1) / up.norm(dim=0)).sqrt()  # (r,)
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
     return up * scale, down / scale[:, None]
+
+
+def _row_weights(rows: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, str | None]:
+    """(rows as float64, None), or (None, why they cannot be used)."""
+    if rows is None:
+        return None, None
+    r = rows.detach().double().flatten()
+    if r.numel() != n:
+        return None, f"{r.numel()} row weights for a weight of {n} rows; plain SVD used"
+    if not (torch.isfinite(r).all() and (r > 0).all()):
+        return None, "the row weights are not all finite and positive (no calibration token counted?); plain SVD used"
+    return r, None
 
 
 JITTERS = (0.0, 1e-10, 1e-8, 1e-6, 1e-4, 1e-2, 1e-1, 1.0)  # λ tried in turn, relative to mean(diag G)
@@ -231,13 +276,19 @@ def whitening(gram: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
     return None, "the input Gram matrix is not positive semi-definite, even with jitter; plain SVD used"
 
 
-def singular_values(weight: torch.Tensor, input_gram: torch.Tensor | None = None) -> torch.Tensor:
-    """All singular values (float64, descending) of W, or of the whitened W·L when a usable
-    ``input_gram`` = L·Lᵀ is given (the spectrum the activation-aware init truncates)."""
-    root_gram = whitening(input_gram)[0] if input_gram is not None else None
-    if root_gram is None:
+def singular_values(weight: torch.Tensor, input_gram: torch.Tensor | Weighting | None = None) -> torch.Tensor:
+    """All singular values (float64, descending) of W, or of the whitened W·L (D·W·L for a
+    ``Weighting``) when a usable ``input_gram`` = L·Lᵀ is given (the spectrum the activation-aware init truncates)."""
+    weighting = input_gram if isinstance(input_gram, Weighting) or input_gram is None else Weighting(gram=input_gram)
+    if weighting is None:
         return torch.linalg.svdvals(weight.detach().float()).double()
-    return torch.linalg.svdvals(weight.detach().double() @ root_gram)
+    root_gram, note = whitening(weighting.gram) if weighting.gram is not None else (None, None)
+    rows, row_note = _row_weights(weighting.rows, weight.shape[0])
+    if note or row_note:
+        return torch.linalg.svdvals(weight.detach().float()).double()
+    w = weight.detach().double()
+    w = w if rows is None else rows[:, None] * w
+    return torch.linalg.svdvals(w if root_gram is None else w @ root_gram)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -256,7 +307,7 @@ SUPPORTED = ("encoder-decoder models (AutoModelForSeq2SeqLM) whose attention and
              "nn.Linear: MarianMT, NLLB-200/M2M100, mBART/mBART-50, BART, T5/mT5/MADLAD-400")
 
 
-def _encoder_and_decoder(model: nn.Module) -> list[nn.Module | None]:
+def encoder_and_decoder(model: nn.Module) -> list[nn.Module | None]:
     """What ``model.get_encoder()`` and ``model.get_decoder()`` return (None for a missing method)."""
     return [getattr(model, method)() if callable(getattr(model, method, None)) else None
             for method in ("get_encoder", "get_decoder")]
@@ -266,7 +317,7 @@ def layer_stacks(model: nn.Module) -> list[str]:
     """Names of the module lists holding the encoder's and the decoder's layers (Marian's
     ``model.encoder.layers``, T5's ``encoder.block``…): found by structure, not by name, as the
     outermost ``nn.ModuleList`` inside what ``get_encoder()`` and ``get_decoder()`` return."""
-    stacks = _encoder_and_decoder(model)
+    stacks = encoder_and_decoder(model)
     config = getattr(model, "config", None)
     if not getattr(config, "is_encoder_decoder", False) or any(stack is None or stack is model for stack in stacks):
         kind = getattr(config, "model_type", type(model).__name__)
@@ -308,7 +359,7 @@ def word_embeddings(model: nn.Module) -> list[nn.Module]:
     encoder and its decoder return), each once: not positional embeddings, not T5's relative
     attention bias. An embedding tied to one of these (the same tensor) is the same table."""
     found = []
-    for owner in (model, *_encoder_and_decoder(model)):
+    for owner in (model, *encoder_and_decoder(model)):
         try:
             embedding = owner.get_input_embeddings() if owner is not None else None
         except (AttributeError, NotImplementedError):  # a module without token embeddings
@@ -516,18 +567,19 @@ def decompose_(model: nn.Module, layers: Iterable[str] | None = None, k_info: in
     """Replace the chosen ``nn.Linear`` layers of ``model``, in place, by their rank-``k_info`` SVD
     factorizations. Returns {module name: rank} and records it in ``model.config`` (if any).
 
-    ``input_grams`` ({module name: XᵀX}) asks for the activation-aware factorization of every
-    chosen layer; ``init_notes(model)`` then lists the layers that fell back to plain SVD."""
+    ``input_grams`` ({module name: XᵀX}, for a token embedding its ``Weighting``) asks for the
+    activation-aware factorization of every chosen layer; ``init_notes(model)`` then lists the
+    layers that fell back to plain SVD."""
     ranks = resolve_ranks(model, layers, k_info)
     for name, rank in ranks.items():
         layer = model.get_submodule(name)
+        gram = None if input_grams is None else input_grams.get(name)
         if isinstance(layer, nn.Embedding):
-            module = LowRankEmbedding.from_embedding(layer, rank, svd=svd)
-            if input_grams is not None:
-                module.init_note = "an embedding has no input Gram matrix; plain SVD used"
+            module = LowRankEmbedding.from_embedding(layer, rank, svd=svd, weighting=gram)
+            if input_grams is not None and gram is None:
+                module.init_note = "no token counts were gathered for it; plain SVD used"
             _replace_embedding_(model, layer, module)
             continue
-        gram = None if input_grams is None else input_grams.get(name)
         module = LowRankLinear.from_linear(layer, rank, svd=svd, input_gram=gram)
         if input_grams is not None and gram is None:
             module.init_note = "no input Gram matrix was gathered for it; plain SVD used"

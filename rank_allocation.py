@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from distillation.distillation_loss import IGNORE_INDEX
 from matrix_decomposition import (
     DecompositionError,
+    Weighting,
     count_parameters,
     low_rank_factors,
     max_saving_rank,
@@ -134,7 +135,7 @@ def sensitivity_errors(model: nn.Module, names: Sequence[str], batches, points: 
     return errors
 
 
-SENSITIVITY_VERSION = "1"  # part of the key: a change of how the curves are measured invalidates stored ones
+SENSITIVITY_VERSION = "2"  # part of the key: a change of how the curves are measured invalidates stored ones
 
 
 def sensitivity_key(model: nn.Module, names: Sequence[str], batches, points: int = 8, svd: str = "auto",
@@ -148,7 +149,9 @@ def sensitivity_key(model: nn.Module, names: Sequence[str], batches, points: int
             digest.update(batch[key].detach().cpu().contiguous().numpy().tobytes())
     for name in sorted(input_grams or {}):
         digest.update(name.encode())
-        digest.update(input_grams[name].detach().cpu().contiguous().numpy().tobytes())
+        value = input_grams[name]
+        for tensor in value.tensors() if isinstance(value, Weighting) else [value]:
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     return digest.hexdigest()[:20]
 
 

@@ -494,12 +494,94 @@ def test_embedding_and_linears_together_reach_half_the_parameters(make_tiny_mari
     assert isinstance(student.model.shared, LowRankEmbedding) and student.model.shared.rank == ranks["model.shared"]
 
 
-def test_activation_init_notes_that_the_embedding_uses_plain_svd(make_tiny_marian, calibration):
+def test_an_embedding_without_its_statistics_gets_plain_svd_and_a_note(make_tiny_marian, calibration):
     teacher = make_tiny_marian()
     linears = default_targets(teacher)
-    grams = decomposition.gather_input_grams(teacher, linears, calibration)
+    grams = decomposition.gather_input_grams(teacher, linears, calibration)  # the linears' only
     student, _ = decomposition.build_student(teacher, [SHARED, *linears], 3, input_grams=grams)
     assert list(init_notes(student)) == ["model.shared"] and "plain SVD" in init_notes(student)["model.shared"]
+    plain, _ = decomposition.build_student(teacher, [SHARED], 3)
+    torch.testing.assert_close(student.model.shared.weight, plain.model.shared.weight)
+
+
+def weighted_error(weight, approx, weighting) -> float:
+    """‖diag(rows)·(W − Ŵ)·L‖_F with L·Lᵀ = gram, computed as √trace(D·E·G·Eᵀ·D) (no factor of G)."""
+    e = weighting.rows[:, None] * (weight - approx).double()
+    return torch.trace(e @ weighting.gram @ e.T).sqrt().item()
+
+
+def test_weighted_factors_are_optimal_for_the_weighted_error_and_nest():
+    weight = random_weight(40, 24)
+    x = anisotropic_inputs(200)
+    rows = torch.logspace(1, -2, 40, dtype=torch.float64)[torch.randperm(40, generator=torch.Generator().manual_seed(3))]
+    weighting = matrix_decomposition.Weighting(gram=x.T @ x, rows=rows)
+    spectrum = torch.linalg.svdvals(rows[:, None] * weight @ torch.linalg.cholesky(x.T @ x))
+    torch.testing.assert_close(singular_values(weight, weighting), spectrum)
+    up, down, note = low_rank_factors(weight, 12, "exact", weighting)
+    assert note is None
+    for rank in (3, 7, 12):  # the first r terms are the best rank-r factorization (Eckart–Young on D·W·L)
+        best = spectrum[rank:].square().sum().sqrt().item()
+        assert weighted_error(weight, up[:, :rank] @ down[:rank], weighting) == pytest.approx(best, rel=1e-8)
+        plain_up, plain_down, _ = low_rank_factors(weight, rank, "exact")
+        assert weighted_error(weight, plain_up @ plain_down, weighting) > 1.2 * best
+    ones = matrix_decomposition.Weighting(rows=torch.ones(40, dtype=torch.float64))  # no weights: the plain SVD
+    (up, down, _), (plain_up, plain_down, _) = low_rank_factors(weight, 5, "exact", ones), low_rank_factors(weight, 5, "exact")
+    torch.testing.assert_close(up @ down, plain_up @ plain_down)
+
+
+@pytest.mark.parametrize("rows, words", [(torch.zeros(40), "finite and positive"), (torch.ones(39), "39 row weights")])
+def test_unusable_row_weights_fall_back_to_plain_svd_and_say_so(rows, words):
+    weight = random_weight(40, 24)
+    up, down, note = low_rank_factors(weight, 5, "exact", matrix_decomposition.Weighting(rows=rows))
+    assert words in note and "plain SVD" in note
+    plain_up, plain_down, _ = low_rank_factors(weight, 5, "exact")
+    torch.testing.assert_close(up @ down, plain_up @ plain_down)
+
+
+def test_the_embedding_statistics_are_its_token_counts_and_the_tied_heads_inputs(make_tiny_marian, calibration):
+    model = make_tiny_marian()
+    weighting = decomposition.gather_input_grams(model, [SHARED_MODULE], calibration)[SHARED_MODULE]
+    counts, gram, positions = torch.zeros(model.config.vocab_size, dtype=torch.float64), 0, 0
+    with torch.no_grad():  # from the batches and the decoder's last hidden states (what lm_head reads), no hooks
+        for b in calibration:
+            decoder_ids = model.prepare_decoder_input_ids_from_labels(labels=b["labels"])
+            out = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], output_hidden_states=True,
+                        decoder_input_ids=decoder_ids)
+            src, tgt = b["attention_mask"].bool(), b["labels"] != -100
+            for ids in (b["input_ids"][src], decoder_ids[tgt]):  # one table looked up by encoder and decoder
+                counts += torch.bincount(ids, minlength=counts.numel()).double()
+            h = out.decoder_hidden_states[-1][tgt].double()
+            gram, positions = gram + h.T @ h, positions + h.shape[0]
+    torch.testing.assert_close(weighting.rows, (counts + counts.mean()).sqrt())
+    per_position = gram / positions
+    torch.testing.assert_close(weighting.gram, per_position + per_position.diagonal().mean() * torch.eye(16, dtype=torch.float64))
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_embedding_init_fits_the_tokens_the_data_uses(make_tiny_marian, calibration):
+    teacher = make_tiny_marian()
+    grams = decomposition.gather_input_grams(teacher, [SHARED_MODULE], calibration)
+    aware, _ = decomposition.build_student(teacher, [SHARED], 4, "exact", input_grams=grams)
+    plain, _ = decomposition.build_student(teacher, [SHARED], 4, "exact")
+    assert init_notes(aware) == {}
+    weight, weighting = teacher.model.shared.weight.detach(), grams[SHARED_MODULE]
+    errors = {kind: weighted_error(weight, student.model.shared.weight.detach(), weighting)
+              for kind, student in (("aware", aware), ("plain", plain))}
+    assert errors["aware"] < 0.9 * errors["plain"], errors
+    reference = [rank_allocation._real_token_log_probs(teacher, b) for b in calibration]
+    drift = {kind: rank_allocation.output_drift(s, calibration, reference) for kind, s in (("aware", aware), ("plain", plain))}
+    assert drift["aware"] < drift["plain"], drift  # the teacher's predictions move less
+    assert aware.lm_head.up.weight is aware.model.shared.up.weight  # still one set of factors
+
+
+def test_the_embedding_statistics_are_part_of_the_sensitivity_key(make_tiny_marian, calibration):
+    model = make_tiny_marian()
+    grams = decomposition.gather_input_grams(model, [SHARED_MODULE], calibration)
+    key = rank_allocation.sensitivity_key(model, [SHARED_MODULE], calibration, input_grams=grams)
+    weighting = grams[SHARED_MODULE]
+    other = {SHARED_MODULE: matrix_decomposition.Weighting(gram=weighting.gram, rows=weighting.rows.flip(0))}
+    assert rank_allocation.sensitivity_key(model, [SHARED_MODULE], calibration, input_grams=other) != key
+    assert rank_allocation.sensitivity_key(model, [SHARED_MODULE], calibration, input_grams=grams) == key
 
 
 def test_distilling_with_a_factorized_embedding(factorized, tiny_tokenizer, calibration):
@@ -731,7 +813,7 @@ def test_cli_embedding_and_linears_to_half_the_teacher(run_dir, monkeypatch, mak
     assert compress_model.main(["--config", "config.json"]) == 0
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert 0.49 < report["compression_ratio"] <= 0.5 and "model.shared" in report["ranks"]
-    assert list(report["init_notes"]) == ["model.shared"]
+    assert report["init_notes"] == {}  # the embedding too gets its activation-aware init (token counts, tied head)
     loaded = load_compressed_model(run_dir / "out")
     assert isinstance(loaded.model.shared, LowRankEmbedding)
     assert loaded.lm_head.up.weight is loaded.model.shared.up.weight
