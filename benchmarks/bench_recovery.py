@@ -5,6 +5,8 @@ over several seeds, on pairs no decision looked at.
     OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py --recipes cached paper2     # ~25 min each
     OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py --default-job --recipes paper shipped --seeds 2 --max-steps 300
                                                                    # what a step of each costs in a real run
+    OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py --recipes shipped --set learning_rate=3e-4 --seeds 1 \
+        --eval data/tatoeba_en_de/eval.csv --skip 0                # a tuning run: any config key on top
     python benchmarks/bench_recovery.py --quick --seeds 1                             # smoke test
 
 Every run is the tool itself (``compress_model.run``) on the shipped teacher: every linear of its
@@ -79,6 +81,17 @@ def run_one(base: dict, changes: dict, epochs: float, seed: int, folder: Path, s
     return json.loads((folder / "out" / "report.json").read_text())
 
 
+def setting(text: str) -> tuple[str, object]:
+    """KEY=VALUE of --set: VALUE read as JSON (3e-4, true, "x", [..]) or, failing that, as a string."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in compress_model.Config.__dataclass_fields__:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE with KEY a config key")
+    try:
+        return key, json.loads(value)
+    except ValueError:
+        return key, value
+
+
 def rows(path: str) -> int:
     return len(data.read_pairs(path))
 
@@ -104,11 +117,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="time the recipes instead: this many steps each, BLEU on 32 pairs only (the table's "
                          "train s / steps is then what a step of each recipe costs in a real run)")
     ap.add_argument("--quick", action="store_true", help="a few steps on a few pairs: checks the script runs")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
+                    help="a config key for every recipe, on top of its own (VALUE as JSON, else a string), "
+                         "e.g. --set learning_rate=3e-4 --set init=activation; repeatable")
     ap.add_argument("--json", help="also write the raw reports here")
     args = ap.parse_args(argv)
-    recipes = {RECIPES[key][0]: RECIPES[key][1:] for key in args.recipes}
-    if args.epochs:
-        recipes = {name: (changes, args.epochs) for name, (changes, _) in recipes.items()}
+    overrides = dict(args.set)
+    suffix = "".join(f", {key} {json.dumps(value)}" for key, value in overrides.items())
+    recipes = {RECIPES[key][0] + suffix: ({**RECIPES[key][1], **overrides}, args.epochs or RECIPES[key][2])
+               for key in args.recipes}
 
     base = {"teacher_model_path": str(REPO / "models" / "teacher-en-de"), "dataset_path": args.train,
             "decompose_layers": ["*"], "target_ratio": args.ratio, "init": "activation", "k_info": None,

@@ -44,3 +44,26 @@ def test_bench_recovery_default_job_runs_the_shipped_config(tmp_path):
     assert set(report["history"][-1]) - {"epoch", "step", "loss", "eval_ce"} == terms  # the terms it trained on
     assert report["target_ratio"] is None and report["ranks"]
     assert set(report["ranks"].values()) == {shipped["k_info"]}
+
+
+def test_set_puts_a_config_key_on_top_of_every_recipe(monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_recovery
+
+    seen = []
+
+    def fake_run(base, changes, epochs, seed, folder, shared):  # what the real run_one would build its Config from
+        seen.append(({**base, **changes}, epochs))
+        return {"student": {"bleu": 20.0, "params": 1}, "teacher": {"bleu": 25.0, "params": 2}, "train_seconds": 1,
+                "eval_pairs": 16, "compression_ratio": 0.5, "optimizer_steps": 3}
+
+    monkeypatch.setattr(bench_recovery, "run_one", fake_run)
+    assert bench_recovery.main(["--recipes", "shipped", "paper", "--seeds", "1", "--set", "learning_rate=3e-4",
+                                "--set", "init=activation", "--set", "sequence_level_kd=true"]) == 0
+    assert [config["learning_rate"] for config, _ in seen] == [3e-4, 3e-4]
+    assert all(config["init"] == "activation" and config["sequence_level_kd"] is True for config, _ in seen)
+    assert [epochs for _, epochs in seen] == [bench_recovery.RECIPES["shipped"][2], 1.0]  # their own epochs
+    assert 'paper: ce + kd + feature, lr 3e-4, 1 epoch (Config\'s defaults), learning_rate 0.0003, init "activation"' \
+        in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        bench_recovery.main(["--set", "learning_rat=3e-4"])  # a misspelt key is refused, not ignored
