@@ -21,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_L
 
 import compress_model
 import decomposition
+import matrix_decomposition
 from distillation.knowledge_distillation import LOSS_TERMS
 from distillation.sequence_level_kd import teacher_translations
 from matrix_decomposition import (
@@ -173,6 +174,13 @@ def test_activation_init_and_sensitivity_allocation(family, tiny_tokenizer, batc
     assert set(grams) == set(linears) and all(g.abs().sum() > 0 for g in grams.values())
     student, _ = decomposition.build_student(teacher, ["*"], RANK, input_grams=grams)
     assert set(init_notes(student)) == {family.embedding} | ({"lm_head"} if not family.tied_head else set())
+    everything = list(matrix_decomposition.resolve_ranks(teacher, ["*"], 1))  # the embedding (and an untied head) too
+    grams = decomposition.gather_input_grams(teacher, everything, batches)
+    weighting = grams[family.embedding]
+    assert isinstance(weighting, matrix_decomposition.Weighting) and (weighting.gram is not None) == family.tied_head
+    assert weighting.rows.min() > 0 and (weighting.rows > weighting.rows.min()).any()  # tokens counted
+    student, _ = decomposition.build_student(teacher, ["*"], RANK, input_grams=grams)
+    assert init_notes(student) == {}
     names = [family.embedding, linears[0], linears[-1]]
     errors = sensitivity_errors(teacher, names, batches, points=2)
     assert all(errors[n][1] >= errors[n][-1] >= 0 for n in names)
