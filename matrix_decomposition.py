@@ -278,7 +278,8 @@ def whitening(gram: torch.Tensor) -> tuple[torch.Tensor | None, str | None]:
 
 def singular_values(weight: torch.Tensor, input_gram: torch.Tensor | Weighting | None = None) -> torch.Tensor:
     """All singular values (float64, descending) of W, or of the whitened W·L (D·W·L for a
-    ``Weighting``) when a usable ``input_gram`` = L·Lᵀ is given (the spectrum the activation-aware init truncates)."""
+    ``Weighting``) when a usable ``input_gram`` = L·Lᵀ is given (the spectrum the activation-aware
+    init truncates)."""
     weighting = input_gram if isinstance(input_gram, Weighting) or input_gram is None else Weighting(gram=input_gram)
     if weighting is None:
         return torch.linalg.svdvals(weight.detach().float()).double()

@@ -203,6 +203,7 @@ def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set,
                feature_layers, decompose_seconds: float, shared: dict | None = None) -> dict:
     """Print (and return) the plan of a run whose teacher, factorized student and ranks are given,
     resolved by ``decomposition.decompose`` exactly as the run resolves them."""
+    from distillation.knowledge_distillation import uses_teacher
     from matrix_decomposition import count_parameters, size_mb
 
     spectra = layer_spectra(teacher, ranks)
@@ -229,7 +230,8 @@ def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set,
     seq_kd = translation_seconds(teacher, tokenizer, train_set["input_ids"], config) if config.sequence_level_kd else 0
     parts = {"decomposition": decompose_seconds,
              "the teacher's top-k logits (kd_top_k)": 0 if cached else cache_per_pair * len(train_set),
-             "distillation": steps * per_step, "held-out loss": held_out,
+             "distillation" if uses_teacher(settings.loss_weights) else "fine-tuning": steps * per_step,
+             "held-out loss": held_out,
              "BLEU translations": passes * one_pass, "teacher translations (sequence_level_kd)": seq_kd}
     total = sum(parts.values())
 

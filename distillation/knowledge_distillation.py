@@ -137,6 +137,12 @@ class LengthGroupedSampler(Sampler[int]):
             yield int(i)
 
 
+def uses_teacher(loss_weights) -> bool:
+    """Whether any loss term on (weight non-zero) compares the student with the teacher: with
+    cross-entropy alone the recovery is plain fine-tuning."""
+    return any(loss_weights.get(term) for term in ("kd", "feature", "hidden", "attention"))
+
+
 class Distiller:
     """Set up (teacher, student, optimizer, data), one ``_loss_step``, one loop."""
 
@@ -265,8 +271,8 @@ class Distiller:
         if s.resume:
             step, first_epoch, skip, elapsed, running = self._load_checkpoint()
         start = time.time() - elapsed
-        teacher_terms = any(self.weights.get(term) for term in ("kd", "feature", "hidden", "attention"))
-        bar = tqdm(total=self.total_steps, initial=step, desc="distilling" if teacher_terms else "fine-tuning",
+        bar = tqdm(total=self.total_steps, initial=step,
+                   desc="distilling" if uses_teacher(self.weights) else "fine-tuning",
                    disable=not (s.progress and acc.is_main_process))
         with capture_outputs(self.teacher, self.feature_layers) as teacher_features, \
                 capture_outputs(self.unwrapped_student, self.feature_layers) as student_features:

@@ -505,7 +505,7 @@ def test_an_embedding_without_its_statistics_gets_plain_svd_and_a_note(make_tiny
 
 
 def weighted_error(weight, approx, weighting) -> float:
-    """‖diag(rows)·(W − Ŵ)·L‖_F with L·Lᵀ = gram, computed as √trace(D·E·G·Eᵀ·D) (no factor of G)."""
+    """‖diag(rows)·(W − Ŵ)·L‖_F with L·Lᵀ = gram, as √trace(D·E·G·Eᵀ·D) (no factor of G)."""
     e = weighting.rows[:, None] * (weight - approx).double()
     return torch.trace(e @ weighting.gram @ e.T).sqrt().item()
 
@@ -513,7 +513,8 @@ def weighted_error(weight, approx, weighting) -> float:
 def test_weighted_factors_are_optimal_for_the_weighted_error_and_nest():
     weight = random_weight(40, 24)
     x = anisotropic_inputs(200)
-    rows = torch.logspace(1, -2, 40, dtype=torch.float64)[torch.randperm(40, generator=torch.Generator().manual_seed(3))]
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(3))
+    rows = torch.logspace(1, -2, 40, dtype=torch.float64)[order]  # three decades of row weights
     weighting = matrix_decomposition.Weighting(gram=x.T @ x, rows=rows)
     spectrum = torch.linalg.svdvals(rows[:, None] * weight @ torch.linalg.cholesky(x.T @ x))
     torch.testing.assert_close(singular_values(weight, weighting), spectrum)
@@ -525,7 +526,8 @@ def test_weighted_factors_are_optimal_for_the_weighted_error_and_nest():
         plain_up, plain_down, _ = low_rank_factors(weight, rank, "exact")
         assert weighted_error(weight, plain_up @ plain_down, weighting) > 1.2 * best
     ones = matrix_decomposition.Weighting(rows=torch.ones(40, dtype=torch.float64))  # no weights: the plain SVD
-    (up, down, _), (plain_up, plain_down, _) = low_rank_factors(weight, 5, "exact", ones), low_rank_factors(weight, 5, "exact")
+    up, down, _ = low_rank_factors(weight, 5, "exact", ones)
+    plain_up, plain_down, _ = low_rank_factors(weight, 5, "exact")
     torch.testing.assert_close(up @ down, plain_up @ plain_down)
 
 
@@ -554,7 +556,8 @@ def test_the_embedding_statistics_are_its_token_counts_and_the_tied_heads_inputs
             gram, positions = gram + h.T @ h, positions + h.shape[0]
     torch.testing.assert_close(weighting.rows, (counts + counts.mean()).sqrt())
     per_position = gram / positions
-    torch.testing.assert_close(weighting.gram, per_position + per_position.diagonal().mean() * torch.eye(16, dtype=torch.float64))
+    identity = torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(weighting.gram, per_position + per_position.diagonal().mean() * identity)
     assert not any(m._forward_pre_hooks for m in model.modules())
 
 
@@ -569,7 +572,8 @@ def test_embedding_init_fits_the_tokens_the_data_uses(make_tiny_marian, calibrat
               for kind, student in (("aware", aware), ("plain", plain))}
     assert errors["aware"] < 0.9 * errors["plain"], errors
     reference = [rank_allocation._real_token_log_probs(teacher, b) for b in calibration]
-    drift = {kind: rank_allocation.output_drift(s, calibration, reference) for kind, s in (("aware", aware), ("plain", plain))}
+    drift = {kind: rank_allocation.output_drift(student, calibration, reference)
+             for kind, student in (("aware", aware), ("plain", plain))}
     assert drift["aware"] < drift["plain"], drift  # the teacher's predictions move less
     assert aware.lm_head.up.weight is aware.model.shared.up.weight  # still one set of factors
 

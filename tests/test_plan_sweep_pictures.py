@@ -77,7 +77,13 @@ def test_plan_as_a_config_key(run_dir, monkeypatch, capsys):
     edit_config(run_dir, plan=True)
     before = files(run_dir)
     assert compress_model.main(["--config", "config.json"]) == 0
-    assert "nothing written" in capsys.readouterr().out and files(run_dir) == before
+    out = capsys.readouterr().out
+    assert "nothing written" in out and files(run_dir) == before
+    assert re.search(r"estimated wall time of the run: .*\(decomposition .*, distillation ", out)  # ce + kd
+    edit_config(run_dir, loss_weights={"ce": 1.0, "kd": 0.0, "feature": 0.0})
+    assert compress_model.main(["--config", "config.json"]) == 0
+    estimate = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("estimated wall time"))
+    assert ", fine-tuning " in estimate and "distillation" not in estimate  # no teacher term: plain fine-tuning
     assert compress_model.main(["--config", "config.json", "--resume"]) == 2
     assert capsys.readouterr().err.strip() == ("compress_model.py: error: plan: true only plans a run; remove it (or "
                                                "--resume) to continue the interrupted run")
