@@ -512,9 +512,12 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError("plan: true only plans a run; remove it (or --resume) to continue the interrupted run")
         from sweep import sweep_key
         if sweep_key(config):
-            return run_sweep(config, sweep_key(config), resume=args.resume, config_path=args.config,
+            code = run_sweep(config, sweep_key(config), resume=args.resume, config_path=args.config,
                              plan_only=args.plan or config.plan)
-        return run(config, resume=args.resume, config_path=args.config, plan_only=args.plan or config.plan)
+        else:
+            code = run(config, resume=args.resume, config_path=args.config, plan_only=args.plan or config.plan)
+        leave_process_group()
+        return code
     except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, not a traceback
         interrupt.report()
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
@@ -533,6 +536,17 @@ def main(argv: list[str] | None = None) -> int:
         return 1 if isinstance(e, FloatingPointError) else 2  # 2: the input was wrong; 1: the run failed
     finally:
         interrupt.close()
+
+
+def leave_process_group() -> None:
+    """Destroy the process group of a multi-process run (torchrun) once this process's part is done.
+    Left to the interpreter's exit, gloo's worker threads can abort the process at random (SIGABRT,
+    "terminate called without an active exception", pytorch/pytorch#190489). Called only after a
+    run that returned: a process that failed leaves it alone, as destroying a group another process
+    may still wait on in a collective can hang (the processes exchange nothing after training)."""
+    distributed = sys.modules.get("torch.distributed")
+    if distributed is not None and distributed.is_available() and distributed.is_initialized():
+        distributed.destroy_process_group()
 
 
 # Keys that may change between an interrupted run and its resumption.

@@ -246,6 +246,22 @@ def test_non_finite_loss_stops_with_a_message_and_keeps_the_checkpoint(run_dir, 
     assert not (run_dir / "out").exists()
 
 
+def test_a_process_that_finished_leaves_its_process_group(run_dir, monkeypatch, tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        left = []
+        monkeypatch.setattr(compress_model, "run", lambda *args, **kwargs: left.append(dist.is_initialized()) or 0)
+        monkeypatch.chdir(run_dir)
+        assert compress_model.main(["--config", "config.json"]) == 0
+        assert left == [True] and not dist.is_initialized()  # destroyed after the run, not left to the exit
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    compress_model.leave_process_group()  # no group: nothing to do
+
+
 def test_two_processes_with_torchrun(run_dir):
     edit_config(run_dir, epoch=2, checkpoint_steps=0)
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
