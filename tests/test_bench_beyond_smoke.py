@@ -12,6 +12,7 @@ from conftest import REPO
 def test_bench_beyond_quick(tmp_path):
     out = tmp_path / "beyond.json"
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_beyond.py"), "--quick", "--threads", "1",
+                             "--jobs", "2",  # two runs at once: pytest leaves the second core idle
                              "--json", str(out)], capture_output=True, text=True, timeout=600,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
