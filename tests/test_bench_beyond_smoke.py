@@ -2,20 +2,14 @@
 pipeline on the shipped teacher, and its rows have the sizes their configs ask for."""
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO
+from conftest import REPO, run_benchmark
 
 
 def test_bench_beyond_quick(tmp_path):
     out = tmp_path / "beyond.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_beyond.py"), "--quick", "--threads", "1",
-                             "--jobs", "2",  # two runs at once: pytest leaves the second core idle
-                             "--json", str(out)], capture_output=True, text=True, timeout=600,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_benchmark("bench_beyond.py", "--quick", "--threads", "1", "--json", str(out),
+                           "--jobs", "2", timeout=600)  # two runs at once: pytest leaves the second core idle
     assert "| variant | params (% teacher)" in result.stdout
     assert "init activation" in result.stdout and "int8 linears" in result.stdout
     reports = json.loads(out.read_text())

@@ -2,20 +2,16 @@
 evaluates on held-out pairs, and its table holds what the reports say."""
 
 import json
-import os
-import subprocess
 import sys
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_benchmark
 
 
 def test_bench_recovery_quick(tmp_path):
     out = tmp_path / "recovery.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_recovery.py"), "--quick", "--seeds", "2",
-                             "--recipes", "paper", "cached", "--json", str(out)], capture_output=True, text=True,
-                            timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_benchmark("bench_recovery.py", "--quick", "--seeds", "2", "--recipes", "paper", "cached",
+                           "--json", str(out), timeout=600)
     results = json.loads(out.read_text())["results"]
     assert list(results) == ["paper: ce + kd + feature, lr 3e-4, 1 epoch (Config's defaults)",
                              "ce + kd from the cached top-16 (kd_top_k 16), lr 1e-3"]
@@ -34,10 +30,8 @@ def test_bench_recovery_quick(tmp_path):
 
 def test_bench_recovery_default_job_runs_the_shipped_config(tmp_path):
     out = tmp_path / "shipped.json"
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_recovery.py"), "--quick", "--seeds", "1",
-                             "--default-job", "--recipes", "shipped", "--json", str(out)], capture_output=True,
-                            text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_benchmark("bench_recovery.py", "--quick", "--seeds", "1", "--default-job", "--recipes", "shipped",
+                  "--json", str(out), timeout=600)
     shipped = json.loads((REPO / "config.json").read_text())
     [[report]] = json.loads(out.read_text())["results"].values()
     terms = {term for term, weight in shipped["loss_weights"].items() if weight}

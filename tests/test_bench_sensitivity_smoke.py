@@ -2,18 +2,12 @@
 
 import json
 import math
-import os
-import subprocess
-import sys
 
-from conftest import REPO
+from conftest import REPO, run_benchmark
 
 
 def test_bench_sensitivity_quick():
-    result = subprocess.run([sys.executable, "benchmarks/bench_sensitivity.py", "--quick"], cwd=REPO,
-                            capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_benchmark("bench_sensitivity.py", "--quick")
     assert "sensitivity of 4 layers on 8 pairs" in result.stdout
     rows = [[c.strip() for c in line.strip("|").split("|")] for line in result.stdout.splitlines()
             if line.startswith("| model.")]
