@@ -145,8 +145,8 @@ class Config:
     svd: str = field(default="auto", metadata={"help": "SVD algorithm: auto | exact | lowrank (randomized)"})
     init: str = field(default="svd", metadata={
         "help": "factor initialization: svd (best approximation of W) | activation (SVD-LLM: best approximation "
-                "of the layer's outputs on calibration_samples training pairs; a token embedding's rows weighted by the "
-                "tokens' counts there, its tied output projection's by the decoder states it reads)"})
+                "of each layer's outputs on calibration_samples training pairs; for a token embedding, of its vectors "
+                "weighted by how often each token occurs there, and of the logits of the output projection tied to it)"})
     calibration_samples: int = field(default=256, metadata={
         "help": "training pairs the activation init and the sensitivity allocation measure on"})
 
