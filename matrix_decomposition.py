@@ -213,21 +213,16 @@ def low_rank_factors(weight: torch.Tensor, rank: int, svd: str = "auto",
     activation-aware factorization asked for (``input_gram`` given: the Gram matrix XᵀX of the
     inputs, or a ``Weighting``) fell back to the plain SVD. The factors of rank r are the first r
     of those of any higher rank (the rank sensitivity relies on it)."""
-    note = None
-    if input_gram is not None:
-        weighting = input_gram if isinstance(input_gram, Weighting) else Weighting(gram=input_gram)
-        root_gram, note = whitening(weighting.gram) if weighting.gram is not None else (None, None)
-        rows, row_note = _row_weights(weighting.rows, weight.shape[0])
-        note = note or row_note
-        if note is None:
-            # D·B'·C' = U_r·U_rᵀ·D·W with U_r the top left singular vectors of D·W·L: no inverse of L needed
-            w = weight.double()
-            scaled = w if rows is None else rows.to(w.device)[:, None] * w  # D·W
-            whitened = scaled if root_gram is None else scaled @ root_gram.to(w.device)
-            u, _, _ = truncated_svd(whitened, rank, method=svd)  # (n, r)
-            up = u if rows is None else u / rows.to(w.device)[:, None]
-            up, down = _balance(up, u.T @ scaled)  # (n, r), (r, d)
-            return up.to(weight.dtype), down.to(weight.dtype), None
+    rows, root_gram, note = _weights(input_gram, weight.shape[0])
+    if input_gram is not None and note is None:
+        # D·B'·C' = U_r·U_rᵀ·D·W with U_r the top left singular vectors of D·W·L: no inverse of L needed
+        w = weight.double()
+        scaled = w if rows is None else rows.to(w.device)[:, None] * w  # D·W
+        whitened = scaled if root_gram is None else scaled @ root_gram.to(w.device)
+        u, _, _ = truncated_svd(whitened, rank, method=svd)  # (n, r)
+        up = u if rows is None else u / rows.to(w.device)[:, None]
+        up, down = _balance(up, u.T @ scaled)  # (n, r), (r, d)
+        return up.to(weight.dtype), down.to(weight.dtype), None
     u, s, vh = truncated_svd(weight, rank, method=svd)  # (n, r), (r,), (r, d)
     root = s.sqrt()
     return u * root, root[:, None] * vh, note  # B' = U·√S, C' = √S·Vᵀ
@@ -240,6 +235,18 @@ def _balance(up: torch.Tensor, down: torch.Tensor) -> tuple[torch.Tensor, torch.
     scale = (down.norm(dim=1) / up.norm(dim=0)).sqrt()  # (r,)
     scale = torch.where(torch.isfinite(scale) & (scale > 0), scale, torch.ones_like(scale))
     return up * scale, down / scale[:, None]
+
+
+def _weights(input_gram: torch.Tensor | Weighting | None, n: int):
+    """(D's diagonal or None, L or None, note) for a weight of ``n`` rows: ``input_gram`` (XᵀX or a
+    ``Weighting``) resolved into the row weights and the root of the Gram matrix, with why they
+    cannot be used (None when they can, or when nothing was asked for)."""
+    if input_gram is None:
+        return None, None, None
+    weighting = input_gram if isinstance(input_gram, Weighting) else Weighting(gram=input_gram)
+    root_gram, note = whitening(weighting.gram) if weighting.gram is not None else (None, None)
+    rows, row_note = _row_weights(weighting.rows, n)
+    return rows, root_gram, note or row_note
 
 
 def _row_weights(rows: torch.Tensor | None, n: int) -> tuple[torch.Tensor | None, str | None]:
@@ -280,12 +287,8 @@ def singular_values(weight: torch.Tensor, input_gram: torch.Tensor | Weighting |
     """All singular values (float64, descending) of W, or of the whitened W·L (D·W·L for a
     ``Weighting``) when a usable ``input_gram`` = L·Lᵀ is given (the spectrum the activation-aware
     init truncates)."""
-    weighting = input_gram if isinstance(input_gram, Weighting) or input_gram is None else Weighting(gram=input_gram)
-    if weighting is None:
-        return torch.linalg.svdvals(weight.detach().float()).double()
-    root_gram, note = whitening(weighting.gram) if weighting.gram is not None else (None, None)
-    rows, row_note = _row_weights(weighting.rows, weight.shape[0])
-    if note or row_note:
+    rows, root_gram, note = _weights(input_gram, weight.shape[0])
+    if input_gram is None or note:
         return torch.linalg.svdvals(weight.detach().float()).double()
     w = weight.detach().double()
     w = w if rows is None else rows[:, None] * w

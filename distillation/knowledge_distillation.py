@@ -140,7 +140,7 @@ class LengthGroupedSampler(Sampler[int]):
 def uses_teacher(loss_weights) -> bool:
     """Whether any loss term on (weight non-zero) compares the student with the teacher: with
     cross-entropy alone the recovery is plain fine-tuning."""
-    return any(loss_weights.get(term) for term in ("kd", "feature", "hidden", "attention"))
+    return any(loss_weights.get(term) for term in LOSS_TERMS if term != "ce")
 
 
 class Distiller:
