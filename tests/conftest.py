@@ -39,10 +39,12 @@ VOCAB_SIZE = 300  # sentencepiece pieces + </s> + <pad>
 
 def run_benchmark(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
     """``benchmarks/<script> args`` run as its docstring says (from the repository, one thread, the
-    hub offline), output captured; the test fails with the end of its stderr unless it exits 0."""
+    hub offline, no tokenizer threads), output captured; the test fails with the end of its stderr
+    unless it exits 0."""
     result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
                             capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                                 "TOKENIZERS_PARALLELISM": "false"})
     assert result.returncode == 0, result.stderr[-3000:]
     return result
 

@@ -1,20 +1,14 @@
 """benchmarks/bench_deploy.py runs end to end in --quick mode (tiny opus-shaped models)."""
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO
+from conftest import run_benchmark
 
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
 
 
 def test_bench_deploy_quick(tmp_path):
-    result = subprocess.run([sys.executable, "benchmarks/bench_deploy.py", "opus", "--quick", "--work", str(tmp_path / "w"),
-                             "--json", str(tmp_path / "deploy.json")],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_benchmark("bench_deploy.py", "opus", "--quick", "--work", str(tmp_path / "w"),
+                           "--json", str(tmp_path / "deploy.json"))
     report = json.loads((tmp_path / "deploy.json").read_text())
     # the quick student halves every linear and the embedding: 71,040 of 107,520 parameters
     assert (report["dense_params"], report["student_params"]) == (107_520, 71_040)

@@ -1,19 +1,13 @@
 """The distillation-step benchmark runs end to end in its --quick mode and prints its table."""
 
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_benchmark
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 def test_bench_distill_step_quick():
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_distill_step.py"), "--quick"],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_benchmark("bench_distill_step.py", "--quick")
     out = result.stdout
     assert "| step | loss terms | median ms |" in out
     rows = [line for line in out.splitlines() if line.startswith("| (")]

@@ -1,23 +1,16 @@
 """benchmarks/bench_quality.py runs end to end in --quick mode (tiny random teacher) and prints its table."""
 
 import json
-import os
-import subprocess
-import sys
 
-from conftest import REPO
+from conftest import run_benchmark
 
-# one thread: the smoke test checks the script, not the speed, and stays fast on busy cores
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 KINDS = ["SVD r={r}, no training", "SVD r={r} + ce", "SVD r={r} + ce + kd", "SVD r={r} + ce + kd + feature"]
 
 
 def test_bench_quality_quick(tmp_path):
     out_json = tmp_path / "quality.json"
-    result = subprocess.run([sys.executable, "benchmarks/bench_quality.py", "--quick", "--threads", "1",
-                             "--eval", "data/tatoeba_en_de/eval.csv", "--json", str(out_json)],
-                            cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_benchmark("bench_quality.py", "--quick", "--threads", "1", "--eval", "data/tatoeba_en_de/eval.csv",
+                           "--json", str(out_json))
     lines = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert lines[0].startswith("| size | model | layer params (% teacher) | total params (% teacher) | BLEU | chrF")
     assert lines[1].startswith("|---")

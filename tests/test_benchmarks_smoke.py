@@ -1,18 +1,13 @@
 """benchmarks/bench_decompose.py runs end to end in --quick mode, and its error columns are right."""
 
 import math
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_benchmark
 
 
 def test_bench_decompose_quick():
-    # one thread: the smoke test checks the script, not the speed, and stays fast on busy cores
-    result = subprocess.run([sys.executable, "benchmarks/bench_decompose.py", "--quick", "--threads", "1"],
-                            cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_benchmark("bench_decompose.py", "--quick", "--threads", "1", timeout=120)
     rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
     assert rows[0].startswith("| rank | svd |") and rows[1].startswith("|---")
     assert len(rows) == 2 + 2 * 3  # header, separator, 2 ranks × 3 methods
