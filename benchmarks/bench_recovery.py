@@ -124,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     overrides = dict(args.set)
     suffix = "".join(f", {key} {json.dumps(value)}" for key, value in overrides.items())
-    recipes = {RECIPES[key][0] + suffix: ({**RECIPES[key][1], **overrides}, args.epochs or RECIPES[key][2])
-               for key in args.recipes}
+    recipes = {}
+    for key in args.recipes:
+        name, changes, epochs = RECIPES[key]
+        if args.epochs and args.epochs != epochs:  # the name gives the table's epochs: say what ran instead
+            name, epochs = f"{name}, run for {args.epochs:g} epochs (--epochs)", args.epochs
+        recipes[name + suffix] = ({**changes, **overrides}, epochs)
 
     base = {"teacher_model_path": str(REPO / "models" / "teacher-en-de"), "dataset_path": args.train,
             "decompose_layers": ["*"], "target_ratio": args.ratio, "init": "activation", "k_info": None,

@@ -61,3 +61,22 @@ def test_set_puts_a_config_key_on_top_of_every_recipe(monkeypatch, capsys):
         in capsys.readouterr().out
     with pytest.raises(SystemExit):
         bench_recovery.main(["--set", "learning_rat=3e-4"])  # a misspelt key is refused, not ignored
+
+
+def test_epochs_runs_every_recipe_that_long_and_says_so(monkeypatch, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_recovery
+
+    seen = []
+
+    def fake_run(base, changes, epochs, seed, folder, shared):
+        seen.append(epochs)
+        return {"student": {"bleu": 20.0, "params": 1}, "teacher": {"bleu": 25.0, "params": 2}, "train_seconds": 1,
+                "eval_pairs": 16, "compression_ratio": 0.5, "optimizer_steps": 3}
+
+    monkeypatch.setattr(bench_recovery, "run_one", fake_run)
+    assert bench_recovery.main(["--recipes", "shipped", "paper", "--seeds", "1", "--epochs", "3"]) == 0
+    assert seen == [3.0, 3.0]
+    out = capsys.readouterr().out
+    assert "1 epoch (Config's defaults), run for 3 epochs (--epochs) |" in out
+    assert f"{bench_recovery.RECIPES['shipped'][2]:g} epochs, run for 3 epochs (--epochs) |" in out
