@@ -164,6 +164,10 @@ class Config:
                 "then costs what fine-tuning does, for about 1 BLEU less at equal steps (BENCHMARKS.md, "
                 "recovery); the feature, hidden and attention terms need the teacher at every step and must be 0"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy term"})
+    dropout: float | None = field(default=None, metadata={
+        "help": "every dropout probability of the student while it is recovered (hidden states, attention, "
+                "activations); null = the model's own (the shipped teacher: 0.1 on hidden states); 0 = off. The saved "
+                "model's config keeps its own"})
     epoch: int = field(default=1, metadata={"help": "passes over the training pairs"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step (per process)"})
     group_by_length: bool = field(default=True, metadata={
@@ -248,6 +252,9 @@ class Config:
         if self.eval_split and self.eval_split == self.train_split and not self.eval_dataset_path:
             raise ConfigError(f"eval_split: {self.eval_split!r} is the split trained on (train_split); evaluate on "
                               f"another split, or leave eval_split null to hold out eval_size pairs")
+        if self.dropout is not None and not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout: must be at least 0 and below 1 (a probability), or null for the model's own, "
+                              f"got {self.dropout}")
         if self.warmup_ratio >= 1 or self.label_smoothing >= 1:
             raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
                               f"{self.warmup_ratio} and {self.label_smoothing}")

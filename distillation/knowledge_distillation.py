@@ -68,6 +68,7 @@ class DistillationSettings:
     max_grad_norm: float
     temperature: float
     label_smoothing: float
+    dropout: float | None  # every dropout probability of the student while training; None: its own
     loss_weights: dict[str, float]
     eval_steps: int  # 0: evaluate at the end of every epoch only
     mixed_precision: str
@@ -137,6 +138,21 @@ class LengthGroupedSampler(Sampler[int]):
             yield int(i)
 
 
+DROPOUT_ATTRIBUTES = ("dropout", "attention_dropout", "activation_dropout")
+
+
+def set_dropout_(model: nn.Module, p: float) -> None:
+    """Every dropout probability in ``model`` set to ``p``: the ``nn.Dropout`` modules (T5) and the
+    float attributes Hugging Face layers pass to ``F.dropout`` (Marian, BART, mBART, M2M100: hidden
+    states, attention weights, activations). The model's config is left as it is."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = p
+        for name in DROPOUT_ATTRIBUTES:
+            if isinstance(getattr(module, name, None), float):
+                setattr(module, name, p)
+
+
 def uses_teacher(loss_weights) -> bool:
     """Whether any loss term on (weight non-zero) compares the student with the teacher: with
     cross-entropy alone the recovery is plain fine-tuning."""
@@ -189,6 +205,8 @@ class Distiller:
                 # LayerDrop (M2M100's default 0.05) would skip student layers at random, leaving the feature,
                 # hidden and attention terms nothing to compare: off while distilling
                 module.layerdrop = 0.0
+        if s.dropout is not None:
+            set_dropout_(student, s.dropout)
         decay, no_decay = [], []
         for name, param in student.named_parameters():
             if param.requires_grad:

@@ -212,6 +212,8 @@ BAD_CONFIGS = [
      lambda d: edit_config(d, feature_layers=["model.decoder.layers.0.fc1"], loss_weights={"ce": 1, "kd": 1}),
      ["feature_layers: 1 layer(s) given", "no feature term", '"feature": 1']),
     ("kd-top-k-negative", lambda d: edit_config(d, kd_top_k=-1), ["kd_top_k", "must not be negative", "-1"]),
+    ("dropout-one", lambda d: edit_config(d, dropout=1.0), ["dropout", "below 1", "1.0"]),
+    ("dropout-negative", lambda d: edit_config(d, dropout=-0.1), ["dropout", "at least 0", "-0.1"]),
     ("kd-top-k-above-vocabulary", lambda d: edit_config(d, kd_top_k=10**6, loss_weights={"ce": 1, "kd": 1}),
      ["kd_top_k: 1000000", "vocabulary"]),
     ("missing-teacher", lambda d: edit_config(d, teacher_model_path=str(d / "nowhere")),

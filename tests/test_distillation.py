@@ -17,7 +17,7 @@ from distillation.distillation_loss import (
     weighted_sum,
 )
 from distillation.knowledge_distillation import (
-    LOSS_TERMS, Distiller, LengthGroupedSampler, token_lengths,
+    DROPOUT_ATTRIBUTES, LOSS_TERMS, Distiller, LengthGroupedSampler, set_dropout_, token_lengths,
 )
 from matrix_decomposition import DecompositionError, LowRankLinear, default_targets
 from teacher_forcing import capture_outputs, source_positioned
@@ -552,3 +552,48 @@ def test_bf16_mixed_precision_computes_in_bf16_and_keeps_float32_weights(
     assert all(v.dtype == torch.float32 for v in after.values())  # the weights trained stay float32
     assert any(not torch.equal(before[k], after[k]) for k in before)
     assert all(torch.isfinite(torch.tensor(v)) for h in distiller.history for k, v in h.items() if k != "epoch")
+
+
+# ---------------------------------------------------------------------------------------------
+# Dropout while recovering
+
+
+def dropout_values(model: nn.Module) -> set[float]:
+    values = {m.p for m in model.modules() if isinstance(m, nn.Dropout)}
+    return values | {getattr(m, name) for m in model.modules() for name in DROPOUT_ATTRIBUTES
+                     if isinstance(getattr(m, name, None), float)}
+
+
+def train_mode_logits(model: nn.Module, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                     labels=batch["labels"]).logits
+
+
+@pytest.mark.parametrize("dropout", [None, 0.0, 0.3])
+def test_the_dropout_setting_reaches_every_dropout_of_the_student_and_nothing_else(
+        make_tiny_marian, tiny_tokenizer, tiny_train_set, tiny_batch, dropout):
+    teacher = make_tiny_marian(dropout=0.2, attention_dropout=0.1, activation_dropout=0.05)
+    student = build_student(teacher, default_targets(teacher), RANK)[0]
+    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"ce": 1.0}, dropout=dropout)
+    trained = distiller.unwrapped_student.train()
+    assert dropout_values(trained) == ({0.2, 0.1, 0.05} if dropout is None else {dropout})
+    assert dropout_values(distiller.teacher) == {0.2, 0.1, 0.05}  # the teacher keeps its own
+    assert (trained.config.dropout, trained.config.attention_dropout) == (0.2, 0.1)  # saved as it was
+    torch.manual_seed(0)
+    first = train_mode_logits(trained, tiny_batch)
+    torch.manual_seed(1)
+    second = train_mode_logits(trained, tiny_batch)
+    assert torch.equal(first, second) == (dropout == 0.0)  # off: training-mode passes are deterministic
+
+
+def test_set_dropout_sets_dropout_modules_and_float_attributes():
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.dropout, self.activation_dropout, self.attention_dropout = 0.1, 0.2, 0.3
+            self.drop, self.size = nn.Dropout(0.4), 7.0
+
+    model = nn.Sequential(Layer(), nn.Dropout(0.5))
+    set_dropout_(model, 0.0)
+    assert dropout_values(model) == {0.0} and model[0].size == 7.0
