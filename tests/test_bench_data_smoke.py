@@ -1,6 +1,5 @@
 """benchmarks/bench_data.py runs end to end in --quick mode and prints its table."""
 
-
 from conftest import run_benchmark
 
 

@@ -5,7 +5,6 @@ import json
 from conftest import run_benchmark
 
 
-
 def test_bench_deploy_quick(tmp_path):
     result = run_benchmark("bench_deploy.py", "opus", "--quick", "--work", str(tmp_path / "w"),
                            "--json", str(tmp_path / "deploy.json"))

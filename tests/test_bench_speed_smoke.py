@@ -5,7 +5,6 @@ import json
 from conftest import run_benchmark
 
 
-
 def test_bench_speed_quick(tmp_path):
     result = run_benchmark("bench_speed.py", "--quick", "--threads", "1", "--json", str(tmp_path / "speed.json"),
                            timeout=180)
