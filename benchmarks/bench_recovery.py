@@ -19,7 +19,8 @@ config.json does instead (rank 32 on every linear of the layers, 66% of the para
 differ only in the keys shown in ``RECIPES``; fractional
 epochs are run as ``max_steps``. Each run gets a cache folder of its own, so the cached recipe pays
 for its teacher pass every time. The rank-sensitivity measurement does not depend on the seed (it
-reads the first ``calibration_samples`` pairs), so it is measured once and shared, as a sweep does.
+reads the first ``calibration_samples`` pairs), so it is measured once and shared, as a sweep does;
+``--ranks-from`` an earlier ``--json`` of the same ``--ratio`` reuses its ranks and skips it.
 """
 
 from __future__ import annotations
@@ -120,8 +121,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", type=setting,
                     help="a config key for every recipe, on top of its own (VALUE as JSON, else a string), "
                          "e.g. --set learning_rate=3e-4 --set init=activation; repeatable")
+    ap.add_argument("--ranks-from", metavar="JSON",
+                    help="the ranks of the first run in an earlier --json of this script instead of allocating "
+                         "them again (the same teacher and --ratio give the same ranks; skips the sensitivity pass)")
     ap.add_argument("--json", help="also write the raw reports here")
     args = ap.parse_args(argv)
+    if args.ranks_from and args.default_job:
+        ap.error("--ranks-from replaces the allocation of --ratio; --default-job has fixed ranks already")
     overrides = dict(args.set)
     suffix = "".join(f", {key} {json.dumps(value)}" for key, value in overrides.items())
     recipes = {}
@@ -137,6 +143,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.default_job:
         base.update(decompose_layers=SHIPPED["decompose_layers"], k_info=SHIPPED["k_info"], target_ratio=None,
                     init=compress_model.Config.__dataclass_fields__["init"].default)
+    if args.ranks_from:
+        earlier = next(iter(json.loads(Path(args.ranks_from).read_text())["results"].values()))[0]
+        if earlier["target_ratio"] != args.ratio:
+            ap.error(f"--ranks-from {args.ranks_from}: its ranks were allocated for target_ratio "
+                     f"{earlier['target_ratio']}, not --ratio {args.ratio}")
+        base.update(k_info=earlier["ranks"], target_ratio=None)
     if args.max_steps:
         base.update(max_steps=args.max_steps, max_eval_samples=32)
     if args.quick:

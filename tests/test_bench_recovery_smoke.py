@@ -80,3 +80,26 @@ def test_epochs_runs_every_recipe_that_long_and_says_so(monkeypatch, capsys):
     out = capsys.readouterr().out
     assert "1 epoch (Config's defaults), run for 3 epochs (--epochs) |" in out
     assert f"{bench_recovery.RECIPES['shipped'][2]:g} epochs, run for 3 epochs (--epochs) |" in out
+
+
+def test_ranks_from_reuses_an_earlier_allocation(monkeypatch, tmp_path, capsys):
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import bench_recovery
+
+    seen = []
+
+    def fake_run(base, changes, epochs, seed, folder, shared):
+        seen.append({**base, **changes})
+        return {"student": {"bleu": 20.0, "params": 1}, "teacher": {"bleu": 25.0, "params": 2}, "train_seconds": 1,
+                "eval_pairs": 16, "compression_ratio": 0.5, "optimizer_steps": 3}
+
+    monkeypatch.setattr(bench_recovery, "run_one", fake_run)
+    ranks = {"model.shared": 85, "model.encoder.layers.0.fc1": 13}
+    earlier = tmp_path / "earlier.json"
+    earlier.write_text(json.dumps({"args": {}, "results": {"a recipe": [{"target_ratio": 0.5, "ranks": ranks}]}}))
+    assert bench_recovery.main(["--recipes", "shipped", "--seeds", "1", "--ranks-from", str(earlier)]) == 0
+    assert seen[0]["k_info"] == ranks and seen[0]["target_ratio"] is None
+    assert seen[0]["decompose_layers"] == ["*"]
+    with pytest.raises(SystemExit):  # allocated for another size: refused, not silently reused
+        bench_recovery.main(["--recipes", "shipped", "--seeds", "1", "--ratio", "0.33", "--ranks-from", str(earlier)])
+    assert "allocated for target_ratio 0.5, not --ratio 0.33" in capsys.readouterr().err
