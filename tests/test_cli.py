@@ -320,3 +320,20 @@ def test_bad_config_from_the_shell_has_no_traceback(run_dir):
 def test_shipped_config_is_valid():
     config = compress_model.load_config(REPO / "config.json")
     assert (REPO / config.dataset_path).is_file() and (REPO / config.eval_dataset_path).is_file()
+
+
+def test_half_size_config_is_the_recipe_benchmarked_at_half_size():
+    """configs/half-size.json is what BENCHMARKS.md measured keeping 98.6% at 50% (bench_recovery.py at
+    --ratio 0.5 --recipes shipped --epochs 4): the shipped recipe, the half-size factorization, 4 epochs."""
+    config = compress_model.load_config(REPO / "configs" / "half-size.json")
+    shipped = compress_model.load_config(REPO / "config.json")
+    assert (REPO / config.teacher_model_path / "config.json").is_file()
+    assert (REPO / config.dataset_path).is_file() and (REPO / config.eval_dataset_path).is_file()
+    assert (config.target_ratio, config.decompose_layers, config.init, config.k_info) == (0.5, ["*"], "activation", None)
+    assert (config.loss_weights, config.learning_rate, config.batch_size) == \
+        (shipped.loss_weights, shipped.learning_rate, shipped.batch_size)
+    measured = json.loads((REPO / "benchmarks" / "results" / "recovery_50_4_epochs.json").read_text())
+    args = measured["args"]
+    assert config.epoch == args["epochs"] == 4 and args["ratio"] == 0.5 and args["recipes"] == ["shipped"]
+    assert not args["set"] and args["train"].endswith(config.dataset_path)
+    assert config.output_path != shipped.output_path  # the two jobs do not refuse each other's output
