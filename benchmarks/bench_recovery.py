@@ -93,6 +93,33 @@ def setting(text: str) -> tuple[str, object]:
         return key, value
 
 
+ALLOCATION_KEYS = ("target_ratio", "k_info", "decompose_layers", "init", "rank_allocation", "calibration_samples",
+                   "svd", "teacher_model_path")  # what the ranks of a --ratio run depend on, with --train
+
+
+def earlier_ranks(args, overrides: dict, error) -> dict[str, int]:
+    """The ranks of the first run in ``--ranks-from``, refused (``error``, one line) unless that run
+    allocated them for the same --ratio, --train and allocation keys as this one."""
+    path = args.ranks_from
+    try:
+        earlier = json.loads(Path(path).read_text())
+        before, first = earlier["args"], next(iter(earlier["results"].values()))[0]
+        ranks, before_set, ratio, train = first["ranks"], dict(before["set"]), before["ratio"], before["train"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, StopIteration, AttributeError) as e:
+        error(f"--ranks-from {path}: not a --json written by this script ({type(e).__name__}: {e})")
+    if before.get("default_job"):
+        error(f"--ranks-from {path}: a --default-job run, whose ranks are the shipped config's, not an allocation")
+    # (a run that reused ranks itself keeps its --ratio; its reports say target_ratio null)
+    if ratio != args.ratio or Path(train).parts[-3:] != Path(args.train).parts[-3:]:  # or in another checkout
+        error(f"--ranks-from {path}: its ranks were allocated for --ratio {ratio} on {train}, "
+              f"not --ratio {args.ratio} on {args.train}")
+    for key in ALLOCATION_KEYS:
+        if before_set.get(key) != overrides.get(key):
+            error(f"--ranks-from {path}: --set {key} was {json.dumps(before_set.get(key))} there and is "
+                  f"{json.dumps(overrides.get(key))} here; the ranks depend on it")
+    return ranks
+
+
 def rows(path: str) -> int:
     return len(data.read_pairs(path))
 
@@ -123,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
                          "e.g. --set learning_rate=3e-4 --set init=activation; repeatable")
     ap.add_argument("--ranks-from", metavar="JSON",
                     help="the ranks of the first run in an earlier --json of this script instead of allocating "
-                         "them again (the same teacher and --ratio give the same ranks; skips the sensitivity pass)")
+                         "them again (skips the sensitivity pass); refused unless it ran at the same --ratio, "
+                         "--train and allocation keys (--set init, calibration_samples, ...)")
     ap.add_argument("--json", help="also write the raw reports here")
     args = ap.parse_args(argv)
     if args.ranks_from and args.default_job:
@@ -144,11 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         base.update(decompose_layers=SHIPPED["decompose_layers"], k_info=SHIPPED["k_info"], target_ratio=None,
                     init=compress_model.Config.__dataclass_fields__["init"].default)
     if args.ranks_from:
-        earlier = next(iter(json.loads(Path(args.ranks_from).read_text())["results"].values()))[0]
-        if earlier["target_ratio"] != args.ratio:
-            ap.error(f"--ranks-from {args.ranks_from}: its ranks were allocated for target_ratio "
-                     f"{earlier['target_ratio']}, not --ratio {args.ratio}")
-        base.update(k_info=earlier["ranks"], target_ratio=None)
+        base.update(k_info=earlier_ranks(args, overrides, ap.error), target_ratio=None)
     if args.max_steps:
         base.update(max_steps=args.max_steps, max_eval_samples=32)
     if args.quick:

@@ -95,11 +95,32 @@ def test_ranks_from_reuses_an_earlier_allocation(monkeypatch, tmp_path, capsys):
 
     monkeypatch.setattr(bench_recovery, "run_one", fake_run)
     ranks = {"model.shared": 85, "model.encoder.layers.0.fc1": 13}
-    earlier = tmp_path / "earlier.json"
-    earlier.write_text(json.dumps({"args": {}, "results": {"a recipe": [{"target_ratio": 0.5, "ranks": ranks}]}}))
-    assert bench_recovery.main(["--recipes", "shipped", "--seeds", "1", "--ranks-from", str(earlier)]) == 0
-    assert seen[0]["k_info"] == ranks and seen[0]["target_ratio"] is None
-    assert seen[0]["decompose_layers"] == ["*"]
-    with pytest.raises(SystemExit):  # allocated for another size: refused, not silently reused
-        bench_recovery.main(["--recipes", "shipped", "--seeds", "1", "--ratio", "0.33", "--ranks-from", str(earlier)])
-    assert "allocated for target_ratio 0.5, not --ratio 0.33" in capsys.readouterr().err
+    train = str(REPO / "data" / "tatoeba_en_de" / "train.csv")
+
+    def earlier(name, target_ratio=0.5, **args):
+        path = tmp_path / name
+        path.write_text(json.dumps({"args": {"ratio": 0.5, "train": train, "set": [], "default_job": False, **args},
+                                    "results": {"a recipe": [{"target_ratio": target_ratio, "ranks": ranks}]}}))
+        return str(path)
+
+    def refused(*argv):
+        with pytest.raises(SystemExit):
+            bench_recovery.main(["--recipes", "shipped", "--seeds", "1", *argv])
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    run = ["--recipes", "shipped", "--seeds", "1", "--ranks-from"]
+    assert bench_recovery.main([*run, earlier("allocated.json")]) == 0
+    assert seen[-1]["k_info"] == ranks and seen[-1]["target_ratio"] is None
+    assert seen[-1]["decompose_layers"] == ["*"]
+    # a run that itself reused the ranks (its reports say target_ratio null) can be reused in turn
+    assert bench_recovery.main([*run, earlier("reused.json", target_ratio=None, ranks_from="allocated.json",
+                                               set=[["learning_rate", 3e-4]])]) == 0
+    assert seen[-1]["k_info"] == ranks and len(seen) == 2
+    # refused, with one line, whatever would not give the same ranks
+    assert "allocated for --ratio 0.5" in refused("--ratio", "0.33", "--ranks-from", earlier("a.json"))
+    assert "--set calibration_samples was 128 there and is null here" in \
+        refused("--ranks-from", earlier("b.json", set=[["calibration_samples", 128]]))
+    assert "a --default-job run" in refused("--ranks-from", earlier("c.json", default_job=True))
+    assert "not a --json written by this script" in refused("--ranks-from", str(tmp_path / "missing.json"))
+    assert "--ranks-from replaces the allocation" in refused("--default-job", "--ranks-from", earlier("d.json"))
+    assert len(seen) == 2  # nothing ran after a refusal

@@ -330,8 +330,8 @@ def test_half_size_config_is_the_recipe_benchmarked_at_half_size():
     assert (REPO / config.teacher_model_path / "config.json").is_file()
     assert (REPO / config.dataset_path).is_file() and (REPO / config.eval_dataset_path).is_file()
     assert (config.target_ratio, config.decompose_layers, config.init, config.k_info) == (0.5, ["*"], "activation", None)
-    assert (config.loss_weights, config.learning_rate, config.batch_size) == \
-        (shipped.loss_weights, shipped.learning_rate, shipped.batch_size)
+    changed = {key for key in vars(config) if getattr(config, key) != getattr(shipped, key)}
+    assert changed == {"output_path", "decompose_layers", "k_info", "target_ratio", "init", "epoch"}  # nothing else
     measured = json.loads((REPO / "benchmarks" / "results" / "recovery_50_4_epochs.json").read_text())
     args = measured["args"]
     assert config.epoch == args["epochs"] == 4 and args["ratio"] == 0.5 and args["recipes"] == ["shipped"]
