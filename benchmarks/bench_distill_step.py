@@ -10,7 +10,10 @@ its parameters (target_ratio 0.5, decompose_layers ["*"], plain SVD ranks from t
 allocation: the step's cost depends on the shapes, not on the values). The batch is 32 pairs of the
 shipped training data of median length, padded. Each round times, alternating, in one process:
 
-  (a) plain       the student alone: forward, cross-entropy, backward, AdamW step
+  (a) plain       the tool's fine-tuning step, ``Distiller._loss_step`` with cross-entropy alone: the
+                  student's forward, its logits at real target positions only, backward, fused AdamW
+  (h) by hand     the same written the usual way: the model's logits at every position, torch's AdamW
+                  defaults (what the tool's step did before; not the base of the ratios)
   (b) cached kd   ``Distiller._loss_step`` with ce + kd from the teacher's cached top-16 logits (kd_top_k 16)
   (c) online kd   ce + kd against the teacher's full output, the teacher run in the step
   (d) paper       ce + kd + feature (every decomposed layer), the teacher run in the step: the default
@@ -56,7 +59,7 @@ from distillation.knowledge_distillation import DistillationSettings, Distiller 
 from distillation.teacher_cache import build_teacher_cache  # noqa: E402
 from matrix_decomposition import count_parameters, load_pretrained, resolve_ranks  # noqa: E402
 from rank_allocation import ranks_for_ratio  # noqa: E402
-from teacher_forcing import capture_outputs, decoder_inputs  # noqa: E402
+from teacher_forcing import decoder_inputs  # noqa: E402
 
 TARGET_RATIO = 1.3
 BATCH = 32
@@ -75,8 +78,8 @@ def median_length_pairs(tokenizer, count: int) -> datasets.Dataset:
     return datasets.Dataset.from_dict(dict(encoded))
 
 
-class PlainStep:
-    """(a) fine-tuning the student on the references, nothing else."""
+class HandWrittenStep:
+    """(h) fine-tuning the student on the references as one writes it by hand."""
 
     def __init__(self, student, learning_rate: float):
         self.student = student.train()
@@ -93,7 +96,7 @@ class PlainStep:
 
 
 class DistillStep:
-    """(b)–(e): one ``Distiller._loss_step`` with its hooks in place (entered once, as ``train`` does)."""
+    """(a), (b)–(e): one ``Distiller._loss_step`` with its hooks in place (entered once, as ``train`` does)."""
 
     def __init__(self, teacher, student, tokenizer, pairs, weights: dict[str, float], feature_layers: list[str],
                  learning_rate: float, kd_top_k: int = 0, cache_dir: str | None = None):
@@ -103,8 +106,7 @@ class DistillStep:
         self.distiller = d = Distiller(teacher, student.train(), tokenizer, pairs, None, settings, feature_layers)
         self.models = (d.teacher, d.unwrapped_student)
         self._hooks = contextlib.ExitStack()
-        self.teacher_features = self._hooks.enter_context(capture_outputs(d.teacher, d.feature_layers))
-        self.student_features = self._hooks.enter_context(capture_outputs(d.unwrapped_student, d.feature_layers))
+        self.teacher_features, self.student_features = self._hooks.enter_context(d._hooks())
 
     def __call__(self, batch) -> None:
         d = self.distiller
@@ -179,7 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     eager_teacher = copy.deepcopy(teacher)  # (e) switches its models to eager attention; the others keep the default
     with tempfile.TemporaryDirectory() as cache:
         setups = {
-            "(a) plain": ("ce", PlainStep(copy.deepcopy(student), args.lr)),
+            "(a) plain": ("ce", DistillStep(teacher, copy.deepcopy(student), tokenizer, pairs, {"ce": 1.0}, [],
+                                            args.lr)),
+            "(h) by hand": ("ce", HandWrittenStep(copy.deepcopy(student), args.lr)),
             "(b) cached kd": (f"ce+kd (cached top-{TOP_K})",
                             DistillStep(teacher, copy.deepcopy(student), tokenizer, pairs, {"ce": 1.0, "kd": 1.0}, [],
                                         args.lr, kd_top_k=TOP_K, cache_dir=cache)),

@@ -20,6 +20,7 @@ import random
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
 from pathlib import Path
 
@@ -153,6 +154,50 @@ def set_dropout_(model: nn.Module, p: float) -> None:
                 setattr(module, name, p)
 
 
+class RealTargetPositions:
+    """While ``active(mask)`` holds a (B, T) mask of real target positions, forward pre-hooks hand the
+    output projection of each model only the decoder states at those positions, (B, T, H) → (1, N, H).
+    The vocabulary-wide projection, the logits and the losses over them (the costliest part of a step at
+    a small model's size) then skip the padding, which costs there as much as a real token; the logits
+    come out (1, N, V), the real positions in order. Outside ``active`` the hooks change nothing, so
+    evaluation and generation see the usual (B, T, V). Made by ``real_target_positions``."""
+
+    def __init__(self):
+        self.mask: torch.Tensor | None = None
+
+    def select(self, _module, args):
+        if self.mask is None or args[0].shape[:2] != self.mask.shape:
+            return None
+        return (args[0][self.mask].unsqueeze(0), *args[1:])  # (1, N, H)
+
+    @contextmanager
+    def active(self, mask: torch.Tensor):
+        self.mask = mask
+        try:
+            yield
+        finally:
+            self.mask = None
+
+
+@contextmanager
+def real_target_positions(models, skip=()):
+    """A ``RealTargetPositions`` hooked on the output projections of ``models``; its hooks are removed
+    on exit. None (nothing hooked) for a model without an output projection, or when ``skip`` names it
+    (a feature layer, whose captured output must keep its (B, T) layout)."""
+    heads = [model.get_output_embeddings() for model in models]
+    names = {{module: name for name, module in model.named_modules()}.get(head) for model, head in zip(models, heads)}
+    if not all(isinstance(head, nn.Module) for head in heads) or names & set(skip):
+        yield None
+        return
+    positions = RealTargetPositions()
+    handles = [head.register_forward_pre_hook(positions.select) for head in heads]
+    try:
+        yield positions
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def uses_teacher(loss_weights) -> bool:
     """Whether any loss term on (weight non-zero) compares the student with the teacher: with
     cross-entropy alone the recovery is plain fine-tuning."""
@@ -211,8 +256,12 @@ class Distiller:
         for name, param in student.named_parameters():
             if param.requires_grad:
                 (decay if param.ndim > 1 else no_decay).append(param)
+        # fused: one kernel over every parameter instead of a loop over them (on CPU 1.7 ms against 8 ms a
+        # step for the shipped teacher's half-size student, about 5% of the step; the same update)
+        fused = self.accelerator.device.type in ("cpu", "cuda")
         optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=s.learning_rate)
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=s.learning_rate, fused=fused)
+        self.real_positions: RealTargetPositions | None = None  # set by ``train``: the logits of real positions only
         self.student, self.optimizer, self.train_loader = self.accelerator.prepare(student, optimizer, train_loader)
         self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader else None
         self.total_steps = math.ceil(len(self.train_loader) / s.gradient_accumulation_steps) * s.epoch
@@ -251,18 +300,23 @@ class Distiller:
         }
         online = ("feature", "hidden", "attention") + (() if self.teacher_cache else ("kd",))
         need_teacher = any(w.get(k) for k in online)
-        if need_teacher:
-            with torch.no_grad():
-                teacher_out = self.teacher(**inputs)
-        student_out = self.student(**inputs)
+        real = self.real_positions is not None  # the logits (1, N, V) of real positions, else (B, T, V)
+        with self.real_positions.active(target_mask) if real else nullcontext():
+            if need_teacher:
+                with torch.no_grad():
+                    teacher_out = self.teacher(**inputs)
+            student_out = self.student(**inputs)
+        out_labels = labels[target_mask].unsqueeze(0) if real else labels  # laid out like the logits
+        out_mask = out_labels != IGNORE_INDEX
 
-        terms = {"ce": cross_entropy_loss(student_out.logits, labels, self.settings.label_smoothing)}
+        terms = {"ce": cross_entropy_loss(student_out.logits, out_labels, self.settings.label_smoothing)}
         if w.get("kd") and self.teacher_cache:
-            top_ids, top_logits, log_norm = self.teacher_cache.lookup(batch["kd_row"], labels)  # (B, T, k) ×2, (B, T)
-            terms["kd"] = top_k_distillation_loss(student_out.logits, top_ids, top_logits, log_norm, target_mask,
+            cached = self.teacher_cache.lookup(batch["kd_row"], labels)  # (B, T, k) ×2, (B, T)
+            top_ids, top_logits, log_norm = (t[target_mask].unsqueeze(0) for t in cached) if real else cached
+            terms["kd"] = top_k_distillation_loss(student_out.logits, top_ids, top_logits, log_norm, out_mask,
                                                   self.settings.temperature)
         elif w.get("kd"):
-            terms["kd"] = output_distillation_loss(student_out.logits, teacher_out.logits, target_mask,
+            terms["kd"] = output_distillation_loss(student_out.logits, teacher_out.logits, out_mask,
                                                    self.settings.temperature)
         if self.feature_layers:
             masks = [source_mask if n in self.source_layers else target_mask for n in self.feature_layers]
@@ -281,6 +335,20 @@ class Distiller:
         loss = weighted_sum(terms, w)
         return loss, {k: v.detach() for k, v in terms.items()}
 
+    @contextmanager
+    def _hooks(self):
+        """What ``_loss_step`` reads during ``train``: the outputs of the feature layers of both models
+        (yielded) and, in ``real_positions``, the logits of real target positions only (the teacher's
+        projection too: online kd compares the two models' logits position by position)."""
+        with capture_outputs(self.teacher, self.feature_layers) as teacher_features, \
+                capture_outputs(self.unwrapped_student, self.feature_layers) as student_features, \
+                real_target_positions([self.unwrapped_student, self.teacher], self.feature_layers) as positions:
+            self.real_positions = positions
+            try:
+                yield teacher_features, student_features
+            finally:
+                self.real_positions = None
+
     def train(self) -> list[dict]:
         """Run ``epoch`` passes (or ``max_steps`` optimizer steps); return the evaluation history."""
         s, acc = self.settings, self.accelerator
@@ -292,8 +360,7 @@ class Distiller:
         bar = tqdm(total=self.total_steps, initial=step,
                    desc="distilling" if uses_teacher(self.weights) else "fine-tuning",
                    disable=not (s.progress and acc.is_main_process))
-        with capture_outputs(self.teacher, self.feature_layers) as teacher_features, \
-                capture_outputs(self.unwrapped_student, self.feature_layers) as student_features:
+        with self._hooks() as (teacher_features, student_features):
             for epoch in range(first_epoch, s.epoch):
                 self.train_loader.set_epoch(epoch)
                 # on resume, the seeded epoch order is replayed and the batches already used are skipped

@@ -51,8 +51,12 @@ def make_distiller(teacher, student, tokenizer, train_set, weights, feature_laye
     return Distiller(teacher, student, tokenizer, train_set, None, settings, list(feature_layers))
 
 
-def loss_on(distiller: Distiller, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """``_loss_step`` on one batch with the feature hooks in place (as in ``Distiller.train``)."""
+def loss_on(distiller: Distiller, batch, real_positions: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """``_loss_step`` on one batch with the hooks of ``Distiller.train`` in place (the feature layers'
+    outputs and, unless ``real_positions`` is False, the logits of real target positions only)."""
+    if real_positions:
+        with distiller._hooks() as (teacher_features, student_features):
+            return distiller._loss_step(batch, teacher_features, student_features)
     with capture_outputs(distiller.teacher, distiller.feature_layers) as teacher_features, \
             capture_outputs(distiller.unwrapped_student, distiller.feature_layers) as student_features:
         return distiller._loss_step(batch, teacher_features, student_features)
@@ -328,6 +332,59 @@ def test_extra_padding_changes_no_term(make_tiny_marian, tiny_tokenizer, tiny_tr
     for name in LOSS_TERMS:
         assert padded_terms[name].item() == pytest.approx(terms[name].item(), rel=1e-5), name
     assert padded_loss.item() == pytest.approx(loss.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("weights, features", [
+    pytest.param({"ce": 1.0}, False, id="ce"),
+    pytest.param({"ce": 1.0, "kd": 1.0}, False, id="ce+kd"),
+    pytest.param({"ce": 1.0, "kd": 1.0, "feature": 1.0}, True, id="paper"),
+    pytest.param(dict.fromkeys(LOSS_TERMS, 1.0), True, id="every-term"),
+])
+def test_logits_of_real_positions_only_give_the_same_loss_and_gradients(
+        weights, features, make_tiny_marian, tiny_tokenizer, tiny_train_set, tiny_batch):
+    """``train`` projects only the real target positions onto the vocabulary ((1, N, V) logits, both
+    models): every term and every gradient is what the full (B, T, V) logits give, with a non-zero
+    final_logits_bias and label smoothing too; outside the step the models give (B, T, V) again."""
+    teacher = make_tiny_marian()
+    with torch.no_grad():
+        teacher.final_logits_bias.normal_(generator=torch.Generator().manual_seed(1))
+    student, ranks = build_student(teacher, [], RANK)
+    feature_layers = resolve_feature_layers(teacher, [], ranks) if features else []
+    results = []
+    for real in (False, True):
+        copy_ = copy.deepcopy(student)
+        distiller = make_distiller(teacher, copy_, tiny_tokenizer, tiny_train_set, weights, feature_layers,
+                                   label_smoothing=0.1)
+        loss, terms = loss_on(distiller, tiny_batch, real_positions=real)
+        loss.backward()
+        results.append((loss, terms, {n: p.grad for n, p in copy_.named_parameters() if p.grad is not None}))
+    with distiller._hooks():
+        assert distiller.real_positions is not None  # the second pass did project real positions only
+    (loss, terms, grads), (real_loss, real_terms, real_grads) = results
+    assert real_loss.item() == pytest.approx(loss.item(), rel=1e-5) and set(real_terms) == set(terms)
+    for name in terms:
+        assert real_terms[name].item() == pytest.approx(terms[name].item(), rel=1e-5, abs=1e-7), name
+    assert set(real_grads) == set(grads) and len(grads) > 2 * len(ranks)
+    for name, grad in grads.items():
+        torch.testing.assert_close(real_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    logits = student(input_ids=tiny_batch["input_ids"], attention_mask=tiny_batch["attention_mask"],
+                     decoder_input_ids=tiny_batch["labels"].clamp(min=0)).logits
+    assert logits.shape == (*tiny_batch["labels"].shape, teacher.config.vocab_size)  # the hooks are gone
+
+
+def test_logits_of_real_positions_only_step_aside_for_a_feature_layer_on_the_output_projection(
+        make_tiny_marian, tiny_tokenizer, tiny_train_set, tiny_batch):
+    """A feature layer on the projection itself keeps its (B, T, V) output, so nothing is hooked."""
+    teacher = make_tiny_marian()
+    student, _ = build_student(teacher, [], RANK)
+    distiller = make_distiller(teacher, student, tiny_tokenizer, tiny_train_set, {"ce": 1.0, "feature": 1.0},
+                               ["lm_head"])
+    with distiller._hooks():
+        assert distiller.real_positions is None
+    with torch.no_grad():
+        real_loss, _ = loss_on(distiller, tiny_batch)
+        loss, _ = loss_on(distiller, tiny_batch, real_positions=False)
+    assert real_loss.item() == pytest.approx(loss.item()) and loss.item() > 0
 
 
 def test_hidden_term_matches_every_layer_output_captured_by_hooks(make_tiny_marian, tiny_tokenizer,

@@ -201,7 +201,11 @@ def test_with_the_cache_the_teacher_runs_once_per_pair_and_the_kd_term_uses_its_
     assert built == -(-len(train_set) // 64)  # the cache: one forward pass per batch of 64 pairs
 
     batch = next(iter(distiller.train_loader))
+    assert (batch["labels"] == IGNORE_INDEX).any()  # padded: the step's (1, N, k) lookup has rows to drop
     _, terms = distiller._loss_step(batch, {}, {})
+    with distiller._hooks():  # as in train: the logits and the cache's rows of real positions only
+        _, real_terms = distiller._loss_step(batch, {}, {})
+    assert real_terms["kd"].item() == pytest.approx(terms["kd"].item(), rel=1e-5)
     assert len(forwards) == built  # no teacher forward in the step
     with torch.no_grad():
         logits = distiller.unwrapped_student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
