@@ -300,12 +300,15 @@ class Distiller:
         }
         online = ("feature", "hidden", "attention") + (() if self.teacher_cache else ("kd",))
         need_teacher = any(w.get(k) for k in online)
-        real = self.real_positions is not None  # the logits (1, N, V) of real positions, else (B, T, V)
-        with self.real_positions.active(target_mask) if real else nullcontext():
+        positions = self.real_positions
+        with positions.active(target_mask) if positions is not None else nullcontext():
             if need_teacher:
                 with torch.no_grad():
                     teacher_out = self.teacher(**inputs)
             student_out = self.student(**inputs)
+        # the logits (1, N, V) of the N real positions, or (B, T, V) if the projection's input was not
+        # (B, T, H) (the two coincide for one unpadded pair)
+        real = student_out.logits.shape[:2] == (1, int(target_mask.sum()))
         out_labels = labels[target_mask].unsqueeze(0) if real else labels  # laid out like the logits
         out_mask = out_labels != IGNORE_INDEX
 
@@ -316,7 +319,10 @@ class Distiller:
             terms["kd"] = top_k_distillation_loss(student_out.logits, top_ids, top_logits, log_norm, out_mask,
                                                   self.settings.temperature)
         elif w.get("kd"):
-            terms["kd"] = output_distillation_loss(student_out.logits, teacher_out.logits, out_mask,
+            teacher_logits = teacher_out.logits
+            if real and teacher_logits.shape[:2] != out_labels.shape:  # the teacher's projection kept (B, T)
+                teacher_logits = teacher_logits[target_mask].unsqueeze(0)
+            terms["kd"] = output_distillation_loss(student_out.logits, teacher_logits, out_mask,
                                                    self.settings.temperature)
         if self.feature_layers:
             masks = [source_mask if n in self.source_layers else target_mask for n in self.feature_layers]
