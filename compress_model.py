@@ -828,7 +828,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     if plan_only:  # the plan: these layers and ranks, their sizes, speed and time; nothing written
         if main_process:
             print_plan(teacher, student.model, student.ranks, tokenizer, train_set, eval_set, config, settings,
-                       student.feature_layers, decompose_seconds=student.seconds, shared=shared)
+                       student.feature_layers, decompose_seconds=student.seconds, shared=shared,
+                       cached_seconds=student.cached_seconds)
         return 0
 
     # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)

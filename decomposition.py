@@ -125,6 +125,7 @@ class Decomposed:
     feature_layers: list[str]  # the layers whose outputs the feature loss matches
     notes: dict[str, str]  # {module name: why its activation init fell back to plain SVD}
     seconds: float  # how long choosing the ranks and factorizing took
+    cached_seconds: float = 0.0  # of those, the sensitivity measured and kept in cache_dir (a later run reads it)
 
 
 def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config, saved_ranks=None,
@@ -147,6 +148,7 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
 
     # calibration: the input statistics of the layers (activation init), their sensitivity (allocation)
     input_grams, errors = None, (shared or {}).get("errors")  # a sweep measures the sensitivity once
+    cached_seconds = 0.0
     reused = saved_ranks if budget else None  # an allocation is measured once per run
     sensitivity = budget and config.rank_allocation == "sensitivity" and not reused and errors is None
     if config.init == "activation" or sensitivity:
@@ -163,6 +165,7 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
         else:
             say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
                 f"in {time.time() - measured:.0f} s", flush=True)
+            cached_seconds = time.time() - measured if cache_dir is not None else 0.0
         if shared is not None:
             shared["errors"] = errors
 
@@ -183,7 +186,7 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
     of = "" if base is teacher else " of the student model"
     say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {base_params:,} → {student_params:,} params{of} "
         f"({100 * student_params / base_params:.1f}%{target})", flush=True)
-    return Decomposed(student, ranks, feature_layers, notes, time.time() - started)
+    return Decomposed(student, ranks, feature_layers, notes, time.time() - started, cached_seconds)
 
 
 def calibration_batches(train_dataset, tokenizer, samples: int, batch_size: int) -> list[dict]:

@@ -200,9 +200,12 @@ def _minutes(seconds: float) -> str:
 
 
 def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set, eval_set, config, settings,
-               feature_layers, decompose_seconds: float, shared: dict | None = None) -> dict:
+               feature_layers, decompose_seconds: float, shared: dict | None = None,
+               cached_seconds: float = 0.0) -> dict:
     """Print (and return) the plan of a run whose teacher, factorized student and ranks are given,
-    resolved by ``decomposition.decompose`` exactly as the run resolves them."""
+    resolved by ``decomposition.decompose`` exactly as the run resolves them. ``cached_seconds`` of
+    ``decompose_seconds`` went to the rank sensitivity, measured for this plan and kept in the cache
+    the run reads it from: not part of the run's estimate."""
     from distillation.knowledge_distillation import uses_teacher
     from matrix_decomposition import count_parameters, size_mb
 
@@ -228,7 +231,7 @@ def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set,
     if shared is not None:
         shared["teacher_planned"] = True
     seq_kd = translation_seconds(teacher, tokenizer, train_set["input_ids"], config) if config.sequence_level_kd else 0
-    parts = {"decomposition": decompose_seconds,
+    parts = {"decomposition": decompose_seconds - cached_seconds,
              "the teacher's top-k logits (kd_top_k)": 0 if cached else cache_per_pair * len(train_set),
              "distillation" if uses_teacher(settings.loss_weights) else "fine-tuning": steps * per_step,
              "held-out loss": held_out,
@@ -258,6 +261,9 @@ def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set,
     detail = ", ".join(f"{name} {_minutes(seconds)}" for name, seconds in parts.items() if seconds)
     print(f"estimated wall time of the run: {_minutes(total)} ({detail}; {steps:,} steps at {per_step:.3f} s, "
           f"timed on 3 steps after 1 warm-up on this machine: an estimate)")
-    print(f"nothing written; run without --plan to compress into {config.output_path}")
+    if cached_seconds:
+        print(f"the rank sensitivity took {_minutes(cached_seconds)} of this plan; kept in {settings.cache_dir}, "
+              f"the run reads it instead (not counted above)")
+    print(f"nothing written to {config.output_path}; run without --plan to compress into it")
     return {"layers": rows, "ranks": dict(ranks), "teacher_params": teacher_params, "student_params": student_params,
             "size_mb": sizes, "speedup": speed, "seconds": parts, "estimated_seconds": total}

@@ -72,6 +72,38 @@ def test_the_plan_gives_the_runs_numbers_and_writes_nothing(run_dir, monkeypatch
     assert "| student | " in (run_dir / "out" / "report.md").read_text()
 
 
+def test_the_plan_leaves_out_the_sensitivity_it_kept_for_the_run(run_dir, monkeypatch, capsys):
+    """A first plan measures the rank sensitivity and keeps it in cache_dir: the run will read it, so
+    the plan's estimate leaves those seconds out and says so; a second plan reads it as the run would."""
+    monkeypatch.chdir(run_dir)
+    cache = run_dir.parent / f"{run_dir.name}-cache"  # a cache of its own: no curves stored by another test
+    edit_config(run_dir, drop=["k_info"], target_ratio=0.6, cache_dir=str(cache))
+    measured = {"seconds": 0.0}
+    real_sensitivity = rank_allocation.sensitivity_errors
+
+    def slow_sensitivity(*args, **kwargs):  # a measurement that takes long enough to show in the plan
+        import time
+        time.sleep(3.0)
+        measured["seconds"] += 3.0
+        return real_sensitivity(*args, **kwargs)
+
+    monkeypatch.setattr(rank_allocation, "sensitivity_errors", slow_sensitivity)
+    decomposition_seconds = []
+    for _ in range(2):
+        assert compress_model.main(["--config", "config.json", "--plan"]) == 0
+        out = capsys.readouterr().out
+        estimate = next(line for line in out.splitlines() if line.startswith("estimated wall time"))
+        decomposition_seconds.append(float(re.search(r"\(decomposition (\d+) s", estimate)[1]))
+        if not decomposition_seconds[1:]:
+            assert "rank sensitivity of " in out and " measured on " in out
+            assert re.search(rf"the rank sensitivity took \d+ s of this plan; kept in {re.escape(str(cache))}, the run "
+                             r"reads it instead \(not counted above\)", out)
+        else:
+            assert " read from " in out and "the rank sensitivity took" not in out
+    assert measured["seconds"] == 3.0  # measured once: the second plan read the curves
+    assert decomposition_seconds[0] < 3.0 and decomposition_seconds[1] < 3.0
+
+
 def test_plan_as_a_config_key(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
     edit_config(run_dir, plan=True)
