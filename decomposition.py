@@ -163,9 +163,10 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
             say(f"rank sensitivity of {len(target_layers)} layers read from {cache_dir} (measured by an earlier run "
                 f"on the same model and calibration pairs)", flush=True)
         else:
+            measured = time.time() - measured
             say(f"rank sensitivity of {len(target_layers)} layers measured on {len(batches)} calibration batches "
-                f"in {time.time() - measured:.0f} s", flush=True)
-            cached_seconds = time.time() - measured if cache_dir is not None else 0.0
+                f"in {measured:.0f} s", flush=True)
+            cached_seconds = measured if cache_dir is not None else 0.0
         if shared is not None:
             shared["errors"] = errors
 

@@ -319,10 +319,8 @@ class Distiller:
             terms["kd"] = top_k_distillation_loss(student_out.logits, top_ids, top_logits, log_norm, out_mask,
                                                   self.settings.temperature)
         elif w.get("kd"):
-            teacher_logits = teacher_out.logits
-            if real and teacher_logits.shape[:2] != out_labels.shape:  # the teacher's projection kept (B, T)
-                teacher_logits = teacher_logits[target_mask].unsqueeze(0)
-            terms["kd"] = output_distillation_loss(student_out.logits, teacher_logits, out_mask,
+            # the same layout as the student's: both projections are hooked, or neither
+            terms["kd"] = output_distillation_loss(student_out.logits, teacher_out.logits, out_mask,
                                                    self.settings.temperature)
         if self.feature_layers:
             masks = [source_mask if n in self.source_layers else target_mask for n in self.feature_layers]

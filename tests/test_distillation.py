@@ -350,16 +350,18 @@ def test_logits_of_real_positions_only_give_the_same_loss_and_gradients(
         teacher.final_logits_bias.normal_(generator=torch.Generator().manual_seed(1))
     student, ranks = build_student(teacher, [], RANK)
     feature_layers = resolve_feature_layers(teacher, [], ranks) if features else []
-    results = []
+    results, shapes = [], []
     for real in (False, True):
         copy_ = copy.deepcopy(student)
         distiller = make_distiller(teacher, copy_, tiny_tokenizer, tiny_train_set, weights, feature_layers,
                                    label_smoothing=0.1)
+        handle = copy_.lm_head.register_forward_hook(lambda _m, _a, out: shapes.append(tuple(out.shape[:2])))
         loss, terms = loss_on(distiller, tiny_batch, real_positions=real)
+        handle.remove()
         loss.backward()
         results.append((loss, terms, {n: p.grad for n, p in copy_.named_parameters() if p.grad is not None}))
-    with distiller._hooks():
-        assert distiller.real_positions is not None  # the second pass did project real positions only
+    real_count = int((tiny_batch["labels"] != IGNORE_INDEX).sum())
+    assert shapes == [tuple(tiny_batch["labels"].shape), (1, real_count)]  # the second pass projected real positions
     (loss, terms, grads), (real_loss, real_terms, real_grads) = results
     assert real_loss.item() == pytest.approx(loss.item(), rel=1e-5) and set(real_terms) == set(terms)
     for name in terms:

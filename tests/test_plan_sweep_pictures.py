@@ -2,6 +2,7 @@
 
 import json
 import re
+import time
 
 import pytest
 from conftest import edit_config, make_run_dir
@@ -82,7 +83,6 @@ def test_the_plan_leaves_out_the_sensitivity_it_kept_for_the_run(run_dir, monkey
     real_sensitivity = rank_allocation.sensitivity_errors
 
     def slow_sensitivity(*args, **kwargs):  # a measurement that takes long enough to show in the plan
-        import time
         time.sleep(3.0)
         measured["seconds"] += 3.0
         return real_sensitivity(*args, **kwargs)
