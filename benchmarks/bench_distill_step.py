@@ -6,9 +6,10 @@ at the shipped teacher's size.
 
 The teacher is the shipped one (models/teacher-en-de: MarianMT d_model 128, 3+3 layers, vocabulary
 8,000); the student is its copy with every layer linear and the shared embedding factorized to half
-its parameters (target_ratio 0.5, decompose_layers ["*"], plain SVD ranks from the spectrum
-allocation: the step's cost depends on the shapes, not on the values). The batch is 32 pairs of the
-shipped training data of median length, padded. Each round times, alternating, in one process:
+its parameters (decompose_layers ["*"], the ranks the 50% runs of bench_recovery.py allocated, read from
+``--ranks-from``: shared embedding 85, layer linears 8-85; plain SVD factors, since the step's cost
+depends on the shapes, not on the values). The batch is 32 pairs of the shipped training data of
+median length, padded. Each round times, alternating, in one process:
 
   (a) plain       the tool's fine-tuning step, ``Distiller._loss_step`` with cross-entropy alone: the
                   student's forward, its logits at real target positions only, backward, fused AdamW
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import json
 import os
 import resource
 import statistics
@@ -57,8 +59,7 @@ from decomposition import build_student  # noqa: E402
 from distillation.distillation_loss import IGNORE_INDEX, cross_entropy_loss  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings, Distiller  # noqa: E402
 from distillation.teacher_cache import build_teacher_cache  # noqa: E402
-from matrix_decomposition import count_parameters, load_pretrained, resolve_ranks  # noqa: E402
-from rank_allocation import ranks_for_ratio  # noqa: E402
+from matrix_decomposition import count_parameters, load_pretrained  # noqa: E402
 from teacher_forcing import decoder_inputs  # noqa: E402
 
 TARGET_RATIO = 1.3
@@ -66,6 +67,7 @@ BATCH = 32
 TOP_K = 16
 TEACHER = REPO / "models" / "teacher-en-de"
 TRAIN = REPO / "data" / "tatoeba_en_de" / "train.csv"
+RANKS = REPO / "benchmarks" / "results" / "recovery_50_4_epochs.json"
 
 
 def median_length_pairs(tokenizer, count: int) -> datasets.Dataset:
@@ -160,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed steps per setup first (default 3; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument("--ranks-from", default=str(RANKS.relative_to(REPO)), metavar="JSON",
+                        help="a bench_recovery.py --json whose first run's ranks the student takes "
+                             "(default: %(default)s, the 50%% allocation)")
     args = parser.parse_args(argv)
     steps = args.steps or (2 if args.quick else 20)
     warmup = (1 if args.quick else 3) if args.warmup is None else args.warmup
@@ -173,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     teacher, tokenizer = load_pretrained(str(TEACHER), "teacher_model_path")
-    targets = list(resolve_ranks(teacher, ["*"], 1))
-    student, ranks = build_student(teacher, targets, ranks_for_ratio(teacher, targets, 0.5), "exact")
+    try:
+        path = Path(args.ranks_from) if Path(args.ranks_from).exists() else REPO / args.ranks_from
+        first_run = next(iter(json.loads(path.read_text())["results"].values()))[0]
+        allocated = {name: int(rank) for name, rank in first_run["ranks"].items()}
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, IndexError, AttributeError) as e:
+        parser.error(f"--ranks-from {args.ranks_from}: not a --json written by bench_recovery.py "
+                     f"({type(e).__name__}: {e})")
+    student, ranks = build_student(teacher, list(allocated), allocated, "exact")
     layer_linears = [name for name in ranks if name != "model.shared"]
     pairs = median_length_pairs(tokenizer, BATCH * (4 if args.quick else 20))
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
