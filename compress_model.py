@@ -164,6 +164,11 @@ class Config:
                 "then costs what fine-tuning does, for about 1 BLEU less at equal steps (BENCHMARKS.md, "
                 "recovery); the feature, hidden and attention terms need the teacher at every step and must be 0"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy term"})
+    freeze: list[str] = field(default_factory=list, metadata={
+        "help": "parameters kept as they are during recovery: state-dict keys or patterns, as decompose_layers "
+                "takes them (a factorized layer's key names both its factors), e.g. [\"model.shared.weight\"] "
+                "keeps the token embedding and its tied output layer as the factorization left them; [] = train "
+                "every parameter"})
     dropout: float | None = field(default=None, metadata={
         "help": "every dropout probability of the student while it is recovered (hidden states, attention, "
                 "activations); null = the model's own (the shipped teacher: 0.1 on hidden states); 0 = off. The saved "

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import fnmatch
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from distillation.knowledge_distillation import DistillationSettings, Distiller
 from evaluation import evaluate_translation
 from matrix_decomposition import (
     DecompositionError,
+    LowRankEmbedding,
+    LowRankLinear,
     Weighting,
     count_parameters,
     decompose_,
@@ -113,6 +116,59 @@ def check_student_shapes(teacher: nn.Module, student: nn.Module, loss_weights: M
                                      f"to 0 ({fix})")
 
 # ---------------------------------------------------------------------------------------------
+# Parameters kept as they are during recovery (``freeze``)
+
+
+def parameter_keys(model: nn.Module) -> dict[int, tuple[nn.Parameter, list[str]]]:
+    """{id: (parameter, the names it answers to)}: every state-dict name of the parameter (tied ones
+    have several: Marian's ``model.shared.weight`` is also each embedding's and ``lm_head.weight``)
+    and, for a factor of a factorized layer (``x.up.weight``, ``x.down.weight``, ``x.up.bias``), the
+    key its layer had before (``x.weight``, ``x.bias``), so one key names a layer before and after."""
+    low_rank = {name for name, m in model.named_modules(remove_duplicate=False)
+                if isinstance(m, (LowRankLinear, LowRankEmbedding))}
+    keys: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        module, _, leaf = name.rpartition(".")
+        layer, _, factor = module.rpartition(".")
+        names = keys.setdefault(id(param), (param, []))[1]
+        names.append(name)
+        if layer in low_rank and factor in ("up", "down"):
+            names.append(f"{layer}.{leaf}")
+    return keys
+
+
+def frozen_parameters(model: nn.Module, patterns: Sequence[str]) -> list[nn.Parameter]:
+    """The trainable parameters of ``model`` that ``freeze`` names: state-dict keys or shell-style
+    patterns (``*`` crosses dots) matched against every name of each (``parameter_keys``). A pattern
+    that matches nothing, or patterns that leave nothing to train, are an error."""
+    if not patterns:
+        return []
+    keys = [(p, names) for p, names in parameter_keys(model).values() if p.requires_grad]
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(n, pattern) for _, names in keys for n in names):
+            close = difflib.get_close_matches(pattern, [n for _, names in keys for n in names], n=1, cutoff=0.6)
+            hint = f"; did you mean {close[0]!r}?" if close else f" (its parameters look like {keys[0][1][0]!r})"
+            raise DecompositionError(f"freeze: {pattern!r} matches no parameter of this model{hint}")
+    frozen = [p for p, names in keys if any(fnmatch.fnmatchcase(n, pat) for n in names for pat in patterns)]
+    if len(frozen) == len(keys):
+        raise DecompositionError(f"freeze: {json_list(patterns)} names every parameter of the student; "
+                                 "nothing would be trained")
+    return frozen
+
+
+def json_list(values: Sequence[str]) -> str:
+    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
+
+
+def freeze_(model: nn.Module, patterns: Sequence[str]) -> int:
+    """Keep the parameters ``freeze`` names out of training (``requires_grad`` off); return how many
+    weights that is."""
+    frozen = frozen_parameters(model, patterns)
+    for param in frozen:
+        param.requires_grad_(False)
+    return sum(p.numel() for p in frozen)
+
+# ---------------------------------------------------------------------------------------------
 # Choose the ranks, factorize
 
 
@@ -126,6 +182,7 @@ class Decomposed:
     notes: dict[str, str]  # {module name: why its activation init fell back to plain SVD}
     seconds: float  # how long choosing the ranks and factorizing took
     cached_seconds: float = 0.0  # of those, the sensitivity measured and kept in cache_dir (a later run reads it)
+    frozen_params: int = 0  # weights ``freeze`` keeps as they are during recovery
 
 
 def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config, saved_ranks=None,
@@ -143,6 +200,7 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
     if budget:
         check_target_ratio(base, target_layers, config.target_ratio)  # before any work
     feature_layers = resolve_feature_layers(base, config.feature_layers, target_layers)
+    frozen_parameters(base, config.freeze)  # its patterns name the layers' keys: refused before any work
     if base is not teacher:  # the loss terms that compare layers need layers of the same shapes
         check_student_shapes(teacher, base, config.loss_weights, feature_layers)
 
@@ -187,7 +245,11 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
     of = "" if base is teacher else " of the student model"
     say(f"{describe_ranks(ranks)} decomposed ({config.init} init); {base_params:,} → {student_params:,} params{of} "
         f"({100 * student_params / base_params:.1f}%{target})", flush=True)
-    return Decomposed(student, ranks, feature_layers, notes, time.time() - started, cached_seconds)
+    frozen = freeze_(student, config.freeze)
+    if frozen:
+        say(f"frozen during recovery: {frozen:,} of the {student_params:,} params ({json_list(config.freeze)})",
+            flush=True)
+    return Decomposed(student, ranks, feature_layers, notes, time.time() - started, cached_seconds, frozen)
 
 
 def calibration_batches(train_dataset, tokenizer, samples: int, batch_size: int) -> list[dict]:
@@ -339,7 +401,7 @@ def result(report: dict, teacher: nn.Module, student: Decomposed, distiller: Dis
         "rank_allocation": config.rank_allocation if budget else None,
         "teacher_model_path": config.teacher_model_path, "student_model_path": config.student_model_path,
         "init": config.init, "init_notes": student.notes, "sequence_level_kd": config.sequence_level_kd,
-        "feature_layers": student.feature_layers,
+        "feature_layers": student.feature_layers, "frozen_params": student.frozen_params,
         "train_seconds": round(distiller.train_seconds, 1), "train_pairs": trained["pairs"],
         "kd_top_k": config.kd_top_k, "teacher_cache_seconds": round(distiller.teacher_cache_seconds, 2),
         "train_source_tokens": trained["source_tokens"], "train_target_tokens": trained["target_tokens"],
