@@ -16,6 +16,7 @@ from __future__ import annotations
 import copy
 import difflib
 import fnmatch
+import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -151,13 +152,9 @@ def frozen_parameters(model: nn.Module, patterns: Sequence[str]) -> list[nn.Para
             raise DecompositionError(f"freeze: {pattern!r} matches no parameter of this model{hint}")
     frozen = [p for p, names in keys if any(fnmatch.fnmatchcase(n, pat) for n in names for pat in patterns)]
     if len(frozen) == len(keys):
-        raise DecompositionError(f"freeze: {json_list(patterns)} names every parameter of the student; "
+        raise DecompositionError(f"freeze: {json.dumps(list(patterns))} names every parameter of the student; "
                                  "nothing would be trained")
     return frozen
-
-
-def json_list(values: Sequence[str]) -> str:
-    return "[" + ", ".join(f'"{v}"' for v in values) + "]"
 
 
 def freeze_(model: nn.Module, patterns: Sequence[str]) -> int:
@@ -247,7 +244,7 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
         f"({100 * student_params / base_params:.1f}%{target})", flush=True)
     frozen = freeze_(student, config.freeze)
     if frozen:
-        say(f"frozen during recovery: {frozen:,} of the {student_params:,} params ({json_list(config.freeze)})",
+        say(f"frozen during recovery: {frozen:,} of the {student_params:,} params ({json.dumps(config.freeze)})",
             flush=True)
     return Decomposed(student, ranks, feature_layers, notes, time.time() - started, cached_seconds, frozen)
 
