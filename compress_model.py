@@ -165,8 +165,8 @@ class Config:
                 "recovery); the feature, hidden and attention terms need the teacher at every step and must be 0"})
     label_smoothing: float = field(default=0.0, metadata={"help": "label smoothing of the cross-entropy term"})
     freeze: list[str] = field(default_factory=list, metadata={
-        "help": "parameters kept as they are during recovery: state-dict keys or patterns, as decompose_layers "
-                "takes them (a factorized layer's key names both its factors), e.g. [\"model.shared.weight\"] "
+        "help": "parameters kept as they are during recovery: state-dict keys, module names or patterns of them "
+                "(a factorized layer's key names both its factors, its bias key the bias), e.g. [\"model.shared.weight\"] "
                 "keeps the token embedding and its tied output layer as the factorization left them; [] = train "
                 "every parameter"})
     dropout: float | None = field(default=None, metadata={
@@ -697,10 +697,12 @@ def check_resume(config: Config, resume: bool) -> dict | None:
                           f"{config.checkpoint_steps}); run without --resume to start")
     saved = json.loads(run_file.read_text(encoding="utf-8"))
     now = dataclasses.asdict(config)
-    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and saved["config"].get(k) != now[k])
+    # a key the interrupted run's version did not have yet ran at its default
+    before = {**dataclasses.asdict(Config()), **saved["config"]}
+    changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
     if changed:
         k = changed[0]
-        raise ConfigError(f"--resume: {k} was {json.dumps(saved['config'].get(k))} in the interrupted run and is "
+        raise ConfigError(f"--resume: {k} was {json.dumps(before.get(k))} in the interrupted run and is "
                           f"{json.dumps(now[k])} now; resume with the same config")
     return saved
 

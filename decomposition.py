@@ -120,40 +120,54 @@ def check_student_shapes(teacher: nn.Module, student: nn.Module, loss_weights: M
 # Parameters kept as they are during recovery (``freeze``)
 
 
-def parameter_keys(model: nn.Module) -> dict[int, tuple[nn.Parameter, list[str]]]:
+def parameter_keys(model: nn.Module, will_factorize: Iterable[str] = ()) -> dict[int, tuple[nn.Parameter, list[str]]]:
     """{id: (parameter, the names it answers to)}: every state-dict name of the parameter (tied ones
     have several: Marian's ``model.shared.weight`` is also each embedding's and ``lm_head.weight``)
-    and, for a factor of a factorized layer (``x.up.weight``, ``x.down.weight``, ``x.up.bias``), the
-    key its layer had before (``x.weight``, ``x.bias``), so one key names a layer before and after."""
+    and the name of its module; for a factor of a factorized layer (``x.up.weight``, ``x.down.weight``,
+    ``x.up.bias``) also the key and name its layer had before (``x.weight``, ``x.bias``, ``x``), so one
+    key names a layer before and after. ``will_factorize`` (module names) adds to a layer not yet
+    factorized the names its factors will have."""
+    will_factorize = set(will_factorize)
     low_rank = {name for name, m in model.named_modules(remove_duplicate=False)
                 if isinstance(m, (LowRankLinear, LowRankEmbedding))}
-    keys: dict[int, tuple[nn.Parameter, list[str]]] = {}
+    found: dict[int, tuple[nn.Parameter, list[tuple[str, str]]]] = {}  # id: (parameter, [(module, leaf)])
     for name, param in model.named_parameters(remove_duplicate=False):
         module, _, leaf = name.rpartition(".")
-        layer, _, factor = module.rpartition(".")
-        names = keys.setdefault(id(param), (param, []))[1]
-        names.append(name)
-        if layer in low_rank and factor in ("up", "down"):
-            names.append(f"{layer}.{leaf}")
+        found.setdefault(id(param), (param, []))[1].append((module, leaf))
+    keys = {}
+    for key, (param, places) in found.items():
+        names = []
+        factorized_later = any(module in will_factorize for module, _ in places)
+        for module, leaf in places:
+            names += [f"{module}.{leaf}", module]
+            layer, _, factor = module.rpartition(".")
+            if layer in low_rank and factor in ("up", "down"):
+                names += [f"{layer}.{leaf}", layer]
+            elif factorized_later:
+                names += [f"{module}.up.{leaf}", f"{module}.up"]
+                if leaf == "weight":
+                    names += [f"{module}.down.weight", f"{module}.down"]
+        keys[key] = (param, list(dict.fromkeys(names)))
     return keys
 
 
-def frozen_parameters(model: nn.Module, patterns: Sequence[str]) -> list[nn.Parameter]:
-    """The trainable parameters of ``model`` that ``freeze`` names: state-dict keys or shell-style
-    patterns (``*`` crosses dots) matched against every name of each (``parameter_keys``). A pattern
-    that matches nothing, or patterns that leave nothing to train, are an error."""
+def frozen_parameters(model: nn.Module, patterns: Sequence[str],
+                      will_factorize: Iterable[str] = ()) -> list[nn.Parameter]:
+    """The trainable parameters of ``model`` that ``freeze`` names: state-dict keys, module names or
+    shell-style patterns (``*`` crosses dots) matched against every name of each (``parameter_keys``).
+    A pattern that matches nothing, or patterns that leave nothing to train, are an error."""
     if not patterns:
         return []
-    keys = [(p, names) for p, names in parameter_keys(model).values() if p.requires_grad]
+    keys = [(p, names) for p, names in parameter_keys(model, will_factorize).values() if p.requires_grad]
     for pattern in patterns:
         if not any(fnmatch.fnmatchcase(n, pattern) for _, names in keys for n in names):
             close = difflib.get_close_matches(pattern, [n for _, names in keys for n in names], n=1, cutoff=0.6)
-            hint = f"; did you mean {close[0]!r}?" if close else f" (its parameters look like {keys[0][1][0]!r})"
-            raise DecompositionError(f"freeze: {pattern!r} matches no parameter of this model{hint}")
+            hint = f"; did you mean {close[0]!r}?" if close else f" (they look like {keys[0][1][0]!r})"
+            raise DecompositionError(f"freeze: {pattern!r} matches no trainable parameter of this model{hint}")
     frozen = [p for p, names in keys if any(fnmatch.fnmatchcase(n, pat) for n in names for pat in patterns)]
     if len(frozen) == len(keys):
-        raise DecompositionError(f"freeze: {json.dumps(list(patterns))} names every parameter of the student; "
-                                 "nothing would be trained")
+        raise DecompositionError(f"freeze: {json.dumps(list(patterns))} names every trainable parameter of the "
+                                 "model; nothing would be trained")
     return frozen
 
 
@@ -197,7 +211,7 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
     if budget:
         check_target_ratio(base, target_layers, config.target_ratio)  # before any work
     feature_layers = resolve_feature_layers(base, config.feature_layers, target_layers)
-    frozen_parameters(base, config.freeze)  # its patterns name the layers' keys: refused before any work
+    frozen_parameters(base, config.freeze, target_layers)  # refused before any work
     if base is not teacher:  # the loss terms that compare layers need layers of the same shapes
         check_student_shapes(teacher, base, config.loss_weights, feature_layers)
 

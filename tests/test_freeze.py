@@ -22,14 +22,29 @@ def trainable(model):
     return {name for name, p in model.named_parameters() if p.requires_grad}
 
 
-def test_a_layer_key_names_both_factors_and_its_bias(factorized):
+FC1 = "model.encoder.layers.0.fc1"
+
+
+@pytest.mark.parametrize("pattern, factors", [
+    (f"{FC1}.weight", {"down.weight", "up.weight"}),  # the layer's key before: both factors
+    (f"{FC1}.bias", {"up.bias"}),
+    (FC1, {"down.weight", "up.weight", "up.bias"}),  # its module name: all of it
+    (f"{FC1}.*", {"down.weight", "up.weight", "up.bias"}),
+    (f"{FC1}.up.*", {"up.weight", "up.bias"}),  # the factors' own names
+])
+def test_a_factorized_layer_is_named_by_its_keys_before_and_after(factorized, pattern, factors):
     before = trainable(factorized)
-    count = freeze_(factorized, ["model.encoder.layers.0.fc1.*"])
-    frozen = before - trainable(factorized)
-    assert frozen == {"model.encoder.layers.0.fc1.down.weight", "model.encoder.layers.0.fc1.up.weight",
-                      "model.encoder.layers.0.fc1.up.bias"}
-    fc1 = factorized.get_submodule("model.encoder.layers.0.fc1")
-    assert count == sum(p.numel() for p in fc1.parameters())
+    count = freeze_(factorized, [pattern])
+    assert before - trainable(factorized) == {f"{FC1}.{name}" for name in factors}
+    assert count == sum(factorized.get_parameter(f"{FC1}.{name}").numel() for name in factors)
+
+
+def test_factor_names_are_accepted_before_the_factorization(make_tiny_marian):
+    teacher = make_tiny_marian()
+    for pattern in ("model.shared.up.weight", "lm_head.down.weight", f"{FC1}.up.bias"):
+        with pytest.raises(DecompositionError, match="matches no trainable parameter"):
+            frozen_parameters(teacher, [pattern])  # not names of the dense teacher...
+        assert frozen_parameters(teacher, [pattern], will_factorize=["model.shared", FC1])  # ...but of its factors
 
 
 def test_the_tied_embedding_is_named_by_any_of_its_keys(factorized):
@@ -47,9 +62,9 @@ def test_a_dense_weight_is_frozen_without_its_bias(factorized):
 
 
 @pytest.mark.parametrize("patterns, words", [
-    (["model.encoder.layers.9.fc1.weight"], ["'model.encoder.layers.9.fc1.weight' matches no parameter",
+    (["model.encoder.layers.9.fc1.weight"], ["'model.encoder.layers.9.fc1.weight' matches no trainable parameter",
                                              "did you mean 'model.encoder.layers."]),
-    (["*"], ['["*"] names every parameter of the student', "nothing would be trained"]),
+    (["*"], ['["*"] names every trainable parameter of the model', "nothing would be trained"]),
 ])
 def test_refused_in_words(factorized, patterns, words):
     before = trainable(factorized)

@@ -272,3 +272,17 @@ def test_two_processes_with_torchrun(run_dir):
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert report["processes"] == 2
     assert report["optimizer_steps"] == 2 * 160 // (8 * 2)  # each process takes half of every epoch
+
+
+def test_a_run_checkpointed_before_a_key_existed_resumes_at_its_default(run_dir, monkeypatch):
+    """run.json of an older version lacks the keys added since: they ran at their defaults."""
+    monkeypatch.chdir(run_dir)
+    config = compress_model.load_config(run_dir / "config.json")
+    older = {k: v for k, v in dataclasses.asdict(config).items() if k != "freeze"}
+    folder = run_dir / "out-checkpoints"
+    folder.mkdir()
+    (folder / "run.json").write_text(json.dumps({"config": older, "report": {}}))
+    assert compress_model.check_resume(config, resume=True)["config"] == older
+    edit_config(run_dir, freeze=["model.shared.weight"])  # but not at another value
+    with pytest.raises(compress_model.ConfigError, match=r"freeze was \[\] in the interrupted run"):
+        compress_model.check_resume(compress_model.load_config(run_dir / "config.json"), resume=True)
