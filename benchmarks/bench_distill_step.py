@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import json
 import os
 import resource
 import statistics
@@ -55,6 +54,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from compress_model import Config  # noqa: E402
 from data import read_pairs  # noqa: E402
+from bench_recovery import first_run_of  # noqa: E402  (this folder: a script's own)
 from decomposition import build_student  # noqa: E402
 from distillation.distillation_loss import IGNORE_INDEX, cross_entropy_loss  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings, Distiller  # noqa: E402
@@ -178,13 +178,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     teacher, tokenizer = load_pretrained(str(TEACHER), "teacher_model_path")
+    path = Path(args.ranks_from) if Path(args.ranks_from).exists() else REPO / args.ranks_from
+    _, first_run = first_run_of(path, parser.error, "bench_recovery.py")
     try:
-        path = Path(args.ranks_from) if Path(args.ranks_from).exists() else REPO / args.ranks_from
-        first_run = next(iter(json.loads(path.read_text())["results"].values()))[0]
         allocated = {name: int(rank) for name, rank in first_run["ranks"].items()}
-    except (OSError, ValueError, KeyError, TypeError, StopIteration, IndexError, AttributeError) as e:
-        parser.error(f"--ranks-from {args.ranks_from}: not a --json written by bench_recovery.py "
-                     f"({type(e).__name__}: {e})")
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        parser.error(f"--ranks-from {args.ranks_from}: no ranks in its first run ({type(e).__name__}: {e})")
     student, ranks = build_student(teacher, list(allocated), allocated, "exact")
     layer_linears = [name for name in ranks if name != "model.shared"]
     pairs = median_length_pairs(tokenizer, BATCH * (4 if args.quick else 20))

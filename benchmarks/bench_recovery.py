@@ -97,15 +97,24 @@ ALLOCATION_KEYS = ("target_ratio", "k_info", "decompose_layers", "init", "rank_a
                    "svd", "teacher_model_path")  # what the ranks of a --ratio run depend on, with --train
 
 
+def first_run_of(path, error, writer: str = "this script") -> tuple[dict, dict]:
+    """(the arguments, the report of the first run) of a ``--json`` this script wrote; anything else is
+    refused (``error``, one line, naming the ``writer`` expected)."""
+    try:
+        earlier = json.loads(Path(path).read_text())
+        return earlier["args"], next(iter(earlier["results"].values()))[0]
+    except (OSError, ValueError, KeyError, TypeError, IndexError, StopIteration, AttributeError) as e:
+        error(f"--ranks-from {path}: not a --json written by {writer} ({type(e).__name__}: {e})")
+
+
 def earlier_ranks(args, overrides: dict, error) -> dict[str, int]:
     """The ranks of the first run in ``--ranks-from``, refused (``error``, one line) unless that run
     allocated them for the same --ratio, --train and allocation keys as this one."""
     path = args.ranks_from
+    before, first = first_run_of(path, error)
     try:
-        earlier = json.loads(Path(path).read_text())
-        before, first = earlier["args"], next(iter(earlier["results"].values()))[0]
         ranks, before_set, ratio, train = first["ranks"], dict(before["set"]), before["ratio"], before["train"]
-    except (OSError, ValueError, KeyError, TypeError, IndexError, StopIteration, AttributeError) as e:
+    except (KeyError, TypeError, ValueError) as e:
         error(f"--ranks-from {path}: not a --json written by this script ({type(e).__name__}: {e})")
     if before.get("default_job"):
         error(f"--ranks-from {path}: a --default-job run, whose ranks are the shipped config's, not an allocation")
