@@ -106,8 +106,40 @@ def cross_entropy_loss(logits: torch.Tensor, labels: torch.Tensor, label_smoothi
     """Token-level cross-entropy against the references; labels (B, T) of -100 are ignored."""
     if not (labels != IGNORE_INDEX).any():
         return logits.sum() * 0.0  # keeps the graph, no NaN
-    return F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(),  # (B·T, V), (B·T,)
-                           ignore_index=IGNORE_INDEX, label_smoothing=label_smoothing)
+    return _CrossEntropy.apply(logits, labels, float(label_smoothing))
+
+
+class _CrossEntropy(torch.autograd.Function):
+    """``F.cross_entropy(logits, labels, ignore_index=IGNORE_INDEX, label_smoothing=ε)`` (the mean
+    over real tokens of (1 − ε)·(−log p_y) + ε·mean_v(−log p_v)) with its gradient in closed form,
+    (p − (1 − ε)·onehot(y) − ε/V) / tokens: one pass of exp over the vocabulary instead of the two of
+    log_softmax and its backward, the largest cost of a plain step after the output projection."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, smoothing):  # (B, T, V) or (N, V), labels laid out like logits[..., 0]
+        flat = logits.float().reshape(-1, logits.shape[-1])  # (N, V)
+        flat_labels = labels.reshape(-1)
+        real = flat_labels != IGNORE_INDEX  # (N,)
+        targets = flat_labels.clamp(min=0)
+        top = flat.amax(dim=-1, keepdim=True)  # (N, 1)
+        p = (flat - top).exp_()  # (N, V): exp(logit − max), normalized below
+        total = p.sum(dim=-1, keepdim=True)
+        log_norm = (total.log() + top).squeeze(-1)  # (N,): logsumexp
+        nll = log_norm - flat.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # −log p_y
+        if smoothing:
+            nll = (1.0 - smoothing) * nll + smoothing * (log_norm - flat.mean(dim=-1))  # mean_v(−log p_v)
+        weights = real.float() / real.sum()  # each real token's share of the mean
+        ctx.save_for_backward(p.div_(total), targets, weights)
+        ctx.smoothing, ctx.shape, ctx.dtype = smoothing, logits.shape, logits.dtype
+        return (nll * weights).sum()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        p, targets, weights = ctx.saved_tensors
+        grad = p.sub_(ctx.smoothing / p.shape[-1]) if ctx.smoothing else p  # in place: p is not needed again
+        grad.scatter_add_(-1, targets.unsqueeze(-1), torch.full_like(weights, ctx.smoothing - 1.0).unsqueeze(-1))
+        grad.mul_((weights * grad_output).unsqueeze(-1))  # ignored positions get 0
+        return grad.reshape(ctx.shape).to(ctx.dtype), None, None
 
 
 def feature_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

@@ -6,6 +6,7 @@ import copy
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import distillation_settings, tokenized_pairs
 from torch import nn
 from transformers import DataCollatorForSeq2Seq
@@ -542,6 +543,34 @@ def test_kd_closed_form_gradient_matches_autograd():
     (expected,) = torch.autograd.grad(reference, reference_student)
     assert torch.allclose(loss.double(), reference, atol=1e-6)
     assert torch.allclose(fused, expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("layout", ["(B, T, V)", "(1, N, V)"])
+def test_cross_entropy_closed_form_gradient_matches_torch(smoothing, layout):
+    torch.manual_seed(0)
+    logits = (4 * torch.randn(3, 5, 11)).requires_grad_(True)
+    labels = torch.randint(0, 11, (3, 5))
+    labels[0, 2:] = labels[2, 4] = IGNORE_INDEX
+    if layout == "(1, N, V)":  # the logits of real positions only, as the training step computes them
+        real = labels != IGNORE_INDEX
+        logits = logits.detach()[real].unsqueeze(0).requires_grad_(True)
+        labels = labels[real].unsqueeze(0)
+    loss = cross_entropy_loss(logits, labels, label_smoothing=smoothing)
+    (fused,) = torch.autograd.grad(3.0 * loss, logits)  # an upstream gradient other than 1
+    reference = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX,
+                                label_smoothing=smoothing)
+    (expected,) = torch.autograd.grad(3.0 * reference, logits)
+    assert loss.item() == pytest.approx(reference.item(), rel=1e-6)
+    assert torch.allclose(fused, expected, atol=1e-7)
+    assert not fused[labels == IGNORE_INDEX].any()
+
+
+def test_cross_entropy_returns_its_gradient_in_the_logits_dtype():
+    logits = random_logits(0).to(torch.bfloat16).requires_grad_(True)
+    labels = torch.tensor([[1, 4, IGNORE_INDEX], [0, IGNORE_INDEX, IGNORE_INDEX]])
+    cross_entropy_loss(logits, labels).backward()
+    assert logits.grad.dtype == torch.bfloat16 and torch.isfinite(logits.grad).all()
 
 
 # ---------------------------------------------------------------------------------------------
