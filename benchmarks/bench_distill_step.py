@@ -13,8 +13,9 @@ median length, padded. Each round times, alternating, in one process:
 
   (a) plain       the tool's fine-tuning step, ``Distiller._loss_step`` with cross-entropy alone: the
                   student's forward, its logits at real target positions only, backward, fused AdamW
-  (h) by hand     the same written the usual way: the model's logits at every position, torch's AdamW
-                  defaults (what the tool's step did before; not the base of the ratios)
+  (h) by hand     the same written the usual way: the model's logits at every position,
+                  ``F.cross_entropy``, torch's AdamW defaults (what the tool's step did before; not
+                  the base of the ratios)
   (b) cached kd   ``Distiller._loss_step`` with ce + kd from the teacher's cached top-16 logits (kd_top_k 16)
   (c) online kd   ce + kd against the teacher's full output, the teacher run in the step
   (d) paper       ce + kd + feature (every decomposed layer), the teacher run in the step: the default
@@ -28,6 +29,12 @@ per batch of 32, measured over the same pairs, is printed below the table, with 
 epoch of (b) including it. ``resource.getrusage`` gives the peak resident memory of the process.
 Gradient clipping and the learning-rate schedule are left out of every step. Timings on a shared
 machine are noisy: compare ratios from the same run, not absolute times.
+
+``--profile`` also runs (a) under ``torch.profiler`` and prints where its time goes: the operations
+on a tensor with the vocabulary as a dimension (the output projection's products, its bias and the
+cross-entropy over the vocabulary), the attention kernels, the other matrix products, dropout's
+random masks, the optimizer, and the rest (the profiler's own overhead weighs most on the rest:
+read the shares, not the sum).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ sys.path.insert(0, str(REPO))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from transformers import DataCollatorForSeq2Seq  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
@@ -56,7 +64,7 @@ from compress_model import Config  # noqa: E402
 from data import read_pairs  # noqa: E402
 from bench_recovery import first_run_of  # noqa: E402  (this folder: a script's own)
 from decomposition import build_student  # noqa: E402
-from distillation.distillation_loss import IGNORE_INDEX, cross_entropy_loss  # noqa: E402
+from distillation.distillation_loss import IGNORE_INDEX  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings, Distiller  # noqa: E402
 from distillation.teacher_cache import build_teacher_cache  # noqa: E402
 from matrix_decomposition import count_parameters, load_pretrained  # noqa: E402
@@ -92,7 +100,7 @@ class HandWrittenStep:
         labels = batch["labels"]
         logits = self.student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                               decoder_input_ids=decoder_inputs(self.student, labels)).logits  # (B, T, V)
-        cross_entropy_loss(logits, labels).backward()
+        F.cross_entropy(logits.flatten(0, 1), labels.flatten(), ignore_index=IGNORE_INDEX).backward()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -151,6 +159,37 @@ def saved_activation_bytes(step, batch) -> int:
     return sum(seen.values())
 
 
+PARTS = ("vocabulary-wide (output projection, cross-entropy)", "attention", "other matrix products",
+         "dropout masks", "optimizer", "the rest")
+
+
+def profile_shares(step, batch, steps: int, vocab_size: int) -> dict[str, float]:
+    """The share of the self CPU time of ``steps`` calls of ``step`` in each of ``PARTS``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        for _ in range(steps):
+            step(batch)
+    totals = dict.fromkeys(PARTS, 0.0)
+    for event in prof.key_averages(group_by_input_shape=True):
+        name = event.key
+        if any(vocab_size in shape for shape in event.input_shapes if isinstance(shape, (list, tuple))):
+            part = PARTS[0]
+        elif "scaled_dot_product" in name:
+            part = PARTS[1]
+        elif name in ("aten::mm", "aten::addmm", "aten::bmm"):
+            part = PARTS[2]
+        elif "bernoulli" in name:
+            part = PARTS[3]
+        elif "adamw" in name.lower():
+            part = PARTS[4]
+        else:
+            part = PARTS[5]
+        totals[part] += event.self_cpu_time_total
+    whole = sum(totals.values()) or 1.0
+    return {part: value / whole for part, value in totals.items()}
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
@@ -162,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, help="untimed steps per setup first (default 3; 1 with --quick)")
     parser.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (default 1e-4)")
+    parser.add_argument("--profile", action="store_true", help="also print where (a)'s time goes (torch.profiler)")
     parser.add_argument("--ranks-from", default=str(RANKS.relative_to(REPO)), metavar="JSON",
                         help="a bench_recovery.py --json whose first run's ranks the student takes "
                              "(default: %(default)s, the 50%% allocation)")
@@ -222,6 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                 if round_ >= warmup:
                     times[name].append(time.perf_counter() - start)
         saved = {name: saved_activation_bytes(step, batch) for name, (_, step) in setups.items()}
+        shares = profile_shares(setups["(a) plain"][1], batch, steps, teacher.config.vocab_size) if args.profile else {}
         for _, step in setups.values():
             if isinstance(step, DistillStep):
                 step.close()
@@ -255,6 +296,13 @@ def main(argv: list[str] | None = None) -> int:
           f"pair = {cache_per_batch / base:.2f} × a plain step; one epoch of (b) with it costs "
           f"{(median['(b) cached kd'] + cache_per_batch) / base:.2f} × plain, the paper's (d) "
           f"{median['(d) paper'] / base:.2f} ×")
+    if shares:
+        print(f"\nwhere (a)'s time goes ({steps} steps under torch.profiler, self CPU time):\n")
+        print("| part of a plain step | share |")
+        print("|---|---:|")
+        for part, share in shares.items():
+            print(f"| {part} | {100 * share:.0f}% |")
+        print()
     print(f"peak RSS {peak_rss_mb():.0f} MB ({rss_before:.0f} MB after setting up the models, before any step)")
     return 0
 

@@ -5,7 +5,7 @@ from conftest import run_benchmark
 
 
 def test_bench_distill_step_quick():
-    result = run_benchmark("bench_distill_step.py", "--quick")
+    result = run_benchmark("bench_distill_step.py", "--quick", "--profile")
     out = result.stdout
     assert "| step | loss terms | median ms |" in out
     rows = [line for line in out.splitlines() if line.startswith("| (")]
@@ -22,3 +22,10 @@ def test_bench_distill_step_quick():
     teacher, student = (int(x.replace(",", "")) for x in out.split(" params (")[0].split(": ")[-1].split(" → "))
     assert teacher == 2_478_080 and 0.49 * teacher < student <= 0.5 * teacher
     assert "the cache of the teacher's top-16: " in out and "peak RSS " in out
+    # --profile: every part of a plain step, each share a percentage, the shares adding up to the whole
+    shares = {row.split("|")[1].strip(): float(row.split("|")[2].strip().rstrip("%"))
+              for row in out.split("| part of a plain step | share |")[1].splitlines()[2:] if row.startswith("| ")}
+    assert list(shares) == ["vocabulary-wide (output projection, cross-entropy)", "attention",
+                            "other matrix products", "dropout masks", "optimizer", "the rest"]
+    assert shares["vocabulary-wide (output projection, cross-entropy)"] > 0 and shares["attention"] > 0
+    assert sum(shares.values()) == pytest.approx(100, abs=3)  # rounded to whole percents
