@@ -41,19 +41,28 @@ class _SoftenedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, teacher_logits, weights, t):  # (B, T, V), (B, T, V), (B, T), float
-        log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)  # (B, T, V)
-        log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)  # (B, T, V)
-        p_t = log_p_t.exp()
-        kl = (p_t * (log_p_t - log_p_s)).sum(dim=-1)  # (B, T)
-        ctx.save_for_backward(log_p_s, p_t, weights)
+        z_s, z_t = student_logits.float() / t, teacher_logits.float() / t  # (B, T, V)
+        p_s, log_norm_s = _softmax(z_s)  # one pass of exp each
+        p_t, log_norm_t = _softmax(z_t)
+        # Σ p_t·(log p_t − log p_s) with log p = z − logsumexp(z) and Σ p_t = 1
+        kl = (p_t * (z_t - z_s)).sum(dim=-1) - log_norm_t + log_norm_s  # (B, T)
+        ctx.save_for_backward(p_s, p_t, weights)
         ctx.t, ctx.dtype = t, student_logits.dtype
         return (kl * weights).sum() * t * t
 
     @staticmethod
     def backward(ctx, grad_output):
-        log_p_s, p_t, weights = ctx.saved_tensors
+        p_s, p_t, weights = ctx.saved_tensors
         scale = (weights * (ctx.t * grad_output)).unsqueeze(-1)  # (B, T, 1)
-        return ((log_p_s.exp() - p_t) * scale).to(ctx.dtype), None, None, None
+        return (p_s.sub_(p_t).mul_(scale)).to(ctx.dtype), None, None, None  # in place: p_s is not needed again
+
+
+def _softmax(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(z), logsumexp(z)) over the last dimension from one pass of exp (a new tensor)."""
+    top = z.amax(dim=-1, keepdim=True)
+    p = (z - top).exp_()
+    total = p.sum(dim=-1, keepdim=True)
+    return p.div_(total), (total.log_() + top).squeeze(-1)
 
 
 def top_k_distillation_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logits: torch.Tensor,
@@ -80,22 +89,22 @@ class _TopKSoftenedKL(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, student_logits, top_ids, top_logits, log_norm, weights, t):  # (B,T,V) (B,T,k) (B,T,k) (B,T)
-        log_q_all = F.log_softmax(student_logits.float() / t, dim=-1)  # (B, T, V)
-        log_q = log_q_all.gather(-1, top_ids)  # (B, T, k)
+        z = student_logits.float() / t  # (B, T, V)
+        q_all, log_norm_q = _softmax(z)  # one pass of exp
+        log_q = z.gather(-1, top_ids) - log_norm_q.unsqueeze(-1)  # (B, T, k)
         q_rest = (1.0 - log_q.exp().sum(dim=-1)).clamp(min=1e-12)  # (B, T)
         log_p = top_logits.float() / t - log_norm.float().unsqueeze(-1)  # (B, T, k)
         p = log_p.exp()
         p_rest = (1.0 - p.sum(dim=-1)).clamp(min=0.0)  # (B, T)
         kl = (p * (log_p - log_q)).sum(dim=-1) + p_rest * (p_rest.clamp(min=1e-12).log() - q_rest.log())  # (B, T)
-        ctx.save_for_backward(log_q_all, top_ids, p, p_rest, q_rest, weights)
+        ctx.save_for_backward(q_all, top_ids, p, p_rest, q_rest, weights)
         ctx.t, ctx.dtype = t, student_logits.dtype
         return (kl * weights).sum() * t * t
 
     @staticmethod
     def backward(ctx, grad_output):
-        log_q_all, top_ids, p, p_rest, q_rest, weights = ctx.saved_tensors
+        q, top_ids, p, p_rest, q_rest, weights = ctx.saved_tensors  # q: (B, T, V), changed in place below
         scale = (weights * (ctx.t * grad_output)).unsqueeze(-1)  # (B, T, 1)
-        q = log_q_all.exp_()  # (B, T, V), in place: log_q_all is not needed again
         q_top = q.gather(-1, top_ids)  # (B, T, k)
         grad = q.mul_(scale * (1.0 - p_rest / q_rest).unsqueeze(-1))  # outside the k: q·(1 − p_r/q_r)
         grad.scatter_(-1, top_ids, (q_top - p) * scale)  # on the k: q − p
@@ -121,15 +130,12 @@ class _CrossEntropy(torch.autograd.Function):
         flat_labels = labels.reshape(-1)
         real = flat_labels != IGNORE_INDEX  # (N,)
         targets = flat_labels.clamp(min=0)
-        top = flat.amax(dim=-1, keepdim=True)  # (N, 1)
-        p = (flat - top).exp_()  # (N, V): exp(logit − max), normalized below
-        total = p.sum(dim=-1, keepdim=True)
-        log_norm = (total.log() + top).squeeze(-1)  # (N,): logsumexp
+        p, log_norm = _softmax(flat)  # (N, V), (N,)
         nll = log_norm - flat.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # −log p_y
         if smoothing:
             nll = (1.0 - smoothing) * nll + smoothing * (log_norm - flat.mean(dim=-1))  # mean_v(−log p_v)
         weights = real.float() / real.sum()  # each real token's share of the mean
-        ctx.save_for_backward(p.div_(total), targets, weights)
+        ctx.save_for_backward(p, targets, weights)
         ctx.smoothing, ctx.shape, ctx.dtype = smoothing, logits.shape, logits.dtype
         return (nll * weights).sum()
 
