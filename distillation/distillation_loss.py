@@ -24,6 +24,14 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor
     return (values * mask).sum() / mask.sum().clamp(min=1.0)
 
 
+def _softmax(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(softmax(z), logsumexp(z)) over the last dimension from one pass of exp (a new tensor)."""
+    top = z.amax(dim=-1, keepdim=True)
+    p = (z - top).exp_()
+    total = p.sum(dim=-1, keepdim=True)
+    return p.div_(total), (total.log_() + top).squeeze(-1)
+
+
 def output_distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                              mask: torch.Tensor | None, temperature: float = 2.0) -> torch.Tensor:
     """KL(teacher ‖ student) between temperature-softened distributions over the vocabulary,
@@ -55,14 +63,6 @@ class _SoftenedKL(torch.autograd.Function):
         p_s, p_t, weights = ctx.saved_tensors
         scale = (weights * (ctx.t * grad_output)).unsqueeze(-1)  # (B, T, 1)
         return (p_s.sub_(p_t).mul_(scale)).to(ctx.dtype), None, None, None  # in place: p_s is not needed again
-
-
-def _softmax(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(softmax(z), logsumexp(z)) over the last dimension from one pass of exp (a new tensor)."""
-    top = z.amax(dim=-1, keepdim=True)
-    p = (z - top).exp_()
-    total = p.sum(dim=-1, keepdim=True)
-    return p.div_(total), (total.log_() + top).squeeze(-1)
 
 
 def top_k_distillation_loss(student_logits: torch.Tensor, top_ids: torch.Tensor, top_logits: torch.Tensor,
