@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from distillation.teacher_cache import cache_folder
-from matrix_decomposition import LowRankLinear, max_saving_rank, singular_values
+from matrix_decomposition import LowRankEmbedding, LowRankLinear, max_saving_rank, singular_values
 from rank_allocation import spectrum_errors
 
 # ---------------------------------------------------------------------------------------------
@@ -35,17 +35,26 @@ from rank_allocation import spectrum_errors
 
 def linear_macs(model: nn.Module) -> dict[str, int]:
     """Module name → multiply-adds per token of every linear map: r·(n+d) for a ``LowRankLinear``,
-    n·d for an ``nn.Linear`` (the two halves of a ``LowRankLinear`` are not listed again)."""
+    n·d for an ``nn.Linear`` (the two halves of a ``LowRankLinear`` are not listed again, nor the
+    factors of a ``LowRankEmbedding``: ``embedding_macs`` counts its look-up)."""
     macs, low_rank = {}, []
     for name, module in model.named_modules():
         if any(name.startswith(f"{parent}.") for parent in low_rank):
             continue
-        if isinstance(module, LowRankLinear):
+        if isinstance(module, LowRankEmbedding):
+            low_rank.append(name)
+        elif isinstance(module, LowRankLinear):
             low_rank.append(name)
             macs[name] = module.rank * (module.in_features + module.out_features)
         elif isinstance(module, nn.Linear):
             macs[name] = module.in_features * module.out_features
     return macs
+
+
+def embedding_macs(model: nn.Module) -> int:
+    """Multiply-adds per token of the token embeddings' look-ups: r·d for a ``LowRankEmbedding`` (a row
+    of A times B), nothing for a dense table (a copy). MarianMT's encoder and decoder share one table."""
+    return sum(m.rank * m.embedding_dim for m in model.modules() if isinstance(m, LowRankEmbedding))
 
 
 def role(name: str) -> str:
@@ -61,7 +70,8 @@ def role(name: str) -> str:
 
 def predicted_macs(model: nn.Module, config, batch: int, src_len: int, tgt_len: int, mode: str) -> dict[str, int]:
     """Multiply-adds of one call, split into 'layers' (the linears inside encoder/decoder layers,
-    the part factorization changes), 'lm_head' and 'attention' (score and value matmuls).
+    the part factorization changes), 'lm_head', 'attention' (score and value matmuls) and 'embedding'
+    (the look-ups of a factorized token embedding; none for a dense one).
 
     mode 'forward': one teacher-forced pass over ``tgt_len`` target tokens (full T×T self-attention
     scores, as computed). mode 'generate': ``tgt_len`` decoder steps of one token with KV cache.
@@ -72,6 +82,7 @@ def predicted_macs(model: nn.Module, config, batch: int, src_len: int, tgt_len: 
         kind = role(name)
         tokens = s if kind == "source" else t
         parts["lm_head" if kind == "lm_head" else "layers"] += macs * tokens
+    parts["embedding"] = embedding_macs(model) * (s + t)  # every source and every target token is looked up
     encoder_attention = config.encoder_layers * 2 * s * s * d  # QKᵀ and AV
     if mode == "forward":
         self_attention = 2 * t * t * d

@@ -252,3 +252,22 @@ def test_a_resumed_run_draws_the_same_training_curve(run_dir, monkeypatch):
     assert [p["step"] for p in straight] == [3, 6]
     assert [{k: v for k, v in p.items() if k != "seconds"} for p in resumed] == \
         [{k: v for k, v in p.items() if k != "seconds"} for p in straight]
+
+
+def test_the_plan_of_a_factorized_embedding(run_dir, monkeypatch, capsys):
+    """With the shared embedding factorized (``decompose_layers: ["*"]``), the plan lists its row and its
+    totals and multiply-adds count the tied output projection as the run builds it."""
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, decompose_layers=["*"], k_info=4)
+    assert compress_model.main(["--config", "config.json", "--plan"]) == 0
+    out = capsys.readouterr().out
+    rows = {m[1]: m for m in map(LAYER_ROW.match, out.splitlines()) if m}
+    assert "model.shared" in rows and int(rows["model.shared"][4]) == 4
+    totals = re.search(r"^parameters: ([\d,]+) → ([\d,]+) ", out, re.M)
+    assert re.search(r"predicted speed-up from multiply-adds: \d+\.\d\d× translating", out)
+
+    edit_config(run_dir, max_steps=1, export=[])
+    assert compress_model.main(["--config", "config.json"]) == 0
+    report = json.loads((run_dir / "out" / "report.json").read_text())
+    assert (int(totals[1].replace(",", "")), int(totals[2].replace(",", ""))) == \
+        (report["teacher"]["params"], report["student"]["params"])
