@@ -810,6 +810,9 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     # Data
     with state.main_process_first():
         train_pairs, eval_pairs = data.load_data(config)
+    if (seen := data.shared_pairs(train_pairs, eval_pairs)):
+        say(f"warning: {seen:,} of the {len(eval_pairs):,} evaluation pairs are also training pairs; "
+            f"their BLEU is not on unseen sentences", flush=True)
 
     # Model: the teacher, and the model factorized into the student (the teacher itself by default)
     teacher, base, tokenizer = load_models(config)

@@ -144,17 +144,28 @@ def _read_saved(folder: Path, key: str, split: str, split_key: str):
 
 
 def _read_error(e: Exception, path: str, key: str) -> DataError:
+    """The one-line message for a reading error: datasets wraps the parser's error (pandas' "Expected 2
+    fields in line 4, saw 3") in its own ("An error occurred while generating the dataset"); the cause
+    at the bottom of the chain is the one that tells the user what is wrong with the file."""
     cause = e
     while True:
         if isinstance(cause, UnicodeDecodeError):
             return DataError(f"{key}: {path!r} is not valid UTF-8 text")
+        if type(cause).__name__ == "EmptyDataError":  # pandas: a file with not even a header
+            return DataError(f"{key}: {path!r} is empty (no header, no rows)")
         if cause.__cause__ is None and cause.__context__ is None:
             break
         cause = cause.__cause__ or cause.__context__
     if "corresponds to no data" in str(e):  # datasets' words for a file with no rows
         return DataError(f"{key}: {path!r} holds no pairs (no rows under the header)")
-    first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return DataError(f"{key}: cannot load {path!r}: {first}")
+    message = _first_line(cause).removeprefix("Error tokenizing data. C error: ")
+    if "Expected" in message and "fields" in message and path.lower().endswith(".csv"):
+        message += " (a field that holds the delimiter needs double quotes)"
+    return DataError(f"{key}: cannot load {path!r}: {message}")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
 def _as_pairs(ds, path: str, config, key: str):
@@ -169,10 +180,19 @@ def _as_pairs(ds, path: str, config, key: str):
         wanted = flat
         missing = [c for c in wanted if c not in columns]
         if missing:
-            hint = ("; for line-aligned text files give their common prefix with source_lang/target_lang"
-                    if len(columns) == 1 and columns[0] == "text" else "")
-            raise DataError(f"{key}: {path!r} has no column {missing[0]!r}; columns found: "
-                            f"{', '.join(columns) or 'none'} (set source_column/target_column{hint})")
+            if len(columns) == 1 and columns[0] == "text":
+                hint = " (set source_column/target_column; for line-aligned text files give their common prefix " \
+                       "with source_lang/target_lang)"
+            elif any("\t" in c for c in columns):
+                hint = " (its header holds tabs: a tab-separated file needs the .tsv extension)"
+            elif key == "eval_dataset_path":
+                hint = (f" (source_column/target_column, here {config.source_column!r}/{config.target_column!r}, "
+                        f"name the columns of dataset_path and eval_dataset_path both: give the evaluation file "
+                        f"the same columns)")
+            else:
+                hint = " (set source_column/target_column)"
+            found = ", ".join(repr(c) if "\t" in c else c for c in columns) or "none"
+            raise DataError(f"{key}: {path!r} has no column {missing[0]!r}; columns found: {found}{hint}")
     for column in wanted:
         feature = ds.features[column]
         if not (isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string")):
@@ -227,6 +247,8 @@ def load_data(config):
     """(train, eval) pair datasets: ``train_split`` of ``dataset_path``; for evaluation
     ``eval_dataset_path`` (its ``eval_split``, or "train"), else ``eval_split`` of ``dataset_path``,
     else ``eval_size`` pairs held out of the training pairs."""
+    if config.eval_dataset_path:
+        _check_eval_outside_training(config.dataset_path, config.eval_dataset_path)
     train = load_pairs(config.dataset_path, config, split=config.train_split)
     if config.eval_dataset_path:
         evaluation = load_pairs(config.eval_dataset_path, config, key="eval_dataset_path",
@@ -246,6 +268,36 @@ def load_data(config):
     if config.max_eval_samples:
         evaluation = evaluation.select(range(min(config.max_eval_samples, len(evaluation))))
     return train, evaluation
+
+
+def _check_eval_outside_training(dataset_path: str, eval_path: str) -> None:
+    """Refuse a training folder that holds the evaluation file: every file of the folder is read as
+    training pairs, so the evaluation pairs would be trained on (the shipped data/tatoeba_en_de holds both)."""
+    folder, evaluation = Path(dataset_path), Path(eval_path)
+    if not (folder.is_dir() and evaluation.is_file()) or (folder / "dataset_dict.json").is_file() \
+            or (folder / "state.json").is_file():
+        return
+    if evaluation.resolve().parent == folder.resolve() and evaluation.suffix.lower() in FILE_TYPES:
+        others = sorted(p.name for p in folder.iterdir()
+                        if p.suffix.lower() in FILE_TYPES and p.resolve() != evaluation.resolve())
+        name = f"the training file(s) ({', '.join(str(folder / o) for o in others)})" if others else "a training file"
+        raise DataError(f"dataset_path: folder {dataset_path!r} also holds eval_dataset_path {eval_path!r}, so its "
+                        f"pairs would be trained on; set dataset_path to {name} or move the evaluation file out")
+
+
+def shared_pairs(train, evaluation) -> int:
+    """How many evaluation pairs are also training pairs (same source and same target): BLEU on them
+    does not measure translation of unseen sentences. One pass over the training pairs in Arrow."""
+    def keys(table: pa.Table) -> pa.Array:
+        source, target = (table[c].cast(pa.large_string()) for c in TEXT_COLUMNS)  # string or large_string
+        return pc.binary_join_element_wise(source, target, pa.scalar("\x00", pa.large_string()))
+
+    evaluated = keys(evaluation.select_columns(list(TEXT_COLUMNS)).with_format("arrow")[:])
+    wanted, found = pc.unique(evaluated), set()
+    for batch in train.select_columns(list(TEXT_COLUMNS)).with_format("arrow").iter(batch_size=100_000):
+        batch_keys = keys(batch)
+        found.update(batch_keys.filter(pc.is_in(batch_keys, value_set=wanted)).to_pylist())
+    return sum(key in found for key in evaluated.to_pylist())
 
 
 # the keys ``load_pairs`` reads, as the flat layout of the shipped CSVs has them

@@ -261,6 +261,24 @@ BAD_DATA = [  # (id, how to break the run folder, words the one-line message mus
      ["dataset_path", "n.jsonl", "'source_text' holds int64"]),
     ("folder-of-nothing", lambda d: ((d / "empty").mkdir(), edit_config(d, dataset_path=str(d / "empty"))),
      ["dataset_path", "has no data files", "save_to_disk"]),
+    ("csv-row-of-three-fields", lambda d: (_write(d / "t.csv", "source_text,target_text\nHello.,Hallo.\nA,B,C\n"),
+                                           edit_config(d, dataset_path=str(d / "t.csv"))),
+     ["dataset_path", "t.csv", "Expected 2 fields in line 3, saw 3", "double quotes"]),
+    ("csv-empty-file", lambda d: (_write(d / "e.csv", ""), edit_config(d, dataset_path=str(d / "e.csv"))),
+     ["dataset_path", "e.csv", "is empty"]),
+    ("tab-separated-csv", lambda d: (_write(d / "t.csv", "source_text\ttarget_text\nHi, you.\tHallo, du.\nGo.\tGeh.\n"),
+                                     edit_config(d, dataset_path=str(d / "t.csv"))),
+     ["dataset_path", "t.csv", "no column 'source_text'", "'source_text\\ttarget_text'", ".tsv extension"]),
+    ("eval-file-in-training-folder", lambda d: ((d / "pairs").mkdir(), (d / "train.csv").rename(d / "pairs/train.csv"),
+                                                (d / "eval.csv").rename(d / "pairs/eval.csv"),
+                                                edit_config(d, dataset_path=str(d / "pairs"),
+                                                            eval_dataset_path=str(d / "pairs/eval.csv"))),
+     ["dataset_path", "also holds eval_dataset_path", "eval.csv", "would be trained on", "train.csv"]),
+    ("eval-file-without-the-columns", lambda d: (write_tsv(d, PAIRS, "p.tsv"),
+                                                 _swap(d / "p.tsv", "source_text\ttarget_text", "en\tde"),
+                                                 edit_config(d, dataset_path=str(d / "p.tsv"), source_column="en",
+                                                             target_column="de")),
+     ["eval_dataset_path", "no column 'en'", "name the columns of dataset_path and eval_dataset_path both"]),
     ("cache-dir-is-file", lambda d: edit_config(d, cache_dir="config.json"), ["cache_dir", "'config.json' is a file"]),
     ("workers-zero", lambda d: edit_config(d, preprocessing_num_workers=0),
      ["preprocessing_num_workers", "at least 1", "0"]),
@@ -271,3 +289,20 @@ BAD_DATA = [  # (id, how to break the run folder, words the one-line message mus
 def test_bad_data_is_one_line_error_and_writes_nothing(run_dir, capsys, monkeypatch, case, breaks, words):
     breaks(run_dir)
     refused_in_one_line(run_dir, capsys, monkeypatch, words)
+
+
+def test_shared_pairs_counts_evaluation_pairs_that_are_trained_on():
+    """Same source and same target; a pair whose target differs is not shared; a selection (an index
+    list over the Arrow table, as max_train_samples makes) is read as selected."""
+    train = datasets.Dataset.from_dict({"source_text": ["a", "b", "c", "d"], "target_text": ["A", "B", "C", "D"]})
+    evaluation = datasets.Dataset.from_dict({"source_text": ["b", "c", "e", "b"], "target_text": ["B", "x", "E", "B"]})
+    assert data.shared_pairs(train, evaluation) == 2  # ("b", "B") twice; ("c", "x") is another translation
+    assert data.shared_pairs(train.select([0, 2, 3]), evaluation) == 0
+    assert data.shared_pairs(train.select([1]), evaluation) == 2
+
+
+def test_a_run_warns_when_evaluation_pairs_are_trained_on(run_dir, capsys, monkeypatch):
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, eval_dataset_path="train.csv", max_eval_samples=3)
+    assert compress_model.main(["--config", "config.json", "--plan"]) == 0
+    assert "warning: 3 of the 3 evaluation pairs are also training pairs" in capsys.readouterr().out
