@@ -325,27 +325,58 @@ def main(argv: list[str] | None = None) -> int:
                 raise TranslateError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be at least 1")
         if args.input != "-" and not Path(args.input).is_file():
             raise TranslateError(f"--input: {args.input!r} is not a file")
+        _check_output(args.output)  # before the model is loaded and the input translated
         translator = load_translator(args.model, args.backend, args.threads, args.int8)
-        if args.input == "-":
-            text = sys.stdin.read()
-        else:
-            text = Path(args.input).read_text(encoding="utf-8")
+        text = _read_text(args.input)
         lines = text.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
         translations = translate_lines(translator, lines, args.batch_size, args.num_beams, args.max_new_tokens,
                                        progress=args.progress)
-    except (TranslateError, UnicodeDecodeError) as e:
+        result = "".join(t + "\n" for t in translations)
+        if args.output == "-":
+            sys.stdout.write(result)
+        else:
+            _write_atomically(Path(args.output), result)
+    except TranslateError as e:
         print(f"translate.py: error: {e}", file=sys.stderr)
         return 2
-    result = "".join(t + "\n" for t in translations)
-    if args.output == "-":
-        sys.stdout.write(result)
-    else:
-        tmp = Path(args.output).with_name(f".{Path(args.output).name}.tmp-{os.getpid()}")
-        tmp.write_text(result, encoding="utf-8")
-        os.replace(tmp, args.output)
     return 0
+
+
+def _read_text(path: str) -> str:
+    """The input as text: a file, or standard input ("-") read as bytes and decoded as UTF-8 whatever
+    the locale (under the C locale Python would let invalid bytes through to the tokenizer)."""
+    where = "standard input" if path == "-" else repr(path)
+    data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise TranslateError(f"--input: {where} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
+                             f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _check_output(path: str) -> None:
+    if path == "-":
+        return
+    output = Path(path)
+    if output.is_dir():
+        raise TranslateError(f"--output: {path!r} is a folder; name the file to write")
+    if not output.parent.is_dir():
+        raise TranslateError(f"--output: the folder {str(output.parent)!r} of {path!r} does not exist")
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    """``text`` into ``path`` through a temporary file beside it: a reader never sees half a file, and
+    a failed write leaves neither a half-written output nor the temporary file."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise TranslateError(f"--output: cannot write {str(path)!r}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ computes (greedy and beam translations equal), factorized layers stay factorized
 stored once, int8 stays close to float32 on real sentences, and bad input is refused in one line."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -186,3 +187,27 @@ def test_translate_command_errors_are_one_line(tmp_path):
                           input="hi\n", capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert "nowhere" in done.stderr
+
+
+@pytest.mark.parametrize("case", ["output_is_a_folder", "output_folder_missing", "stdin_not_utf8", "input_not_utf8"])
+def test_translate_command_input_and_output_errors(case, tiny_teacher_dir, tmp_path):
+    """Refused in one line, exit 2, nothing written: an --output that cannot be written is refused before
+    the model is loaded; input that is not UTF-8 (on standard input whatever the locale) names its source."""
+    (tmp_path / "latin1.txt").write_bytes("Grüße\n".encode("latin-1"))
+    stdin = "Hello.\n".encode()
+    args, expected = {
+        "output_is_a_folder": (["--output", str(tmp_path)], "is a folder"),
+        "output_folder_missing": (["--output", str(tmp_path / "no" / "out.txt")], "does not exist"),
+        "stdin_not_utf8": ([], "standard input is not UTF-8 text (byte 0xfc on line 1)"),
+        "input_not_utf8": (["--input", str(tmp_path / "latin1.txt")], "latin1.txt' is not UTF-8 text"),
+    }[case]
+    if case == "stdin_not_utf8":
+        stdin = "Grüße\n".encode("latin-1")
+    before = sorted(tmp_path.rglob("*"))
+    done = subprocess.run([sys.executable, str(REPO / "translate.py"), "--model", str(tiny_teacher_dir), *args],
+                          input=stdin, capture_output=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"})
+    err = done.stderr.decode()
+    assert done.returncode == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    assert expected in err
+    assert sorted(tmp_path.rglob("*")) == before
