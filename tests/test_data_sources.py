@@ -36,7 +36,8 @@ def test_a_folder_of_data_files_is_read_whole(tmp_path, tiny_pairs):
     write_pairs(folder / "part-1.csv", tiny_pairs[:50])
     write_pairs(folder / "part-2.csv", tiny_pairs[50:80])
     (folder / "README.md").write_text("not data")  # other files are ignored
-    train, _ = load_data(Config(dataset_path=str(folder), eval_dataset_path=str(folder / "part-2.csv")))
+    write_pairs(tmp_path / "eval.csv", tiny_pairs[80:90])  # outside the folder: a file inside would be trained on
+    train, _ = load_data(Config(dataset_path=str(folder), eval_dataset_path=str(tmp_path / "eval.csv")))
     assert list(zip(train["source_text"], train["target_text"])) == tiny_pairs[:80]  # in file-name order
 
 
