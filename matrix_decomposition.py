@@ -436,11 +436,13 @@ def _is_pattern(key: str) -> bool:
     return any(c in key for c in "*?[")
 
 
-def expand_patterns(model: nn.Module, layers: Iterable[str]) -> list[str]:
+def expand_patterns(model: nn.Module, layers: Iterable[str], key: str = "decompose_layers") -> list[str]:
     """``layers`` with each shell-style pattern (``*``, ``?``, ``[…]``; ``*`` also crosses dots)
-    replaced by the ``decomposable_keys`` it matches, in model order; a pattern matching none is an error."""
+    replaced by the ``decomposable_keys`` it matches, in model order; a pattern matching none is an error
+    (naming ``key``, the config key the layers came from)."""
     expanded: list[str] = []
     candidates = None
+    config_key = key
     for key in layers:
         if not _is_pattern(key):
             expanded.append(key)
@@ -451,7 +453,7 @@ def expand_patterns(model: nn.Module, layers: Iterable[str]) -> list[str]:
         matched = list(dict.fromkeys(candidates[k] for k in fnmatch.filter(candidates, key)))
         if not matched:
             hint = f" (they look like {next(iter(candidates))!r})" if candidates else " (it has none left to decompose)"
-            raise DecompositionError(f"decompose_layers: the pattern {key!r} matches no nn.Linear or embedding "
+            raise DecompositionError(f"{config_key}: the pattern {key!r} matches no nn.Linear or embedding "
                                      f"weight of this model{hint}")
         expanded.extend(matched)
     return expanded
@@ -469,14 +471,17 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
     """
     layers = [layers] if isinstance(layers, str) else list(layers or [])
     per_layer = dict(k_info) if isinstance(k_info, Mapping) else None
+    source = "decompose_layers"  # the config key the layers come from, for messages
     if not layers:
-        layers = [k for k in per_layer if k != "default"] if per_layer and "default" not in per_layer \
-            else default_targets(model)
+        if per_layer and "default" not in per_layer:
+            layers, source = [k for k in per_layer if k != "default"], "k_info"  # its keys name the layers
+        else:
+            layers = default_targets(model)
         if not layers:
             raise DecompositionError("decompose_layers is empty and the model has no nn.Linear inside "
                                      "its encoder/decoder layers to decompose by default")
 
-    layers = expand_patterns(model, layers)
+    layers = expand_patterns(model, layers, source)
     state_keys = list(model.state_dict().keys())
     modules = dict(model.named_modules())
     tied = _tied_names(model)
@@ -486,16 +491,16 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
         name = module_name(key)
         module = modules.get(name) if name else None
         if key in state_keys and not key.endswith((".weight", ".bias")):
-            raise DecompositionError(f"decompose_layers: {key!r} is a buffer, not the weight of an nn.Linear")
+            raise DecompositionError(f"{source}: {key!r} is a buffer, not the weight of an nn.Linear")
         if module is None or not (f"{name}.weight" in state_keys or f"{name}.bias" in state_keys
                                   or isinstance(module, LOW_RANK)):
             close = difflib.get_close_matches(key, state_keys, n=3, cutoff=0.5)
             hint = f"; closest keys: {', '.join(close)}" if close else ""
-            raise DecompositionError(f"decompose_layers: {key!r} is not a key of this model's state dict{hint}")
+            raise DecompositionError(f"{source}: {key!r} is not a key of this model's state dict{hint}")
         if isinstance(module, LOW_RANK):
-            raise DecompositionError(f"decompose_layers: {key!r} is already decomposed (rank {module.rank})")
+            raise DecompositionError(f"{source}: {key!r} is already decomposed (rank {module.rank})")
         if _inside_low_rank(model, name):
-            raise DecompositionError(f"decompose_layers: {key!r} is a factor of the already decomposed layer "
+            raise DecompositionError(f"{source}: {key!r} is a factor of the already decomposed layer "
                                      f"{name.rpartition('.')[0]!r}")
         canonical = canonical_name(model, f"{name}.weight")  # the name its tied weight goes by first
         if _word_embedding(module, words) and canonical == f"{name}.weight":
@@ -507,11 +512,11 @@ def resolve_ranks(model: nn.Module, layers: Iterable[str] | None,
                     f"; of the embeddings, only the token embedding can be ({_token_embedding_key(model)})"
                     if isinstance(module, nn.Embedding) else "")
             raise DecompositionError(
-                f"decompose_layers: {key!r} belongs to a module of type {type(module).__name__}, not an nn.Linear; "
+                f"{source}: {key!r} belongs to a module of type {type(module).__name__}, not an nn.Linear; "
                 f"only nn.Linear weights can be decomposed (e.g. {example}.weight){also}")
         elif tied.get(f"{name}.weight"):
             raise DecompositionError(
-                f"decompose_layers: {key!r} is tied to {tied[f'{name}.weight'][0]!r} (shared embedding); "
+                f"{source}: {key!r} is tied to {tied[f'{name}.weight'][0]!r} (shared embedding); "
                 f"factorizing it alone would untie the two; list {canonical!r} to factorize them together")
         if name not in names:
             names.append(name)

@@ -177,6 +177,11 @@ def test_per_layer_ranks_by_pattern_a_key_wins_then_the_first_pattern(make_tiny_
         f"model.encoder.layers.1.self_attn.{p}_proj" for p in ("k", "v", "q", "out")]
     with pytest.raises(DecompositionError, match=r"k_info: the pattern '\*cross\*' matches none of the layers"):
         resolve_ranks(model, [], {"*cross*": 3, "default": 2})
+    # without a "default" (decompose_layers empty) k_info's keys name the layers: its errors name k_info
+    with pytest.raises(DecompositionError, match=r"^k_info: the pattern '\*cross\*' matches no nn.Linear"):
+        resolve_ranks(model, [], {"*cross*": 3})
+    with pytest.raises(DecompositionError, match=r"^k_info: 'model.encoder.layers.0.fc9.weight' is not a key"):
+        resolve_ranks(model, [], {"model.encoder.layers.0.fc9.weight": 3})
 
 
 ERROR_CASES = [  # (decomposed first, layers, k_info, svd, fragments of the message)
