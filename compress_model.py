@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import os
 import shutil
 import sys
@@ -222,6 +223,17 @@ class Config:
                 "stop, writing nothing; the same as --plan"})
 
     def __post_init__(self) -> None:
+        # JSON's NaN, Infinity and -Infinity parse as floats and slip past every range check below (NaN < 0
+        # is false): refused first, wherever they sit (a float key, a loss weight, a value of a sweep)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            items = value.items() if isinstance(value, dict) else [(None, v) for v in value] \
+                if isinstance(value, list) else [(None, value)]
+            for term, v in items:
+                if isinstance(v, float) and not math.isfinite(v):
+                    where = f"{term} " if term is not None else "every value " if isinstance(value, list) else ""
+                    got = json.dumps(value) if isinstance(value, list) else json.dumps(v)
+                    raise ConfigError(f"{f.name}: {where}must be a finite number, got {got}")
         positive = ["epoch", "batch_size", "eval_size", "max_source_length", "max_target_length",
                     "gradient_accumulation_steps", "num_beams", "eval_batch_size", "max_new_tokens",
                     "calibration_samples"]

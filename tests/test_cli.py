@@ -6,6 +6,7 @@ import re
 import stat
 import subprocess
 import sys
+import typing
 
 import pytest
 from conftest import REPO, edit_config, load_with_auto_classes, make_run_dir, refused_in_one_line
@@ -212,6 +213,17 @@ BAD_CONFIGS = [
      lambda d: edit_config(d, feature_layers=["model.decoder.layers.0.fc1"], loss_weights={"ce": 1, "kd": 1}),
      ["feature_layers: 1 layer(s) given", "no feature term", '"feature": 1']),
     ("kd-top-k-negative", lambda d: edit_config(d, kd_top_k=-1), ["kd_top_k", "must not be negative", "-1"]),
+    # Python's json reads NaN, Infinity and -Infinity; NaN < 0 is false, so no range check caught them
+    ("learning-rate-nan", lambda d: edit_config(d, learning_rate=float("nan")),
+     ["learning_rate: must be a finite number, got NaN"]),
+    ("warmup-ratio-nan", lambda d: edit_config(d, warmup_ratio=float("nan")),
+     ["warmup_ratio: must be a finite number, got NaN"]),
+    ("temperature-infinite", lambda d: edit_config(d, temperature=float("inf")),
+     ["temperature: must be a finite number, got Infinity"]),
+    ("loss-weight-infinite", lambda d: edit_config(d, loss_weights={"ce": 1, "kd": float("-inf")}),
+     ["loss_weights: kd must be a finite number, got -Infinity"]),
+    ("sweep-value-nan", lambda d: edit_config(d, k_info=None, target_ratio=[0.5, float("nan")]),
+     ["target_ratio: every value must be a finite number, got [0.5, NaN]"]),
     ("dropout-one", lambda d: edit_config(d, dropout=1.0), ["dropout", "below 1", "1.0"]),
     ("dropout-negative", lambda d: edit_config(d, dropout=-0.1), ["dropout", "at least 0", "-0.1"]),
     ("kd-top-k-above-vocabulary", lambda d: edit_config(d, kd_top_k=10**6, loss_weights={"ce": 1, "kd": 1}),
@@ -289,6 +301,25 @@ def _write_csv(run_dir, text, encoding="utf-8", name="bad.csv"):
 def test_bad_config_is_one_line_error_and_writes_nothing(run_dir, capsys, monkeypatch, case, breaks, words):
     breaks(run_dir)
     refused_in_one_line(run_dir, capsys, monkeypatch, words)
+
+
+FLOAT_KEYS = [name for name, tp in typing.get_type_hints(compress_model.Config).items() if "float" in str(tp)]
+
+
+@pytest.mark.parametrize("name", FLOAT_KEYS)
+@pytest.mark.parametrize("value, shown", [(float("nan"), "NaN"), (float("inf"), "Infinity"),
+                                          (float("-inf"), "-Infinity")])
+def test_every_float_key_refuses_a_value_that_is_not_finite(tmp_path, name, value, shown):
+    default = getattr(compress_model.Config(), name)
+    if isinstance(default, dict):  # loss_weights: each weight
+        bad, words = {**default, "kd": value}, f"{name}: kd must be a finite number, got {shown}"
+    else:
+        bad, words = value, f"{name}: must be a finite number, got {shown}"
+    changes = {name: bad, **({"k_info": None} if name == "target_ratio" else {})}
+    (tmp_path / "config.json").write_text(json.dumps(changes))  # written as JSON writes them: NaN, Infinity
+    with pytest.raises(compress_model.ConfigError) as refused:
+        compress_model.load_config(tmp_path / "config.json")
+    assert str(refused.value) == words
 
 
 def test_the_inputs_output_folders_keep_clear_of(run_dir, monkeypatch):
