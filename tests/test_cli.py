@@ -193,6 +193,25 @@ def test_replaced_data_preprocessor_is_used(run_dir):
     assert len(seen) == 120 + 24  # every training and evaluation pair went through the replacement
 
 
+def readme_snippets_calling_main() -> list[str]:
+    """The README's Python code blocks that run the tool through compress_model.main()."""
+    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    return [block for block in blocks if "compress_model.main(" in block]
+
+
+def test_readme_scripts_calling_main_exit_with_its_code(tmp_path):
+    """A script of the README that calls main() passes its return code on: a refused run must not exit 0."""
+    snippets = readme_snippets_calling_main()
+    assert snippets  # the preprocessing hook's example
+    (tmp_path / "my.json").write_text(json.dumps({"epoch": 0}))
+    for snippet in snippets:
+        (tmp_path / "run.py").write_text(snippet)
+        result = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True,
+                                timeout=120, env={**ENV, "PYTHONPATH": str(REPO)})
+        assert result.returncode == 2, (snippet, result.stderr[-2000:])
+        assert result.stderr.strip() == "compress_model.py: error: epoch: must be at least 1, got 0"
+
+
 BAD_CONFIGS = [
     # (id, how to break the run folder, words the one-line message must contain)
     ("invalid-json", lambda d: (d / "config.json").write_text('{"epoch": 1,'), ["not valid JSON"]),
