@@ -829,6 +829,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     # Model: the teacher, and the model factorized into the student (the teacher itself by default)
     teacher, base, tokenizer = load_models(config)
     config = fit_lengths(config, teacher, base)
+    # the layers, ranks, target_ratio, feature_layers and freeze keys checked on them before the pairs are tokenized
+    decomposition.check_decomposition(teacher, base, config)
     generate = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
                 "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length,
                 "progress": config.progress and main_process}

@@ -196,6 +196,23 @@ class Decomposed:
     frozen_params: int = 0  # weights ``freeze`` keeps as they are during recovery
 
 
+def check_decomposition(teacher: nn.Module, base: nn.Module, config) -> tuple[list[str], list[str]]:
+    """(the module names factorized, the feature layers), or a one-line DecompositionError for what
+    depends on the config and the models alone: a decompose_layers, k_info, feature_layers or freeze
+    key this model does not have, a rank that saves nothing, a target_ratio out of reach, loss terms
+    that need layers a separate student has in other shapes. Cheap: ``run()`` calls it as soon as the
+    models are loaded, before the pairs are tokenized."""
+    budget = config.target_ratio is not None
+    target_layers = list(resolve_ranks(base, config.decompose_layers, 1 if budget else config.k_info))
+    if budget:
+        check_target_ratio(base, target_layers, config.target_ratio)
+    feature_layers = resolve_feature_layers(base, config.feature_layers, target_layers)
+    frozen_parameters(base, config.freeze, target_layers)
+    if base is not teacher:  # the loss terms that compare layers need layers of the same shapes
+        check_student_shapes(teacher, base, config.loss_weights, feature_layers)
+    return target_layers, feature_layers
+
+
 def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config, saved_ranks=None,
               shared: dict | None = None, progress: bool = False, say=print, cache_dir=None) -> Decomposed:
     """Factorize ``base`` (the teacher, or a separate student model) into the student, as ``config``
@@ -207,13 +224,7 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
     later runs on the same model, layers and calibration pairs. ``say`` prints progress."""
     started = time.time()
     budget = config.target_ratio is not None
-    target_layers = list(resolve_ranks(base, config.decompose_layers, 1 if budget else config.k_info))
-    if budget:
-        check_target_ratio(base, target_layers, config.target_ratio)  # before any work
-    feature_layers = resolve_feature_layers(base, config.feature_layers, target_layers)
-    frozen_parameters(base, config.freeze, target_layers)  # refused before any work
-    if base is not teacher:  # the loss terms that compare layers need layers of the same shapes
-        check_student_shapes(teacher, base, config.loss_weights, feature_layers)
+    target_layers, feature_layers = check_decomposition(teacher, base, config)  # refused before any work
 
     # calibration: the input statistics of the layers (activation init), their sensitivity (allocation)
     input_grams, errors = None, (shared or {}).get("errors")  # a sweep measures the sensitivity once

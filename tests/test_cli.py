@@ -267,6 +267,8 @@ BAD_CONFIGS = [
      ["self_attn_layer_norm.weight", "not an nn.Linear"]),
     ("rank-zero", lambda d: edit_config(d, k_info=0), ["k_info", "rank 0", "at least 1"]),
     ("rank-too-big", lambda d: edit_config(d, k_info=16), ["k_info", "16", "saves nothing", "at most"]),
+    ("target-ratio-out-of-reach", lambda d: edit_config(d, k_info=None, target_ratio=0.01),
+     ["target_ratio 0.01 is out of reach", "choose target_ratio in"]),
     ("freeze-not-a-list", lambda d: edit_config(d, freeze="model.shared.weight"), ["freeze", "model.shared.weight"]),
     ("freeze-matches-nothing", lambda d: edit_config(d, freeze=["model.decoder.layers.7.*"]),
      ["freeze: 'model.decoder.layers.7.*' matches no trainable parameter of this model", "model."]),
@@ -339,6 +341,24 @@ def test_every_float_key_refuses_a_value_that_is_not_finite(tmp_path, name, valu
     with pytest.raises(compress_model.ConfigError) as refused:
         compress_model.load_config(tmp_path / "config.json")
     assert str(refused.value) == words
+
+
+# Refusals that depend on the config and the models alone: made once the models are loaded, not after tokenizing
+MODEL_CHECKS = ["unknown-layer", "non-linear-layer", "rank-zero", "rank-too-big", "target-ratio-out-of-reach",
+                "freeze-matches-nothing", "freeze-everything", "unknown-feature-layer"]
+
+
+@pytest.mark.parametrize("case, breaks, words", [c for c in BAD_CONFIGS if c[0] in MODEL_CHECKS],
+                         ids=[c[0] for c in BAD_CONFIGS if c[0] in MODEL_CHECKS])
+def test_layer_rank_and_freeze_errors_come_before_the_pairs_are_tokenized(run_dir, capsys, monkeypatch, case, breaks,
+                                                                          words):
+    breaks(run_dir)
+
+    def tokenize(*args, **kwargs):
+        raise AssertionError("the pairs were tokenized before the refusal")
+
+    monkeypatch.setattr(data, "preprocess", tokenize)
+    refused_in_one_line(run_dir, capsys, monkeypatch, words)
 
 
 def test_the_inputs_output_folders_keep_clear_of(run_dir, monkeypatch):
