@@ -95,8 +95,14 @@ def _read(path: str, config, key: str, split: str, split_key: str):
     if local.suffix.lower() in FILE_TYPES or path.startswith((".", "/")) or path.count("/") != 1:
         also = (f" (nor {path + '.' + config.source_lang!r} + {path + '.' + config.target_lang!r})"
                 if config.source_lang and config.target_lang else "")
-        raise DataError(f"{key}: {path!r} does not exist{also}")
+        raise DataError(f"{key}: {path!r} does not exist{also}{looked_for(path)}")
     return datasets.load_dataset(path, config.dataset_config, split=split)  # a hub dataset id
+
+
+def looked_for(path: str) -> str:
+    """Where a relative ``path`` was looked for (it is read from the current folder, not the config's),
+    to end a "does not exist" message; nothing for an absolute one."""
+    return "" if os.path.isabs(path) else f" (relative to the current folder: looked for {os.path.abspath(path)!r})"
 
 
 def _read_files(kind: str, files: Sequence[Path]):

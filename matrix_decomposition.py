@@ -876,8 +876,10 @@ def load_pretrained(path: str, key: str = "model", tokenizer_kwargs: Mapping[str
         siblings = [str(p) for p in local.parent.iterdir() if p.is_dir()] if local.parent.is_dir() else []
         close = difflib.get_close_matches(str(local), siblings, n=1, cutoff=0.6)
         hint = f"; closest: {close[0]!r}" if close else ""
-        raise DecompositionError(f"{key}: {path!r} is not a folder{hint} (and not a hub id like "
-                                 f"'Helsinki-NLP/opus-mt-en-de')")
+        looked = "" if os.path.isabs(path) else \
+            f" (relative to the current folder: looked for {os.path.abspath(path)!r})"
+        raise DecompositionError(f"{key}: {path!r} is not a folder{looked}{hint}; nor a hub id like "
+                                 f"'Helsinki-NLP/opus-mt-en-de'")
     try:
         model_config = AutoConfig.from_pretrained(path)
         if not model_config.is_encoder_decoder:
@@ -892,7 +894,8 @@ def load_pretrained(path: str, key: str = "model", tokenizer_kwargs: Mapping[str
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = "" if local.is_dir() else " (no local folder of that name, so as a hub id)"
+        where = "" if local.is_dir() else f" (no folder {os.path.abspath(path)!r} relative to the current folder, " \
+                                           f"so as a hub id)"
         raise DecompositionError(f"{key}: cannot load {path!r}{where}: {first}") from None
     check_supported(model)
     return model.eval(), tokenizer

@@ -343,6 +343,31 @@ def test_every_float_key_refuses_a_value_that_is_not_finite(tmp_path, name, valu
     assert str(refused.value) == words
 
 
+RELATIVE_PATHS = [  # (key, value, the message: {cwd} is the folder the tool runs in)
+    ("dataset_path", "data/train.csv",
+     "dataset_path: 'data/train.csv' does not exist (relative to the current folder: looked for "
+     "'{cwd}/data/train.csv')"),
+    ("eval_dataset_path", "../eval.csv",
+     "eval_dataset_path: '../eval.csv' does not exist (relative to the current folder: looked for '{parent}/eval.csv')"),
+    ("teacher_model_path", "./teacher-en-de",
+     "teacher_model_path: './teacher-en-de' is not a folder (relative to the current folder: looked for "
+     "'{cwd}/teacher-en-de')"),
+    ("teacher_model_path", "models/teacher-en-de",  # the shipped config's, run from another folder: taken for a hub id
+     "teacher_model_path: cannot load 'models/teacher-en-de' (no folder '{cwd}/models/teacher-en-de' relative to the "
+     "current folder, so as a hub id)"),
+    ("dataset_path", "{cwd}/nope.csv", "dataset_path: '{cwd}/nope.csv' does not exist"),  # absolute: nothing to add
+]
+
+
+@pytest.mark.parametrize("key, value, message", RELATIVE_PATHS, ids=[f"{k}={v}" for k, v, _ in RELATIVE_PATHS])
+def test_a_missing_relative_path_says_where_it_was_looked_for(run_dir, capsys, monkeypatch, key, value, message):
+    folders = {"cwd": os.path.realpath(run_dir), "parent": os.path.dirname(os.path.realpath(run_dir))}
+    edit_config(run_dir, **{key: value.format(**folders)})
+    err = refused_in_one_line(run_dir, capsys, monkeypatch, [message.format(**folders)])
+    if os.path.isabs(value.format(**folders)):
+        assert "relative to the current folder" not in err
+
+
 # Refusals that depend on the config and the models alone: made once the models are loaded, not after tokenizing
 MODEL_CHECKS = ["unknown-layer", "non-linear-layer", "rank-zero", "rank-too-big", "target-ratio-out-of-reach",
                 "freeze-matches-nothing", "freeze-everything", "unknown-feature-layer"]
