@@ -405,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     precision = "int8" if args.int8 else "float32"
     try:
         if args.out is None and not Path(args.model).is_dir():
-            raise ExportError("--out is needed when --model is a hub id")
+            raise ExportError(f"--out is needed when --model is a hub id: {args.model!r} is no local folder (looked "
+                              f"for {os.path.abspath(args.model)!r}); give --out, or the path of a model folder")
         check_out(Path(args.out) if args.out else default_folder(args.model, precision), args.overwrite)
         out = export(args.model, args.out, precision, overwrite=args.overwrite)
     except ExportError as e:

@@ -150,6 +150,19 @@ def test_export_refuses_other_architectures_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("model", ["Helsinki-NLP/opus-mt-en-de", "models/teacher-en-dx"])
+def test_export_command_without_out_needs_a_model_folder(model, tmp_path):
+    """With no --out the export goes into the model folder: a hub id, or a mistyped folder (taken for one), is
+    refused in one line naming it and where it was looked for, before anything is loaded or written."""
+    done = subprocess.run([sys.executable, str(REPO / "onnx_export.py"), "--model", model], capture_output=True,
+                          text=True, timeout=120, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr == (f"onnx_export.py: error: --out is needed when --model is a hub id: {model!r} is no local "
+                           f"folder (looked for {str(tmp_path.resolve() / model)!r}); give --out, or the path of a "
+                           f"model folder\n")
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("case", ["not_a_model", "onnx_as_model", "folder_exists", "precision"])
 def test_export_errors(case, tiny_teacher_dir, tmp_path):
     out = tmp_path / "out"
