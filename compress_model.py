@@ -147,9 +147,11 @@ class Config:
     init: str = field(default="svd", metadata={
         "help": "factor initialization: svd (best approximation of W) | activation (SVD-LLM: best approximation "
                 "of each layer's outputs on calibration_samples training pairs; for a token embedding, of its vectors "
-                "weighted by how often each token occurs there, and of the logits of the output projection tied to it)"})
+                "weighted by how often each token occurs there, and of the logits of the output projection tied to it) | "
+                "fisher (activation, with each linear's output rows weighted by their Fisher information, the squared "
+                "gradients of the teacher's cross-entropy on those pairs, as Fisher-weighted SVD does)"})
     calibration_samples: int = field(default=256, metadata={
-        "help": "training pairs the activation init and the sensitivity allocation measure on"})
+        "help": "training pairs the activation (and fisher) init and the sensitivity allocation measure on"})
 
     feature_layers: list[str] = field(default_factory=list, metadata={
         "help": "layers whose outputs the feature loss matches; [] = every decomposed layer"})
@@ -276,7 +278,7 @@ class Config:
             raise ConfigError("warmup_ratio and label_smoothing must be below 1, got "
                               f"{self.warmup_ratio} and {self.label_smoothing}")
         choices = {"svd": ("auto", "exact", "lowrank"), "mixed_precision": ("no", "fp16", "bf16"),
-                   "init": ("svd", "activation"), "rank_allocation": ("sensitivity", "spectrum")}
+                   "init": ("svd", "activation", "fisher"), "rank_allocation": ("sensitivity", "spectrum")}
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name}: {getattr(self, name)!r} is not one of {', '.join(allowed)}")

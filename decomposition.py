@@ -24,6 +24,7 @@ from functools import partial
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import DataLoader
 from transformers import DataCollatorForSeq2Seq
 
@@ -231,10 +232,12 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
     cached_seconds = 0.0
     reused = saved_ranks if budget else None  # an allocation is measured once per run
     sensitivity = budget and config.rank_allocation == "sensitivity" and not reused and errors is None
-    if config.init == "activation" or sensitivity:
+    if config.init in ("activation", "fisher") or sensitivity:
         batches = calibration_batches(train_set, tokenizer, config.calibration_samples, config.batch_size)
-    if config.init == "activation":
+    if config.init in ("activation", "fisher"):
         input_grams = gather_input_grams(base, target_layers, batches)
+    if config.init == "fisher":
+        input_grams = fisher_weighted(input_grams, gather_fisher_rows(base, target_layers, batches))
     if sensitivity:
         measured = time.time()
         errors, stored = stored_sensitivity_errors(base, target_layers, batches, cache_dir, svd=config.svd,
@@ -339,6 +342,59 @@ def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[
         output_gram = head_gram / max(positions[0], 1) if name in tied else None
         grams[name] = embedding_weighting(counts[name], output_gram)
     return grams
+
+
+def gather_fisher_rows(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
+    """For each named ``nn.Linear`` of ``model``, the Fisher information of its output rows (n,), float64:
+    the squared gradient of the model's cross-entropy on each of ``batches`` (teacher-forced, summed over
+    real target tokens), summed over the row's weights and the batches, as Fisher-weighted SVD (Hsu et al.,
+    ICLR 2022) estimates it. A row whose errors change the loss more weighs more in the factorization
+    (``fisher_weighted``). Only these weights take gradients, and their ``requires_grad`` is restored."""
+    linears = {name: model.get_submodule(name) for name in names if isinstance(model.get_submodule(name), nn.Linear)}
+    rows = {name: torch.zeros(linear.out_features, dtype=torch.float64) for name, linear in linears.items()}
+    if not linears:
+        return rows
+    flags = {p: p.requires_grad for p in model.parameters()}
+    weights = [linear.weight for linear in linears.values()]
+    was_training = model.training
+    model.eval()
+    device = weights[0].device
+    try:
+        for param in flags:
+            param.requires_grad_(False)
+        for weight in weights:
+            weight.requires_grad_(True)
+        with torch.enable_grad():
+            for batch in batches:
+                batch = {k: v.to(device) for k, v in batch.items()}
+                logits = teacher_forced(model, batch).logits  # (B, T, V)
+                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
+                                       ignore_index=IGNORE_INDEX, reduction="sum")
+                for name, grad in zip(linears, torch.autograd.grad(loss, weights)):
+                    rows[name] += grad.double().square().sum(dim=1).cpu()  # (n,)
+    finally:
+        for param, flag in flags.items():
+            param.requires_grad_(flag)
+        model.train(was_training)
+    return rows
+
+
+def fisher_weighted(input_grams: Mapping[str, torch.Tensor | Weighting],
+                    fisher_rows: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | Weighting]:
+    """The activation init's statistics with each linear's rows weighted by √(its Fisher information),
+    scaled to a mean of 1 and kept above 1e-3 of it (a row no calibration token moved still counts a
+    little): the factors minimize ‖diag(√F)·(W − Ŵ)·L‖_F, with L·Lᵀ the inputs' Gram matrix. A token
+    embedding keeps its own weighting."""
+    weighted = dict(input_grams)
+    for name, fisher in fisher_rows.items():
+        rows = fisher.double().sqrt()
+        mean = rows.mean()
+        if not (torch.isfinite(mean) and mean > 0):  # no gradient reached the layer: the activation init alone
+            continue
+        rows = (rows / mean).clamp(min=1e-3)
+        gram = input_grams.get(name)
+        weighted[name] = Weighting(gram=gram.gram if isinstance(gram, Weighting) else gram, rows=rows)
+    return weighted
 
 
 def _input_embeddings(stack: nn.Module | None) -> nn.Module | None:

@@ -187,6 +187,70 @@ def test_activation_init_on_a_model_lowers_every_layers_output_error(make_tiny_m
     assert errors["aware"] < 0.9 * errors["plain"], errors
 
 
+def test_fisher_rows_are_the_squared_gradients_of_the_cross_entropy(make_tiny_marian, calibration):
+    """Per output row: Σ over batches of Σ_j (∂L/∂W_ij)², L the summed cross-entropy of the real target
+    tokens, computed here with plain autograd on a copy; the model's requires_grad flags and weights stay."""
+    model = make_tiny_marian()
+    model.requires_grad_(False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    names = [ENC_Q1, DEC_Q0, DEC_CROSS_K1]
+    rows = decomposition.gather_fisher_rows(model, names, calibration)
+    assert all(not p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+
+    copy_ = make_tiny_marian()
+    copy_.load_state_dict(model.state_dict())
+    copy_.eval()
+    expected = {name: torch.zeros(copy_.get_submodule(name).out_features, dtype=torch.float64) for name in names}
+    for b in calibration:
+        copy_.zero_grad()
+        logits = copy_(input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+                       decoder_input_ids=copy_.prepare_decoder_input_ids_from_labels(labels=b["labels"])).logits
+        nn.functional.cross_entropy(logits.flatten(0, 1), b["labels"].flatten(), ignore_index=-100,
+                                    reduction="sum").backward()
+        for name in names:
+            expected[name] += copy_.get_submodule(name).weight.grad.double().square().sum(dim=1)
+    assert set(rows) == set(names)
+    for name in names:
+        torch.testing.assert_close(rows[name], expected[name], rtol=1e-5, atol=1e-12)
+        assert (rows[name] > 0).all()
+
+
+def test_fisher_init_minimizes_the_fisher_weighted_output_error(make_tiny_marian, calibration):
+    """init "fisher": each linear's factors have the least ‖diag(√F)·(W − Ŵ)·L‖_F (L·Lᵀ = XᵀX) of rank r, so
+    no more than the activation init's, which ignores F; and less of it summed over the layers."""
+    teacher = make_tiny_marian()
+    names = default_targets(teacher)
+    grams = decomposition.gather_input_grams(teacher, names, calibration)
+    fisher = decomposition.gather_fisher_rows(teacher, names, calibration)
+    weighted = decomposition.fisher_weighted(grams, fisher)
+    assert all(isinstance(w, matrix_decomposition.Weighting) for w in weighted.values())
+    assert all(torch.equal(weighted[n].gram, grams[n]) for n in names)
+    assert all(abs(weighted[n].rows.mean().item() - 1) < 1e-9 or weighted[n].rows.min() == 1e-3 for n in names)
+    aware, _ = decomposition.build_student(teacher, [], 3, "exact", input_grams=grams)
+    fisher_student, _ = decomposition.build_student(teacher, [], 3, "exact", input_grams=weighted)
+    assert init_notes(fisher_student) == {}
+    totals = {"aware": 0.0, "fisher": 0.0}
+    for name in names:
+        weight = teacher.get_submodule(name).weight.detach().double()
+        rows = weighted[name].rows[:, None]
+        error = {}
+        for kind, student in (("aware", aware), ("fisher", fisher_student)):
+            e = rows * (weight - student.get_submodule(name).weight.detach().double())  # diag(√F)·(W − Ŵ)
+            error[kind] = torch.trace(e @ grams[name] @ e.T).sqrt().item()
+            totals[kind] += error[kind]
+        assert error["fisher"] <= error["aware"] * (1 + 1e-6), name
+    assert totals["fisher"] < 0.95 * totals["aware"], totals
+
+
+def test_fisher_weighting_skips_a_layer_no_gradient_reached():
+    gram = torch.eye(4, dtype=torch.float64)
+    weighted = decomposition.fisher_weighted({"a": gram, "b": gram}, {"a": torch.zeros(3, dtype=torch.float64),
+                                                                    "b": torch.tensor([4.0, 0.0, 1.0], dtype=torch.float64)})
+    assert weighted["a"] is gram  # the activation init alone
+    torch.testing.assert_close(weighted["b"].rows, torch.tensor([2.0, 1e-3, 1.0], dtype=torch.float64))
+
+
 def test_missing_grams_fall_back_per_layer(make_tiny_marian):
     model = make_tiny_marian()
     fc1 = "model.encoder.layers.0.fc1"
@@ -769,6 +833,29 @@ def test_cli_activation_init(run_dir, monkeypatch, capsys):
     assert len(grams) == len(report["ranks"]) == 32
     assert all(g is not None and g.shape[0] == g.shape[1] and g.abs().sum() > 0 for g in grams)
     assert "(activation init)" in capsys.readouterr().out
+
+
+def test_cli_fisher_init(run_dir, monkeypatch, capsys):
+    """init "fisher" gathers the grams and the Fisher rows on the same calibration pairs and hands every
+    factorized linear a Weighting with both."""
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, init="fisher", calibration_samples=32)
+    seen = []
+    real = decomposition.gather_fisher_rows
+    monkeypatch.setattr(decomposition, "gather_fisher_rows",
+                        lambda model, names, batches: seen.append(sum(len(b["input_ids"]) for b in batches))
+                        or real(model, names, batches))
+    given = []
+    real_factors = matrix_decomposition.low_rank_factors
+    monkeypatch.setattr(matrix_decomposition, "low_rank_factors", lambda weight, rank, svd="auto", input_gram=None:
+                        given.append(input_gram) or real_factors(weight, rank, svd, input_gram))
+    assert compress_model.main(["--config", "config.json"]) == 0
+    report = json.loads((run_dir / "out" / "report.json").read_text())
+    assert report["init"] == "fisher" and report["init_notes"] == {} and seen == [32]
+    assert len(given) == len(report["ranks"]) == 32
+    assert all(isinstance(w, matrix_decomposition.Weighting) and w.gram is not None and w.rows is not None
+               for w in given)
+    assert "(fisher init)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("allocation", ["sensitivity", "spectrum"])
