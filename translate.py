@@ -8,7 +8,8 @@
 works too) or an ONNX export of one (``onnx_export.py``; recognised by its ``onnx_export.json``).
 ``--backend onnx`` on a model folder uses its ``onnx`` (or, with ``--int8``, ``onnx-int8``) export.
 Sentences are sorted by length and translated in batches; the output keeps the input's order,
-and an empty line stays an empty line. Greedy search by default, beam search with ``--num-beams``.
+and an empty line stays an empty line. A sentence longer than the model's positions is cut to them
+(one warning says which lines were). Greedy search by default, beam search with ``--num-beams``.
 
 The compression run translates with the same code: ``translate`` (a PyTorch model in memory,
 token ids or sentences) for its BLEU evaluations (``evaluation``) and the teacher's translations of
@@ -192,6 +193,7 @@ class TorchTranslator:
 
     def __init__(self, model, tokenizer) -> None:
         self.model, self.tokenizer = model, tokenizer
+        self.max_positions = getattr(model.config, "max_position_embeddings", None)  # None: unlimited
 
     @classmethod
     def load(cls, path: str | os.PathLike, threads: int = 1) -> "TorchTranslator":
@@ -209,6 +211,9 @@ class TorchTranslator:
                  min_new_tokens: int = 0) -> list[list[int]]:
         import torch
 
+        if self.max_positions:  # the decoder reads position k to choose token k + 1: no more than it has
+            max_new_tokens = min(max_new_tokens, self.max_positions)
+            min_new_tokens = min(min_new_tokens, max_new_tokens)
         device = next(self.model.parameters()).device
         at_least = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}  # else the model's own min_length
         with torch.no_grad():  # not inference_mode: a model in memory may be trained afterwards
@@ -241,15 +246,37 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
 
 
 def translate_lines(translator, sentences: Sequence[str], batch_size: int = 32, num_beams: int = 1,
-                    max_new_tokens: int = 128, max_source_length: int = 512, progress: bool | None = None) -> list[str]:
-    """Translations of ``sentences`` in their order (empty ones stay empty); see ``translate_ids``."""
+                    max_new_tokens: int = 128, max_source_length: int = 512, progress: bool | None = None,
+                    warn=None) -> list[str]:
+    """Translations of ``sentences`` in their order (empty ones stay empty); see ``translate_ids``.
+    A sentence of more tokens than the model has positions (or than ``max_source_length``) is cut to
+    them, and ``warn`` (default: a line on standard error) is told in one line how many were."""
+    limit = min(max_source_length, translator.max_positions or max_source_length)
     todo = [i for i, s in enumerate(sentences) if s.strip()]
-    ids = translator.tokenizer([sentences[i] for i in todo], truncation=True,
-                               max_length=max_source_length)["input_ids"] if todo else []
+    texts = [sentences[i] for i in todo]
+    tokenizer = translator.tokenizer
+    ids = tokenizer(texts, truncation=True, max_length=limit + 1)["input_ids"] if todo else []
+    long = [k for k, x in enumerate(ids) if len(x) > limit]  # longer than the model reads
+    if long:  # tokenized again by the tokenizer's own truncation, which keeps the end-of-sentence token
+        for k, x in zip(long, tokenizer([texts[k] for k in long], truncation=True, max_length=limit)["input_ids"]):
+            ids[k] = x
+        (warn or _warn)(truncated_message([todo[k] + 1 for k in long], limit))
     out = [""] * len(sentences)
     for i, text in zip(todo, translate_ids(translator, ids, batch_size, num_beams, max_new_tokens, progress)):
         out[i] = text
     return out
+
+
+def truncated_message(lines: Sequence[int], limit: int) -> str:
+    """The warning for sources cut to ``limit`` tokens: how many, and the first of their line numbers."""
+    shown = ", ".join(map(str, lines[:5])) + (f" and {len(lines) - 5} more" if len(lines) > 5 else "")
+    many = len(lines) > 1
+    return (f"{len(lines)} line{'s' if many else ''} (line{'s' if many else ''} {shown}) had more tokens than the "
+            f"model reads and {'were' if many else 'was'} cut to the first {limit}; the rest is not translated")
+
+
+def _warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
 
 
 def translate_ids(translator, inputs: Sequence[Sequence[int]], batch_size: int = 32, num_beams: int = 1,
@@ -309,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--int8", action="store_true", help="with --backend onnx: use the model's onnx-int8 export")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default 32)")
     parser.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); more = beam search")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest translation in tokens (default 256)")
+    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest translation in tokens (default 256; at most the model's positions)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: robust when other jobs share the cores; raise it on a dedicated machine)")
     parser.add_argument("--input", default="-", help="input file, one sentence per line (default: standard input)")
@@ -332,7 +359,8 @@ def main(argv: list[str] | None = None) -> int:
         if lines and lines[-1] == "":
             lines.pop()
         translations = translate_lines(translator, lines, args.batch_size, args.num_beams, args.max_new_tokens,
-                                       progress=args.progress)
+                                       progress=args.progress,
+                                       warn=lambda message: print(f"translate.py: warning: {message}", file=sys.stderr))
         result = "".join(t + "\n" for t in translations)
         if args.output == "-":
             sys.stdout.write(result)

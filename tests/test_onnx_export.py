@@ -224,3 +224,51 @@ def test_translate_command_input_and_output_errors(case, tiny_teacher_dir, tmp_p
     assert done.returncode == 2 and "Traceback" not in err and err.count("\n") == 1, err
     assert expected in err
     assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_a_line_longer_than_the_model_reads_is_cut_with_one_warning(backend, tiny_teacher_dir, tmp_path):
+    """The tiny model has 64 positions: a longer source is cut to 64 tokens (ending with </s>) instead of
+    crashing the batch, every line is translated, and one warning says how many lines were cut, and where."""
+    model = tiny_teacher_dir if backend == "torch" else export(tiny_teacher_dir, tmp_path / "onnx")
+    translator = load_translator(model)
+    assert translator.max_positions == 64
+    long = " ".join(["I like tea and the dog is happy."] * 20)
+    assert len(translator.tokenizer(long)["input_ids"]) > 64
+    warnings = []
+    out = translate_lines(translator, ["Hello.", long, "", long], max_new_tokens=4, warn=warnings.append)
+    assert len(out) == 4 and out[0] and out[1] and out[2] == "" and out[3]
+    assert warnings == ["2 lines (lines 2, 4) had more tokens than the model reads and were cut to the first 64; "
+                        "the rest is not translated"]
+    cut = translator.tokenizer(long, truncation=True, max_length=64)["input_ids"]
+    assert len(cut) == 64 and cut[-1] == translator.tokenizer.eos_token_id
+    assert out[1] == translate_ids_of(translator, cut)
+    quiet = []
+    assert translate_lines(translator, ["Hello."], max_new_tokens=4, warn=quiet.append) == out[:1] and not quiet
+
+
+def translate_ids_of(translator, ids) -> str:
+    from translate import translate_ids
+
+    return translate_ids(translator, [ids], max_new_tokens=4)[0]
+
+
+def test_translate_command_cuts_a_long_line_and_keeps_every_line(tiny_teacher_dir, tmp_path):
+    lines = ["Hello.", " ".join(["I like tea and the dog is happy."] * 20), "Tom is here."]
+    (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
+    done = subprocess.run([sys.executable, str(REPO / "translate.py"), "--model", str(tiny_teacher_dir),
+                           "--max-new-tokens", "4", "--input", "in.txt", "--output", "out.txt"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ("translate.py: warning: 1 line (line 2) had more tokens than the model reads and was cut "
+                           "to the first 64; the rest is not translated\n")
+    assert len((tmp_path / "out.txt").read_text().split("\n")[:-1]) == 3
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_generation_asks_no_more_tokens_than_the_decoder_has_positions(backend, tiny_teacher_dir, tmp_path):
+    model = tiny_teacher_dir if backend == "torch" else export(tiny_teacher_dir, tmp_path / "onnx")
+    translator = load_translator(model)
+    ids = np.array([translator.tokenizer("Hello.")["input_ids"]], dtype=np.int64)
+    out = translator.generate(ids, np.ones_like(ids), max_new_tokens=500, min_new_tokens=500)  # no early </s>
+    assert len(out[0]) == 64
