@@ -354,6 +354,9 @@ def main(argv: list[str] | None = None) -> int:
             raise TranslateError(f"--input: {args.input!r} is not a file")
         _check_output(args.output)  # before the model is loaded and the input translated
         translator = load_translator(args.model, args.backend, args.threads, args.int8)
+        if args.input == "-" and sys.stdin.isatty():  # else it would wait for the end of input in silence
+            print("translate.py: reading sentences from standard input, one per line; end with Ctrl-D (Ctrl-Z Enter "
+                  "on Windows), or give --input FILE", file=sys.stderr, flush=True)
         text = _read_text(args.input)
         lines = text.split("\n")
         if lines and lines[-1] == "":

@@ -272,3 +272,30 @@ def test_generation_asks_no_more_tokens_than_the_decoder_has_positions(backend, 
     ids = np.array([translator.tokenizer("Hello.")["input_ids"]], dtype=np.int64)
     out = translator.generate(ids, np.ones_like(ids), max_new_tokens=500, min_new_tokens=500)  # no early </s>
     assert len(out[0]) == 64
+
+
+class _Stdin:
+    """Standard input holding ``data``, a terminal or not."""
+
+    def __init__(self, data: bytes, tty: bool):
+        import io
+
+        self.buffer, self.tty = io.BytesIO(data), tty
+
+    def isatty(self) -> bool:
+        return self.tty
+
+
+@pytest.mark.parametrize("tty", [True, False])
+def test_translate_command_says_it_reads_a_terminal(tty, tiny_teacher_dir, monkeypatch, capsys):
+    """Typed sentences are read until Ctrl-D: with no --input and a terminal on standard input, one line on
+    stderr says so (else the command seems to hang); piped input gets no such line."""
+    import translate
+
+    monkeypatch.setattr(sys, "stdin", _Stdin(b"Hello.\nTom is here.\n", tty))
+    assert translate.main(["--model", str(tiny_teacher_dir), "--max-new-tokens", "4"]) == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.split("\n")[:-1]) == 2
+    hint = ("translate.py: reading sentences from standard input, one per line; end with Ctrl-D (Ctrl-Z Enter on "
+            "Windows), or give --input FILE\n")
+    assert captured.err == (hint if tty else "")
