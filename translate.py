@@ -345,8 +345,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="progress bar on standard error (default: when it is a terminal)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_()
+    writing = False  # the translations are going to standard output
     try:
+        quiet_()  # imports transformers: Ctrl-C may come already
         for name in ("batch_size", "num_beams", "max_new_tokens"):
             if getattr(args, name) < 1:
                 raise TranslateError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be at least 1")
@@ -366,12 +367,18 @@ def main(argv: list[str] | None = None) -> int:
                                        warn=lambda message: print(f"translate.py: warning: {message}", file=sys.stderr))
         result = "".join(t + "\n" for t in translations)
         if args.output == "-":
+            writing = True
             sys.stdout.write(result)
         else:
             _write_atomically(Path(args.output), result)
     except TranslateError as e:
         print(f"translate.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line saying what was written, not a traceback (as compress_model.py)
+        what = ("while writing to standard output" if writing else "nothing written to standard output") \
+            if args.output == "-" else f"nothing written to {args.output!r}"
+        print(f"translate.py: interrupted; {what}", file=sys.stderr, flush=True)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     return 0
 
 
@@ -405,10 +412,17 @@ def _write_atomically(path: Path, text: str) -> None:
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)
-    except OSError as e:
+    except BaseException as e:  # Ctrl-C included
         tmp.unlink(missing_ok=True)
-        raise TranslateError(f"--output: cannot write {str(path)!r}: {e.strerror or e}") from None
+        if isinstance(e, OSError):
+            raise TranslateError(f"--output: cannot write {str(path)!r}: {e.strerror or e}") from None
+        raise
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:  # interrupted: leave at once, not waiting for threads a library left running
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -299,3 +299,29 @@ def test_translate_command_says_it_reads_a_terminal(tty, tiny_teacher_dir, monke
     hint = ("translate.py: reading sentences from standard input, one per line; end with Ctrl-D (Ctrl-Z Enter on "
             "Windows), or give --input FILE\n")
     assert captured.err == (hint if tty else "")
+
+
+@pytest.mark.parametrize("case", ["torch", "onnx", "stdout", "writing_the_output"])
+def test_translate_command_interrupted_says_so_in_one_line(case, tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C (while translating, on either backend, or while the output is written): exit 130 after one
+    line, no traceback, no --output file and no temporary file beside it."""
+    import translate
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    model = export(tiny_teacher_dir, tmp_path / "onnx") if case == "onnx" else tiny_teacher_dir
+    (tmp_path / "in.txt").write_text("Hello.\nTom is here.\n")
+    if case == "writing_the_output":
+        monkeypatch.setattr(translate.os, "replace", interrupt)
+    else:
+        monkeypatch.setattr(translate.OnnxTranslator if case == "onnx" else translate.TorchTranslator, "generate",
+                            interrupt)
+    monkeypatch.chdir(tmp_path)
+    before = sorted(tmp_path.rglob("*"))
+    output = ["--output", "out.txt"] if case != "stdout" else []
+    assert translate.main(["--model", str(model), "--input", "in.txt", *output]) == 130
+    captured = capsys.readouterr()
+    where = "standard output" if case == "stdout" else "'out.txt'"
+    assert captured.err == f"translate.py: interrupted; nothing written to {where}\n" and captured.out == ""
+    assert sorted(tmp_path.rglob("*")) == before
