@@ -401,20 +401,31 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    quiet_()
     precision = "int8" if args.int8 else "float32"
+    target = Path(args.out) if args.out else default_folder(args.model, precision)
+    existed = target.exists()
     try:
+        quiet_()  # imports transformers: Ctrl-C may come already
         if args.out is None and not Path(args.model).is_dir():
             raise ExportError(f"--out is needed when --model is a hub id: {args.model!r} is no local folder (looked "
                               f"for {os.path.abspath(args.model)!r}); give --out, or the path of a model folder")
-        check_out(Path(args.out) if args.out else default_folder(args.model, precision), args.overwrite)
+        check_out(target, args.overwrite)
         out = export(args.model, args.out, precision, overwrite=args.overwrite)
     except ExportError as e:
         print(f"onnx_export.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (as compress_model.py); export() removed its work
+        what = f"{str(target)!r} is left as it was" if existed else f"nothing written to {str(target)!r}"
+        print(f"onnx_export.py: interrupted; {what}", file=sys.stderr, flush=True)
+        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     print(f"exported to {out}")
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 130:  # interrupted: leave at once, not waiting for threads a library left running
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

@@ -325,3 +325,41 @@ def test_translate_command_interrupted_says_so_in_one_line(case, tiny_teacher_di
     where = "standard output" if case == "stdout" else "'out.txt'"
     assert captured.err == f"translate.py: interrupted; nothing written to {where}\n" and captured.out == ""
     assert sorted(tmp_path.rglob("*")) == before
+
+
+@pytest.mark.parametrize("stage", ["_export_graphs", "_quantize", "save_pretrained"])
+def test_export_command_interrupted_says_so_in_one_line(stage, tiny_teacher_dir, monkeypatch, capsys):
+    """Ctrl-C during an export: exit 130 after one line, no traceback, and the model folder as it was
+    (no onnx-int8 folder, no temporary folder)."""
+    import onnx_export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if stage == "save_pretrained":  # the last step before the folder is moved into place
+        from transformers import PreTrainedTokenizerBase
+
+        monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", interrupt)
+    else:
+        monkeypatch.setattr(onnx_export, stage, interrupt)
+    before = sorted(tiny_teacher_dir.rglob("*"))
+    assert onnx_export.main(["--model", str(tiny_teacher_dir), "--int8"]) == 130
+    captured = capsys.readouterr()
+    assert captured.err == f"onnx_export.py: interrupted; nothing written to {str(tiny_teacher_dir / 'onnx-int8')!r}\n"
+    assert captured.out == "" and sorted(tiny_teacher_dir.rglob("*")) == before
+
+
+def test_export_command_interrupted_over_an_earlier_export_leaves_it(tiny_teacher_dir, monkeypatch, capsys):
+    import onnx_export
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    export(tiny_teacher_dir)
+    before = {p: p.read_bytes() for p in (tiny_teacher_dir / "onnx").iterdir()}
+    monkeypatch.setattr(onnx_export, "_verify", interrupt)
+    assert onnx_export.main(["--model", str(tiny_teacher_dir), "--overwrite"]) == 130
+    assert capsys.readouterr().err == (f"onnx_export.py: interrupted; {str(tiny_teacher_dir / 'onnx')!r} is left as "
+                                       f"it was\n")
+    assert {p: p.read_bytes() for p in (tiny_teacher_dir / "onnx").iterdir()} == before
+    assert sorted(p.name for p in tiny_teacher_dir.iterdir() if p.name.startswith(".")) == []
