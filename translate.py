@@ -234,9 +234,15 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
     exported = (folder / EXPORT_INFO).is_file()
     if backend == "onnx" and not exported:
         candidate = default_folder(folder, "int8" if int8 else "float32")
+        other = default_folder(folder, "float32" if int8 else "int8")
         if not (candidate / EXPORT_INFO).is_file():
+            command = f"run: python onnx_export.py --model {folder}{' --int8' if int8 else ''}"
+            if (other / EXPORT_INFO).is_file():  # the other precision is there: perhaps that was meant
+                raise TranslateError(f"--backend onnx{' --int8' if int8 else ''}: {str(folder)!r} has no "
+                                     f"{candidate.name}/ export but has {other.name}/: "
+                                     f"{'leave out' if int8 else 'add'} --int8 to use it, or {command}")
             raise TranslateError(f"--backend onnx: {str(folder)!r} is not an ONNX export and has no {candidate.name}/ "
-                                 f"export; run: python onnx_export.py --model {folder}{' --int8' if int8 else ''}")
+                                 f"export; {command}")
         folder, exported = candidate, True
     if backend == "torch" and exported:
         raise TranslateError(f"--backend torch: {str(folder)!r} is an ONNX export; give the model folder it came from")

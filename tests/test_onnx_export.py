@@ -363,3 +363,16 @@ def test_export_command_interrupted_over_an_earlier_export_leaves_it(tiny_teache
                                        f"it was\n")
     assert {p: p.read_bytes() for p in (tiny_teacher_dir / "onnx").iterdir()} == before
     assert sorted(p.name for p in tiny_teacher_dir.iterdir() if p.name.startswith(".")) == []
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_backend_onnx_points_to_the_export_the_folder_has(int8, tiny_teacher_dir):
+    """--backend onnx without --int8 on a folder with only onnx-int8/ says to add --int8 (and the other way round)."""
+    export(tiny_teacher_dir, precision="float32" if int8 else "int8")
+    flag = " --int8" if int8 else ""
+    with pytest.raises(TranslateError) as refused:
+        load_translator(tiny_teacher_dir, "onnx", int8=int8)
+    assert str(refused.value) == (
+        f"--backend onnx{flag}: {str(tiny_teacher_dir)!r} has no {'onnx-int8' if int8 else 'onnx'}/ export but has "
+        f"{'onnx' if int8 else 'onnx-int8'}/: {'leave out' if int8 else 'add'} --int8 to use it, or run: python "
+        f"onnx_export.py --model {tiny_teacher_dir}{flag}")
