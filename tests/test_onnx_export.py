@@ -376,3 +376,31 @@ def test_backend_onnx_points_to_the_export_the_folder_has(int8, tiny_teacher_dir
         f"--backend onnx{flag}: {str(tiny_teacher_dir)!r} has no {'onnx-int8' if int8 else 'onnx'}/ export but has "
         f"{'onnx' if int8 else 'onnx-int8'}/: {'leave out' if int8 else 'add'} --int8 to use it, or run: python "
         f"onnx_export.py --model {tiny_teacher_dir}{flag}")
+
+
+def test_readme_deploying_commands_work_as_written_after_the_default_job():
+    """The Deploying section's commands, run in order after the default job (which exported its student
+    into onnx/ and onnx-int8/ of its output folder): no export aims at a folder that job wrote (refused
+    without --overwrite), and every folder translated is one that job or an earlier command wrote."""
+    import re
+    import shlex
+    from pathlib import Path
+
+    from onnx_export import default_folder
+
+    config = json.loads((REPO / "config.json").read_text())
+    written = {Path(config["output_path"]) / name for name in config["export"]}
+    section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Deploying\n")[1].split("\n## ")[0]
+    lines = [shlex.split(line.split("#")[0].split("<")[0]) for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+             for line in block.splitlines() if line.startswith("python ")]
+    exports = [args for args in lines if args[1] == "onnx_export.py"]
+    assert exports and [args for args in lines if args[1] == "translate.py"]
+    for args in lines:
+        model = args[args.index("--model") + 1]
+        if args[1] == "translate.py":
+            assert Path(model) in written, args
+            continue
+        out = Path(args[args.index("--out") + 1]) if "--out" in args else default_folder(
+            model, "int8" if "--int8" in args else "float32")
+        assert out not in written or "--overwrite" in args, args
+        written.add(out)
