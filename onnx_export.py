@@ -394,7 +394,9 @@ def load_model(path: str):
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog = os.path.basename(sys.argv[0]) if argv is None else "onnx_export.py"  # or md-export-onnx
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a folder written by compress_model.py, a MarianMT folder or hub id")
     parser.add_argument("--out", default=None, help="output folder (default: <model>/onnx or <model>/onnx-int8)")
     parser.add_argument("--int8", action="store_true", help="quantize the weights to int8 (ONNX Runtime dynamic quantization)")
@@ -412,11 +414,11 @@ def main(argv: list[str] | None = None) -> int:
         check_out(target, args.overwrite)
         out = export(args.model, args.out, precision, overwrite=args.overwrite)
     except ExportError as e:
-        print(f"onnx_export.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback (as compress_model.py); export() removed its work
         what = f"{str(target)!r} is left as it was" if existed else f"nothing written to {str(target)!r}"
-        print(f"onnx_export.py: interrupted; {what}", file=sys.stderr, flush=True)
+        print(f"{prog}: interrupted; {what}", file=sys.stderr, flush=True)
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     print(f"exported to {out}")
     return 0

@@ -336,13 +336,16 @@ def folder_mb(folder: str | os.PathLike) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    prog = os.path.basename(sys.argv[0]) if argv is None else "translate.py"  # or md-translate
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a folder written by compress_model.py, or its ONNX export")
     parser.add_argument("--backend", default="auto", help="auto (by the folder) / torch / onnx")
     parser.add_argument("--int8", action="store_true", help="with --backend onnx: use the model's onnx-int8 export")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default 32)")
     parser.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); more = beam search")
-    parser.add_argument("--max-new-tokens", type=int, default=256, help="longest translation in tokens (default 256; at most the model's positions)")
+    parser.add_argument("--max-new-tokens", type=int, default=256,
+                        help="longest translation in tokens (default 256; at most the model's positions)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: robust when other jobs share the cores; raise it on a dedicated machine)")
     parser.add_argument("--input", default="-", help="input file, one sentence per line (default: standard input)")
@@ -362,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         _check_output(args.output)  # before the model is loaded and the input translated
         translator = load_translator(args.model, args.backend, args.threads, args.int8)
         if args.input == "-" and sys.stdin.isatty():  # else it would wait for the end of input in silence
-            print("translate.py: reading sentences from standard input, one per line; end with Ctrl-D (Ctrl-Z Enter "
+            print(f"{prog}: reading sentences from standard input, one per line; end with Ctrl-D (Ctrl-Z Enter "
                   "on Windows), or give --input FILE", file=sys.stderr, flush=True)
         text = _read_text(args.input)
         lines = text.split("\n")
@@ -370,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
             lines.pop()
         translations = translate_lines(translator, lines, args.batch_size, args.num_beams, args.max_new_tokens,
                                        progress=args.progress,
-                                       warn=lambda message: print(f"translate.py: warning: {message}", file=sys.stderr))
+                                       warn=lambda message: print(f"{prog}: warning: {message}", file=sys.stderr))
         result = "".join(t + "\n" for t in translations)
         if args.output == "-":
             writing = True
@@ -378,12 +381,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             _write_atomically(Path(args.output), result)
     except TranslateError as e:
-        print(f"translate.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C: one line saying what was written, not a traceback (as compress_model.py)
         what = ("while writing to standard output" if writing else "nothing written to standard output") \
             if args.output == "-" else f"nothing written to {args.output!r}"
-        print(f"translate.py: interrupted; {what}", file=sys.stderr, flush=True)
+        print(f"{prog}: interrupted; {what}", file=sys.stderr, flush=True)
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     return 0
 

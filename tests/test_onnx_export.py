@@ -404,3 +404,16 @@ def test_readme_deploying_commands_work_as_written_after_the_default_job():
             model, "int8" if "--int8" in args else "float32")
         assert out not in written or "--overwrite" in args, args
         written.add(out)
+
+
+@pytest.mark.parametrize("command", ["md-translate", "md-export-onnx"])
+def test_installed_commands_name_themselves_in_errors(command, tmp_path, monkeypatch, capsys):
+    """Run as its console entry point, a command's one-line error starts with that command's name."""
+    import onnx_export
+    import translate
+
+    monkeypatch.setattr(sys, "argv", [f"/usr/local/bin/{command}", "--model", str(tmp_path / "nowhere"),
+                                      *(["--out", str(tmp_path / "out")] if command == "md-export-onnx" else [])])
+    assert (translate if command == "md-translate" else onnx_export).main() == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{command}: error: ") and err.count("\n") == 1 and "nowhere" in err, err
