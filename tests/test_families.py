@@ -195,6 +195,22 @@ def test_activation_init_and_sensitivity_allocation(family, tiny_tokenizer, batc
 
 
 @pytest.mark.parametrize("family", CASES)
+def test_fisher_init(family, tiny_tokenizer, batches):
+    """init "fisher" on every family: a gradient reaches every linear of the layers, and the weighted
+    factorization builds without falling back."""
+    teacher = family.make(tiny_tokenizer)
+    linears = default_targets(teacher)
+    flags = [p.requires_grad for p in teacher.parameters()]
+    fisher = decomposition.gather_fisher_rows(teacher, linears, batches)
+    assert [p.requires_grad for p in teacher.parameters()] == flags
+    assert set(fisher) == set(linears) and all(torch.isfinite(f).all() and f.sum() > 0 for f in fisher.values())
+    weighted = decomposition.fisher_weighted(decomposition.gather_input_grams(teacher, linears, batches), fisher)
+    assert all(isinstance(weighted[n], matrix_decomposition.Weighting) for n in linears)
+    student, _ = decomposition.build_student(teacher, linears, RANK, input_grams=weighted)
+    assert init_notes(student) == {}
+
+
+@pytest.mark.parametrize("family", CASES)
 def test_distill_save_and_reload_identical(family, tiny_tokenizer, train_set, batches, tmp_path):
     teacher = family.make(tiny_tokenizer)
     student, ranks = decomposition.build_student(teacher, ["*"], RANK)
