@@ -89,12 +89,12 @@ class Config:
     dataset_path: str = field(default="data/tatoeba_en_de/train.csv", metadata={
         "help": "training pairs: a .csv/.tsv/.json/.jsonl/.parquet file or a folder of them, a folder saved with "
                 "datasets (save_to_disk), the prefix of line-aligned text files (corpus → corpus.en + corpus.de), "
-                "or a hub dataset id"})
+                "or a hub dataset id (owner/name, e.g. wmt/wmt16)"})
     eval_dataset_path: str | None = field(default="data/tatoeba_en_de/eval.csv", metadata={
         "help": "held-out pairs for BLEU/chrF (same forms); null: eval_split of dataset_path, or eval_size pairs "
                 "held out of it"})
     dataset_config: str | None = field(default=None, metadata={
-        "help": "configuration of a hub dataset (e.g. \"de-en\" for wmt16)"})
+        "help": "configuration of a hub dataset (e.g. \"de-en\" for wmt/wmt16)"})
     train_split: str = field(default="train", metadata={
         "help": "split of dataset_path to train on (hub datasets and saved DatasetDicts; a file has one)"})
     eval_split: str | None = field(default=None, metadata={
