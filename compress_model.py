@@ -687,8 +687,16 @@ def after_interrupt(config: Config | None) -> str:
         return "interrupted"
     folder = checkpoint_dir(config)
     if (folder / "latest").is_file():
-        latest = (folder / "latest").read_text().strip()
-        return (f"interrupted; the checkpoint of step {int(latest.split('-')[-1])} is kept in {folder}: run the same "
+        latest = folder / (folder / "latest").read_text().strip()
+        step = int(latest.name.split("-")[-1])
+        try:
+            finished = json.loads((latest / "progress.json").read_text()).get("finished", False)
+        except (OSError, ValueError):
+            finished = False
+        if finished:
+            return (f"interrupted after training; the trained student (step {step}) is kept in {folder}: run the "
+                    f"same command with --resume to evaluate and save it without training again")
+        return (f"interrupted; the checkpoint of step {step} is kept in {folder}: run the same "
                 f"command with --resume to continue from it")
     remove_checkpoints(folder)
     return "interrupted before the first checkpoint, so nothing was kept; run the same command to start over"

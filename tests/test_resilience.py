@@ -10,9 +10,13 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import REPO, edit_config, make_run_dir
+from safetensors.torch import load_file
 
 import compress_model
+import decomposition
+import output_folder
 from distillation.knowledge_distillation import Distiller
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -168,6 +172,47 @@ def test_ctrl_c_from_the_shell_is_one_line_and_exit_130(run_dir):
     assert err.strip().splitlines() == ["compress_model.py: interrupted before the first checkpoint, so nothing was "
                                         "kept; run the same command to start over"]
     assert not (run_dir / "out-checkpoints").exists()
+
+
+def _raise(error: BaseException):
+    def raising(*args, **kwargs):
+        raise error
+    return raising
+
+
+@pytest.mark.parametrize("stage", ["evaluating", "saving"])
+def test_ctrl_c_after_training_keeps_the_trained_student_and_resume_does_not_train_again(
+        run_dir, monkeypatch, capsys, stage):
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=2)  # 40 steps; a checkpoint every 10, the last one when training ends
+    checkpoints = run_dir / "out-checkpoints"
+    with monkeypatch.context() as patch:
+        if stage == "evaluating":  # the student's BLEU
+            patch.setattr(decomposition, "result", _raise(KeyboardInterrupt()))
+        else:  # the output folder (the model, then the exports)
+            patch.setattr(output_folder, "save_compressed_model", _raise(KeyboardInterrupt()))
+        assert compress_model.main(["--config", "config.json"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"compress_model.py: interrupted after training; the trained student (step 40) is kept in "
+                   f"{checkpoints}: run the same command with --resume to evaluate and save it without training "
+                   f"again")
+    assert not (run_dir / "out").exists() and not list(run_dir.glob(".out.tmp-*"))
+    assert (checkpoints / "latest").read_text() == "step-00000040"
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Distiller, "_loss_step", _raise(AssertionError("a resumed finished run trained again")))
+        assert compress_model.main(["--config", "config.json", "--resume"]) == 0
+    assert f"resuming from {checkpoints}" in capsys.readouterr().out
+    assert not checkpoints.exists()  # deleted once the output is saved, as after any run
+    (run_dir / "out").rename(run_dir / "resumed")
+
+    assert compress_model.main(["--config", "config.json"]) == 0  # the same run, uninterrupted
+    resumed, straight = (json.loads((run_dir / name / "report.json").read_text()) for name in ("resumed", "out"))
+    assert _without_timing(resumed) == _without_timing(straight)
+    assert resumed["optimizer_steps"] == 40 and resumed["history"][-1]["step"] == 40
+    weights = [load_file(run_dir / name / "model.safetensors") for name in ("resumed", "out")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
 
 STUCK_RUN = """
