@@ -174,6 +174,44 @@ def test_ctrl_c_from_the_shell_is_one_line_and_exit_130(run_dir):
     assert not (run_dir / "out-checkpoints").exists()
 
 
+def test_sigterm_from_outside_is_one_line_exit_143_like_ctrl_c(run_dir):
+    """kill, timeout, Slurm and docker stop send SIGTERM: the run stops as after Ctrl-C, not silently."""
+    edit_config(run_dir, epoch=1000, checkpoint_steps=10**6)
+    proc = subprocess.Popen(CLI, cwd=run_dir, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "out-checkpoints" / "run.json").exists():
+        time.sleep(0.02)  # run.json is written just before distillation starts
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines() == ["compress_model.py: stopped by SIGTERM before the first checkpoint, so nothing "
+                                        "was kept; run the same command to start over"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "eval.csv", "teacher", "train.csv"]
+
+
+def test_sigterm_while_the_output_is_written_leaves_no_temporary_folder(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=2)
+    real_save = output_folder.save_compressed_model
+
+    def save_then_sigterm(model, folder, tokenizer):
+        real_save(model, folder, tokenizer)  # the model is in the temporary folder: then the signal comes
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "SIGTERM would kill the test process"
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here
+
+    monkeypatch.setattr(output_folder, "save_compressed_model", save_then_sigterm)
+    assert compress_model.main(["--config", "config.json"]) == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored once main() returns
+    err = capsys.readouterr().err.strip()
+    assert err == (f"compress_model.py: stopped by SIGTERM after training; the trained student (step 40) is kept in "
+                   f"{run_dir / 'out-checkpoints'}: run the same command with --resume to evaluate and save it "
+                   f"without training again")
+    assert not (run_dir / "out").exists() and not list(run_dir.glob(".out.tmp-*"))
+
+
 def _raise(error: BaseException):
     def raising(*args, **kwargs):
         raise error
