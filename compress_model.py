@@ -532,7 +532,11 @@ def main(argv: list[str] | None = None) -> int:
                            "stop; writes nothing")
     args = parser.parse_args(argv)
     config = None
-    interrupt = _InterruptWatch(lambda signum: after_interrupt(config, signum))
+
+    def what_is_kept(signum: int) -> str:  # the line after a signal: config as loaded by then
+        return after_interrupt(config, signum, plan=args.plan or bool(config and config.plan))
+
+    interrupt = _InterruptWatch(what_is_kept)
     try:
         config = load_config(args.config)
         if args.resume and config.plan:
@@ -722,13 +726,19 @@ class _InterruptWatch:
             _InterruptWatch.active = None
 
 
-def after_interrupt(config: Config | None, signum: int = signal.SIGINT) -> str:
+def after_interrupt(config: Config | None, signum: int = signal.SIGINT, plan: bool = False) -> str:
     """What a run stopped by ``signum`` (SIGINT: Ctrl-C, or SIGTERM) leaves, and how to go on (one
     line). A checkpoint folder holding nothing to resume from is removed, so that the same command
-    simply starts over."""
+    simply starts over; a plan and a sweep, which keep no checkpoints, leave it alone."""
+    from sweep import sweep_key
+
     stopped = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     if config is None:
         return stopped
+    if plan:
+        return f"{stopped}; a plan keeps nothing: run the same command to plan again"
+    if sweep_key(config):
+        return f"{stopped}; a sweep keeps no checkpoints, so nothing was kept; run the same command to start over"
     folder = checkpoint_dir(config)
     if (folder / "latest").is_file():
         latest = folder / (folder / "latest").read_text().strip()
@@ -743,6 +753,8 @@ def after_interrupt(config: Config | None, signum: int = signal.SIGINT) -> str:
         return (f"{stopped}; the checkpoint of step {step} is kept in {folder}: run the same "
                 f"command with --resume to continue from it")
     remove_checkpoints(folder)
+    if not config.checkpoint_steps:
+        return f"{stopped}; checkpoint_steps is 0, so nothing was kept; run the same command to start over"
     return f"{stopped} before the first checkpoint, so nothing was kept; run the same command to start over"
 
 

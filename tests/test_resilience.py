@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 import compress_model
 import decomposition
 import output_folder
+import plan
 from distillation.knowledge_distillation import Distiller
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -251,6 +252,28 @@ def test_ctrl_c_after_training_keeps_the_trained_student_and_resume_does_not_tra
     weights = [load_file(run_dir / name / "model.safetensors") for name in ("resumed", "out")]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("case", ["plan", "sweep", "no-checkpoints"])
+def test_ctrl_c_where_nothing_is_ever_checkpointed_says_so(run_dir, monkeypatch, capsys, case):
+    monkeypatch.chdir(run_dir)
+    args = ["--config", "config.json"]
+    if case == "plan":
+        monkeypatch.setattr(plan, "print_plan", _raise(KeyboardInterrupt()))
+        args.append("--plan")
+        expected = "interrupted; a plan keeps nothing: run the same command to plan again"
+    elif case == "sweep":
+        edit_config(run_dir, k_info=[4, 6])
+        monkeypatch.setattr(decomposition, "distill", _raise(KeyboardInterrupt()))
+        expected = ("interrupted; a sweep keeps no checkpoints, so nothing was kept; run the same command to start "
+                    "over")
+    else:
+        edit_config(run_dir, checkpoint_steps=0)
+        _stop_at_micro_batch(monkeypatch, 3, KeyboardInterrupt())
+        expected = "interrupted; checkpoint_steps is 0, so nothing was kept; run the same command to start over"
+    assert compress_model.main(args) == 130
+    assert capsys.readouterr().err.strip() == f"compress_model.py: {expected}"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "eval.csv", "teacher", "train.csv"]
 
 
 STUCK_RUN = """
