@@ -552,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line saying what is kept and how to go on, no traceback
         return interrupt.stopped(e)
     except Exception as e:
+        if (stop := _interrupt_behind(e)) is not None:  # a library's own error while it was being interrupted
+            return interrupt.stopped(stop)
         # a DataError, DecompositionError or OutputError can only come from an imported data /
         # matrix_decomposition / output_folder (and importing them here would load datasets and
         # transformers just to report a bad config key)
@@ -616,6 +618,19 @@ class Terminated(KeyboardInterrupt):
     status 143 (128 + SIGTERM)."""
 
 
+def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (or Terminated) during whose handling ``e`` was raised, if any: a library
+    cleaning up after an interrupt can raise an error of its own (datasets' worker pool, stopped while
+    it tokenizes, a TimeoutError), which is no failure of the run."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__context__
+    return None
+
+
 class _InterruptWatch:
     """Ctrl-C (SIGINT) and SIGTERM stop the run within seconds, whatever it was doing: the first
     signal raises KeyboardInterrupt (for SIGTERM its subclass ``Terminated``) in the main thread, and a
@@ -624,8 +639,9 @@ class _InterruptWatch:
     handler cannot run) or deadlocked after the interrupt. Should ``main()`` not have returned after a
     grace time, the watchdog reports and exits. A signal that was ignored, or had a handler of its
     own, when ``main()`` started is left alone; the handlers are restored by ``close``. Processes
-    forked meanwhile (datasets' tokenizing workers) get the handlers back that ``main()`` started
-    with, and no wakeup file descriptor: the parent's watchdog never hears of their signals."""
+    forked meanwhile (datasets' tokenizing workers) get the default SIGTERM back and ignore SIGINT,
+    which a terminal's Ctrl-C sends them too: the parent stops them, and their tracebacks stay out of
+    the way of the one line."""
 
     GRACE_SECONDS = 15
     active: "_InterruptWatch | None" = None  # the installed watch, for the fork hook
@@ -670,7 +686,7 @@ class _InterruptWatch:
         try:
             signal.set_wakeup_fd(-1)  # the parent's watchdog must not hear of the child's signals
             for signum, previous in watch.previous.items():
-                signal.signal(signum, previous)
+                signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else previous)
         except ValueError:  # not the child's main thread: nothing can be changed
             pass
 
@@ -689,6 +705,10 @@ class _InterruptWatch:
         if self.done.wait(self.GRACE_SECONDS):
             return
         self.report(signum, raw=True)
+        for name in ("multiprocess", "multiprocessing"):  # workers ignoring SIGINT must not outlive us
+            if name in sys.modules:
+                for child in sys.modules[name].active_children():
+                    child.terminate()
         os._exit(128 + signum)
 
     def stopped(self, interrupt: KeyboardInterrupt) -> int:

@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import tempfile
 import types
 import uuid
@@ -388,7 +389,8 @@ def preprocess(pairs, tokenizer, config, preprocessor: Callable, cache_dir: str 
     (their datasets fingerprint), the tokenizer's files, the preprocessor (its code and the source
     files of ``preprocessor`` and of the functions in ``code``, e.g. the default preprocessor it
     calls) and the ``PREPROCESSING_KEYS`` of ``config``: a later run with the same of all of these
-    reads them instead of tokenizing again; any change gives new files."""
+    reads them instead of tokenizing again; any change gives new files. They are written in a
+    temporary subfolder and moved there when whole, so an interrupted or failed call leaves nothing."""
     num_proc = num_workers if num_workers and num_workers > 1 else None  # datasets forks a pool even for 1
     if cache_dir is None:
         ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
@@ -402,16 +404,25 @@ def preprocess(pairs, tokenizer, config, preprocessor: Callable, cache_dir: str 
         say(f"tokenized {len(ds):,} pairs reused from {manifest.with_suffix('.arrow')}", flush=True)
         return ds
     cache_dir.mkdir(parents=True, exist_ok=True)
-    ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
-                   remove_columns=pairs.column_names, cache_file_name=str(manifest.with_suffix(".arrow")),
-                   load_from_cache_file=False, new_fingerprint=key, num_proc=num_proc)
-    files = [Path(f["filename"]) for f in ds.cache_files]
-    ds = _checked(ds, pairs, files)
+    # written in a folder of this call's own and moved next to the manifest when whole: a map that is
+    # interrupted (Ctrl-C, SIGTERM) or fails leaves none of its files behind, datasets' tmp* ones included
+    work = Path(tempfile.mkdtemp(prefix=f".tokenizing-{key}-", dir=cache_dir))
     tmp = manifest.with_name(f".{manifest.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"files": [f.name for f in files], "rows": len(ds)}), encoding="utf-8")
-    os.replace(tmp, manifest)  # written last: a manifest means complete files
+    try:
+        ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
+                       remove_columns=pairs.column_names, cache_file_name=str(work / f"{manifest.stem}.arrow"),
+                       load_from_cache_file=False, new_fingerprint=key, num_proc=num_proc)
+        files = [Path(f["filename"]) for f in ds.cache_files]
+        ds = _checked(ds, pairs, files)
+        for f in files:
+            os.replace(f, cache_dir / f.name)
+        tmp.write_text(json.dumps({"files": [f.name for f in files], "rows": len(ds)}), encoding="utf-8")
+        os.replace(tmp, manifest)  # written last: a manifest means complete files
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
     say(f"tokenized {len(ds):,} pairs, cached in {manifest.with_suffix('.arrow')}", flush=True)
-    return ds
+    return _read_cached(manifest, len(pairs))  # the files where they are now
 
 
 def _checked(ds, pairs, written: list[Path]):
