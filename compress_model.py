@@ -24,6 +24,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 import types
@@ -89,12 +90,12 @@ class Config:
     dataset_path: str = field(default="data/tatoeba_en_de/train.csv", metadata={
         "help": "training pairs: a .csv/.tsv/.json/.jsonl/.parquet file or a folder of them, a folder saved with "
                 "datasets (save_to_disk), the prefix of line-aligned text files (corpus → corpus.en + corpus.de), "
-                "or a hub dataset id"})
+                "or a hub dataset id (owner/name, e.g. wmt/wmt16)"})
     eval_dataset_path: str | None = field(default="data/tatoeba_en_de/eval.csv", metadata={
         "help": "held-out pairs for BLEU/chrF (same forms); null: eval_split of dataset_path, or eval_size pairs "
                 "held out of it"})
     dataset_config: str | None = field(default=None, metadata={
-        "help": "configuration of a hub dataset (e.g. \"de-en\" for wmt16)"})
+        "help": "configuration of a hub dataset (e.g. \"de-en\" for wmt/wmt16)"})
     train_split: str = field(default="train", metadata={
         "help": "split of dataset_path to train on (hub datasets and saved DatasetDicts; a file has one)"})
     eval_split: str | None = field(default=None, metadata={
@@ -531,7 +532,11 @@ def main(argv: list[str] | None = None) -> int:
                            "stop; writes nothing")
     args = parser.parse_args(argv)
     config = None
-    interrupt = _InterruptWatch(lambda: config)
+
+    def what_is_kept(signum: int) -> str:  # the line after a signal: config as loaded by then
+        return after_interrupt(config, signum, plan=args.plan or bool(config and config.plan))
+
+    interrupt = _InterruptWatch(what_is_kept)
     try:
         config = load_config(args.config)
         if args.resume and config.plan:
@@ -544,10 +549,11 @@ def main(argv: list[str] | None = None) -> int:
             code = run(config, resume=args.resume, config_path=args.config, plan_only=args.plan or config.plan)
         leave_process_group()
         return code
-    except KeyboardInterrupt:  # Ctrl-C: one line saying what is kept and how to go on, not a traceback
-        interrupt.report()
-        return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line saying what is kept and how to go on, no traceback
+        return interrupt.stopped(e)
     except Exception as e:
+        if (stop := _interrupt_behind(e)) is not None:  # a library's own error while it was being interrupted
+            return interrupt.stopped(stop)
         # a DataError, DecompositionError or OutputError can only come from an imported data /
         # matrix_decomposition / output_folder (and importing them here would load datasets and
         # transformers just to report a bad config key)
@@ -606,53 +612,113 @@ def remove_checkpoints(folder: Path) -> None:
         pass  # it holds something else: left alone
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, Slurm, ``docker stop``) while ``main()`` runs, raised in the main
+    thread: the run stops the way Ctrl-C stops it (temporary folders removed, one line), with exit
+    status 143 (128 + SIGTERM)."""
+
+
+def _interrupt_behind(e: BaseException) -> KeyboardInterrupt | None:
+    """The KeyboardInterrupt (or Terminated) during whose handling ``e`` was raised, if any: a library
+    cleaning up after an interrupt can raise an error of its own (datasets' worker pool, stopped while
+    it tokenizes, a TimeoutError), which is no failure of the run."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__context__
+    return None
+
+
 class _InterruptWatch:
-    """Ctrl-C stops the run within seconds, whatever it was doing: the first SIGINT raises
-    KeyboardInterrupt as usual, and a watchdog thread hears of it at once through the signal wakeup
-    file descriptor, which the C-level handler writes to even while the main thread is stuck in a
-    library call (where Python's own handler cannot run) or deadlocked after the interrupt. Should
-    ``main()`` not have returned after a grace time, the watchdog reports and exits."""
+    """Ctrl-C (SIGINT) and SIGTERM stop the run within seconds, whatever it was doing: the first
+    signal raises KeyboardInterrupt (for SIGTERM its subclass ``Terminated``) in the main thread, and a
+    watchdog thread hears of it at once through the signal wakeup file descriptor, which the C-level
+    handler writes to even while the main thread is stuck in a library call (where Python's own
+    handler cannot run) or deadlocked after the interrupt. Should ``main()`` not have returned after a
+    grace time, the watchdog reports and exits. A signal that was ignored, or had a handler of its
+    own, when ``main()`` started is left alone; the handlers are restored by ``close``. Processes
+    forked meanwhile (datasets' tokenizing workers) get the default SIGTERM back and ignore SIGINT,
+    which a terminal's Ctrl-C sends them too: the parent stops them, and their tracebacks stay out of
+    the way of the one line."""
 
     GRACE_SECONDS = 15
+    active: "_InterruptWatch | None" = None  # the installed watch, for the fork hook
+    _fork_hook = False
 
-    def __init__(self, config) -> None:
-        import signal
+    def __init__(self, describe) -> None:
         import socket
         import threading
 
-        self.config, self.done, self.installed = config, threading.Event(), False
+        self.describe = describe  # signal number → the one line saying what is kept
+        self.done, self.installed, self.previous = threading.Event(), False, {}
         self.report_lock, self.reported = threading.Lock(), False
-        if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) is \
-                signal.default_int_handler:
-            self.reader, self.writer = socket.socketpair()
-            self.writer.setblocking(False)  # the C handler must never block on it
-            self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
-            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
-            self.installed = True
-            threading.Thread(target=self._watchdog, name="interrupt-watchdog", daemon=True).start()
+        if threading.current_thread() is not threading.main_thread():
+            return
+        ours = {signal.SIGINT: (signal.default_int_handler, self._on_sigint),
+                signal.SIGTERM: (signal.SIG_DFL, self._on_sigterm)}
+        ours = {signum: handler for signum, (default, handler) in ours.items() if signal.getsignal(signum) == default}
+        if not ours:
+            return
+        self.reader, self.writer = socket.socketpair()
+        self.writer.setblocking(False)  # the C handler must never block on it
+        self.previous_fd = signal.set_wakeup_fd(self.writer.fileno(), warn_on_full_buffer=False)
+        self.previous = {signum: signal.signal(signum, handler) for signum, handler in ours.items()}
+        self.installed = True
+        _InterruptWatch.active = self
+        if not _InterruptWatch._fork_hook:
+            os.register_at_fork(after_in_child=_InterruptWatch._after_fork_in_child)
+            _InterruptWatch._fork_hook = True
+        threading.Thread(target=self._watchdog, name="interrupt-watchdog", daemon=True).start()
 
     def _on_sigint(self, signum, frame):
         raise KeyboardInterrupt
 
-    def _watchdog(self) -> None:
-        import signal
+    def _on_sigterm(self, signum, frame):
+        raise Terminated
 
+    @staticmethod
+    def _after_fork_in_child() -> None:
+        watch, _InterruptWatch.active = _InterruptWatch.active, None
+        if watch is None or not watch.installed:
+            return
+        try:
+            signal.set_wakeup_fd(-1)  # the parent's watchdog must not hear of the child's signals
+            for signum, previous in watch.previous.items():
+                signal.signal(signum, signal.SIG_IGN if signum == signal.SIGINT else previous)
+        except ValueError:  # not the child's main thread: nothing can be changed
+            pass
+
+    def _watchdog(self) -> None:
         with self.reader:
-            while True:  # the wakeup fd carries the number of every signal caught; wait for a SIGINT
+            while True:  # the wakeup fd carries the number of every signal caught; wait for one of ours
                 try:
                     received = self.reader.recv(64)
                 except OSError:
                     return
                 if not received:  # close(): main() returned
                     return
-                if signal.SIGINT in received:
+                signum = next((s for s in received if s in self.previous), None)
+                if signum is not None:
                     break
         if self.done.wait(self.GRACE_SECONDS):
             return
-        self.report(raw=True)
-        os._exit(130)
+        self.report(signum, raw=True)
+        for name in ("multiprocess", "multiprocessing"):  # workers ignoring SIGINT must not outlive us
+            if name in sys.modules:
+                for child in sys.modules[name].active_children():
+                    child.terminate()
+        os._exit(128 + signum)
 
-    def report(self, raw: bool = False) -> None:
+    def stopped(self, interrupt: KeyboardInterrupt) -> int:
+        """Report ``interrupt`` (Ctrl-C, or SIGTERM if ``Terminated``); the exit status a shell gives a
+        command the signal stopped."""
+        signum = signal.SIGTERM if isinstance(interrupt, Terminated) else signal.SIGINT
+        self.report(signum)
+        return 128 + signum
+
+    def report(self, signum: int, raw: bool = False) -> None:
         """The one line after an interrupt, once (from main(), or the watchdog with ``raw`` writes,
         which bypass Python's stderr buffer in case the stuck main thread holds it)."""
         if not self.report_lock.acquire(timeout=1):
@@ -661,7 +727,7 @@ class _InterruptWatch:
             if self.reported or int(os.environ.get("RANK", "0")) != 0:
                 return
             self.reported = True
-            line = f"compress_model.py: {after_interrupt(self.config())}\n"
+            line = f"compress_model.py: {self.describe(signum)}\n"
             if raw:
                 os.write(2, line.encode())
             else:
@@ -670,28 +736,46 @@ class _InterruptWatch:
             self.report_lock.release()
 
     def close(self) -> None:
-        import signal
-
         self.done.set()
         if self.installed:
-            signal.signal(signal.SIGINT, self.previous)
+            for signum, previous in self.previous.items():
+                signal.signal(signum, previous)
             signal.set_wakeup_fd(self.previous_fd)
             self.writer.close()  # the watchdog reads end-of-file and leaves
             self.installed = False
+            _InterruptWatch.active = None
 
 
-def after_interrupt(config: Config | None) -> str:
-    """What an interrupted run leaves, and how to go on (one line). A checkpoint folder holding
-    nothing to resume from is removed, so that the same command simply starts over."""
+def after_interrupt(config: Config | None, signum: int = signal.SIGINT, plan: bool = False) -> str:
+    """What a run stopped by ``signum`` (SIGINT: Ctrl-C, or SIGTERM) leaves, and how to go on (one
+    line). A checkpoint folder holding nothing to resume from is removed, so that the same command
+    simply starts over; a plan and a sweep, which keep no checkpoints, leave it alone."""
+    from sweep import sweep_key
+
+    stopped = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     if config is None:
-        return "interrupted"
+        return stopped
+    if plan:
+        return f"{stopped}; a plan keeps nothing: run the same command to plan again"
+    if sweep_key(config):
+        return f"{stopped}; a sweep keeps no checkpoints, so nothing was kept; run the same command to start over"
     folder = checkpoint_dir(config)
     if (folder / "latest").is_file():
-        latest = (folder / "latest").read_text().strip()
-        return (f"interrupted; the checkpoint of step {int(latest.split('-')[-1])} is kept in {folder}: run the same "
+        latest = folder / (folder / "latest").read_text().strip()
+        step = int(latest.name.split("-")[-1])
+        try:
+            finished = json.loads((latest / "progress.json").read_text()).get("finished", False)
+        except (OSError, ValueError):
+            finished = False
+        if finished:
+            return (f"{stopped} after training; the trained student (step {step}) is kept in {folder}: run the "
+                    f"same command with --resume to evaluate and save it without training again")
+        return (f"{stopped}; the checkpoint of step {step} is kept in {folder}: run the same "
                 f"command with --resume to continue from it")
     remove_checkpoints(folder)
-    return "interrupted before the first checkpoint, so nothing was kept; run the same command to start over"
+    if not config.checkpoint_steps:
+        return f"{stopped}; checkpoint_steps is 0, so nothing was kept; run the same command to start over"
+    return f"{stopped} before the first checkpoint, so nothing was kept; run the same command to start over"
 
 
 def check_resume(config: Config, resume: bool) -> dict | None:
@@ -958,7 +1042,7 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
 
 if __name__ == "__main__":
     code = main()
-    if code == 130:  # interrupted: leave at once, not waiting for threads a library left running
+    if code in (130, 143):  # Ctrl-C, SIGTERM: leave at once, not waiting for threads a library left running
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)

@@ -4,11 +4,11 @@ into model inputs by the preprocessing hook, once (cached, optionally in several
 Layouts (``load_pairs``), each ending as a ``datasets.Dataset`` with the columns ``source_text``
 and ``target_text``:
   flat           .csv / .tsv / .json / .jsonl / .parquet with a source and a target column, or a folder of them
-  translation    one ``translation`` column of {language: sentence} (wmt16, opus_books, opus100, tatoeba…),
+  translation    one ``translation`` column of {language: sentence} (wmt/wmt16, Helsinki-NLP/opus_books…),
                  read with ``source_lang`` / ``target_lang``
   parallel text  line-aligned ``corpus.en`` + ``corpus.de`` (the Moses format of OPUS), named by ``corpus``
   saved          a folder written by ``datasets``' ``save_to_disk``: a Dataset, or a DatasetDict with splits
-  hub            a dataset id on the Hugging Face hub, with ``dataset_config`` and a split
+  hub            a dataset id (owner/name) on the Hugging Face hub, with ``dataset_config`` and a split
 The pairs and the model inputs stay in memory-mapped Arrow files: memory follows the batch, not the corpus.
 """
 
@@ -19,6 +19,7 @@ import hashlib
 import inspect
 import json
 import os
+import shutil
 import tempfile
 import types
 import uuid
@@ -95,8 +96,42 @@ def _read(path: str, config, key: str, split: str, split_key: str):
     if local.suffix.lower() in FILE_TYPES or path.startswith((".", "/")) or path.count("/") != 1:
         also = (f" (nor {path + '.' + config.source_lang!r} + {path + '.' + config.target_lang!r})"
                 if config.source_lang and config.target_lang else "")
-        raise DataError(f"{key}: {path!r} does not exist{also}{looked_for(path)}")
-    return datasets.load_dataset(path, config.dataset_config, split=split)  # a hub dataset id
+        hub = ("; a hub dataset id has the form owner/name, e.g. 'wmt/wmt16'"
+               if "/" not in path and local.suffix.lower() not in FILE_TYPES else "")
+        raise DataError(f"{key}: {path!r} does not exist{also}{looked_for(path)}{hub}")
+    return _read_hub(path, config, key, split)
+
+
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+
+
+def _read_hub(path: str, config, key: str, split: str):
+    """``split`` of the hub dataset ``path``. Offline (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)
+    only the local cache is read, and one that is not there is told so."""
+    try:
+        return datasets.load_dataset(path, config.dataset_config, split=split)
+    except Exception as e:
+        if not (datasets.config.HF_HUB_OFFLINE and _not_reachable(e)):
+            raise
+    named = f"{path!r}" + (f" (configuration {config.dataset_config!r})" if config.dataset_config else "")
+    set_ = [v for v in OFFLINE_VARIABLES if os.environ.get(v, "").upper() in datasets.config.ENV_VARS_TRUE_VALUES]
+    names = " and ".join(set_)
+    offline, go_online = ((f"{names} {'is' if len(set_) == 1 else 'are'} set", f"unset {names}") if set_ else
+                          ("offline mode is on", "go online"))
+    raise DataError(f"{key}: {named} is not in the local datasets cache ({datasets.config.HF_DATASETS_CACHE}) and "
+                    f"{offline}, so the hub was not asked; {go_online} to download it, or give a local copy (a "
+                    f"folder saved with save_to_disk)")
+
+
+def _not_reachable(e: BaseException) -> bool:
+    """Whether ``e`` (or an error it came from) says the hub could not be asked or the dataset is not cached."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, ConnectionError) or type(e).__name__ == "OfflineModeIsEnabled" or "is not cached" in str(e):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
 
 
 def looked_for(path: str) -> str:
@@ -354,7 +389,8 @@ def preprocess(pairs, tokenizer, config, preprocessor: Callable, cache_dir: str 
     (their datasets fingerprint), the tokenizer's files, the preprocessor (its code and the source
     files of ``preprocessor`` and of the functions in ``code``, e.g. the default preprocessor it
     calls) and the ``PREPROCESSING_KEYS`` of ``config``: a later run with the same of all of these
-    reads them instead of tokenizing again; any change gives new files."""
+    reads them instead of tokenizing again; any change gives new files. They are written in a
+    temporary subfolder and moved there when whole, so an interrupted or failed call leaves nothing."""
     num_proc = num_workers if num_workers and num_workers > 1 else None  # datasets forks a pool even for 1
     if cache_dir is None:
         ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
@@ -368,16 +404,25 @@ def preprocess(pairs, tokenizer, config, preprocessor: Callable, cache_dir: str 
         say(f"tokenized {len(ds):,} pairs reused from {manifest.with_suffix('.arrow')}", flush=True)
         return ds
     cache_dir.mkdir(parents=True, exist_ok=True)
-    ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
-                   remove_columns=pairs.column_names, cache_file_name=str(manifest.with_suffix(".arrow")),
-                   load_from_cache_file=False, new_fingerprint=key, num_proc=num_proc)
-    files = [Path(f["filename"]) for f in ds.cache_files]
-    ds = _checked(ds, pairs, files)
+    # written in a folder of this call's own and moved next to the manifest when whole: a map that is
+    # interrupted (Ctrl-C, SIGTERM) or fails leaves none of its files behind, datasets' tmp* ones included
+    work = Path(tempfile.mkdtemp(prefix=f".tokenizing-{key}-", dir=cache_dir))
     tmp = manifest.with_name(f".{manifest.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"files": [f.name for f in files], "rows": len(ds)}), encoding="utf-8")
-    os.replace(tmp, manifest)  # written last: a manifest means complete files
+    try:
+        ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
+                       remove_columns=pairs.column_names, cache_file_name=str(work / f"{manifest.stem}.arrow"),
+                       load_from_cache_file=False, new_fingerprint=key, num_proc=num_proc)
+        files = [Path(f["filename"]) for f in ds.cache_files]
+        ds = _checked(ds, pairs, files)
+        for f in files:
+            os.replace(f, cache_dir / f.name)
+        tmp.write_text(json.dumps({"files": [f.name for f in files], "rows": len(ds)}), encoding="utf-8")
+        os.replace(tmp, manifest)  # written last: a manifest means complete files
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        tmp.unlink(missing_ok=True)
     say(f"tokenized {len(ds):,} pairs, cached in {manifest.with_suffix('.arrow')}", flush=True)
-    return ds
+    return _read_cached(manifest, len(pairs))  # the files where they are now
 
 
 def _checked(ds, pairs, written: list[Path]):

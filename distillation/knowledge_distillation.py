@@ -360,12 +360,15 @@ class Distiller:
         step, first_epoch, skip, elapsed, running = 0, 0, 0, 0.0, {}
         if s.resume:
             step, first_epoch, skip, elapsed, running = self._load_checkpoint()
+        # resumed from the checkpoint written when training ended (the run was stopped while evaluating or
+        # saving): nothing is left to train
+        finished = step >= self.total_steps
         start = time.time() - elapsed
         bar = tqdm(total=self.total_steps, initial=step,
                    desc="distilling" if uses_teacher(self.weights) else "fine-tuning",
                    disable=not (s.progress and acc.is_main_process))
         with self._hooks() as (teacher_features, student_features):
-            for epoch in range(first_epoch, s.epoch):
+            for epoch in range(first_epoch, 0 if finished else s.epoch):
                 self.train_loader.set_epoch(epoch)
                 # on resume, the seeded epoch order is replayed and the batches already used are skipped
                 loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
@@ -406,7 +409,7 @@ class Distiller:
                     bar.set_postfix_str(self._fmt(running), refresh=False)
                     if s.eval_steps and step % s.eval_steps == 0:
                         self._log_eval(epoch, step, running)
-                    if s.checkpoint_steps and step % s.checkpoint_steps == 0 and step < self.total_steps:
+                    if s.checkpoint_steps and step % s.checkpoint_steps == 0 and step < self.total_steps:  # last: below
                         self._save_checkpoint(step, epoch, batches_done, time.time() - start, running)
                     if step >= self.total_steps:
                         break
@@ -414,6 +417,9 @@ class Distiller:
                     self._log_eval(epoch, step, running)
                 if step >= self.total_steps:
                     break
+        if s.checkpoint_steps and not finished:
+            # the trained student kept too: a run stopped while evaluating or saving resumes without training
+            self._save_checkpoint(step, epoch, batches_done, time.time() - start, running, finished=True)
         bar.close()
         self.train_seconds = time.time() - start
         self.trained = self._trained_by_all()
@@ -439,7 +445,9 @@ class Distiller:
     # -- checkpoints: <checkpoint_dir>/step-<N>/ written under a temporary name and renamed, then the
     # -- file <checkpoint_dir>/latest is replaced atomically; a crash at any point leaves a whole one.
 
-    def _save_checkpoint(self, step: int, epoch: int, batches_done: int, elapsed: float, running: dict) -> None:
+    def _save_checkpoint(self, step: int, epoch: int, batches_done: int, elapsed: float, running: dict,
+                         finished: bool = False) -> None:
+        """``finished``: training has ended (the checkpoint written after the last step and its evaluation)."""
         acc = self.accelerator
         acc.wait_for_everyone()
         trained = self._trained_by_all()
@@ -458,7 +466,7 @@ class Distiller:
             (tmp / "progress.json").write_text(json.dumps({
                 "step": step, "epoch": epoch, "batches_done": batches_done, "elapsed": elapsed,
                 "running": running, "history": self.history, "curve": self.curve,
-                "curve_sums": self._curve_sums, "trained": trained}))
+                "curve_sums": self._curve_sums, "trained": trained, "finished": finished}))
             final = root / f"step-{step:08d}"
             shutil.rmtree(final, ignore_errors=True)
             os.replace(tmp, final)

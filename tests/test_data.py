@@ -3,7 +3,10 @@ what invalidates it, several tokenizing processes, and the refusals."""
 
 import importlib
 import json
+import os
+import signal
 import sys
+import time
 
 import datasets
 import pytest
@@ -282,6 +285,8 @@ BAD_DATA = [  # (id, how to break the run folder, words the one-line message mus
     ("cache-dir-is-file", lambda d: edit_config(d, cache_dir="config.json"), ["cache_dir", "'config.json' is a file"]),
     ("workers-zero", lambda d: edit_config(d, preprocessing_num_workers=0),
      ["preprocessing_num_workers", "at least 1", "0"]),
+    ("hub-id-without-owner", lambda d: edit_config(d, dataset_path="wmt16", dataset_config="de-en"),
+     ["dataset_path", "'wmt16' does not exist", "a hub dataset id has the form owner/name, e.g. 'wmt/wmt16'"]),
 ]
 
 
@@ -289,6 +294,46 @@ BAD_DATA = [  # (id, how to break the run folder, words the one-line message mus
 def test_bad_data_is_one_line_error_and_writes_nothing(run_dir, capsys, monkeypatch, case, breaks, words):
     breaks(run_dir)
     refused_in_one_line(run_dir, capsys, monkeypatch, words)
+
+
+@pytest.mark.parametrize("variables", [["HF_HUB_OFFLINE"], ["HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"]])
+def test_a_hub_dataset_not_cached_offline_says_so(run_dir, capsys, monkeypatch, variables):
+    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+    for name in variables:  # datasets read them when imported: offline either way
+        monkeypatch.setenv(name, "1")
+    edit_config(run_dir, eval_dataset_path="nobody-at-all/no-such-dataset", dataset_config="de-en",
+                eval_split="validation")
+    named = " and ".join(variables)
+    refused_in_one_line(run_dir, capsys, monkeypatch, [
+        "eval_dataset_path: 'nobody-at-all/no-such-dataset' (configuration 'de-en') is not in the local datasets cache "
+        f"({datasets.config.HF_DATASETS_CACHE})", f"{named} {'is' if len(variables) == 1 else 'are'} set",
+        f"so the hub was not asked; unset {named} to download it"])
+
+
+def test_ctrl_c_while_workers_tokenize_is_one_line_and_leaves_no_files(run_dir, monkeypatch, capfd, tmp_path_factory):
+    """A terminal's Ctrl-C reaches the tokenizing workers too: they ignore it (no tracebacks from the
+    pool), the run stops with one line and exit 130, and the interrupted map leaves nothing in
+    cache_dir: neither the shard a worker finished nor datasets' tmp* files."""
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, preprocessing_num_workers=2, cache_dir=str(run_dir / "cache"))
+    parent, first = os.getpid(), tmp_path_factory.mktemp("signals") / "first"
+
+    def ctrl_c(batch, tokenizer, config):  # in a worker: the first one tokenizes its shard, the other is stopped
+        try:
+            os.close(os.open(first, os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            time.sleep(2)  # the first shard is written meanwhile
+            os.kill(os.getpid(), signal.SIGINT)  # the signal a terminal sends every process of the job
+            os.kill(parent, signal.SIGINT)
+            time.sleep(60)
+        return compress_model.default_data_preprocessor(batch, tokenizer, config)
+
+    monkeypatch.setattr(compress_model, "data_preprocessor", ctrl_c)
+    assert compress_model.main(["--config", "config.json"]) == 130
+    out, err = capfd.readouterr()
+    assert err.strip().splitlines() == ["compress_model.py: interrupted; checkpoint_steps is 0, so nothing was kept; "
+                                        "run the same command to start over"]
+    assert list((run_dir / "cache").iterdir()) == []
 
 
 def test_shared_pairs_counts_evaluation_pairs_that_are_trained_on():

@@ -10,9 +10,14 @@ import sys
 import time
 
 import pytest
+import torch
 from conftest import REPO, edit_config, make_run_dir
+from safetensors.torch import load_file
 
 import compress_model
+import decomposition
+import output_folder
+import plan
 from distillation.knowledge_distillation import Distiller
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -168,6 +173,107 @@ def test_ctrl_c_from_the_shell_is_one_line_and_exit_130(run_dir):
     assert err.strip().splitlines() == ["compress_model.py: interrupted before the first checkpoint, so nothing was "
                                         "kept; run the same command to start over"]
     assert not (run_dir / "out-checkpoints").exists()
+
+
+def test_sigterm_from_outside_is_one_line_exit_143_like_ctrl_c(run_dir):
+    """kill, timeout, Slurm and docker stop send SIGTERM: the run stops as after Ctrl-C, not silently."""
+    edit_config(run_dir, epoch=1000, checkpoint_steps=10**6)
+    proc = subprocess.Popen(CLI, cwd=run_dir, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "out-checkpoints" / "run.json").exists():
+        time.sleep(0.02)  # run.json is written just before distillation starts
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err[-3000:]
+    assert err.strip().splitlines() == ["compress_model.py: stopped by SIGTERM before the first checkpoint, so nothing "
+                                        "was kept; run the same command to start over"]
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "eval.csv", "teacher", "train.csv"]
+
+
+def test_sigterm_while_the_output_is_written_leaves_no_temporary_folder(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=2)
+    real_save = output_folder.save_compressed_model
+
+    def save_then_sigterm(model, folder, tokenizer):
+        real_save(model, folder, tokenizer)  # the model is in the temporary folder: then the signal comes
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None), "SIGTERM would kill the test process"
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(30)  # the handler raises here
+
+    monkeypatch.setattr(output_folder, "save_compressed_model", save_then_sigterm)
+    assert compress_model.main(["--config", "config.json"]) == 143
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # restored once main() returns
+    err = capsys.readouterr().err.strip()
+    assert err == (f"compress_model.py: stopped by SIGTERM after training; the trained student (step 40) is kept in "
+                   f"{run_dir / 'out-checkpoints'}: run the same command with --resume to evaluate and save it "
+                   f"without training again")
+    assert not (run_dir / "out").exists() and not list(run_dir.glob(".out.tmp-*"))
+
+
+def _raise(error: BaseException):
+    def raising(*args, **kwargs):
+        raise error
+    return raising
+
+
+@pytest.mark.parametrize("stage", ["evaluating", "saving"])
+def test_ctrl_c_after_training_keeps_the_trained_student_and_resume_does_not_train_again(
+        run_dir, monkeypatch, capsys, stage):
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=2)  # 40 steps; a checkpoint every 10, the last one when training ends
+    checkpoints = run_dir / "out-checkpoints"
+    with monkeypatch.context() as patch:
+        if stage == "evaluating":  # the student's BLEU
+            patch.setattr(decomposition, "result", _raise(KeyboardInterrupt()))
+        else:  # the output folder (the model, then the exports)
+            patch.setattr(output_folder, "save_compressed_model", _raise(KeyboardInterrupt()))
+        assert compress_model.main(["--config", "config.json"]) == 130
+    err = capsys.readouterr().err.strip()
+    assert err == (f"compress_model.py: interrupted after training; the trained student (step 40) is kept in "
+                   f"{checkpoints}: run the same command with --resume to evaluate and save it without training "
+                   f"again")
+    assert not (run_dir / "out").exists() and not list(run_dir.glob(".out.tmp-*"))
+    assert (checkpoints / "latest").read_text() == "step-00000040"
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Distiller, "_loss_step", _raise(AssertionError("a resumed finished run trained again")))
+        assert compress_model.main(["--config", "config.json", "--resume"]) == 0
+    assert f"resuming from {checkpoints}" in capsys.readouterr().out
+    assert not checkpoints.exists()  # deleted once the output is saved, as after any run
+    (run_dir / "out").rename(run_dir / "resumed")
+
+    assert compress_model.main(["--config", "config.json"]) == 0  # the same run, uninterrupted
+    resumed, straight = (json.loads((run_dir / name / "report.json").read_text()) for name in ("resumed", "out"))
+    assert _without_timing(resumed) == _without_timing(straight)
+    assert resumed["optimizer_steps"] == 40 and resumed["history"][-1]["step"] == 40
+    weights = [load_file(run_dir / name / "model.safetensors") for name in ("resumed", "out")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("case", ["plan", "sweep", "no-checkpoints"])
+def test_ctrl_c_where_nothing_is_ever_checkpointed_says_so(run_dir, monkeypatch, capsys, case):
+    monkeypatch.chdir(run_dir)
+    args = ["--config", "config.json"]
+    if case == "plan":
+        monkeypatch.setattr(plan, "print_plan", _raise(KeyboardInterrupt()))
+        args.append("--plan")
+        expected = "interrupted; a plan keeps nothing: run the same command to plan again"
+    elif case == "sweep":
+        edit_config(run_dir, k_info=[4, 6])
+        monkeypatch.setattr(decomposition, "distill", _raise(KeyboardInterrupt()))
+        expected = ("interrupted; a sweep keeps no checkpoints, so nothing was kept; run the same command to start "
+                    "over")
+    else:
+        edit_config(run_dir, checkpoint_steps=0)
+        _stop_at_micro_batch(monkeypatch, 3, KeyboardInterrupt())
+        expected = "interrupted; checkpoint_steps is 0, so nothing was kept; run the same command to start over"
+    assert compress_model.main(args) == 130
+    assert capsys.readouterr().err.strip() == f"compress_model.py: {expected}"
+    assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "eval.csv", "teacher", "train.csv"]
 
 
 STUCK_RUN = """
