@@ -93,11 +93,16 @@ def _read(path: str, config, key: str, split: str, split_key: str):
             raise DataError(f"{key}: folder {path!r} has {found} data files; it needs files of one type among "
                             f"{', '.join(FILE_TYPES)}, or a dataset saved with save_to_disk")
         return _read_files(kinds.pop(), files)
-    if local.suffix.lower() in FILE_TYPES or path.startswith((".", "/")) or path.count("/") != 1:
+    # owner/name is a hub id unless "owner" is a local folder (as for models): then it is a missing local path
+    if local.suffix.lower() in FILE_TYPES or path.startswith((".", "/")) or path.count("/") != 1 \
+            or local.parent.is_dir():
         also = (f" (nor {path + '.' + config.source_lang!r} + {path + '.' + config.target_lang!r})"
                 if config.source_lang and config.target_lang else "")
         hub = ("; a hub dataset id has the form owner/name, e.g. 'wmt/wmt16'"
-               if "/" not in path and local.suffix.lower() not in FILE_TYPES else "")
+               if "/" not in path and local.suffix.lower() not in FILE_TYPES else
+               f"; not taken for a hub id, since the folder {str(local.parent)!r} is here"
+               if path.count("/") == 1 and not path.startswith((".", "/")) and local.suffix.lower() not in FILE_TYPES
+               else "")
         raise DataError(f"{key}: {path!r} does not exist{also}{looked_for(path)}{hub}")
     return _read_hub(path, config, key, split)
 

@@ -287,6 +287,10 @@ BAD_DATA = [  # (id, how to break the run folder, words the one-line message mus
      ["preprocessing_num_workers", "at least 1", "0"]),
     ("hub-id-without-owner", lambda d: edit_config(d, dataset_path="wmt16", dataset_config="de-en"),
      ["dataset_path", "'wmt16' does not exist", "a hub dataset id has the form owner/name, e.g. 'wmt/wmt16'"]),
+    # "data" is a folder here (the run folder's data/): a missing data/x is a local path, not a hub id
+    ("missing-file-in-a-local-folder", lambda d: ((d / "data").mkdir(), edit_config(d, eval_dataset_path="data/train_de")),
+     ["eval_dataset_path", "'data/train_de' does not exist", "relative to the current folder", "/data/train_de'",
+      "not taken for a hub id, since the folder 'data' is here"]),
 ]
 
 
