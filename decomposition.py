@@ -370,8 +370,9 @@ def gather_fisher_rows(model: nn.Module, names: Sequence[str], batches) -> dict[
                 logits = teacher_forced(model, batch).logits  # (B, T, V)
                 loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
                                        ignore_index=IGNORE_INDEX, reduction="sum")
-                for name, grad in zip(linears, torch.autograd.grad(loss, weights)):
-                    rows[name] += grad.double().square().sum(dim=1).cpu()  # (n,)
+                for name, grad in zip(linears, torch.autograd.grad(loss, weights, allow_unused=True)):
+                    if grad is not None:  # None: the forward pass never reached it (its rows stay 0)
+                        rows[name] += grad.double().square().sum(dim=1).cpu()  # (n,)
     finally:
         for param, flag in flags.items():
             param.requires_grad_(flag)

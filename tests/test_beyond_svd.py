@@ -243,6 +243,17 @@ def test_fisher_init_minimizes_the_fisher_weighted_output_error(make_tiny_marian
     assert totals["fisher"] < 0.95 * totals["aware"], totals
 
 
+def test_fisher_rows_of_a_linear_the_forward_pass_never_reaches_are_zero(make_tiny_marian, calibration):
+    """A target linear outside the forward pass gets zero rows (then the activation init alone), not an error."""
+    model = make_tiny_marian()
+    model.model.encoder.unused = nn.Linear(16, 8)
+    rows = decomposition.gather_fisher_rows(model, [ENC_Q1, "model.encoder.unused"], calibration)
+    assert rows["model.encoder.unused"].eq(0).all() and (rows[ENC_Q1] > 0).all()
+    weighted = decomposition.fisher_weighted({ENC_Q1: torch.eye(16), "model.encoder.unused": torch.eye(16)}, rows)
+    assert isinstance(weighted[ENC_Q1], matrix_decomposition.Weighting)
+    assert not isinstance(weighted["model.encoder.unused"], matrix_decomposition.Weighting)
+
+
 def test_fisher_weighting_skips_a_layer_no_gradient_reached():
     gram = torch.eye(4, dtype=torch.float64)
     weighted = decomposition.fisher_weighted({"a": gram, "b": gram}, {"a": torch.zeros(3, dtype=torch.float64),
