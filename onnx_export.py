@@ -342,9 +342,19 @@ def export(model_path: str | os.PathLike, out: str | os.PathLike | None = None, 
         if tokenizer is not None:
             tokenizer.save_pretrained(work)
         os.chmod(work, 0o777 & ~_umask())
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(work, out)
+        # the earlier export (--overwrite) renamed aside, the new one renamed in, then the earlier one removed:
+        # an interrupt between two renames leaves one whole export in place or aside, never a half-deleted one
+        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
+        if old is not None:
+            os.replace(out, old)
+        try:
+            os.replace(work, out)
+        except BaseException:
+            if old is not None and not out.exists():
+                os.replace(old, out)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -362,6 +363,28 @@ def test_export_command_interrupted_over_an_earlier_export_leaves_it(tiny_teache
     assert capsys.readouterr().err == (f"onnx_export.py: interrupted; {str(tiny_teacher_dir / 'onnx')!r} is left as "
                                        f"it was\n")
     assert {p: p.read_bytes() for p in (tiny_teacher_dir / "onnx").iterdir()} == before
+    assert sorted(p.name for p in tiny_teacher_dir.iterdir() if p.name.startswith(".")) == []
+
+
+def test_export_interrupted_while_it_replaces_an_earlier_one_keeps_that_one(tiny_teacher_dir, monkeypatch, capsys):
+    """--overwrite: Ctrl-C as the new export is renamed into place (the earlier one already renamed aside)
+    puts the earlier one back whole; nothing is left beside it."""
+    import onnx_export
+
+    export(tiny_teacher_dir)
+    out = tiny_teacher_dir / "onnx"
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    real = os.replace
+
+    def replace(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".onnx.tmp-"):  # the new export, moving in
+            raise KeyboardInterrupt
+        return real(src, dst)
+
+    monkeypatch.setattr(onnx_export.os, "replace", replace)
+    assert onnx_export.main(["--model", str(tiny_teacher_dir), "--overwrite"]) == 130
+    assert capsys.readouterr().err == f"onnx_export.py: interrupted; {str(out)!r} is left as it was\n"
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tiny_teacher_dir.iterdir() if p.name.startswith(".")) == []
 
 
