@@ -772,6 +772,11 @@ def after_interrupt(config: Config | None, signum: int = signal.SIGINT, plan: bo
                     f"same command with --resume to evaluate and save it without training again")
         return (f"{stopped}; the checkpoint of step {step} is kept in {folder}: run the same "
                 f"command with --resume to continue from it")
+    if signum == signal.SIGTERM and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # torchrun stops every process with SIGTERM when one of them fails: what that failure left (run.json,
+        # the evaluations) is kept for --resume, as after the failure itself
+        return (f"{stopped} (torchrun stops every process when one of them fails: see the other processes' errors); "
+                f"{folder} is kept: run the same command with --resume to reuse what it holds")
     remove_checkpoints(folder)
     if not config.checkpoint_steps:
         return f"{stopped}; checkpoint_steps is 0, so nothing was kept; run the same command to start over"

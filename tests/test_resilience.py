@@ -392,3 +392,20 @@ def test_a_run_checkpointed_before_a_key_existed_resumes_at_its_default(run_dir,
     edit_config(run_dir, freeze=["model.shared.weight"])  # but not at another value
     with pytest.raises(compress_model.ConfigError, match=r"freeze was \[\] in the interrupted run"):
         compress_model.check_resume(compress_model.load_config(run_dir / "config.json"), resume=True)
+
+
+@pytest.mark.parametrize("world_size", ["1", "2"])
+def test_sigterm_under_torchrun_keeps_what_a_failed_process_left(tmp_path, monkeypatch, world_size):
+    """torchrun sends SIGTERM to every process when one fails: the checkpoint folder (run.json, the evaluations)
+    stays for --resume, as after the failure itself; alone, a SIGTERM before any checkpoint starts over."""
+    folder = tmp_path / "out-checkpoints"
+    folder.mkdir()
+    (folder / "run.json").write_text("{}")
+    monkeypatch.setenv("WORLD_SIZE", world_size)
+    config = compress_model.Config(output_path=str(tmp_path / "out"), checkpoint_steps=10)
+    line = compress_model.after_interrupt(config, signal.SIGTERM)
+    if world_size == "2":
+        assert line.startswith("stopped by SIGTERM (torchrun stops every process when one of them fails")
+        assert (folder / "run.json").is_file() and f"{folder} is kept" in line
+    else:
+        assert line.startswith("stopped by SIGTERM before the first checkpoint") and not folder.exists()
