@@ -434,10 +434,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-if __name__ == "__main__":
-    code = main()
-    if code == 130:  # interrupted: leave at once, not waiting for threads a library left running
+def exit_with(code: int) -> None:
+    """Leave a command-line script with ``code``; an interrupted one (130, Ctrl-C) at once, not waiting
+    for threads a library left running."""
+    if code == 130:
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(code)
     sys.exit(code)
+
+
+if __name__ == "__main__":
+    exit_with(main())

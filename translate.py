@@ -30,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnx_export import EXPORT_INFO, FORMAT, default_folder, quiet_
+from onnx_export import EXPORT_INFO, FORMAT, default_folder, exit_with, quiet_
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -429,9 +429,4 @@ def _write_atomically(path: Path, text: str) -> None:
 
 
 if __name__ == "__main__":
-    code = main()
-    if code == 130:  # interrupted: leave at once, not waiting for threads a library left running
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
+    exit_with(main())
