@@ -826,20 +826,26 @@ def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
                         max_steps=2, max_new_tokens=8, checkpoint_steps=0)
 
 
-def test_cli_activation_init(run_dir, monkeypatch, capsys):
+def _run_with_init(run_dir, monkeypatch, init: str, gatherer: str):
+    """The CLI with ``init`` on 32 calibration pairs: (its report, the pairs ``decomposition.<gatherer>`` was
+    called with per call, what each factorized layer's ``low_rank_factors`` was given)."""
     monkeypatch.chdir(run_dir)
-    edit_config(run_dir, init="activation", calibration_samples=32)
+    edit_config(run_dir, init=init, calibration_samples=32)
     seen = []
-    real = decomposition.gather_input_grams
-    monkeypatch.setattr(decomposition, "gather_input_grams",
+    real = getattr(decomposition, gatherer)
+    monkeypatch.setattr(decomposition, gatherer,
                         lambda model, names, batches: seen.append(sum(len(b["input_ids"]) for b in batches))
                         or real(model, names, batches))
-    grams = []  # per factorized layer: the Gram matrix it was given
+    given = []  # per factorized layer: the Gram matrix or Weighting it was given
     real_factors = matrix_decomposition.low_rank_factors
     monkeypatch.setattr(matrix_decomposition, "low_rank_factors", lambda weight, rank, svd="auto", input_gram=None:
-                        grams.append(input_gram) or real_factors(weight, rank, svd, input_gram))
+                        given.append(input_gram) or real_factors(weight, rank, svd, input_gram))
     assert compress_model.main(["--config", "config.json"]) == 0
-    report = json.loads((run_dir / "out" / "report.json").read_text())
+    return json.loads((run_dir / "out" / "report.json").read_text()), seen, given
+
+
+def test_cli_activation_init(run_dir, monkeypatch, capsys):
+    report, seen, grams = _run_with_init(run_dir, monkeypatch, "activation", "gather_input_grams")
     assert report["init"] == "activation" and report["init_notes"] == {} and seen == [32]
     assert len(grams) == len(report["ranks"]) == 32
     assert all(g is not None and g.shape[0] == g.shape[1] and g.abs().sum() > 0 for g in grams)
@@ -849,19 +855,7 @@ def test_cli_activation_init(run_dir, monkeypatch, capsys):
 def test_cli_fisher_init(run_dir, monkeypatch, capsys):
     """init "fisher" gathers the grams and the Fisher rows on the same calibration pairs and hands every
     factorized linear a Weighting with both."""
-    monkeypatch.chdir(run_dir)
-    edit_config(run_dir, init="fisher", calibration_samples=32)
-    seen = []
-    real = decomposition.gather_fisher_rows
-    monkeypatch.setattr(decomposition, "gather_fisher_rows",
-                        lambda model, names, batches: seen.append(sum(len(b["input_ids"]) for b in batches))
-                        or real(model, names, batches))
-    given = []
-    real_factors = matrix_decomposition.low_rank_factors
-    monkeypatch.setattr(matrix_decomposition, "low_rank_factors", lambda weight, rank, svd="auto", input_gram=None:
-                        given.append(input_gram) or real_factors(weight, rank, svd, input_gram))
-    assert compress_model.main(["--config", "config.json"]) == 0
-    report = json.loads((run_dir / "out" / "report.json").read_text())
+    report, seen, given = _run_with_init(run_dir, monkeypatch, "fisher", "gather_fisher_rows")
     assert report["init"] == "fisher" and report["init_notes"] == {} and seen == [32]
     assert len(given) == len(report["ranks"]) == 32
     assert all(isinstance(w, matrix_decomposition.Weighting) and w.gram is not None and w.rows is not None

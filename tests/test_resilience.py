@@ -158,18 +158,24 @@ def test_a_run_stopped_before_its_first_checkpoint_is_restarted_or_resumed_from_
     assert _without_timing(reports[0]) == _without_timing(reports[1])  # --resume distilled from the start
 
 
-def test_ctrl_c_from_the_shell_is_one_line_and_exit_130(run_dir):
+def _signal_while_training(run_dir, signum: int, **popen) -> tuple[int, str]:
+    """Run the CLI on a long config, send ``signum`` once it trains; its exit status and standard error."""
     edit_config(run_dir, epoch=1000, checkpoint_steps=10**6)
     proc = subprocess.Popen(CLI, cwd=run_dir, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=_as_from_a_terminal)
+                            **popen)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None and not (run_dir / "out-checkpoints" / "run.json").exists():
         time.sleep(0.02)  # run.json is written just before distillation starts
     assert proc.poll() is None, proc.stderr.read()[-3000:]
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130, err[-3000:]
+    return proc.returncode, err
+
+
+def test_ctrl_c_from_the_shell_is_one_line_and_exit_130(run_dir):
+    code, err = _signal_while_training(run_dir, signal.SIGINT, preexec_fn=_as_from_a_terminal)
+    assert code == 130, err[-3000:]
     assert err.strip().splitlines() == ["compress_model.py: interrupted before the first checkpoint, so nothing was "
                                         "kept; run the same command to start over"]
     assert not (run_dir / "out-checkpoints").exists()
@@ -177,16 +183,8 @@ def test_ctrl_c_from_the_shell_is_one_line_and_exit_130(run_dir):
 
 def test_sigterm_from_outside_is_one_line_exit_143_like_ctrl_c(run_dir):
     """kill, timeout, Slurm and docker stop send SIGTERM: the run stops as after Ctrl-C, not silently."""
-    edit_config(run_dir, epoch=1000, checkpoint_steps=10**6)
-    proc = subprocess.Popen(CLI, cwd=run_dir, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not (run_dir / "out-checkpoints" / "run.json").exists():
-        time.sleep(0.02)  # run.json is written just before distillation starts
-    assert proc.poll() is None, proc.stderr.read()[-3000:]
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
-    assert proc.returncode == 143, err[-3000:]
+    code, err = _signal_while_training(run_dir, signal.SIGTERM)
+    assert code == 143, err[-3000:]
     assert err.strip().splitlines() == ["compress_model.py: stopped by SIGTERM before the first checkpoint, so nothing "
                                         "was kept; run the same command to start over"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "eval.csv", "teacher", "train.csv"]
