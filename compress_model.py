@@ -206,7 +206,7 @@ class Config:
     export: list[str] = field(default_factory=list, metadata={
         "help": "deployable copies of the student written into output_path and evaluated in the report: \"onnx\" "
                 "(ONNX Runtime, float32) and/or \"onnx-int8\" (int8 weights); a finished run is exported with "
-                "python onnx_export.py --model <output_path> [--int8]"})
+                "python -m mdcompress.onnx_export --model <output_path> [--int8]"})
     num_beams: int = field(default=1, metadata={"help": "beams for the BLEU evaluation (1 = greedy)"})
     eval_batch_size: int = field(default=64, metadata={"help": "sentences per generate() call"})
     max_new_tokens: int = field(default=128, metadata={
@@ -436,7 +436,7 @@ def load_models(config: Config) -> tuple:
     teacher, tokenizer = load_pretrained(config.teacher_model_path, "teacher_model_path", languages)
     set_languages_(teacher, tokenizer, config.source_lang_code, config.target_lang_code)
     if config.export:  # the ONNX export takes MarianMT only
-        from onnx_export import ExportError, _check_exportable
+        from mdcompress.onnx_export import ExportError, _check_exportable
         try:
             _check_exportable(teacher)
         except ExportError as e:
@@ -474,7 +474,7 @@ def model_inputs(config: Config, tokenizer, train_pairs, eval_pairs, state, say=
     cached (``data.preprocess``). With ``sequence_level_kd`` and a ``teacher``, the training
     targets are the teacher's translations of the training inputs (``generate``: their settings),
     generated once and shared among the processes (``distillation.sequence_level_kd``)."""
-    import data
+    from mdcompress import data
     from distillation.sequence_level_kd import teacher_translations
 
     preprocessor = globals()["data_preprocessor"]
@@ -541,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config)
         if args.resume and config.plan:
             raise ConfigError("plan: true only plans a run; remove it (or --resume) to continue the interrupted run")
-        from sweep import sweep_key
+        from mdcompress.sweep import sweep_key
         if sweep_key(config):
             code = run_sweep(config, sweep_key(config), resume=args.resume, config_path=args.config,
                              plan_only=args.plan or config.plan)
@@ -558,9 +558,9 @@ def main(argv: list[str] | None = None) -> int:
         # matrix_decomposition / output_folder (and importing them here would load datasets and
         # transformers just to report a bad config key)
         user_errors = (ConfigError, FloatingPointError) + tuple(
-            getattr(sys.modules[module], name) for module, name in (("data", "DataError"),
+            getattr(sys.modules[module], name) for module, name in (("mdcompress.data", "DataError"),
                                                                     ("matrix_decomposition", "DecompositionError"),
-                                                                    ("output_folder", "OutputError"))
+                                                                    ("mdcompress.output_folder", "OutputError"))
             if module in sys.modules)
         if not isinstance(e, user_errors):
             raise
@@ -750,7 +750,7 @@ def after_interrupt(config: Config | None, signum: int = signal.SIGINT, plan: bo
     """What a run stopped by ``signum`` (SIGINT: Ctrl-C, or SIGTERM) leaves, and how to go on (one
     line). A checkpoint folder holding nothing to resume from is removed, so that the same command
     simply starts over; a plan and a sweep, which keep no checkpoints, leave it alone."""
-    from sweep import sweep_key
+    from mdcompress.sweep import sweep_key
 
     stopped = "interrupted" if signum == signal.SIGINT else f"stopped by {signal.Signals(signum).name}"
     if config is None:
@@ -852,8 +852,8 @@ def quiet_transformers() -> None:
 def check_before_work(config: Config, config_path: str | os.PathLike | None, device) -> None:
     """Refuse, before any work: fp16 on a CPU; an output or checkpoint folder that would clobber
     something or overlaps the run's inputs; a cache folder that is a file."""
-    import data
-    from output_folder import check_clear_of, check_output_path
+    from mdcompress import data
+    from mdcompress.output_folder import check_clear_of, check_output_path
 
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("mixed_precision: 'fp16' needs a GPU (on a CPU, Accelerate trains in float32 without "
@@ -870,7 +870,7 @@ def start_checkpoints(folder: Path, run_state: dict) -> None:
     """A fresh checkpoint folder holding run.json (``run_state``: the config, the report so far and the
     ranks, what --resume reuses); an abandoned run's checkpoints (nothing to resume, or
     overwrite_output given) are removed first."""
-    from output_folder import write_json_atomic
+    from mdcompress.output_folder import write_json_atomic
 
     remove_checkpoints(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -888,13 +888,13 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     import torch
     from accelerate import PartialState
 
-    import data
+    from mdcompress import data
     import decomposition
     from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
-    from evaluation import evaluate_export
-    from output_folder import save_outputs
-    from pictures import write_run_pictures
-    from plan import layer_spectra, no_saving_bounds, print_plan
+    from mdcompress.evaluation import evaluate_export
+    from mdcompress.output_folder import save_outputs
+    from mdcompress.pictures import write_run_pictures
+    from mdcompress.plan import layer_spectra, no_saving_bounds, print_plan
 
     quiet_transformers()
     state = PartialState(cpu=distributed_on_cpu())  # one process, or one of several under torchrun / accelerate launch
@@ -990,10 +990,10 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
     import tempfile
 
     from matrix_decomposition import load_pretrained, resolve_ranks
-    from output_folder import check_output_path, replace_folder, write_json_atomic
-    from pictures import write_sweep_pictures
-    from rank_allocation import check_target_ratio
-    from sweep import folder_name, print_sweep, sweep_report, sweep_row
+    from mdcompress.output_folder import check_output_path, replace_folder, write_json_atomic
+    from mdcompress.pictures import write_sweep_pictures
+    from mdcompress.rank_allocation import check_target_ratio
+    from mdcompress.sweep import folder_name, print_sweep, sweep_report, sweep_row
 
     values = getattr(config, key)
     if resume:

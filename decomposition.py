@@ -30,7 +30,7 @@ from transformers import DataCollatorForSeq2Seq
 
 from distillation.distillation_loss import IGNORE_INDEX
 from distillation.knowledge_distillation import DistillationSettings, Distiller
-from evaluation import evaluate_translation
+from mdcompress.evaluation import evaluate_translation
 from matrix_decomposition import (
     DecompositionError,
     LowRankEmbedding,
@@ -45,8 +45,8 @@ from matrix_decomposition import (
     quantize_int8,
     resolve_ranks,
 )
-from rank_allocation import check_target_ratio, ranks_for_ratio, stored_sensitivity_errors
-from teacher_forcing import decoder_inputs, source_positioned, teacher_forced
+from mdcompress.rank_allocation import check_target_ratio, ranks_for_ratio, stored_sensitivity_errors
+from mdcompress.teacher_forcing import decoder_inputs, source_positioned, teacher_forced
 
 # ---------------------------------------------------------------------------------------------
 # The inputs: a separate student model and the loss terms that compare layers

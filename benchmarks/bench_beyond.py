@@ -2,8 +2,8 @@
 factorized, and int8, each through the real pipeline (`compress_model.run`) on the shipped
 teacher and data.
 
-    python benchmarks/bench_beyond.py --jobs 2 --json benchmarks/results/beyond.json    # ~35 min on 2 cores
-    python benchmarks/bench_beyond.py --quick                                  # ~40 s (smoke test)
+    python -m benchmarks.bench_beyond --jobs 2 --json benchmarks/results/beyond.json    # ~35 min on 2 cores
+    python -m benchmarks.bench_beyond --quick                                  # ~40 s (smoke test)
 
 Every row is one run of the tool with the default training budget (1 epoch over the shipped
 20,000 pairs, batch 32, the paper's losses; the last row 3 epochs), evaluated on the shipped 1,000
@@ -24,7 +24,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import compress_model  # noqa: E402
 

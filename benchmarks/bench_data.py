@@ -2,8 +2,8 @@
 ``data.preprocess``: Arrow, memory-mapped, several processes, cached) against a plain
 ``datasets.map``, with the peak memory of each, and the padding that length-grouped batches save.
 
-    python benchmarks/bench_data.py --json benchmarks/results/data.json    # 2,000,000 pairs, ~10 min on 2 cores
-    python benchmarks/bench_data.py --quick                                 # smoke test: 4,000 pairs, in-process
+    python -m benchmarks.bench_data --json benchmarks/results/data.json    # 2,000,000 pairs, ~10 min on 2 cores
+    python -m benchmarks.bench_data --quick                                 # smoke test: 4,000 pairs, in-process
 
 The corpus is the shipped training pairs (data/tatoeba_en_de/train.csv, 20,000) repeated to
 ``--pairs`` in one CSV of a temporary folder, with its own datasets cache (nothing outside it is
@@ -90,13 +90,11 @@ class PeakMemory:
 
 def step(name: str, corpus: str, cache: str, workers: int, batches: int) -> dict:
     import resource
-
-    sys.path.insert(0, str(REPO))
     import datasets
     from transformers import AutoTokenizer
 
     import compress_model
-    import data
+    from mdcompress import data
 
     def cpu_seconds() -> float:
         return sum(getattr(resource.getrusage(who), field) for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
@@ -187,8 +185,7 @@ def padding(tokenized, sampler, batch_size: int) -> dict:
 
 def write_corpus(path: Path, pairs: int) -> None:
     """``pairs`` pairs: the shipped training pairs, repeated."""
-    sys.path.insert(0, str(REPO))
-    from data import read_pairs, write_pairs
+    from mdcompress.data import read_pairs, write_pairs
 
     rows = read_pairs(SHIPPED / "train.csv")
     write_pairs(path, (rows[i % len(rows)] for i in range(pairs)))

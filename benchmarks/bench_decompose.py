@@ -10,9 +10,9 @@ over every default layer, and the relative truncation error sqrt(Σ‖W − B'C'
 - on matrices of the same shapes with a decaying spectrum s_i = i^-0.5 (closer to trained
   weights), one per shape, weighted by how many layers have that shape.
 
-    python benchmarks/bench_decompose.py                # ~3 min of CPU time
-    python benchmarks/bench_decompose.py --threads 1    # the same on cores busy with other jobs
-    python benchmarks/bench_decompose.py --quick        # smoke test: small model, one repeat, seconds
+    python -m benchmarks.bench_decompose                # ~3 min of CPU time
+    python -m benchmarks.bench_decompose --threads 1    # the same on cores busy with other jobs
+    python -m benchmarks.bench_decompose --quick        # smoke test: small model, one repeat, seconds
 
 Two threads on cores another job is using make LAPACK stall (10–100× slower): use --threads 1 then.
 """
@@ -27,8 +27,6 @@ from pathlib import Path
 
 import torch
 from transformers import MarianConfig, MarianMTModel
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matrix_decomposition import count_parameters, decompose_, default_targets, truncated_svd  # noqa: E402
 
 FULL = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,

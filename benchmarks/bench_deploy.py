@@ -2,9 +2,9 @@
 compressed student in PyTorch, in ONNX Runtime (this tool's export, float32 and int8) and, for the
 dense teacher, in CTranslate2 (float32 and int8), the runtime users pick instead.
 
-    python benchmarks/bench_deploy.py shipped --student outputs/student-50   # shipped teacher, real pairs
-    python benchmarks/bench_deploy.py opus --opus-threads 1                    # opus-mt-en-de shape, random weights
-    python benchmarks/bench_deploy.py opus --quick                             # smoke test: tiny models, seconds
+    python -m benchmarks.bench_deploy shipped --student outputs/student-50   # shipped teacher, real pairs
+    python -m benchmarks.bench_deploy opus --opus-threads 1                    # opus-mt-en-de shape, random weights
+    python -m benchmarks.bench_deploy opus --quick                             # smoke test: tiny models, seconds
 
 ``shipped``: the shipped teacher (``models/teacher-en-de``) and a student compressed from it
 (``--student``, a folder written by ``compress_model.py``) translate ``--pairs`` greedily
@@ -33,18 +33,17 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from data import read_pairs  # noqa: E402
-from evaluation import corpus_scores  # noqa: E402
+from mdcompress.data import read_pairs  # noqa: E402
+from mdcompress.evaluation import corpus_scores  # noqa: E402
 from matrix_decomposition import count_parameters, decompose_, load_compressed_model, save_compressed_model  # noqa: E402
-from onnx_export import export, quiet_  # noqa: E402
-from translate import OnnxTranslator, TorchTranslator, folder_mb  # noqa: E402
+from mdcompress.onnx_export import export, quiet_  # noqa: E402
+from mdcompress.translate import OnnxTranslator, TorchTranslator, folder_mb  # noqa: E402
 
 SHARED_DEV = REPO.parent / "shared" / "data" / "tatoeba_en_de" / "dev.csv"
 

@@ -1,8 +1,8 @@
 """How much a distillation step costs compared with plain fine-tuning of the same factorized student,
 at the shipped teacher's size.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_distill_step.py            # ~2 min
-    OMP_NUM_THREADS=1 python benchmarks/bench_distill_step.py --quick    # a few steps (smoke test)
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_distill_step            # ~2 min
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_distill_step --quick    # a few steps (smoke test)
 
 The teacher is the shipped one (models/teacher-en-de: MarianMT d_model 128, 3+3 layers, vocabulary
 8,000); the student is its copy with every layer linear and the shared embedding factorized to half
@@ -52,7 +52,6 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
@@ -61,14 +60,14 @@ from transformers import DataCollatorForSeq2Seq  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from compress_model import Config  # noqa: E402
-from data import read_pairs  # noqa: E402
-from bench_recovery import first_run_of  # noqa: E402  (this folder: a script's own)
+from mdcompress.data import read_pairs  # noqa: E402
+from benchmarks.bench_recovery import first_run_of  # noqa: E402
 from decomposition import build_student  # noqa: E402
 from distillation.distillation_loss import IGNORE_INDEX  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings, Distiller  # noqa: E402
 from distillation.teacher_cache import build_teacher_cache  # noqa: E402
 from matrix_decomposition import count_parameters, load_pretrained  # noqa: E402
-from teacher_forcing import decoder_inputs  # noqa: E402
+from mdcompress.teacher_forcing import decoder_inputs  # noqa: E402
 
 TARGET_RATIO = 1.3
 BATCH = 32

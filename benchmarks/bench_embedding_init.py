@@ -2,8 +2,8 @@
 by plain SVD and by the activation-aware init's weighting (``decomposition.embedding_weighting``)
 and its two halves, at several ranks.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_embedding_init.py      # ~2 min on one thread
-    python benchmarks/bench_embedding_init.py --quick                # smoke test: seconds
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_embedding_init      # ~2 min on one thread
+    python -m benchmarks.bench_embedding_init --quick                # smoke test: seconds
 
 The statistics come from the first ``--samples`` shipped training pairs (the tool's
 ``calibration_samples``); the drift (``rank_allocation.output_drift``: the mean KL divergence from
@@ -21,15 +21,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
 import compress_model  # noqa: E402
-import data  # noqa: E402
+from mdcompress import data  # noqa: E402
 import decomposition  # noqa: E402
 from matrix_decomposition import Weighting, load_pretrained, low_rank_factors  # noqa: E402
-from rank_allocation import _real_token_log_probs, output_drift  # noqa: E402
+from mdcompress.rank_allocation import _real_token_log_probs, output_drift  # noqa: E402
 
 SHARED_DEV = REPO.parent / "shared" / "data" / "tatoeba_en_de" / "dev.csv"
 

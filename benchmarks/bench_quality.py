@@ -1,8 +1,8 @@
 """How much quality is kept at a given size: SVD factorization + recovery against a layer-dropping student.
 
-    nice -n 5 python benchmarks/bench_quality.py --threads 2 --json benchmarks/results/quality.json
+    nice -n 5 python -m benchmarks.bench_quality --threads 2 --json benchmarks/results/quality.json
         # the full run: ~30 min on 2 shared cores (BENCHMARKS.md has its table)
-    OMP_NUM_THREADS=1 python benchmarks/bench_quality.py --quick --threads 1
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_quality --quick --threads 1
         # smoke test: a tiny random teacher, 3 steps, 64 pairs; seconds
 
 The teacher (default ``models/teacher-en-de``, written by ``scripts/train_teacher.py``) is evaluated
@@ -65,17 +65,16 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from transformers import MarianConfig, MarianMTModel, MarianTokenizer, set_seed  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from compress_model import Config, ConfigError, default_data_preprocessor  # noqa: E402
-from data import DataError, load_pairs, preprocess  # noqa: E402
+from mdcompress.data import DataError, load_pairs, preprocess  # noqa: E402
 from decomposition import build_student, distill  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings  # noqa: E402
-from evaluation import corpus_scores  # noqa: E402
+from mdcompress.evaluation import corpus_scores  # noqa: E402
 from matrix_decomposition import (  # noqa: E402
     DecompositionError,
     count_parameters,
@@ -84,7 +83,7 @@ from matrix_decomposition import (  # noqa: E402
     low_rank_parameters,
     max_saving_rank,
 )
-from translate import translate  # noqa: E402
+from mdcompress.translate import translate  # noqa: E402
 
 TARGET_RETENTION = 97.0  # % of the teacher's BLEU kept at <= 50% of its layer parameters, after recovery
 FULL = dict(teacher="models/teacher-en-de", train="data/tatoeba_en_de/train.csv",

@@ -1,13 +1,13 @@
 """Recovery at half the teacher's size in the default run's budget: which recipe keeps the most BLEU,
 over several seeds, on pairs no decision looked at.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py --recipes paper ce --json benchmarks/results/recovery_50.json
-    OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py --recipes cached paper2     # ~25 min each
-    OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py --default-job --recipes paper shipped --seeds 2 --max-steps 300
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_recovery --recipes paper ce --json benchmarks/results/recovery_50.json
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_recovery --recipes cached paper2     # ~25 min each
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_recovery --default-job --recipes paper shipped --seeds 2 --max-steps 300
                                                                    # what a step of each costs in a real run
-    OMP_NUM_THREADS=1 python benchmarks/bench_recovery.py --recipes shipped --set learning_rate=3e-4 --seeds 1 \
+    OMP_NUM_THREADS=1 python -m benchmarks.bench_recovery --recipes shipped --set learning_rate=3e-4 --seeds 1 \
         --eval data/tatoeba_en_de/eval.csv --skip 0                # a tuning run: any config key on top
-    python benchmarks/bench_recovery.py --quick --seeds 1                             # smoke test
+    python -m benchmarks.bench_recovery --quick --seeds 1                             # smoke test
 
 Every run is the tool itself (``compress_model.run``) on the shipped teacher: every linear of its
 layers and the shared embedding factorized (``decompose_layers: ["*"]``) to ``--ratio`` of its total
@@ -36,10 +36,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import compress_model  # noqa: E402
-import data  # noqa: E402
+from mdcompress import data  # noqa: E402
 
 SHARED_DEV = REPO.parent / "shared" / "data" / "tatoeba_en_de" / "dev.csv"
 CACHED = {"loss_weights": {"ce": 1.0, "kd": 1.0, "feature": 0.0}, "kd_top_k": 16, "learning_rate": 1e-3}

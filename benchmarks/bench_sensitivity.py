@@ -1,8 +1,8 @@
 """Time the sensitivity rank allocation (``rank_allocation: "sensitivity"``) on the shipped teacher
 and show what it allocates at a budget, next to the spectrum allocation.
 
-    python benchmarks/bench_sensitivity.py                 # ~3.5 min on one thread
-    python benchmarks/bench_sensitivity.py --quick         # smoke test: 8 pairs, 4 layers, seconds
+    python -m benchmarks.bench_sensitivity                 # ~3.5 min on one thread
+    python -m benchmarks.bench_sensitivity --quick         # smoke test: 8 pairs, 4 layers, seconds
 
 Measures ``rank_allocation.sensitivity_errors`` over every linear of the layers and the shared
 embedding (``decompose_layers: ["*"]``) on the first ``--samples`` shipped training pairs, the
@@ -19,16 +19,15 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
 import compress_model  # noqa: E402
-import data  # noqa: E402
+from mdcompress import data  # noqa: E402
 import decomposition  # noqa: E402
 from matrix_decomposition import resolve_ranks  # noqa: E402
-from rank_allocation import ranks_for_ratio, sensitivity_errors  # noqa: E402
+from mdcompress.rank_allocation import ranks_for_ratio, sensitivity_errors  # noqa: E402
 
 
 def main() -> int:

@@ -29,9 +29,9 @@ medians are reported; on a shared, noisy machine only ratios from the same run m
 Each timing repeats the call until it lasts ``--min-time`` seconds. The "Cost" section times
 ``decompose_`` (svd 'auto') on the full model at each rank and reports resident memory.
 
-    nice -n 10 python benchmarks/bench_speed.py --json speed.json   # 2 threads: for quiet cores
-    nice -n 10 python benchmarks/bench_speed.py --threads 1         # on a busy shared machine
-    python benchmarks/bench_speed.py --quick                         # smoke test: tiny model, seconds
+    nice -n 10 python -m benchmarks.bench_speed --json speed.json   # 2 threads: for quiet cores
+    nice -n 10 python -m benchmarks.bench_speed --threads 1         # on a busy shared machine
+    python -m benchmarks.bench_speed --quick                         # smoke test: tiny model, seconds
 
 With ``--threads 1`` the full run took 4 min next to a training job on 2 cores (load average ~3).
 Do not use 2 threads on cores that are already busy: each op's OpenMP barrier then waits for a
@@ -53,15 +53,13 @@ from pathlib import Path
 import torch
 from transformers import MarianConfig, MarianMTModel
 from transformers.utils import logging as hf_logging
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from matrix_decomposition import (  # noqa: E402
     DecompositionError,
     count_parameters,
     decompose_,
     default_targets,
 )
-from plan import predicted_macs  # noqa: E402  (the FLOP model, shared with the plan)
+from mdcompress.plan import predicted_macs  # noqa: E402  (the FLOP model, shared with the plan)
 
 FULL_MODEL = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
                   decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, vocab_size=58101,

@@ -44,7 +44,7 @@ from distillation.distillation_loss import (
     top_k_distillation_loss,
     weighted_sum,
 )
-from teacher_forcing import capture_outputs, decoder_inputs, source_positioned, teacher_forced
+from mdcompress.teacher_forcing import capture_outputs, decoder_inputs, source_positioned, teacher_forced
 from distillation.teacher_cache import build_teacher_cache
 
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")

@@ -18,7 +18,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch import nn
 
-from translate import translate
+from mdcompress.translate import translate
 
 
 def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str] | Sequence[Sequence[int]],

@@ -4,8 +4,8 @@ It is trained from scratch, with its own joint sentencepiece vocabulary, on the 
 pairs in `../shared/data/tatoeba_en_de` (see `data/tatoeba_en_de/README.md` for provenance
 and licence). It also writes the data subset the default job uses:
 
-    python scripts/train_teacher.py                    # ~45 min on one CPU core
-    python scripts/train_teacher.py --epochs 1 --limit 5000 --vocab-size 1000 --out /tmp/t --subset-dir ""   # a quick try
+    python -m scripts.train_teacher                    # ~45 min on one CPU core
+    python -m scripts.train_teacher --epochs 1 --limit 5000 --vocab-size 1000 --out /tmp/t --subset-dir ""   # a quick try
 
 Outputs (written atomically: a temporary folder, then a rename):
     models/teacher-en-de/    model.safetensors, config.json, tokenizer files, training_info.json
@@ -25,15 +25,14 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
 
 import sentencepiece as spm  # noqa: E402
 import torch  # noqa: E402
 from transformers import MarianConfig, MarianMTModel, MarianTokenizer  # noqa: E402
 
-from data import read_pairs, write_pairs  # noqa: E402
-from evaluation import corpus_scores  # noqa: E402
-from translate import translate  # noqa: E402
+from mdcompress.data import read_pairs, write_pairs  # noqa: E402
+from mdcompress.evaluation import corpus_scores  # noqa: E402
+from mdcompress.translate import translate  # noqa: E402
 
 
 def build_tokenizer(pairs, work_dir, vocab_size, seed, hard_vocab_limit=True):

@@ -21,10 +21,11 @@ import torch  # noqa: E402
 from transformers import AutoModelForSeq2SeqLM, MarianConfig, MarianMTModel, MarianTokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO))
+# commands the tests start (python -m mdcompress.translate, benchmarks, scripts) import this checkout's package
+os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
 from compress_model import Config  # noqa: E402
-from data import read_pairs, write_pairs  # noqa: E402  (the CSV helpers of the tests' runs)
+from mdcompress.data import read_pairs, write_pairs  # noqa: E402  (the CSV helpers of the tests' runs)
 from distillation.knowledge_distillation import DistillationSettings  # noqa: E402
 from matrix_decomposition import load_compressed_model  # noqa: E402  (importing it registers marian_low_rank)
 from scripts.train_teacher import build_tokenizer  # noqa: E402
@@ -41,7 +42,7 @@ def run_benchmark(script: str, *args: str, timeout: int = 300) -> subprocess.Com
     """``benchmarks/<script> args`` run as its docstring says (from the repository, one thread, the
     hub offline, no tokenizer threads), output captured; the test fails with the end of its stderr
     unless it exits 0."""
-    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], cwd=REPO,
+    result = subprocess.run([sys.executable, "-m", f"benchmarks.{script.removesuffix('.py')}", *args], cwd=REPO,
                             capture_output=True, text=True, timeout=timeout,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
                                  "TOKENIZERS_PARALLELISM": "false"})
@@ -122,7 +123,7 @@ def tokenized_pairs(pairs, tokenizer, count: int, max_source_length: int, max_ta
     import datasets
 
     import compress_model
-    import data
+    from mdcompress import data
 
     datasets.disable_progress_bars()
     subset = datasets.Dataset.from_dict({"source_text": [s for s, _ in pairs[:count]],

@@ -41,8 +41,7 @@ def test_bench_recovery_default_job_runs_the_shipped_config(tmp_path):
 
 
 def test_set_puts_a_config_key_on_top_of_every_recipe(monkeypatch, capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_recovery
+    from benchmarks import bench_recovery
 
     seen = []
 
@@ -64,8 +63,7 @@ def test_set_puts_a_config_key_on_top_of_every_recipe(monkeypatch, capsys):
 
 
 def test_epochs_runs_every_recipe_that_long_and_says_so(monkeypatch, capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_recovery
+    from benchmarks import bench_recovery
 
     seen = []
 
@@ -83,8 +81,7 @@ def test_epochs_runs_every_recipe_that_long_and_says_so(monkeypatch, capsys):
 
 
 def test_ranks_from_reuses_an_earlier_allocation(monkeypatch, tmp_path, capsys):
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    import bench_recovery
+    from benchmarks import bench_recovery
 
     seen = []
 

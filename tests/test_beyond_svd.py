@@ -17,18 +17,18 @@ from torch.ao.nn.quantized.dynamic import Linear as DynamicQuantizedLinear
 import compress_model
 import decomposition
 import matrix_decomposition
-import translate
-from data import read_pairs
+from mdcompress import translate
+from mdcompress.data import read_pairs
 from distillation import sequence_level_kd
 from distillation.knowledge_distillation import Distiller
-from evaluation import evaluate_translation
+from mdcompress.evaluation import evaluate_translation
 from matrix_decomposition import (
     WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, count_parameters, decompose_, default_targets,
     init_notes, load_compressed_model, low_rank_factors, max_saving_rank, quantize_int8, save_compressed_model,
     singular_values, size_mb, whitening,
 )
-import rank_allocation
-from rank_allocation import (
+from mdcompress import rank_allocation
+from mdcompress.rank_allocation import (
     allocate_ranks, convex_errors, ranks_for_ratio, sensitivity_errors, spectrum_errors, stored_sensitivity_errors,
 )
 

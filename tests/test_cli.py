@@ -13,12 +13,12 @@ from conftest import REPO, edit_config, load_with_auto_classes, make_run_dir, re
 from transformers import AutoTokenizer, GenerationConfig
 
 import compress_model
-import data
+from mdcompress import data
 import decomposition
-import output_folder
-from evaluation import evaluate_translation
+from mdcompress import output_folder
+from mdcompress.evaluation import evaluate_translation
 from matrix_decomposition import LowRankLinear, count_parameters, decompose_, load_compressed_model
-from output_folder import OutputError
+from mdcompress.output_folder import OutputError
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 

@@ -13,7 +13,7 @@ import pytest
 from conftest import edit_config, make_run_dir, refused_in_one_line
 
 import compress_model
-import data
+from mdcompress import data
 
 PAIRS = [("Hello.", "Hallo."), ('He said "no".', 'Er sagte "nein".'), ("NA", "null"), ("  ", "Leer."),
          ("Go, now!", "Geh, sofort!"), ("I\u2028see.", "Ich\u2028sehe.")]  # "NA"/"null" are sentences; one side blank

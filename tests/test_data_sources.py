@@ -5,7 +5,7 @@ import json
 import pytest
 
 from compress_model import Config
-from data import DataError, load_data, load_pairs, write_pairs
+from mdcompress.data import DataError, load_data, load_pairs, write_pairs
 
 
 @pytest.fixture

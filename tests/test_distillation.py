@@ -21,7 +21,7 @@ from distillation.knowledge_distillation import (
     DROPOUT_ATTRIBUTES, LOSS_TERMS, Distiller, LengthGroupedSampler, set_dropout_, token_lengths,
 )
 from matrix_decomposition import DecompositionError, LowRankLinear, default_targets
-from teacher_forcing import capture_outputs, source_positioned
+from mdcompress.teacher_forcing import capture_outputs, source_positioned
 
 RANK = 4  # truncated: the student differs from the teacher (every tiny layer saves weights up to rank 7)
 N_PAIRS = 64

@@ -28,9 +28,9 @@ from matrix_decomposition import (
     DecompositionError, LowRankEmbedding, LowRankLinear, check_supported, count_parameters, decompose_,
     default_targets, init_notes, load_pretrained, max_saving_rank, save_compressed_model,
 )
-from rank_allocation import ranks_for_ratio, sensitivity_errors
-from teacher_forcing import decoder_inputs, source_positioned
-from translate import translate
+from mdcompress.rank_allocation import ranks_for_ratio, sensitivity_errors
+from mdcompress.teacher_forcing import decoder_inputs, source_positioned
+from mdcompress.translate import translate
 
 RANK = 4
 BART_LIKE = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
@@ -289,7 +289,7 @@ def run_cli(run_dir, monkeypatch, **config):
 
 @pytest.fixture
 def run_dir(tmp_path, tiny_pairs):
-    from data import write_pairs
+    from mdcompress.data import write_pairs
 
     write_pairs(tmp_path / "train.csv", tiny_pairs[:24])
     write_pairs(tmp_path / "eval.csv", tiny_pairs[100:106])

@@ -15,10 +15,10 @@ import sacrebleu
 import torch
 
 from conftest import REPO
-from data import read_pairs
+from mdcompress.data import read_pairs
 from matrix_decomposition import count_parameters, decompose_, save_compressed_model
-from onnx_export import ExportError, export
-from translate import TranslateError, load_translator, translate_lines
+from mdcompress.onnx_export import ExportError, export
+from mdcompress.translate import TranslateError, load_translator, translate_lines
 
 EVAL_CSV = REPO / "data" / "tatoeba_en_de" / "eval.csv"
 SHIPPED = REPO / "models" / "teacher-en-de"
@@ -122,7 +122,7 @@ def test_translate_command_from_another_folder(tiny_teacher_dir, tmp_path):
     lines = ["How are you?", "", "I like tea.", "Tom is here."]
     outputs = {}
     for name, model in (("torch", tiny_teacher_dir), ("onnx", onnx_dir)):
-        done = subprocess.run([sys.executable, str(REPO / "translate.py"), "--model", str(model), "--max-new-tokens", "8"],
+        done = subprocess.run([sys.executable, "-m", "mdcompress.translate", "--model", str(model), "--max-new-tokens", "8"],
                               input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=tmp_path, timeout=120)
         assert done.returncode == 0, done.stderr
         outputs[name] = done.stdout.split("\n")[:-1]
@@ -131,7 +131,7 @@ def test_translate_command_from_another_folder(tiny_teacher_dir, tmp_path):
 
 
 def test_export_command_writes_next_to_the_model_and_refuses_to_overwrite(tiny_teacher_dir):
-    command = [sys.executable, str(REPO / "onnx_export.py"), "--model", str(tiny_teacher_dir), "--int8"]
+    command = [sys.executable, "-m", "mdcompress.onnx_export", "--model", str(tiny_teacher_dir), "--int8"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert (tiny_teacher_dir / "onnx-int8" / "onnx_export.json").is_file()
@@ -155,7 +155,7 @@ def test_export_refuses_other_architectures_in_one_line(tmp_path):
 def test_export_command_without_out_needs_a_model_folder(model, tmp_path):
     """With no --out the export goes into the model folder: a hub id, or a mistyped folder (taken for one), is
     refused in one line naming it and where it was looked for, before anything is loaded or written."""
-    done = subprocess.run([sys.executable, str(REPO / "onnx_export.py"), "--model", model], capture_output=True,
+    done = subprocess.run([sys.executable, "-m", "mdcompress.onnx_export", "--model", model], capture_output=True,
                           text=True, timeout=120, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
     assert done.stderr == (f"onnx_export.py: error: --out is needed when --model is a hub id: {model!r} is no local "
@@ -197,7 +197,7 @@ def test_translator_errors(case, tiny_teacher_dir, tmp_path):
 
 
 def test_translate_command_errors_are_one_line(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "translate.py"), "--model", str(tmp_path / "nowhere")],
+    done = subprocess.run([sys.executable, "-m", "mdcompress.translate", "--model", str(tmp_path / "nowhere")],
                           input="hi\n", capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
     assert "nowhere" in done.stderr
@@ -218,7 +218,7 @@ def test_translate_command_input_and_output_errors(case, tiny_teacher_dir, tmp_p
     if case == "stdin_not_utf8":
         stdin = "Grüße\n".encode("latin-1")
     before = sorted(tmp_path.rglob("*"))
-    done = subprocess.run([sys.executable, str(REPO / "translate.py"), "--model", str(tiny_teacher_dir), *args],
+    done = subprocess.run([sys.executable, "-m", "mdcompress.translate", "--model", str(tiny_teacher_dir), *args],
                           input=stdin, capture_output=True, timeout=120, cwd=tmp_path,
                           env={**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"})
     err = done.stderr.decode()
@@ -249,7 +249,7 @@ def test_a_line_longer_than_the_model_reads_is_cut_with_one_warning(backend, tin
 
 
 def translate_ids_of(translator, ids) -> str:
-    from translate import translate_ids
+    from mdcompress.translate import translate_ids
 
     return translate_ids(translator, [ids], max_new_tokens=4)[0]
 
@@ -257,7 +257,7 @@ def translate_ids_of(translator, ids) -> str:
 def test_translate_command_cuts_a_long_line_and_keeps_every_line(tiny_teacher_dir, tmp_path):
     lines = ["Hello.", " ".join(["I like tea and the dog is happy."] * 20), "Tom is here."]
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
-    done = subprocess.run([sys.executable, str(REPO / "translate.py"), "--model", str(tiny_teacher_dir),
+    done = subprocess.run([sys.executable, "-m", "mdcompress.translate", "--model", str(tiny_teacher_dir),
                            "--max-new-tokens", "4", "--input", "in.txt", "--output", "out.txt"],
                           capture_output=True, text=True, cwd=tmp_path, timeout=120)
     assert done.returncode == 0, done.stderr
@@ -291,7 +291,7 @@ class _Stdin:
 def test_translate_command_says_it_reads_a_terminal(tty, tiny_teacher_dir, monkeypatch, capsys):
     """Typed sentences are read until Ctrl-D: with no --input and a terminal on standard input, one line on
     stderr says so (else the command seems to hang); piped input gets no such line."""
-    import translate
+    from mdcompress import translate
 
     monkeypatch.setattr(sys, "stdin", _Stdin(b"Hello.\nTom is here.\n", tty))
     assert translate.main(["--model", str(tiny_teacher_dir), "--max-new-tokens", "4"]) == 0
@@ -306,7 +306,7 @@ def test_translate_command_says_it_reads_a_terminal(tty, tiny_teacher_dir, monke
 def test_translate_command_interrupted_says_so_in_one_line(case, tiny_teacher_dir, tmp_path, monkeypatch, capsys):
     """Ctrl-C (while translating, on either backend, or while the output is written): exit 130 after one
     line, no traceback, no --output file and no temporary file beside it."""
-    import translate
+    from mdcompress import translate
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -332,7 +332,7 @@ def test_translate_command_interrupted_says_so_in_one_line(case, tiny_teacher_di
 def test_export_command_interrupted_says_so_in_one_line(stage, tiny_teacher_dir, monkeypatch, capsys):
     """Ctrl-C during an export: exit 130 after one line, no traceback, and the model folder as it was
     (no onnx-int8 folder, no temporary folder)."""
-    import onnx_export
+    from mdcompress import onnx_export
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -351,7 +351,7 @@ def test_export_command_interrupted_says_so_in_one_line(stage, tiny_teacher_dir,
 
 
 def test_export_command_interrupted_over_an_earlier_export_leaves_it(tiny_teacher_dir, monkeypatch, capsys):
-    import onnx_export
+    from mdcompress import onnx_export
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -369,7 +369,7 @@ def test_export_command_interrupted_over_an_earlier_export_leaves_it(tiny_teache
 def test_export_interrupted_while_it_replaces_an_earlier_one_keeps_that_one(tiny_teacher_dir, monkeypatch, capsys):
     """--overwrite: Ctrl-C as the new export is renamed into place (the earlier one already renamed aside)
     puts the earlier one back whole; nothing is left beside it."""
-    import onnx_export
+    from mdcompress import onnx_export
 
     export(tiny_teacher_dir)
     out = tiny_teacher_dir / "onnx"
@@ -409,18 +409,19 @@ def test_readme_deploying_commands_work_as_written_after_the_default_job():
     import shlex
     from pathlib import Path
 
-    from onnx_export import default_folder
+    from mdcompress.onnx_export import default_folder
 
     config = json.loads((REPO / "config.json").read_text())
     written = {Path(config["output_path"]) / name for name in config["export"]}
     section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Deploying\n")[1].split("\n## ")[0]
     lines = [shlex.split(line.split("#")[0].split("<")[0]) for block in re.findall(r"```bash\n(.*?)```", section, re.S)
              for line in block.splitlines() if line.startswith("python ")]
-    exports = [args for args in lines if args[1] == "onnx_export.py"]
-    assert exports and [args for args in lines if args[1] == "translate.py"]
+    lines = [args[2:] for args in lines if args[1] == "-m"]  # python -m mdcompress.<command> ...
+    exports = [args for args in lines if args[0] == "mdcompress.onnx_export"]
+    assert exports and [args for args in lines if args[0] == "mdcompress.translate"]
     for args in lines:
         model = args[args.index("--model") + 1]
-        if args[1] == "translate.py":
+        if args[0] == "mdcompress.translate":
             assert Path(model) in written, args
             continue
         out = Path(args[args.index("--out") + 1]) if "--out" in args else default_folder(
@@ -432,8 +433,8 @@ def test_readme_deploying_commands_work_as_written_after_the_default_job():
 @pytest.mark.parametrize("command", ["md-translate", "md-export-onnx"])
 def test_installed_commands_name_themselves_in_errors(command, tmp_path, monkeypatch, capsys):
     """Run as its console entry point, a command's one-line error starts with that command's name."""
-    import onnx_export
-    import translate
+    from mdcompress import onnx_export
+    from mdcompress import translate
 
     monkeypatch.setattr(sys, "argv", [f"/usr/local/bin/{command}", "--model", str(tmp_path / "nowhere"),
                                       *(["--out", str(tmp_path / "out")] if command == "md-export-onnx" else [])])

@@ -10,9 +10,9 @@ from matplotlib.image import imread
 
 import compress_model
 import decomposition
-import rank_allocation
-import pictures
-import plan
+from mdcompress import rank_allocation
+from mdcompress import pictures
+from mdcompress import plan
 from distillation import knowledge_distillation
 from matrix_decomposition import count_parameters, decompose_
 

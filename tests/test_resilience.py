@@ -16,8 +16,8 @@ from safetensors.torch import load_file
 
 import compress_model
 import decomposition
-import output_folder
-import plan
+from mdcompress import output_folder
+from mdcompress import plan
 from distillation.knowledge_distillation import Distiller
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -276,7 +276,6 @@ def test_ctrl_c_where_nothing_is_ever_checkpointed_says_so(run_dir, monkeypatch,
 
 STUCK_RUN = """
 import ctypes, sys, threading, time
-sys.path.insert(0, {repo!r})
 import compress_model
 compress_model._InterruptWatch.GRACE_SECONDS = 1
 
@@ -296,7 +295,7 @@ def interrupt_swallowed(*args, **kwargs):  # a library catches the interrupt, th
     except KeyboardInterrupt:
         lock.acquire()
 
-compress_model.run = {{"c": waiting_in_c, "swallowed": interrupt_swallowed}}[sys.argv[1]]
+compress_model.run = {"c": waiting_in_c, "swallowed": interrupt_swallowed}[sys.argv[1]]
 sys.exit(compress_model.main(["--config", "config.json"]))
 """
 
@@ -304,8 +303,8 @@ sys.exit(compress_model.main(["--config", "config.json"]))
 @pytest.mark.parametrize("stuck", ["c", "swallowed"])
 def test_ctrl_c_ends_a_run_stuck_where_python_cannot_raise(tmp_path, stuck):
     (tmp_path / "config.json").write_text("{}")
-    (tmp_path / "stuck.py").write_text(STUCK_RUN.format(repo=str(REPO)))
-    proc = subprocess.Popen([sys.executable, "stuck.py", stuck], cwd=tmp_path, env=ENV, stdout=subprocess.PIPE,
+    (tmp_path / "stuck.py").write_text(STUCK_RUN)
+    proc = subprocess.Popen([sys.executable, "stuck.py", stuck], cwd=tmp_path, env={**ENV, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, preexec_fn=_as_from_a_terminal)
     assert proc.stdout.readline() == "ready\n", proc.stderr.read()[-3000:]
     proc.send_signal(signal.SIGINT)

@@ -15,7 +15,7 @@ from decomposition import build_student, distill
 from distillation.distillation_loss import IGNORE_INDEX, output_distillation_loss, top_k_distillation_loss
 from distillation.knowledge_distillation import DistillationSettings, Distiller
 from distillation.teacher_cache import build_teacher_cache
-from teacher_forcing import decoder_inputs
+from mdcompress.teacher_forcing import decoder_inputs
 
 K = 8
 

@@ -1,8 +1,8 @@
 """Translate text with a model written by this tool: one sentence per line in, one translation per line out.
 
-    python translate.py --model outputs/compressed-en-de < input.txt > output.txt                # PyTorch
-    python translate.py --model outputs/compressed-en-de/onnx-int8 < input.txt > output.txt      # ONNX Runtime
-    python translate.py --model outputs/compressed-en-de --backend onnx --num-beams 4 --threads 2 < in.txt
+    python -m mdcompress.translate --model outputs/compressed-en-de < input.txt > output.txt                # PyTorch
+    python -m mdcompress.translate --model outputs/compressed-en-de/onnx-int8 < input.txt > output.txt      # ONNX Runtime
+    python -m mdcompress.translate --model outputs/compressed-en-de --backend onnx --num-beams 4 --threads 2 < in.txt
 
 ``--model`` is a folder written by ``compress_model.py`` (factorized; any MarianMT folder or hub id
 works too) or an ONNX export of one (``onnx_export.py``; recognised by its ``onnx_export.json``).
@@ -30,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnx_export import EXPORT_INFO, FORMAT, default_folder, exit_with, quiet_
+from mdcompress.onnx_export import EXPORT_INFO, FORMAT, default_folder, exit_with, quiet_
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -199,7 +199,7 @@ class TorchTranslator:
     def load(cls, path: str | os.PathLike, threads: int = 1) -> "TorchTranslator":
         import torch
 
-        from onnx_export import ExportError, load_model
+        from mdcompress.onnx_export import ExportError, load_model
 
         torch.set_num_threads(threads)
         try:
@@ -236,7 +236,7 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
         candidate = default_folder(folder, "int8" if int8 else "float32")
         other = default_folder(folder, "float32" if int8 else "int8")
         if not (candidate / EXPORT_INFO).is_file():
-            command = f"run: python onnx_export.py --model {folder}{' --int8' if int8 else ''}"
+            command = f"run: python -m mdcompress.onnx_export --model {folder}{' --int8' if int8 else ''}"
             if (other / EXPORT_INFO).is_file():  # the other precision is there: perhaps that was meant
                 raise TranslateError(f"--backend onnx{' --int8' if int8 else ''}: {str(folder)!r} has no "
                                      f"{candidate.name}/ export but has {other.name}/: "

@@ -19,7 +19,7 @@ from pathlib import Path
 from torch import nn
 
 from matrix_decomposition import chmod_as_umask, save_compressed_model
-from onnx_export import export
+from mdcompress.onnx_export import export
 
 
 class OutputError(ValueError):

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from matrix_decomposition import count_parameters, size_mb
-from translate import OnnxTranslator, folder_mb, translate, translate_ids
+from mdcompress.translate import OnnxTranslator, folder_mb, translate, translate_ids
 
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:

@@ -27,7 +27,7 @@ from torch import nn
 
 from distillation.teacher_cache import cache_folder
 from matrix_decomposition import LowRankEmbedding, LowRankLinear, max_saving_rank, singular_values
-from rank_allocation import spectrum_errors
+from mdcompress.rank_allocation import spectrum_errors
 
 # ---------------------------------------------------------------------------------------------
 # Multiply-adds
@@ -195,7 +195,7 @@ def timed_steps(teacher, student, tokenizer, train_set, eval_set, settings, feat
 def translation_seconds(model, tokenizer, sources, config, sample: int | None = None) -> float:
     """Seconds ``model`` takes to translate the token-id lists ``sources`` with the run's generation
     settings, extrapolated from its first ``sample`` (one generate() call's worth by default)."""
-    from translate import translate
+    from mdcompress.translate import translate
 
     sample = min(len(sources), sample or config.eval_batch_size)
     started = time.perf_counter()

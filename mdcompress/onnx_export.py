@@ -1,8 +1,8 @@
 """Export a MarianMT model, compressed by this tool or not, to ONNX Runtime.
 
-    python onnx_export.py --model outputs/compressed-en-de                 # → outputs/compressed-en-de/onnx
-    python onnx_export.py --model outputs/compressed-en-de --int8          # → …/onnx-int8
-    python onnx_export.py --model Helsinki-NLP/opus-mt-en-de --out opus-onnx
+    python -m mdcompress.onnx_export --model outputs/compressed-en-de                 # → outputs/compressed-en-de/onnx
+    python -m mdcompress.onnx_export --model outputs/compressed-en-de --int8          # → …/onnx-int8
+    python -m mdcompress.onnx_export --model Helsinki-NLP/opus-mt-en-de --out opus-onnx
 
 The folder holds two graphs, written by ``torch.onnx`` from the model's own modules (the
 factorized layers export as their two small matrix products, never re-multiplied):

@@ -35,7 +35,7 @@ from matrix_decomposition import (
     singular_values,
     weights_digest,
 )
-from teacher_forcing import teacher_forced
+from mdcompress.teacher_forcing import teacher_forced
 
 
 def check_target_ratio(model: nn.Module, names: Iterable[str], target_ratio: float) -> int:
