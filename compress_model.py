@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
+from mdcompress.errors import ConfigError, UserError
 
 # ---------------------------------------------------------------------------------------------
 # Preprocessing hook: replace this function (edit it here, or assign
@@ -308,9 +309,6 @@ class Config:
                               f"set kd_top_k to 0 or {'those weights' if len(internal) > 1 else 'that weight'} to 0")
 
 
-class ConfigError(ValueError):
-    """A user-facing problem with the configuration or the inputs it names (one-line message)."""
-
 
 def _type_name(tp) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
@@ -554,15 +552,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if (stop := _interrupt_behind(e)) is not None:  # a library's own error while it was being interrupted
             return interrupt.stopped(stop)
-        # a DataError, DecompositionError or OutputError can only come from an imported data /
-        # matrix_decomposition / output_folder (and importing them here would load datasets and
-        # transformers just to report a bad config key)
-        user_errors = (ConfigError, FloatingPointError) + tuple(
-            getattr(sys.modules[module], name) for module, name in (("mdcompress.data", "DataError"),
-                                                                    ("matrix_decomposition", "DecompositionError"),
-                                                                    ("mdcompress.output_folder", "OutputError"))
-            if module in sys.modules)
-        if not isinstance(e, user_errors):
+        if not isinstance(e, (UserError, FloatingPointError)):
             raise
         print(f"compress_model.py: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2  # 2: the input was wrong; 1: the run failed

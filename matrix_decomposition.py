@@ -39,13 +39,11 @@ import torch
 from safetensors.torch import load_model, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, MarianConfig
+from mdcompress.errors import DecompositionError
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_FIELD = "matrix_decomposition"  # where the per-layer ranks live in the saved model config
 
-
-class DecompositionError(ValueError):
-    """A user-facing problem with the layers or ranks asked for (one-line message)."""
 
 
 @dataclass(frozen=True)

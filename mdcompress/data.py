@@ -31,6 +31,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
+from mdcompress.errors import DataError
 
 TEXT_COLUMNS = ("source_text", "target_text")
 TRANSLATION_COLUMN = "translation"  # the Hugging Face translation layout, as in run_translation.py
@@ -45,9 +46,6 @@ READERS = {  # file type → datasets builder and its options ("NA", "null"… a
 PREPROCESSING_KEYS = ("max_source_length", "max_target_length", "source_column", "target_column",
                       "source_lang", "target_lang")
 
-
-class DataError(ValueError):
-    """A user-facing problem with the data a config names (one-line message)."""
 
 
 # ---------------------------------------------------------------------------------------------

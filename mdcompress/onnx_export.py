@@ -39,15 +39,13 @@ import sys
 import tempfile
 import warnings
 from pathlib import Path
+from mdcompress.errors import ExportError
 
 EXPORT_INFO = "onnx_export.json"
 FORMAT = 1
 PRECISIONS = ("float32", "int8")
 OPSET = 17
 
-
-class ExportError(ValueError):
-    """A user-facing problem with what is exported or where (one-line message)."""
 
 
 def default_folder(model_path: str | os.PathLike, precision: str) -> Path:

@@ -20,10 +20,8 @@ from torch import nn
 
 from matrix_decomposition import chmod_as_umask, save_compressed_model
 from mdcompress.onnx_export import export
+from mdcompress.errors import OutputError
 
-
-class OutputError(ValueError):
-    """A user-facing problem with a folder the run writes (one-line message)."""
 
 
 OUTPUT_MARKERS = ("compression_config.json", "report.json")  # what save_outputs writes next to the model

@@ -31,12 +31,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mdcompress.onnx_export import EXPORT_INFO, FORMAT, default_folder, exit_with, quiet_
+from mdcompress.errors import TranslateError
 
 BACKENDS = ("auto", "torch", "onnx")
 
-
-class TranslateError(ValueError):
-    """A user-facing problem with the model folder or the options (one-line message)."""
 
 
 def _generation_settings(folder: Path) -> dict:
