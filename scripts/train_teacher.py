@@ -1,15 +1,23 @@
 """Train the small English→German MarianMT teacher that the default `config.json` compresses.
 
-It is trained from scratch, with its own joint sentencepiece vocabulary, on the Tatoeba
-pairs in `../shared/data/tatoeba_en_de` (see `data/tatoeba_en_de/README.md` for provenance
-and licence). It also writes the data subset the default job uses:
+It is trained from scratch, with its own joint sentencepiece vocabulary, on Tatoeba pairs (see
+`data/tatoeba_en_de/README.md` for provenance and licence). By default it reads the pairs shipped
+in `data/tatoeba_en_de/` (`train.csv`, 20,000 pairs; `eval.csv`, 1,000) and writes the model to
+`outputs/teacher-en-de/`, so it runs on a fresh clone and never replaces the shipped teacher.
 
-    python -m scripts.train_teacher                    # ~45 min on one CPU core
-    python -m scripts.train_teacher --epochs 1 --limit 5000 --vocab-size 1000 --out /tmp/t --subset-dir ""   # a quick try
+The shipped teacher in `models/teacher-en-de/` was trained on the full corpus, 164,822 training
+and 2,000 dev pairs (`train.csv`, `dev.csv`), which is not in the repository: on the project's
+machines it is `/work/shared/data/tatoeba_en_de/`; where it comes from and how it was split is in
+`data/tatoeba_en_de/README.md`. To reproduce the shipped teacher and the
+data subset the default job uses (59 min on one CPU core):
+
+    python -m scripts.train_teacher --data-dir /work/shared/data/tatoeba_en_de --out models/teacher-en-de
+    python -m scripts.train_teacher --epochs 1 --limit 5000 --vocab-size 1000 --out /tmp/t   # a quick try
 
 Outputs (written atomically: a temporary folder, then a rename):
-    models/teacher-en-de/    model.safetensors, config.json, tokenizer files, training_info.json
-    data/tatoeba_en_de/      train.csv (first 20k training pairs), eval.csv (first 1k dev pairs)
+    --out          model.safetensors, config.json, tokenizer files, training_info.json
+    --subset-dir   train.csv (the first 20k training pairs), eval.csv (the first 1k dev pairs); skipped
+                   when it is --data-dir itself (the shipped pairs are that subset already)
 """
 
 import argparse
@@ -92,8 +100,10 @@ def bleu(model, tokenizer, pairs, batch_size=128):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data-dir", default=str(REPO.parent / "shared" / "data" / "tatoeba_en_de"))
-    ap.add_argument("--out", default=str(REPO / "models" / "teacher-en-de"))
+    ap.add_argument("--data-dir", default=str(REPO / "data" / "tatoeba_en_de"),
+                    help="a folder with train.csv and dev.csv (or eval.csv); default: the shipped 20,000 + 1,000 pairs")
+    ap.add_argument("--out", default=str(REPO / "outputs" / "teacher-en-de"),
+                    help="where the model goes (the shipped teacher is models/teacher-en-de)")
     ap.add_argument("--subset-dir", default=str(REPO / "data" / "tatoeba_en_de"),
                     help="where the default job's data subset is written ('' to skip)")
     ap.add_argument("--subset-train", type=int, default=20_000)
@@ -120,8 +130,8 @@ def main():
     rng = random.Random(args.seed)
     data_dir = Path(args.data_dir)
     train = read_pairs(data_dir / "train.csv")[:args.limit]
-    dev = read_pairs(data_dir / "dev.csv")
-    if args.subset_dir:
+    dev = read_pairs(data_dir / "dev.csv" if (data_dir / "dev.csv").exists() else data_dir / "eval.csv")
+    if args.subset_dir and Path(args.subset_dir).resolve() != data_dir.resolve():
         write_pairs(Path(args.subset_dir) / "train.csv", train[:args.subset_train])
         write_pairs(Path(args.subset_dir) / "eval.csv", dev[:args.subset_eval])
 
