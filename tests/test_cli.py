@@ -194,8 +194,9 @@ def test_replaced_data_preprocessor_is_used(run_dir):
 
 
 def readme_snippets_calling_main() -> list[str]:
-    """The README's Python code blocks that run the tool through compress_model.main()."""
-    blocks = re.findall(r"```python\n(.*?)```", (REPO / "README.md").read_text(encoding="utf-8"), re.S)
+    """docs/your-data.md's Python code blocks that run the tool through compress_model.main()."""
+    page = (REPO / "docs" / "your-data.md").read_text(encoding="utf-8")
+    blocks = re.findall(r"```python\n(.*?)```", page, re.S)
     return [block for block in blocks if "compress_model.main(" in block]
 
 

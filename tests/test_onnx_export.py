@@ -402,9 +402,10 @@ def test_backend_onnx_points_to_the_export_the_folder_has(int8, tiny_teacher_dir
 
 
 def test_readme_deploying_commands_work_as_written_after_the_default_job():
-    """The Deploying section's commands, run in order after the default job (which exported its student
-    into onnx/ and onnx-int8/ of its output folder): no export aims at a folder that job wrote (refused
-    without --overwrite), and every folder translated is one that job or an earlier command wrote."""
+    """docs/deploying.md's "Export and translate" commands, run in order after the default job (which
+    exported its student into onnx/ and onnx-int8/ of its output folder): no export aims at a folder that
+    job wrote (refused without --overwrite), and every folder translated is one that job or an earlier
+    command wrote."""
     import re
     import shlex
     from pathlib import Path
@@ -413,7 +414,8 @@ def test_readme_deploying_commands_work_as_written_after_the_default_job():
 
     config = json.loads((REPO / "config.json").read_text())
     written = {Path(config["output_path"]) / name for name in config["export"]}
-    section = (REPO / "README.md").read_text(encoding="utf-8").split("\n## Deploying\n")[1].split("\n## ")[0]
+    page = (REPO / "docs" / "deploying.md").read_text(encoding="utf-8")
+    section = page.split("\n## Export and translate\n")[1].split("\n## ")[0]
     lines = [shlex.split(line.split("#")[0].split("<")[0]) for block in re.findall(r"```bash\n(.*?)```", section, re.S)
              for line in block.splitlines() if line.startswith("python ")]
     lines = [args[2:] for args in lines if args[1] == "-m"]  # python -m mdcompress.<command> ...
