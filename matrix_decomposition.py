@@ -40,6 +40,7 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, MarianConfig
 from mdcompress.errors import DecompositionError
+from mdcompress.files import chmod_as_umask
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_FIELD = "matrix_decomposition"  # where the per-layer ranks live in the saved model config
@@ -815,15 +816,6 @@ def save_compressed_model(model: nn.Module, path: str | os.PathLike, tokenizer=N
     chmod_as_umask(path / WEIGHTS_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-
-
-def chmod_as_umask(path: str | os.PathLike, mode: int = 0o666) -> None:
-    """Give ``path`` the permissions a plain ``open()`` (``mode`` 0o666) or ``mkdir()`` (0o777)
-    would have given it under the user's umask: safetensors writes its files 0600, ``tempfile``
-    makes its folders 0700."""
-    umask = os.umask(0)  # reading the umask means setting it; put back at once
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
 
 
 def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None, quantize: str | None = None):

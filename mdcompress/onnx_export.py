@@ -34,12 +34,12 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
+
 from mdcompress.errors import ExportError
+from mdcompress.files import atomic_folder
 
 EXPORT_INFO = "onnx_export.json"
 FORMAT = 1
@@ -322,9 +322,7 @@ def export(model_path: str | os.PathLike, out: str | os.PathLike | None = None, 
         model, tokenizer = load_model(str(model_path))
     _check_exportable(model)
     model = model.float().cpu().eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as work:  # an earlier export (--overwrite) is replaced only once this one is whole
         info = {"format": FORMAT, "precision": precision, "source": str(model_path), "opset": OPSET,
                 **_export_graphs(model, work)}
         (work / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
@@ -339,22 +337,6 @@ def export(model_path: str | os.PathLike, out: str | os.PathLike | None = None, 
             model.generation_config.save_pretrained(work)
         if tokenizer is not None:
             tokenizer.save_pretrained(work)
-        os.chmod(work, 0o777 & ~_umask())
-        # the earlier export (--overwrite) renamed aside, the new one renamed in, then the earlier one removed:
-        # an interrupt between two renames leaves one whole export in place or aside, never a half-deleted one
-        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-        if old is not None:
-            os.replace(out, old)
-        try:
-            os.replace(work, out)
-        except BaseException:
-            if old is not None and not out.exists():
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
@@ -375,12 +357,6 @@ def quiet_() -> None:
     warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")  # Marian's tokenizer, unused
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def load_model(path: str):

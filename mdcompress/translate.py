@@ -32,6 +32,7 @@ from pathlib import Path
 
 from mdcompress.onnx_export import EXPORT_INFO, FORMAT, default_folder, exit_with, quiet_
 from mdcompress.errors import TranslateError
+from mdcompress.files import write_text_atomic
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -413,17 +414,12 @@ def _check_output(path: str) -> None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary file beside it: a reader never sees half a file, and
-    a failed write leaves neither a half-written output nor the temporary file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``text`` into ``path`` through a temporary file beside it (``write_text_atomic``): a reader never
+    sees half a file, and a failed write leaves neither a half-written output nor the temporary file."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException as e:  # Ctrl-C included
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise TranslateError(f"--output: cannot write {str(path)!r}: {e.strerror or e}") from None
-        raise
+        write_text_atomic(path, text)
+    except OSError as e:
+        raise TranslateError(f"--output: cannot write {str(path)!r}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":
