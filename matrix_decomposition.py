@@ -51,7 +51,7 @@ CONFIG_FIELD = "matrix_decomposition"  # where the per-layer ranks live in the s
 class Weighting:
     """Which errors of a factorization W ≈ Ŵ (W n×d) cost most: Ŵ minimizes ‖diag(rows)·(W − Ŵ)·L‖_F,
     with L·Lᵀ = ``gram`` (d×d; None: L = I) and ``rows`` (n,) positive weights (None: all 1).
-    A token embedding's activation-aware init (``embedding_weighting``); a linear's is a plain Gram."""
+    A token embedding's activation-aware init (``calibration.embedding_weighting``); a linear's is a plain Gram."""
     gram: torch.Tensor | None = None
     rows: torch.Tensor | None = None
 
@@ -139,7 +139,7 @@ class LowRankEmbedding(nn.Module):
     def from_embedding(cls, embedding: nn.Embedding, rank: int, svd: str = "auto",
                        weighting: Weighting | None = None) -> "LowRankEmbedding":
         """The rank-``rank`` truncated-SVD factorization of ``embedding`` (left unchanged); with
-        ``weighting`` (``embedding_weighting``) the activation-aware one, else the plain SVD."""
+        ``weighting`` (``calibration.embedding_weighting``) the activation-aware one, else the plain SVD."""
         weight = embedding.weight.detach()  # (V, d)
         module = cls(embedding.num_embeddings, embedding.embedding_dim, rank, embedding.padding_idx,
                      device=weight.device, dtype=weight.dtype, embed_scale=getattr(embedding, "embed_scale", None))
