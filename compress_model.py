@@ -860,7 +860,7 @@ def start_checkpoints(folder: Path, run_state: dict) -> None:
     """A fresh checkpoint folder holding run.json (``run_state``: the config, the report so far and the
     ranks, what --resume reuses); an abandoned run's checkpoints (nothing to resume, or
     overwrite_output given) are removed first."""
-    from mdcompress.output_folder import write_json_atomic
+    from mdcompress.files import write_json_atomic
 
     remove_checkpoints(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -980,7 +980,8 @@ def run_sweep(config: Config, key: str, resume: bool = False, config_path: str |
     import tempfile
 
     from matrix_decomposition import load_pretrained, resolve_ranks
-    from mdcompress.output_folder import check_output_path, replace_folder, write_json_atomic
+    from mdcompress.files import replace_folder, write_json_atomic
+    from mdcompress.output_folder import check_output_path
     from mdcompress.pictures import write_sweep_pictures
     from mdcompress.rank_allocation import check_target_ratio
     from mdcompress.sweep import folder_name, print_sweep, sweep_report, sweep_row

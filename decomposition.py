@@ -4,7 +4,7 @@
 pairs, then calls these stages in order:
   decompose        the ranks (``k_info``, or allocated to ``target_ratio`` by ``rank_allocation``) and
                    the factorized student (``matrix_decomposition``), fitted to the weights or, with the
-                   activation init, to the layers' inputs on calibration pairs;
+                   activation init, to the layers' inputs on calibration pairs (``calibration``);
   evaluate_before  BLEU and chrF of the teacher and the decomposed student (``evaluation``);
   distill          the recovery (``distillation.knowledge_distillation``);
   result           the recovered student's BLEU and chrF, and the run's report.
@@ -20,33 +20,26 @@ import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 from torch import nn
-from torch.nn import functional as F
-from torch.utils.data import DataLoader
-from transformers import DataCollatorForSeq2Seq
 
-from distillation.distillation_loss import IGNORE_INDEX
 from distillation.knowledge_distillation import DistillationSettings, Distiller
 from mdcompress.evaluation import evaluate_translation
 from matrix_decomposition import (
     DecompositionError,
     LowRankEmbedding,
     LowRankLinear,
-    Weighting,
     count_parameters,
     decompose_,
     describe_ranks,
-    encoder_and_decoder,
     init_notes,
     module_name,
     quantize_int8,
     resolve_ranks,
 )
+from mdcompress.calibration import calibration_batches, fisher_weighted, gather_fisher_rows, gather_input_grams
 from mdcompress.rank_allocation import check_target_ratio, ranks_for_ratio, stored_sensitivity_errors
-from mdcompress.teacher_forcing import decoder_inputs, source_positioned, teacher_forced
 
 # ---------------------------------------------------------------------------------------------
 # The inputs: a separate student model and the loss terms that compare layers
@@ -277,150 +270,10 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
     return Decomposed(student, ranks, feature_layers, notes, time.time() - started, cached_seconds, frozen)
 
 
-def calibration_batches(train_dataset, tokenizer, samples: int, batch_size: int) -> list[dict]:
-    """The first ``samples`` tokenized training pairs, padded into batches (labels padded with -100)."""
-    subset = train_dataset.select(range(min(samples, len(train_dataset))))
-    collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
-    return list(DataLoader(subset, batch_size=batch_size, collate_fn=collator))
-
-
-@torch.no_grad()
-def gather_input_grams(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor | Weighting]:
-    """What the activation-aware init fits each named layer of ``model`` to, from teacher-forced
-    forward passes over ``batches``, real positions only. For an ``nn.Linear``: XᵀX (d×d, float64)
-    of the inputs X it receives (source positions for the encoder and the cross-attention
-    key/value projections, target positions for the rest, ``source_positioned``). For a token
-    embedding: its ``Weighting`` (``embedding_weighting``) from the count of each token it looks up
-    and the Gram matrix of the inputs of the output projection tied to it, if any. Forward
-    pre-hooks, removed on exit."""
-    linears = [name for name in names if isinstance(model.get_submodule(name), nn.Linear)]
-    tables = {name: model.get_submodule(name) for name in names if isinstance(model.get_submodule(name), nn.Embedding)}
-    grams = {name: torch.zeros(model.get_submodule(name).in_features, model.get_submodule(name).in_features,
-                               dtype=torch.float64) for name in linears}
-    masks: dict[str, torch.Tensor] = {}  # the current batch's {"source": (B, S), "target": (B, T)}
-    sources = source_positioned(model, linears)
-    head = model.get_output_embeddings()
-    tied = {name for name, table in tables.items() if isinstance(head, nn.Linear) and head.weight is table.weight}
-    head_gram = torch.zeros(head.in_features, head.in_features, dtype=torch.float64) if tied else None
-    positions = [0]  # target positions the output projection saw
-    encoder, decoder = encoder_and_decoder(model)
-    looks_up = {name: [side for side, stack in (("source", encoder), ("target", decoder))
-                       if getattr(_input_embeddings(stack), "weight", None) is table.weight]
-                for name, table in tables.items()}
-    counts = {name: torch.zeros(table.num_embeddings, dtype=torch.float64) for name, table in tables.items()}
-
-    def hook(_module, args, name):
-        x = args[0][masks["source" if name in sources else "target"]]  # (B, L, d) → (N, d)
-        grams[name] += (x.T.double() @ x.double()).cpu()  # (d, d)
-
-    def head_hook(_module, args):
-        x = args[0][masks["target"]]  # (N, d)
-        head_gram.add_((x.T.double() @ x.double()).cpu())
-        positions[0] += x.shape[0]
-
-    handles = [model.get_submodule(name).register_forward_pre_hook(partial(hook, name=name)) for name in linears]
-    if tied:
-        handles.append(head.register_forward_pre_hook(head_hook))
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        for batch in batches:
-            batch = {k: v.to(device) for k, v in batch.items()}
-            masks.update(source=batch["attention_mask"].bool(), target=batch["labels"] != IGNORE_INDEX)
-            teacher_forced(model, batch)
-            ids = {"source": batch["input_ids"][masks["source"]],
-                   "target": decoder_inputs(model, batch["labels"])[masks["target"]]}
-            for name, sides in looks_up.items():
-                for side in sides:
-                    counts[name] += torch.bincount(ids[side].cpu(), minlength=counts[name].numel()).double()
-    finally:
-        for handle in handles:
-            handle.remove()
-        model.train(was_training)
-    for name in tables:
-        output_gram = head_gram / max(positions[0], 1) if name in tied else None
-        grams[name] = embedding_weighting(counts[name], output_gram)
-    return grams
-
-
-def gather_fisher_rows(model: nn.Module, names: Sequence[str], batches) -> dict[str, torch.Tensor]:
-    """For each named ``nn.Linear`` of ``model``, the Fisher information of its output rows (n,), float64:
-    the squared gradient of the model's cross-entropy on each of ``batches`` (teacher-forced, summed over
-    real target tokens), summed over the row's weights and the batches, as Fisher-weighted SVD (Hsu et al.,
-    ICLR 2022) estimates it. A row whose errors change the loss more weighs more in the factorization
-    (``fisher_weighted``). Only these weights take gradients, and their ``requires_grad`` is restored."""
-    linears = {name: model.get_submodule(name) for name in names if isinstance(model.get_submodule(name), nn.Linear)}
-    rows = {name: torch.zeros(linear.out_features, dtype=torch.float64) for name, linear in linears.items()}
-    if not linears:
-        return rows
-    flags = {p: p.requires_grad for p in model.parameters()}
-    weights = [linear.weight for linear in linears.values()]
-    was_training = model.training
-    model.eval()
-    device = weights[0].device
-    try:
-        for param in flags:
-            param.requires_grad_(False)
-        for weight in weights:
-            weight.requires_grad_(True)
-        with torch.enable_grad():
-            for batch in batches:
-                batch = {k: v.to(device) for k, v in batch.items()}
-                logits = teacher_forced(model, batch).logits  # (B, T, V)
-                loss = F.cross_entropy(logits.flatten(0, 1).float(), batch["labels"].flatten(),
-                                       ignore_index=IGNORE_INDEX, reduction="sum")
-                for name, grad in zip(linears, torch.autograd.grad(loss, weights, allow_unused=True)):
-                    if grad is not None:  # None: the forward pass never reached it (its rows stay 0)
-                        rows[name] += grad.double().square().sum(dim=1).cpu()  # (n,)
-    finally:
-        for param, flag in flags.items():
-            param.requires_grad_(flag)
-        model.train(was_training)
-    return rows
-
-
-def fisher_weighted(input_grams: Mapping[str, torch.Tensor | Weighting],
-                    fisher_rows: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor | Weighting]:
-    """The activation init's statistics with each linear's rows weighted by √(its Fisher information),
-    scaled to a mean of 1 and kept above 1e-3 of it (a row no calibration token moved still counts a
-    little): the factors minimize ‖diag(√F)·(W − Ŵ)·L‖_F, with L·Lᵀ the inputs' Gram matrix. A token
-    embedding keeps its own weighting."""
-    weighted = dict(input_grams)
-    for name, fisher in fisher_rows.items():
-        rows = fisher.double().sqrt()
-        mean = rows.mean()
-        if not (torch.isfinite(mean) and mean > 0):  # no gradient reached the layer: the activation init alone
-            continue
-        rows = (rows / mean).clamp(min=1e-3)
-        gram = input_grams.get(name)
-        weighted[name] = Weighting(gram=gram.gram if isinstance(gram, Weighting) else gram, rows=rows)
-    return weighted
-
-
-def _input_embeddings(stack: nn.Module | None) -> nn.Module | None:
-    try:
-        return stack.get_input_embeddings() if stack is not None else None
-    except (AttributeError, NotImplementedError):  # a stack without token embeddings of its own
-        return None
-
-
-def embedding_weighting(counts: torch.Tensor, output_gram: torch.Tensor | None = None) -> Weighting:
-    """A token embedding's ``Weighting`` (see ``matrix_decomposition``): rows √(c_t + c̄) from the
-    tokens' counts ``counts`` (V,), columns from ``output_gram`` (the tied output projection's input
-    Gram matrix per position, d×d) plus mean(diag)·I, or none when no output projection is tied."""
-    counts = counts.double()
-    rows = (counts + counts.mean()).sqrt()
-    if output_gram is None:
-        return Weighting(rows=rows)
-    gram = output_gram.double()
-    return Weighting(gram=gram + gram.diagonal().mean() * torch.eye(gram.shape[0], dtype=gram.dtype), rows=rows)
-
-
 def build_student(model: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto",
                   input_grams: Mapping[str, torch.Tensor] | None = None):
     """A deep copy of ``model`` (the teacher, or a separate student model) with the chosen layers
-    factorized (activation-aware when ``input_grams`` are given, see ``gather_input_grams``);
+    factorized (activation-aware when ``input_grams`` are given, see ``calibration.gather_input_grams``);
     returns (student, ranks)."""
     student = copy.deepcopy(model)
     ranks = decompose_(student, decompose_layers, k_info, svd=svd, input_grams=input_grams)

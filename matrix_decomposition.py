@@ -40,6 +40,7 @@ from safetensors.torch import load_model, save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForSeq2SeqLM, MarianConfig
 from mdcompress.errors import DecompositionError
+from mdcompress.files import chmod_as_umask
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_FIELD = "matrix_decomposition"  # where the per-layer ranks live in the saved model config
@@ -50,7 +51,7 @@ CONFIG_FIELD = "matrix_decomposition"  # where the per-layer ranks live in the s
 class Weighting:
     """Which errors of a factorization W ≈ Ŵ (W n×d) cost most: Ŵ minimizes ‖diag(rows)·(W − Ŵ)·L‖_F,
     with L·Lᵀ = ``gram`` (d×d; None: L = I) and ``rows`` (n,) positive weights (None: all 1).
-    A token embedding's activation-aware init (``embedding_weighting``); a linear's is a plain Gram."""
+    A token embedding's activation-aware init (``calibration.embedding_weighting``); a linear's is a plain Gram."""
     gram: torch.Tensor | None = None
     rows: torch.Tensor | None = None
 
@@ -138,7 +139,7 @@ class LowRankEmbedding(nn.Module):
     def from_embedding(cls, embedding: nn.Embedding, rank: int, svd: str = "auto",
                        weighting: Weighting | None = None) -> "LowRankEmbedding":
         """The rank-``rank`` truncated-SVD factorization of ``embedding`` (left unchanged); with
-        ``weighting`` (``embedding_weighting``) the activation-aware one, else the plain SVD."""
+        ``weighting`` (``calibration.embedding_weighting``) the activation-aware one, else the plain SVD."""
         weight = embedding.weight.detach()  # (V, d)
         module = cls(embedding.num_embeddings, embedding.embedding_dim, rank, embedding.padding_idx,
                      device=weight.device, dtype=weight.dtype, embed_scale=getattr(embedding, "embed_scale", None))
@@ -815,15 +816,6 @@ def save_compressed_model(model: nn.Module, path: str | os.PathLike, tokenizer=N
     chmod_as_umask(path / WEIGHTS_NAME)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
-
-
-def chmod_as_umask(path: str | os.PathLike, mode: int = 0o666) -> None:
-    """Give ``path`` the permissions a plain ``open()`` (``mode`` 0o666) or ``mkdir()`` (0o777)
-    would have given it under the user's umask: safetensors writes its files 0600, ``tempfile``
-    makes its folders 0700."""
-    umask = os.umask(0)  # reading the umask means setting it; put back at once
-    os.umask(umask)
-    os.chmod(path, mode & ~umask)
 
 
 def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None, quantize: str | None = None):

@@ -1,5 +1,5 @@
 """How far the shipped teacher's predictions move when its shared embedding alone is factorized,
-by plain SVD and by the activation-aware init's weighting (``decomposition.embedding_weighting``)
+by plain SVD and by the activation-aware init's weighting (``calibration.embedding_weighting``)
 and its two halves, at several ranks.
 
     OMP_NUM_THREADS=1 python -m benchmarks.bench_embedding_init      # ~2 min on one thread
@@ -26,7 +26,7 @@ import torch  # noqa: E402
 
 import compress_model  # noqa: E402
 from mdcompress import data  # noqa: E402
-import decomposition  # noqa: E402
+from mdcompress.calibration import calibration_batches, gather_input_grams  # noqa: E402
 from matrix_decomposition import Weighting, load_pretrained, low_rank_factors  # noqa: E402
 from mdcompress.rank_allocation import _real_token_log_probs, output_drift  # noqa: E402
 
@@ -36,7 +36,7 @@ SHARED_DEV = REPO.parent / "shared" / "data" / "tatoeba_en_de" / "dev.csv"
 def tokenized_batches(path: str, skip: int, count: int, tokenizer, config) -> list[dict]:
     pairs = data.load_pairs(path, config).select(range(skip, skip + count))
     tokenized = data.preprocess(pairs, tokenizer, config, compress_model.default_data_preprocessor)
-    return decomposition.calibration_batches(tokenized, tokenizer, count, config.batch_size)
+    return calibration_batches(tokenized, tokenizer, count, config.batch_size)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     calibration = tokenized_batches(config.dataset_path, 0, args.samples, tokenizer, config)
     measured = tokenized_batches(args.eval, args.skip, args.pairs, tokenizer, config)
     name = "model.shared"
-    init = decomposition.gather_input_grams(teacher, [name], calibration)[name]
+    init = gather_input_grams(teacher, [name], calibration)[name]
     variants = {
         "plain SVD": None,
         "tied head's input Gram only": Weighting(gram=init.gram),

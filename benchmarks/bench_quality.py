@@ -75,6 +75,7 @@ from mdcompress.data import DataError, load_pairs, preprocess  # noqa: E402
 from decomposition import build_student, distill  # noqa: E402
 from distillation.knowledge_distillation import DistillationSettings  # noqa: E402
 from mdcompress.evaluation import corpus_scores  # noqa: E402
+from mdcompress.files import write_text_atomic  # noqa: E402
 from matrix_decomposition import (  # noqa: E402
     DecompositionError,
     count_parameters,
@@ -508,9 +509,7 @@ def run(args) -> int:
         }
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, json.dumps(report, indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {args.json}")
     return 0
 

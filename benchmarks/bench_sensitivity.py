@@ -25,7 +25,7 @@ from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
 import compress_model  # noqa: E402
 from mdcompress import data  # noqa: E402
-import decomposition  # noqa: E402
+from mdcompress.calibration import calibration_batches  # noqa: E402
 from matrix_decomposition import resolve_ranks  # noqa: E402
 from mdcompress.rank_allocation import ranks_for_ratio, sensitivity_errors  # noqa: E402
 
@@ -47,7 +47,7 @@ def main() -> int:
     samples = 8 if args.quick else args.samples
     pairs = data.load_pairs(config.dataset_path, config).select(range(samples))
     train = data.preprocess(pairs, tokenizer, config, compress_model.default_data_preprocessor)
-    batches = decomposition.calibration_batches(train, tokenizer, samples, config.batch_size)
+    batches = calibration_batches(train, tokenizer, samples, config.batch_size)
     names = list(resolve_ranks(teacher, ["*"], 1))
     if args.quick:
         names = names[:4]

@@ -18,7 +18,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, fields
@@ -44,12 +43,14 @@ from distillation.distillation_loss import (
     top_k_distillation_loss,
     weighted_sum,
 )
+from mdcompress.files import atomic_folder, chmod_as_umask, write_text_atomic
 from mdcompress.teacher_forcing import capture_outputs, decoder_inputs, source_positioned, teacher_forced
 from distillation.teacher_cache import build_teacher_cache
 
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
 CURVE_POINTS = 200  # points of the recorded training curve (``Distiller.curve``)
-CHECKPOINT_ENTRIES = ("latest", ".latest.tmp", "step-*", ".tmp-step-*")  # what _save_checkpoint writes
+# what _save_checkpoint writes (its temporaries named by mdcompress.files)
+CHECKPOINT_ENTRIES = ("latest", ".latest.tmp-*", "step-*", ".step-*.tmp-*", ".step-*.old-*")
 
 
 @dataclass
@@ -452,26 +453,19 @@ class Distiller:
         acc.wait_for_everyone()
         trained = self._trained_by_all()
         if acc.is_main_process:
-            from matrix_decomposition import chmod_as_umask  # here: importing it loads transformers' Marian
-
             root = Path(self.settings.checkpoint_dir)
-            root.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=".tmp-step-", dir=root))
-            save_model(self.unwrapped_student, str(tmp / "student.safetensors"))
-            chmod_as_umask(tmp / "student.safetensors")
-            chmod_as_umask(tmp, 0o777)
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
-                        "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
-                       tmp / "trainer_state.pt")
-            (tmp / "progress.json").write_text(json.dumps({
-                "step": step, "epoch": epoch, "batches_done": batches_done, "elapsed": elapsed,
-                "running": running, "history": self.history, "curve": self.curve,
-                "curve_sums": self._curve_sums, "trained": trained, "finished": finished}))
             final = root / f"step-{step:08d}"
-            shutil.rmtree(final, ignore_errors=True)
-            os.replace(tmp, final)
-            (root / ".latest.tmp").write_text(final.name)
-            os.replace(root / ".latest.tmp", root / "latest")
+            with atomic_folder(final) as tmp:
+                save_model(self.unwrapped_student, str(tmp / "student.safetensors"))
+                chmod_as_umask(tmp / "student.safetensors")
+                torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                            "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()},
+                           tmp / "trainer_state.pt")
+                (tmp / "progress.json").write_text(json.dumps({
+                    "step": step, "epoch": epoch, "batches_done": batches_done, "elapsed": elapsed,
+                    "running": running, "history": self.history, "curve": self.curve,
+                    "curve_sums": self._curve_sums, "trained": trained, "finished": finished}))
+            write_text_atomic(root / "latest", final.name)
             for old in root.glob("step-*"):
                 if old != final:
                     shutil.rmtree(old, ignore_errors=True)

@@ -18,6 +18,7 @@ from accelerate import PartialState
 from accelerate.utils import gather_object
 from torch import nn
 
+from mdcompress.files import write_text_atomic
 from mdcompress.translate import translate
 
 
@@ -59,10 +60,8 @@ def teacher_translations(teacher: nn.Module, tokenizer, sources: Sequence[str] |
         targets[i] = target
     if state.is_main_process:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-        tmp.write_text("".join(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n"
-                               for s, t in zip(sources, targets)), encoding="utf-8")
-        os.replace(tmp, path)
+        write_text_atomic(path, "".join(json.dumps({"source": s, "target": t}, ensure_ascii=False) + "\n"
+                                        for s, t in zip(sources, targets)))
     return targets, path, False
 
 

@@ -15,8 +15,6 @@ written under a temporary name and renamed, so a half-written cache is never rea
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ from tqdm.auto import tqdm
 
 from distillation.distillation_loss import IGNORE_INDEX
 from matrix_decomposition import weights_digest
+from mdcompress.files import temporary_folder
 
 VERSION = "2"  # part of the key: a change of what is stored invalidates older caches
 
@@ -94,8 +93,7 @@ def build_teacher_cache(teacher: nn.Module, dataset, collator, decoder_inputs, k
                              or [np.zeros(0, dtype=np.int64)])
     offsets = np.concatenate([[0], np.cumsum(lengths)])
     Path(root).mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-teacher-", dir=root))
-    try:
+    with temporary_folder(root, f".{folder.name}.tmp-") as tmp:
         ids = np.lib.format.open_memmap(tmp / "ids.npy", mode="w+", shape=(int(offsets[-1]), k),
                                         dtype=np.int16 if vocab <= 2**15 else np.int32)
         logits = np.lib.format.open_memmap(tmp / "logits.npy", mode="w+", shape=(int(offsets[-1]), k),
@@ -131,9 +129,5 @@ def build_teacher_cache(teacher: nn.Module, dataset, collator, decoder_inputs, k
             os.replace(tmp, folder)
         except OSError:
             if not folder.is_dir():
-                raise
-            shutil.rmtree(tmp)  # another run wrote the same cache meanwhile: theirs is as good
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                raise  # else another run wrote the same cache meanwhile: theirs is as good, ours is removed
     return TeacherTopK(folder), False

@@ -19,7 +19,6 @@ import hashlib
 import inspect
 import json
 import os
-import shutil
 import tempfile
 import types
 import uuid
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 from mdcompress.errors import DataError
+from mdcompress.files import atomic_file, temporary_folder, write_text_atomic
 
 TEXT_COLUMNS = ("source_text", "target_text")
 TRANSLATION_COLUMN = "translation"  # the Hugging Face translation layout, as in run_translation.py
@@ -361,12 +361,10 @@ def write_pairs(path: str | os.PathLike, pairs: Iterable[tuple[str, str]]) -> Pa
     (a temporary file, then a rename); returns ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_file(path, newline="") as f:
         writer = csv.writer(f)
         writer.writerow(TEXT_COLUMNS)
         writer.writerows(pairs)
-    os.replace(tmp, path)
     return path
 
 
@@ -409,9 +407,7 @@ def preprocess(pairs, tokenizer, config, preprocessor: Callable, cache_dir: str 
     cache_dir.mkdir(parents=True, exist_ok=True)
     # written in a folder of this call's own and moved next to the manifest when whole: a map that is
     # interrupted (Ctrl-C, SIGTERM) or fails leaves none of its files behind, datasets' tmp* ones included
-    work = Path(tempfile.mkdtemp(prefix=f".tokenizing-{key}-", dir=cache_dir))
-    tmp = manifest.with_name(f".{manifest.name}.tmp-{os.getpid()}")
-    try:
+    with temporary_folder(cache_dir, f".tokenizing-{key}-") as work:
         ds = pairs.map(lambda batch: dict(preprocessor(batch, tokenizer, config)), batched=True,
                        remove_columns=pairs.column_names, cache_file_name=str(work / f"{manifest.stem}.arrow"),
                        load_from_cache_file=False, new_fingerprint=key, num_proc=num_proc)
@@ -419,11 +415,8 @@ def preprocess(pairs, tokenizer, config, preprocessor: Callable, cache_dir: str 
         ds = _checked(ds, pairs, files)
         for f in files:
             os.replace(f, cache_dir / f.name)
-        tmp.write_text(json.dumps({"files": [f.name for f in files], "rows": len(ds)}), encoding="utf-8")
-        os.replace(tmp, manifest)  # written last: a manifest means complete files
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-        tmp.unlink(missing_ok=True)
+        # written last: a manifest means complete files
+        write_text_atomic(manifest, json.dumps({"files": [f.name for f in files], "rows": len(ds)}))
     say(f"tokenized {len(ds):,} pairs, cached in {manifest.with_suffix('.arrow')}", flush=True)
     return _read_cached(manifest, len(pairs))  # the files where they are now
 

@@ -24,7 +24,8 @@ and the output projection included. Tensors that both graphs use (the embedding)
 in ``weights.bin``, which both graphs reference as external data.
 
 The folder also holds the tokenizer, ``config.json`` and ``generation_config.json`` of the model,
-and ``onnx_export.json`` (what the graphs expect); ``translate.py`` runs it.
+and ``onnx_export.json`` (what the graphs expect); ``translate.py`` runs it. The folder's layout,
+which both read, is ``onnx_format``.
 """
 
 from __future__ import annotations
@@ -34,23 +35,17 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import warnings
 from pathlib import Path
-from mdcompress.errors import ExportError
 
-EXPORT_INFO = "onnx_export.json"
-FORMAT = 1
+from mdcompress.errors import ExportError
+from mdcompress.files import atomic_folder
+from mdcompress.onnx_format import DECODER, ENCODER, EXPORT_INFO, FORMAT, WEIGHTS, default_folder, is_export, \
+    load_model, read_info
+
 PRECISIONS = ("float32", "int8")
 OPSET = 17
-
-
-
-def default_folder(model_path: str | os.PathLike, precision: str) -> Path:
-    """Where ``export`` writes by default: ``onnx`` (float32) or ``onnx-int8`` inside the model folder."""
-    return Path(model_path) / ("onnx" if precision == "float32" else f"onnx-{precision}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -204,7 +199,7 @@ def _export_graphs(model, folder: Path) -> dict:
         past = [torch.zeros(2, attention.num_heads, 3, attention.head_dim) for _ in past_names]
         axes = {"input_ids": {0: "batch", 1: "source"}, "attention_mask": {0: "batch", 1: "source"},
                 **{name: {0: "batch", 2: "source"} for name in cross_names}}
-        torch.onnx.export(encoder, (ids, mask), str(folder / "encoder.onnx"), dynamo=False, opset_version=OPSET,
+        torch.onnx.export(encoder, (ids, mask), str(folder / ENCODER), dynamo=False, opset_version=OPSET,
                           input_names=["input_ids", "attention_mask"], output_names=cross_names,
                           dynamic_axes=axes, do_constant_folding=True)
         step_ids = torch.tensor([[5], [6]], dtype=torch.long)
@@ -212,7 +207,7 @@ def _export_graphs(model, folder: Path) -> dict:
                 **{name: {0: "batch", 2: "past"} for name in past_names},
                 **{name: {0: "batch", 2: "past+1"} for name in present_names},
                 **{name: {0: "batch", 2: "source"} for name in cross_names}}
-        torch.onnx.export(step, (step_ids, mask, *past, *cross), str(folder / "decoder.onnx"), dynamo=False,
+        torch.onnx.export(step, (step_ids, mask, *past, *cross), str(folder / DECODER), dynamo=False,
                           opset_version=OPSET, input_names=["input_ids", "attention_mask", *past_names, *cross_names],
                           output_names=["logits", *present_names], dynamic_axes=axes, do_constant_folding=True)
     return {"layers": n, "heads": attention.num_heads, "head_dim": attention.head_dim,
@@ -232,7 +227,7 @@ def _quantize(folder: Path) -> None:
     level = root.level
     root.setLevel(logging.ERROR)  # its advice to run a pre-processing step, printed for every graph
     try:
-        for name in ("encoder.onnx", "decoder.onnx"):
+        for name in (ENCODER, DECODER):
             source = folder / name
             target = folder / f"{name}.int8"
             quantize_dynamic(source, target, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Gather"],
@@ -250,9 +245,9 @@ def _store_shared(folder: Path) -> None:
     import onnx
     from onnx.external_data_helper import set_external_data
 
-    models = {name: onnx.load(str(folder / name)) for name in ("encoder.onnx", "decoder.onnx")}
+    models = {name: onnx.load(str(folder / name)) for name in (ENCODER, DECODER)}
     offsets: dict[str, tuple[int, int]] = {}
-    with open(folder / "weights.bin", "wb") as data:
+    with open(folder / WEIGHTS, "wb") as data:
         for model in models.values():
             for tensor in model.graph.initializer:
                 raw = tensor.raw_data
@@ -263,7 +258,7 @@ def _store_shared(folder: Path) -> None:
                     data.write(b"\0" * (-data.tell() % 64))  # aligned, for memory mapping
                     offsets[key] = (data.tell(), len(raw))
                     data.write(raw)
-                set_external_data(tensor, "weights.bin", offset=offsets[key][0], length=offsets[key][1])
+                set_external_data(tensor, WEIGHTS, offset=offsets[key][0], length=offsets[key][1])
                 tensor.ClearField("raw_data")
     for name, model in models.items():
         onnx.save(model, str(folder / name))
@@ -277,11 +272,11 @@ def _verify(model, folder: Path, tolerance: float) -> float:
     import onnxruntime as ort
 
     torch, _ = _import_torch()
-    info = json.loads((folder / EXPORT_INFO).read_text())
+    info = read_info(folder)
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
-    encoder = ort.InferenceSession(str(folder / "encoder.onnx"), options, providers=["CPUExecutionProvider"])
-    decoder = ort.InferenceSession(str(folder / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+    encoder = ort.InferenceSession(str(folder / ENCODER), options, providers=["CPUExecutionProvider"])
+    decoder = ort.InferenceSession(str(folder / DECODER), options, providers=["CPUExecutionProvider"])
     config = model.config
     generator = torch.Generator().manual_seed(0)
     vocab = info["vocab_size"]
@@ -322,9 +317,7 @@ def export(model_path: str | os.PathLike, out: str | os.PathLike | None = None, 
         model, tokenizer = load_model(str(model_path))
     _check_exportable(model)
     model = model.float().cpu().eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as work:  # an earlier export (--overwrite) is replaced only once this one is whole
         info = {"format": FORMAT, "precision": precision, "source": str(model_path), "opset": OPSET,
                 **_export_graphs(model, work)}
         (work / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
@@ -339,29 +332,13 @@ def export(model_path: str | os.PathLike, out: str | os.PathLike | None = None, 
             model.generation_config.save_pretrained(work)
         if tokenizer is not None:
             tokenizer.save_pretrained(work)
-        os.chmod(work, 0o777 & ~_umask())
-        # the earlier export (--overwrite) renamed aside, the new one renamed in, then the earlier one removed:
-        # an interrupt between two renames leaves one whole export in place or aside, never a half-deleted one
-        old = out.with_name(f".{out.name}.old-{os.getpid()}") if out.exists() else None
-        if old is not None:
-            os.replace(out, old)
-        try:
-            os.replace(work, out)
-        except BaseException:
-            if old is not None and not out.exists():
-                os.replace(old, out)
-            raise
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
 def check_out(out: Path, overwrite: bool) -> None:
     """Refuse an output folder that exists, unless it is an earlier export and ``overwrite`` is given."""
-    if out.exists() and not (overwrite and (out / EXPORT_INFO).is_file()):
-        what = "an ONNX export; pass --overwrite to replace it" if (out / EXPORT_INFO).is_file() else \
+    if out.exists() and not (overwrite and is_export(out)):
+        what = "an ONNX export; pass --overwrite to replace it" if is_export(out) else \
             "not an ONNX export of this tool, so it is never replaced"
         raise ExportError(f"output folder {str(out)!r} exists and is {what}")
 
@@ -375,30 +352,6 @@ def quiet_() -> None:
     warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")  # Marian's tokenizer, unused
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def load_model(path: str):
-    """(model, tokenizer) of a folder written by this tool (factorized), any MarianMT folder or a hub
-    id (``matrix_decomposition.load_pretrained``); an ONNX export or a folder without a model config is
-    refused in one line."""
-    from matrix_decomposition import DecompositionError
-    from matrix_decomposition import load_pretrained
-
-    local = Path(path)
-    if local.is_dir() and (local / EXPORT_INFO).is_file():
-        raise ExportError(f"--model: {path!r} is already an ONNX export; give the model folder it came from")
-    if local.is_dir() and not (local / "config.json").is_file():
-        raise ExportError(f"--model: {path!r} has no config.json; it is not a model folder")
-    try:
-        return load_pretrained(path, "--model")
-    except DecompositionError as e:
-        raise ExportError(str(e)) from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -11,16 +11,16 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from torch import nn
 
-from matrix_decomposition import chmod_as_umask, save_compressed_model
-from mdcompress.onnx_export import export
+from matrix_decomposition import save_compressed_model
 from mdcompress.errors import OutputError
+from mdcompress.files import atomic_folder
+from mdcompress.onnx_export import export
 
 
 
@@ -70,12 +70,6 @@ def check_output_path(path: str | os.PathLike, overwrite: bool,
     return path
 
 
-def write_json_atomic(path: Path, data) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report: dict, config: dict,
                  exports: Sequence[str] = (), evaluate=None, write_more=None) -> None:
     """Write the compressed model, tokenizer, the config used and ``report.json`` to ``path``,
@@ -84,9 +78,7 @@ def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report:
     ("onnx", "onnx-int8") becomes a subfolder of that name; ``evaluate(folder)`` gives its report row.
     ``write_more(folder, report)`` adds files of its own (the pictures and report.md)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         save_compressed_model(student, tmp, tokenizer)
         for name in exports:
             folder = export(path, tmp / name, "int8" if name.endswith("int8") else "float32", model=student,
@@ -97,20 +89,3 @@ def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report:
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if write_more is not None:
             write_more(tmp, report)
-        replace_folder(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_folder(tmp: Path, path: Path) -> None:
-    """Rename the finished temporary folder ``tmp`` to ``path``, replacing what was there only now,
-    with the permissions a folder the user makes gets (not mkdtemp's 0700)."""
-    chmod_as_umask(tmp, 0o777)
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old)

@@ -16,7 +16,6 @@ import heapq
 import json
 import math
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from matrix_decomposition import (
     singular_values,
     weights_digest,
 )
+from mdcompress.files import write_text_atomic
 from mdcompress.teacher_forcing import teacher_forced
 
 
@@ -172,14 +172,7 @@ def stored_sensitivity_errors(model: nn.Module, names: Sequence[str], batches, c
         pass  # not there yet, or unreadable: measured again and rewritten
     errors = sensitivity_errors(model, names, batches, svd=svd, input_grams=input_grams, progress=progress)
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as f:
-            json.dump(errors, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_text_atomic(path, json.dumps(errors))
     return errors, False
 
 

@@ -30,8 +30,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mdcompress.onnx_export import EXPORT_INFO, FORMAT, default_folder, exit_with, quiet_
-from mdcompress.errors import TranslateError
+from mdcompress.errors import ExportError, TranslateError
+from mdcompress.files import write_text_atomic
+from mdcompress.onnx_export import exit_with, quiet_
+from mdcompress.onnx_format import DECODER, ENCODER, WEIGHTS, default_folder, is_export, load_model, read_info
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -57,17 +59,17 @@ class OnnxTranslator:
         from transformers import AutoTokenizer
 
         self.folder = Path(folder)
-        self.info = json.loads((self.folder / EXPORT_INFO).read_text(encoding="utf-8"))
-        if self.info.get("format") != FORMAT:
-            raise TranslateError(f"--model: {str(folder)!r} is an ONNX export of format {self.info.get('format')}; "
-                                 f"this version reads format {FORMAT}: export it again")
+        try:
+            self.info = read_info(folder)
+        except ExportError as e:
+            raise TranslateError(f"--model: {e}") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         providers = ["CPUExecutionProvider"]
-        self.encoder = ort.InferenceSession(str(self.folder / "encoder.onnx"), options, providers=providers)
-        self.decoder = ort.InferenceSession(str(self.folder / "decoder.onnx"), options, providers=providers)
+        self.encoder = ort.InferenceSession(str(self.folder / ENCODER), options, providers=providers)
+        self.decoder = ort.InferenceSession(str(self.folder / DECODER), options, providers=providers)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
         settings = _generation_settings(self.folder)
         self.start, self.eos, self.pad = settings["decoder_start_token_id"], settings["eos_token_id"], settings["pad_token_id"]
@@ -197,8 +199,6 @@ class TorchTranslator:
     def load(cls, path: str | os.PathLike, threads: int = 1) -> "TorchTranslator":
         import torch
 
-        from mdcompress.onnx_export import ExportError, load_model
-
         torch.set_num_threads(threads)
         try:
             return cls(*load_model(str(path)))
@@ -229,13 +229,13 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
     if threads < 1:
         raise TranslateError(f"--threads: {threads} must be at least 1")
     folder = Path(path)
-    exported = (folder / EXPORT_INFO).is_file()
+    exported = is_export(folder)
     if backend == "onnx" and not exported:
         candidate = default_folder(folder, "int8" if int8 else "float32")
         other = default_folder(folder, "float32" if int8 else "int8")
-        if not (candidate / EXPORT_INFO).is_file():
+        if not is_export(candidate):
             command = f"run: python -m mdcompress.onnx_export --model {folder}{' --int8' if int8 else ''}"
-            if (other / EXPORT_INFO).is_file():  # the other precision is there: perhaps that was meant
+            if is_export(other):  # the other precision is there: perhaps that was meant
                 raise TranslateError(f"--backend onnx{' --int8' if int8 else ''}: {str(folder)!r} has no "
                                      f"{candidate.name}/ export but has {other.name}/: "
                                      f"{'leave out' if int8 else 'add'} --int8 to use it, or {command}")
@@ -329,7 +329,7 @@ def translate(model, tokenizer, inputs: Sequence[str] | Sequence[Sequence[int]],
 def folder_mb(folder: str | os.PathLike) -> float:
     """Megabytes on disk of an ONNX export's graphs and weights (the tokenizer and configs aside)."""
     folder = Path(folder)
-    files = [*folder.glob("*.onnx"), folder / "weights.bin"]
+    files = [*folder.glob("*.onnx"), folder / WEIGHTS]
     return round(sum(f.stat().st_size for f in files if f.is_file()) / 2**20, 3)
 
 
@@ -413,17 +413,12 @@ def _check_output(path: str) -> None:
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    """``text`` into ``path`` through a temporary file beside it: a reader never sees half a file, and
-    a failed write leaves neither a half-written output nor the temporary file."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    """``text`` into ``path`` through a temporary file beside it (``write_text_atomic``): a reader never
+    sees half a file, and a failed write leaves neither a half-written output nor the temporary file."""
     try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except BaseException as e:  # Ctrl-C included
-        tmp.unlink(missing_ok=True)
-        if isinstance(e, OSError):
-            raise TranslateError(f"--output: cannot write {str(path)!r}: {e.strerror or e}") from None
-        raise
+        write_text_atomic(path, text)
+    except OSError as e:
+        raise TranslateError(f"--output: cannot write {str(path)!r}: {e.strerror or e}") from None
 
 
 if __name__ == "__main__":

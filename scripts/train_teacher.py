@@ -40,6 +40,7 @@ from transformers import MarianConfig, MarianMTModel, MarianTokenizer  # noqa: E
 
 from mdcompress.data import read_pairs, write_pairs  # noqa: E402
 from mdcompress.evaluation import corpus_scores  # noqa: E402
+from mdcompress.files import replace_folder  # noqa: E402
 from mdcompress.translate import translate  # noqa: E402
 
 
@@ -217,9 +218,7 @@ def main():
             "greedy_dev2k": {"bleu": round(dev_bleu, 2), "chrf": round(dev_chrf, 2)},
             "torch": torch.__version__}
     (work / "model" / "training_info.json").write_text(json.dumps(info, indent=2) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(work / "model", out)
+    replace_folder(work / "model", out)
     shutil.rmtree(work)
     print(f"saved {out}")
 

@@ -19,6 +19,7 @@ import decomposition
 import matrix_decomposition
 from mdcompress import translate
 from mdcompress.data import read_pairs
+from mdcompress.calibration import calibration_batches, fisher_weighted, gather_fisher_rows, gather_input_grams
 from distillation import sequence_level_kd
 from distillation.knowledge_distillation import Distiller
 from mdcompress.evaluation import evaluate_translation
@@ -139,7 +140,7 @@ def calibration(tiny_tokenizer, tiny_pairs):
     pairs = tiny_pairs[:24]
     enc = tiny_tokenizer([s for s, _ in pairs], text_target=[t for _, t in pairs], truncation=True, max_length=32)
     dataset = Dataset.from_dict({k: enc[k] for k in ("input_ids", "attention_mask", "labels")})
-    return decomposition.calibration_batches(dataset, tiny_tokenizer, samples=24, batch_size=8)
+    return calibration_batches(dataset, tiny_tokenizer, samples=24, batch_size=8)
 
 
 def reference_grams(model, batches) -> dict[str, torch.Tensor]:
@@ -161,7 +162,7 @@ def reference_grams(model, batches) -> dict[str, torch.Tensor]:
 def test_gathered_grams_are_those_of_the_real_positions(make_tiny_marian, calibration):
     model = make_tiny_marian()
     assert any((b["attention_mask"] == 0).any() and (b["labels"] == -100).any() for b in calibration)  # padding
-    grams = decomposition.gather_input_grams(model, default_targets(model), calibration)
+    grams = gather_input_grams(model, default_targets(model), calibration)
     assert set(grams) == set(default_targets(model))
     assert all(g.dtype == torch.float64 and torch.isfinite(g).all() for g in grams.values())
     for name, expected in reference_grams(model, calibration).items():
@@ -171,7 +172,7 @@ def test_gathered_grams_are_those_of_the_real_positions(make_tiny_marian, calibr
 
 def test_activation_init_on_a_model_lowers_every_layers_output_error(make_tiny_marian, calibration):
     teacher = make_tiny_marian()
-    grams = decomposition.gather_input_grams(teacher, default_targets(teacher), calibration)
+    grams = gather_input_grams(teacher, default_targets(teacher), calibration)
     aware, ranks = decomposition.build_student(teacher, [], 3, "exact", input_grams=grams)
     plain, _ = decomposition.build_student(teacher, [], 3, "exact")
     assert init_notes(aware) == {} and len(ranks) == 32
@@ -194,7 +195,7 @@ def test_fisher_rows_are_the_squared_gradients_of_the_cross_entropy(make_tiny_ma
     model.requires_grad_(False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     names = [ENC_Q1, DEC_Q0, DEC_CROSS_K1]
-    rows = decomposition.gather_fisher_rows(model, names, calibration)
+    rows = gather_fisher_rows(model, names, calibration)
     assert all(not p.requires_grad for p in model.parameters()) and all(p.grad is None for p in model.parameters())
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
 
@@ -221,9 +222,9 @@ def test_fisher_init_minimizes_the_fisher_weighted_output_error(make_tiny_marian
     no more than the activation init's, which ignores F; and less of it summed over the layers."""
     teacher = make_tiny_marian()
     names = default_targets(teacher)
-    grams = decomposition.gather_input_grams(teacher, names, calibration)
-    fisher = decomposition.gather_fisher_rows(teacher, names, calibration)
-    weighted = decomposition.fisher_weighted(grams, fisher)
+    grams = gather_input_grams(teacher, names, calibration)
+    fisher = gather_fisher_rows(teacher, names, calibration)
+    weighted = fisher_weighted(grams, fisher)
     assert all(isinstance(w, matrix_decomposition.Weighting) for w in weighted.values())
     assert all(torch.equal(weighted[n].gram, grams[n]) for n in names)
     assert all(abs(weighted[n].rows.mean().item() - 1) < 1e-9 or weighted[n].rows.min() == 1e-3 for n in names)
@@ -247,16 +248,16 @@ def test_fisher_rows_of_a_linear_the_forward_pass_never_reaches_are_zero(make_ti
     """A target linear outside the forward pass gets zero rows (then the activation init alone), not an error."""
     model = make_tiny_marian()
     model.model.encoder.unused = nn.Linear(16, 8)
-    rows = decomposition.gather_fisher_rows(model, [ENC_Q1, "model.encoder.unused"], calibration)
+    rows = gather_fisher_rows(model, [ENC_Q1, "model.encoder.unused"], calibration)
     assert rows["model.encoder.unused"].eq(0).all() and (rows[ENC_Q1] > 0).all()
-    weighted = decomposition.fisher_weighted({ENC_Q1: torch.eye(16), "model.encoder.unused": torch.eye(16)}, rows)
+    weighted = fisher_weighted({ENC_Q1: torch.eye(16), "model.encoder.unused": torch.eye(16)}, rows)
     assert isinstance(weighted[ENC_Q1], matrix_decomposition.Weighting)
     assert not isinstance(weighted["model.encoder.unused"], matrix_decomposition.Weighting)
 
 
 def test_fisher_weighting_skips_a_layer_no_gradient_reached():
     gram = torch.eye(4, dtype=torch.float64)
-    weighted = decomposition.fisher_weighted({"a": gram, "b": gram}, {"a": torch.zeros(3, dtype=torch.float64),
+    weighted = fisher_weighted({"a": gram, "b": gram}, {"a": torch.zeros(3, dtype=torch.float64),
                                                                     "b": torch.tensor([4.0, 0.0, 1.0], dtype=torch.float64)})
     assert weighted["a"] is gram  # the activation init alone
     torch.testing.assert_close(weighted["b"].rows, torch.tensor([2.0, 1e-3, 1.0], dtype=torch.float64))
@@ -411,7 +412,7 @@ def test_sensitivity_refuses_non_finite_predictions(make_tiny_marian, calibratio
 
 def test_sensitivity_with_activation_init_measures_the_factors_it_will_get(make_tiny_marian, calibration):
     teacher = make_tiny_marian(init_std=0.3)
-    grams = decomposition.gather_input_grams(teacher, [LIVE_V], calibration)
+    grams = gather_input_grams(teacher, [LIVE_V], calibration)
     plain = sensitivity_errors(teacher, [LIVE_V], calibration, points=4)[LIVE_V]
     aware = sensitivity_errors(teacher, [LIVE_V], calibration, points=4, input_grams=grams)[LIVE_V]
     assert aware[1] < plain[1]  # fitted to these very inputs, the whitened rank-1 factors drift less
@@ -572,7 +573,7 @@ def test_embedding_and_linears_together_reach_half_the_parameters(make_tiny_mari
 def test_an_embedding_without_its_statistics_gets_plain_svd_and_a_note(make_tiny_marian, calibration):
     teacher = make_tiny_marian()
     linears = default_targets(teacher)
-    grams = decomposition.gather_input_grams(teacher, linears, calibration)  # the linears' only
+    grams = gather_input_grams(teacher, linears, calibration)  # the linears' only
     student, _ = decomposition.build_student(teacher, [SHARED, *linears], 3, input_grams=grams)
     assert list(init_notes(student)) == ["model.shared"] and "plain SVD" in init_notes(student)["model.shared"]
     plain, _ = decomposition.build_student(teacher, [SHARED], 3)
@@ -617,7 +618,7 @@ def test_unusable_row_weights_fall_back_to_plain_svd_and_say_so(rows, words):
 
 def test_the_embedding_statistics_are_its_token_counts_and_the_tied_heads_inputs(make_tiny_marian, calibration):
     model = make_tiny_marian()
-    weighting = decomposition.gather_input_grams(model, [SHARED_MODULE], calibration)[SHARED_MODULE]
+    weighting = gather_input_grams(model, [SHARED_MODULE], calibration)[SHARED_MODULE]
     counts, gram, positions = torch.zeros(model.config.vocab_size, dtype=torch.float64), 0, 0
     with torch.no_grad():  # from the batches and the decoder's last hidden states (what lm_head reads), no hooks
         for b in calibration:
@@ -638,7 +639,7 @@ def test_the_embedding_statistics_are_its_token_counts_and_the_tied_heads_inputs
 
 def test_embedding_init_fits_the_tokens_the_data_uses(make_tiny_marian, calibration):
     teacher = make_tiny_marian()
-    grams = decomposition.gather_input_grams(teacher, [SHARED_MODULE], calibration)
+    grams = gather_input_grams(teacher, [SHARED_MODULE], calibration)
     aware, _ = decomposition.build_student(teacher, [SHARED], 4, "exact", input_grams=grams)
     plain, _ = decomposition.build_student(teacher, [SHARED], 4, "exact")
     assert init_notes(aware) == {}
@@ -655,7 +656,7 @@ def test_embedding_init_fits_the_tokens_the_data_uses(make_tiny_marian, calibrat
 
 def test_the_embedding_statistics_are_part_of_the_sensitivity_key(make_tiny_marian, calibration):
     model = make_tiny_marian()
-    grams = decomposition.gather_input_grams(model, [SHARED_MODULE], calibration)
+    grams = gather_input_grams(model, [SHARED_MODULE], calibration)
     key = rank_allocation.sensitivity_key(model, [SHARED_MODULE], calibration, input_grams=grams)
     weighting = grams[SHARED_MODULE]
     other = {SHARED_MODULE: matrix_decomposition.Weighting(gram=weighting.gram, rows=weighting.rows.flip(0))}

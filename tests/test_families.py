@@ -28,6 +28,7 @@ from matrix_decomposition import (
     DecompositionError, LowRankEmbedding, LowRankLinear, check_supported, count_parameters, decompose_,
     default_targets, init_notes, load_pretrained, max_saving_rank, save_compressed_model,
 )
+from mdcompress.calibration import calibration_batches, fisher_weighted, gather_fisher_rows, gather_input_grams
 from mdcompress.rank_allocation import ranks_for_ratio, sensitivity_errors
 from mdcompress.teacher_forcing import decoder_inputs, source_positioned
 from mdcompress.translate import translate
@@ -97,7 +98,7 @@ def train_set(tiny_pairs, tiny_tokenizer):
 
 @pytest.fixture(scope="module")
 def batches(train_set, tiny_tokenizer):
-    return decomposition.calibration_batches(train_set, tiny_tokenizer, 16, 8)
+    return calibration_batches(train_set, tiny_tokenizer, 16, 8)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,12 +171,12 @@ def test_full_rank_embedding_reproduces_the_scaled_one(family, tiny_tokenizer):
 def test_activation_init_and_sensitivity_allocation(family, tiny_tokenizer, batches):
     teacher = family.make(tiny_tokenizer)
     linears = default_targets(teacher)
-    grams = decomposition.gather_input_grams(teacher, linears, batches)
+    grams = gather_input_grams(teacher, linears, batches)
     assert set(grams) == set(linears) and all(g.abs().sum() > 0 for g in grams.values())
     student, _ = decomposition.build_student(teacher, ["*"], RANK, input_grams=grams)
     assert set(init_notes(student)) == {family.embedding} | ({"lm_head"} if not family.tied_head else set())
     everything = list(matrix_decomposition.resolve_ranks(teacher, ["*"], 1))  # the embedding (and an untied head) too
-    grams = decomposition.gather_input_grams(teacher, everything, batches)
+    grams = gather_input_grams(teacher, everything, batches)
     weighting = grams[family.embedding]
     assert isinstance(weighting, matrix_decomposition.Weighting) and (weighting.gram is not None) == family.tied_head
     assert weighting.rows.min() > 0 and (weighting.rows > weighting.rows.min()).any()  # tokens counted
@@ -201,10 +202,10 @@ def test_fisher_init(family, tiny_tokenizer, batches):
     teacher = family.make(tiny_tokenizer)
     linears = default_targets(teacher)
     flags = [p.requires_grad for p in teacher.parameters()]
-    fisher = decomposition.gather_fisher_rows(teacher, linears, batches)
+    fisher = gather_fisher_rows(teacher, linears, batches)
     assert [p.requires_grad for p in teacher.parameters()] == flags
     assert set(fisher) == set(linears) and all(torch.isfinite(f).all() and f.sum() > 0 for f in fisher.values())
-    weighted = decomposition.fisher_weighted(decomposition.gather_input_grams(teacher, linears, batches), fisher)
+    weighted = fisher_weighted(gather_input_grams(teacher, linears, batches), fisher)
     assert all(isinstance(weighted[n], matrix_decomposition.Weighting) for n in linears)
     student, _ = decomposition.build_student(teacher, linears, RANK, input_grams=weighted)
     assert init_notes(student) == {}

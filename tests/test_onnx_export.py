@@ -410,7 +410,7 @@ def test_readme_deploying_commands_work_as_written_after_the_default_job():
     import shlex
     from pathlib import Path
 
-    from mdcompress.onnx_export import default_folder
+    from mdcompress.onnx_format import default_folder
 
     config = json.loads((REPO / "config.json").read_text())
     written = {Path(config["output_path"]) / name for name in config["export"]}
