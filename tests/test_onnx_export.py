@@ -190,7 +190,7 @@ def test_translator_errors(case, tiny_teacher_dir, tmp_path):
     args = {"backend": (tiny_teacher_dir, "gpu", 1), "no_export": (tiny_teacher_dir, "onnx", 1),
             "torch_on_onnx": (export(tiny_teacher_dir, tmp_path / "o") if case == "torch_on_onnx" else None, "torch", 1),
             "threads": (tiny_teacher_dir, "auto", 0)}[case]
-    expected = {"backend": "not one of auto, torch, onnx", "no_export": "onnx_export.py --model",
+    expected = {"backend": "not one of auto, torch, onnx", "no_export": "python -m mdcompress.onnx_export --model",
                 "torch_on_onnx": "is an ONNX export", "threads": "at least 1"}[case]
     with pytest.raises(TranslateError, match=expected):
         load_translator(*args)
@@ -397,8 +397,8 @@ def test_backend_onnx_points_to_the_export_the_folder_has(int8, tiny_teacher_dir
         load_translator(tiny_teacher_dir, "onnx", int8=int8)
     assert str(refused.value) == (
         f"--backend onnx{flag}: {str(tiny_teacher_dir)!r} has no {'onnx-int8' if int8 else 'onnx'}/ export but has "
-        f"{'onnx' if int8 else 'onnx-int8'}/: {'leave out' if int8 else 'add'} --int8 to use it, or run: python "
-        f"onnx_export.py --model {tiny_teacher_dir}{flag}")
+        f"{'onnx' if int8 else 'onnx-int8'}/: {'leave out' if int8 else 'add'} --int8 to use it, or run: "
+        f"python -m mdcompress.onnx_export --model {tiny_teacher_dir}{flag}")
 
 
 def test_readme_deploying_commands_work_as_written_after_the_default_job():
