@@ -44,10 +44,10 @@ from distillation.distillation_loss import (
     top_k_distillation_loss,
     weighted_sum,
 )
+from mdcompress.config import LOSS_TERMS
 from mdcompress.teacher_forcing import capture_outputs, decoder_inputs, source_positioned, teacher_forced
 from distillation.teacher_cache import build_teacher_cache
 
-LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
 CURVE_POINTS = 200  # points of the recorded training curve (``Distiller.curve``)
 CHECKPOINT_ENTRIES = ("latest", ".latest.tmp", "step-*", ".tmp-step-*")  # what _save_checkpoint writes
 
