@@ -27,6 +27,7 @@ from mdcompress.errors import ConfigError
 EXPORTS = ("onnx", "onnx-int8")
 DEFAULT_RANK = 32  # k_info when neither it nor target_ratio is given
 LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")  # the keys of loss_weights
+SWEEPABLE = ("target_ratio", "k_info")  # the keys a list of values turns into a size sweep
 SECTIONS = ("model and data", "decomposition", "recovery", "evaluation and export", "the run")
 
 
@@ -216,7 +217,7 @@ class Config:
                      "kd_top_k"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name}: must not be negative, got {getattr(self, name)}")
-        for name in ("target_ratio", "k_info"):
+        for name in SWEEPABLE:
             value = getattr(self, name)
             if isinstance(value, list) and (not value or len(set(value)) < len(value)):
                 raise ConfigError(f"{name}: the sweep {json.dumps(value)} needs one or more different values")
@@ -270,6 +271,11 @@ class Config:
                               f"{terms} compare{'' if len(internal) > 1 else 's'} its internal states at every step; "
                               f"set kd_top_k to 0 or {'those weights' if len(internal) > 1 else 'that weight'} to 0")
 
+
+
+def sweep_key(config: Config) -> str | None:
+    """The config key swept over (its value is a list), or None for a single run."""
+    return next((key for key in SWEEPABLE if isinstance(getattr(config, key), list)), None)
 
 
 def _type_name(tp) -> str:

@@ -30,8 +30,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mdcompress.onnx_export import EXPORT_INFO, FORMAT, default_folder, exit_with, quiet_
+from mdcompress.onnx_export import EXPORT_INFO, FORMAT, default_folder
 from mdcompress.errors import TranslateError
+from mdcompress.process import exit_with, quiet_transformers
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     writing = False  # the translations are going to standard output
     try:
-        quiet_()  # imports transformers: Ctrl-C may come already
+        quiet_transformers()  # imports transformers: Ctrl-C may come already
         for name in ("batch_size", "num_beams", "max_new_tokens"):
             if getattr(args, name) < 1:
                 raise TranslateError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be at least 1")
