@@ -25,14 +25,15 @@ import torch
 from torch import nn
 
 from distillation.knowledge_distillation import DistillationSettings, Distiller
+from mdcompress.config import Config
 from mdcompress.evaluation import evaluate_translation
 from matrix_decomposition import (
     DecompositionError,
     LowRankEmbedding,
     LowRankLinear,
     count_parameters,
-    decompose_,
     describe_ranks,
+    factorize_,
     init_notes,
     module_name,
     quantize_int8,
@@ -40,6 +41,7 @@ from matrix_decomposition import (
 )
 from mdcompress.calibration import calibration_batches, fisher_weighted, gather_fisher_rows, gather_input_grams
 from mdcompress.rank_allocation import check_target_ratio, ranks_for_ratio, stored_sensitivity_errors
+from mdcompress.sweep import SweepMemory
 
 # ---------------------------------------------------------------------------------------------
 # The inputs: a separate student model and the loss terms that compare layers
@@ -190,38 +192,50 @@ class Decomposed:
     frozen_params: int = 0  # weights ``freeze`` keeps as they are during recovery
 
 
-def check_decomposition(teacher: nn.Module, base: nn.Module, config) -> tuple[list[str], list[str]]:
-    """(the module names factorized, the feature layers), or a one-line DecompositionError for what
-    depends on the config and the models alone: a decompose_layers, k_info, feature_layers or freeze
-    key this model does not have, a rank that saves nothing, a target_ratio out of reach, loss terms
-    that need layers a separate student has in other shapes. Cheap: ``run()`` calls it as soon as the
-    models are loaded, before the pairs are tokenized."""
+@dataclass(frozen=True)
+class Targets:
+    """What the config asks of the model factorized, resolved on it once per run (``check_decomposition``)
+    and passed down."""
+
+    layers: list[str]  # the module names factorized, in model order
+    ranks: dict[str, int] | None  # {module name: rank} from k_info; None: allocated to target_ratio later
+    feature_layers: list[str]  # the layers whose outputs the feature loss matches
+
+
+def check_decomposition(teacher: nn.Module, base: nn.Module, config: Config) -> Targets:
+    """The layers, ranks and feature layers ``config`` names, resolved on ``base``; or a one-line
+    DecompositionError for what depends on the config and the models alone: a decompose_layers,
+    k_info, feature_layers or freeze key this model does not have, a rank that saves nothing, a
+    target_ratio out of reach, loss terms that need layers a separate student has in other shapes.
+    Cheap: ``run()`` calls it as soon as the models are loaded, before the pairs are tokenized."""
     budget = config.target_ratio is not None
-    target_layers = list(resolve_ranks(base, config.decompose_layers, 1 if budget else config.k_info))
+    ranks = resolve_ranks(base, config.decompose_layers, 1 if budget else config.k_info)
+    target_layers = list(ranks)
     if budget:
         check_target_ratio(base, target_layers, config.target_ratio)
     feature_layers = resolve_feature_layers(base, config.feature_layers, target_layers)
     frozen_parameters(base, config.freeze, target_layers)
     if base is not teacher:  # the loss terms that compare layers need layers of the same shapes
         check_student_shapes(teacher, base, config.loss_weights, feature_layers)
-    return target_layers, feature_layers
+    return Targets(target_layers, None if budget else ranks, feature_layers)
 
 
-def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config, saved_ranks=None,
-              shared: dict | None = None, progress: bool = False, say=print, cache_dir=None) -> Decomposed:
+def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config: Config, targets: Targets,
+              saved_ranks=None, shared: SweepMemory | None = None, progress: bool = False, say=print,
+              cache_dir=None) -> Decomposed:
     """Factorize ``base`` (the teacher, or a separate student model) into the student, as ``config``
-    (the run's ``Config``) asks: the target layers (``decompose_layers``), their ranks (``k_info``, or
+    (the run's ``Config``) asks: the ``targets`` (``check_decomposition``), their ranks (``k_info``, or
     allocated to ``target_ratio`` by the ``rank_allocation`` method, measured on ``calibration_samples``
     of the tokenized ``train_set``), the factors (``init``: svd, or activation-aware on the same
     calibration pairs). ``saved_ranks`` are an interrupted run's allocation, reused; ``shared`` is a
-    sweep's memory, whose sensitivity curves ("errors") are measured once; ``cache_dir`` keeps them for
+    sweep's memory, whose sensitivity curves (``errors``) are measured once; ``cache_dir`` keeps them for
     later runs on the same model, layers and calibration pairs. ``say`` prints progress."""
     started = time.time()
     budget = config.target_ratio is not None
-    target_layers, feature_layers = check_decomposition(teacher, base, config)  # refused before any work
+    target_layers = targets.layers
 
     # calibration: the input statistics of the layers (activation init), their sensitivity (allocation)
-    input_grams, errors = None, (shared or {}).get("errors")  # a sweep measures the sensitivity once
+    input_grams, errors = None, shared.errors if shared is not None else None  # a sweep measures it once
     cached_seconds = 0.0
     reused = saved_ranks if budget else None  # an allocation is measured once per run
     sensitivity = budget and config.rank_allocation == "sensitivity" and not reused and errors is None
@@ -244,17 +258,18 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
                 f"in {measured:.0f} s", flush=True)
             cached_seconds = measured if cache_dir is not None else 0.0
         if shared is not None:
-            shared["errors"] = errors
+            shared.errors = errors
 
     # the ranks, then the factorization
     if reused:
-        k_info = reused
+        ranks = reused
         say("ranks allocated to target_ratio reused from the interrupted run", flush=True)
     elif budget:
-        k_info = ranks_for_ratio(base, target_layers, config.target_ratio, input_grams, errors)
+        ranks = ranks_for_ratio(base, target_layers, config.target_ratio, input_grams, errors)
     else:
-        k_info = config.k_info
-    student, ranks = build_student(base, target_layers, k_info, config.svd, input_grams=input_grams)
+        ranks = targets.ranks
+    student, ranks = factorized_copy(base, {name: ranks[name] for name in target_layers}, config.svd,
+                                     input_grams=input_grams)
     notes = init_notes(student)
     for name, note in notes.items():
         say(f"note: {name}: {note}", flush=True)
@@ -267,7 +282,7 @@ def decompose(teacher: nn.Module, base: nn.Module, tokenizer, train_set, config,
     if frozen:
         say(f"frozen during recovery: {frozen:,} of the {student_params:,} params ({json.dumps(config.freeze)})",
             flush=True)
-    return Decomposed(student, ranks, feature_layers, notes, time.time() - started, cached_seconds, frozen)
+    return Decomposed(student, ranks, targets.feature_layers, notes, time.time() - started, cached_seconds, frozen)
 
 
 def build_student(model: nn.Module, decompose_layers: Sequence[str], k_info, svd: str = "auto",
@@ -275,31 +290,36 @@ def build_student(model: nn.Module, decompose_layers: Sequence[str], k_info, svd
     """A deep copy of ``model`` (the teacher, or a separate student model) with the chosen layers
     factorized (activation-aware when ``input_grams`` are given, see ``calibration.gather_input_grams``);
     returns (student, ranks)."""
+    return factorized_copy(model, resolve_ranks(model, decompose_layers, k_info), svd, input_grams)
+
+
+def factorized_copy(model: nn.Module, ranks: Mapping[str, int], svd: str = "auto",
+                    input_grams: Mapping[str, torch.Tensor] | None = None):
+    """``build_student`` with the layers and ranks already resolved ({module name: rank})."""
     student = copy.deepcopy(model)
-    ranks = decompose_(student, decompose_layers, k_info, svd=svd, input_grams=input_grams)
-    return student, ranks
+    return student, factorize_(student, ranks, svd=svd, input_grams=input_grams)
 
 # ---------------------------------------------------------------------------------------------
 # Evaluate, distill, evaluate
 
 
 def evaluate_before(teacher: nn.Module, base: nn.Module, student: nn.Module, tokenizer, sources, references,
-                    generate: Mapping, shared: dict | None = None) -> dict:
+                    generate: Mapping, shared: SweepMemory | None = None) -> dict:
     """The report's rows (``evaluate_translation``) of the teacher, the separate student model (when
     there is one) and the decomposed ``student``, before recovery; ``generate`` holds the settings of
-    the translations. A sweep evaluates its teacher once (``shared["teacher"]``)."""
+    the translations. A sweep evaluates its teacher once (``shared.teacher``)."""
     models = {"teacher": teacher, "student_base": base, "decomposed": student}
     if base is teacher:
         del models["student_base"]
     report = {}
     for name, model in models.items():
-        if name == "teacher" and (shared or {}).get("teacher"):
-            report[name] = shared["teacher"]
+        if name == "teacher" and shared is not None and shared.teacher:
+            report[name] = shared.teacher
             continue
         report[name] = evaluate_translation(model, tokenizer, sources, references,
                                             desc=f"BLEU {name.replace('_', ' ')}", **generate)
     if shared is not None:
-        shared["teacher"] = report["teacher"]
+        shared.teacher = report["teacher"]
     print("BLEU " + ", ".join(f"{name.replace('_', ' ')} {report[name]['bleu']:.2f}" for name in models)
           + " (before recovery)", flush=True)
     return report
@@ -314,7 +334,7 @@ def distill(teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, ev
     return distiller
 
 def result(report: dict, teacher: nn.Module, student: Decomposed, distiller: Distiller, tokenizer, sources,
-           references, config, generate: Mapping, train_pairs: int) -> tuple[nn.Module, dict]:
+           references, config: Config, generate: Mapping, train_pairs: int) -> tuple[nn.Module, dict]:
     """(the recovered student, ready to save; the run's report): ``report``'s rows of the models
     before recovery, the student's (and with ``quantize_int8`` its int8 copy's: CPU only, never
     saved), and how the student was made and trained."""

@@ -578,7 +578,14 @@ def decompose_(model: nn.Module, layers: Iterable[str] | None = None, k_info: in
     ``input_grams`` ({module name: XᵀX}, for a token embedding its ``Weighting``) asks for the
     activation-aware factorization of every chosen layer; ``init_notes(model)`` then lists the
     layers that fell back to plain SVD."""
-    ranks = resolve_ranks(model, layers, k_info)
+    return factorize_(model, resolve_ranks(model, layers, k_info), svd=svd, input_grams=input_grams)
+
+
+def factorize_(model: nn.Module, ranks: Mapping[str, int], svd: str = "auto",
+               input_grams: Mapping[str, torch.Tensor] | None = None) -> dict[str, int]:
+    """``decompose_`` with the layers and ranks already resolved (``resolve_ranks``: {module name:
+    rank}, in model order), as a run resolves them once and passes them on."""
+    ranks = dict(ranks)
     for name, rank in ranks.items():
         layer = model.get_submodule(name)
         gram = None if input_grams is None else input_grams.get(name)

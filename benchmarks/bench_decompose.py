@@ -20,14 +20,13 @@ Two threads on cores another job is using make LAPACK stall (10–100× slower):
 import argparse
 import copy
 import statistics
-import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 from transformers import MarianConfig, MarianMTModel
-from matrix_decomposition import count_parameters, decompose_, default_targets, truncated_svd  # noqa: E402
+
+from matrix_decomposition import count_parameters, decompose_, default_targets, truncated_svd
 
 FULL = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
             decoder_attention_heads=8, encoder_ffn_dim=2048, decoder_ffn_dim=2048, vocab_size=58101)

@@ -42,7 +42,8 @@ import torch  # noqa: E402
 from mdcompress.data import read_pairs  # noqa: E402
 from mdcompress.evaluation import corpus_scores  # noqa: E402
 from matrix_decomposition import count_parameters, decompose_, load_compressed_model, save_compressed_model  # noqa: E402
-from mdcompress.onnx_export import export, quiet_  # noqa: E402
+from mdcompress.onnx_export import export  # noqa: E402
+from mdcompress.process import quiet_transformers  # noqa: E402
 from mdcompress.translate import OnnxTranslator, TorchTranslator, folder_mb  # noqa: E402
 
 SHARED_DEV = REPO.parent / "shared" / "data" / "tatoeba_en_de" / "dev.csv"
@@ -303,7 +304,7 @@ def main() -> int:
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny models, few sentences, one round")
     args = parser.parse_args()
-    quiet_()
+    quiet_transformers()
     if args.quick:
         args.rounds, args.limit, args.batch1, args.opus_threads = 1, 24, 8, [1]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-deploy-"))

@@ -109,7 +109,7 @@ class DistillStep:
 
     def __init__(self, teacher, student, tokenizer, pairs, weights: dict[str, float], feature_layers: list[str],
                  learning_rate: float, kd_top_k: int = 0, cache_dir: str | None = None):
-        settings = DistillationSettings.from_config(
+        settings = DistillationSettings(
             Config(loss_weights=weights, learning_rate=learning_rate, batch_size=BATCH, progress=False,
                    group_by_length=False, kd_top_k=kd_top_k), cache_dir=cache_dir)
         self.distiller = d = Distiller(teacher, student.train(), tokenizer, pairs, None, settings, feature_layers)

@@ -260,7 +260,7 @@ def recover(teacher, student, tokenizer, train_set, weights: dict, feature_layer
     # partly frozen, so every student is made trainable here (the sinusoidal tables stay fixed).
     student.requires_grad_(True)
     epochs = math.ceil(args.steps / math.ceil(len(train_set) / args.batch_size))
-    settings = DistillationSettings.from_config(Config(
+    settings = DistillationSettings(Config(
         epoch=epochs, max_steps=args.steps, batch_size=args.batch_size, learning_rate=args.lr,
         warmup_ratio=args.warmup_ratio, loss_weights=weights, seed=args.seed, progress=False, group_by_length=False))
     distiller = distill(teacher, student, tokenizer, train_set, None, settings, feature_layers)

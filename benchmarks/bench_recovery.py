@@ -39,6 +39,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 import compress_model  # noqa: E402
 from mdcompress import data  # noqa: E402
+from mdcompress.sweep import SweepMemory  # noqa: E402
 
 SHARED_DEV = REPO.parent / "shared" / "data" / "tatoeba_en_de" / "dev.csv"
 CACHED = {"loss_weights": {"ce": 1.0, "kd": 1.0, "feature": 0.0}, "kd_top_k": 16, "learning_rate": 1e-3}
@@ -66,7 +67,7 @@ def held_out_csv(source: Path, skip: int, folder: Path) -> Path:
     return data.write_pairs(folder / "held-out.csv", data.read_pairs(source)[skip:])
 
 
-def run_one(base: dict, changes: dict, epochs: float, seed: int, folder: Path, shared: dict) -> dict:
+def run_one(base: dict, changes: dict, epochs: float, seed: int, folder: Path, shared: SweepMemory) -> dict:
     # a cache of its own: every run pays for its teacher's top-k logits, as a first run does
     config = compress_model.Config(**{**base, **changes, "seed": seed, "output_path": str(folder / "out"),
                                       "overwrite_output": True, "cache_dir": str(folder / "cache")})
@@ -186,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         base.update(max_train_samples=64, max_eval_samples=16, max_new_tokens=24, max_steps=2, calibration_samples=8)
     results: dict[str, list[dict]] = {}
-    shared: dict = {}
+    shared = SweepMemory()  # the teacher evaluated and the sensitivity measured once, as a sweep does
     with tempfile.TemporaryDirectory() as tmp:
         base["eval_dataset_path"] = str(held_out_csv(Path(args.eval), args.skip, Path(tmp)))
         for name, (changes, epochs) in recipes.items():

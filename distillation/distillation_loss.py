@@ -10,7 +10,6 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
-import torch.nn.functional as F
 
 IGNORE_INDEX = -100
 TINY_LOG = -27.631  # log(1e-12): the floor of a log-probability that may be log(0)

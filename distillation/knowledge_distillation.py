@@ -20,7 +20,7 @@ import random
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -44,55 +44,30 @@ from distillation.distillation_loss import (
     weighted_sum,
 )
 from mdcompress.files import atomic_folder, chmod_as_umask, write_text_atomic
+from mdcompress.config import LOSS_TERMS, Config
 from mdcompress.teacher_forcing import capture_outputs, decoder_inputs, source_positioned, teacher_forced
 from distillation.teacher_cache import build_teacher_cache
 
-LOSS_TERMS = ("ce", "kd", "feature", "hidden", "attention")
 CURVE_POINTS = 200  # points of the recorded training curve (``Distiller.curve``)
 # what _save_checkpoint writes (its temporaries named by mdcompress.files)
 CHECKPOINT_ENTRIES = ("latest", ".latest.tmp-*", "step-*", ".step-*.tmp-*", ".step-*.old-*")
 
 
-@dataclass
+@dataclass(frozen=True)
 class DistillationSettings:
-    """How the student is trained: the training keys of the run's ``Config``, under their names there
-    (``compress_model.Config`` gives their defaults and meaning), and where checkpoints go. Made by
-    ``from_config``."""
+    """How the student is trained: the run's ``Config`` (its training keys: epoch, batch_size,
+    loss_weights, …; ``mdcompress.config`` gives their defaults and meaning) and where this run's
+    files go."""
 
-    epoch: int  # passes over the training pairs
-    batch_size: int
-    group_by_length: bool  # batches of pairs of similar length (LengthGroupedSampler; a tokenized Dataset)
-    learning_rate: float
-    weight_decay: float
-    warmup_ratio: float
-    max_steps: int | None
-    gradient_accumulation_steps: int
-    max_grad_norm: float
-    temperature: float
-    label_smoothing: float
-    dropout: float | None  # every dropout probability of the student while training; None: its own
-    loss_weights: dict[str, float]
-    eval_steps: int  # 0: evaluate at the end of every epoch only
-    mixed_precision: str
-    seed: int
-    progress: bool
-    checkpoint_dir: str | None  # where step checkpoints go (None: no checkpoints)
-    checkpoint_steps: int  # write one every N optimizer steps (0: never)
-    resume: bool  # continue from the latest checkpoint in checkpoint_dir
-    kd_top_k: int  # > 0: the kd term uses the teacher's k largest logits, computed once (teacher_cache.py)
-    cache_dir: str | None  # where those are kept
+    config: Config
+    checkpoint_dir: str | None = None  # where a checkpoint goes every config.checkpoint_steps (None: none written)
+    resume: bool = False  # continue from the latest checkpoint in checkpoint_dir
+    cache_dir: str | None = None  # where the teacher's top-k logits (kd_top_k) are kept
 
-    @classmethod
-    def from_config(cls, config, checkpoint_dir: str | None = None, resume: bool = False,
-                    cache_dir: str | None = None) -> "DistillationSettings":
-        """The settings ``config`` (a ``Config``) gives, checkpoints every ``checkpoint_steps`` into
-        ``checkpoint_dir`` (none without one), continued from the latest one when ``resume``; the
-        teacher's top-k logits (``kd_top_k``) kept in ``cache_dir``."""
-        saving = bool(checkpoint_dir and config.checkpoint_steps)
-        run = {"checkpoint_dir": checkpoint_dir if saving else None,
-               "checkpoint_steps": config.checkpoint_steps if saving else 0, "resume": resume,
-               "cache_dir": cache_dir}
-        return cls(**{f.name: run[f.name] if f.name in run else getattr(config, f.name) for f in fields(cls)})
+    @property
+    def checkpoint_steps(self) -> int:
+        """Optimizer steps between checkpoints; 0: none written."""
+        return self.config.checkpoint_steps if self.checkpoint_dir else 0
 
 
 def distributed_on_cpu() -> bool:
@@ -210,14 +185,15 @@ class Distiller:
 
     def __init__(self, teacher: nn.Module, student: nn.Module, tokenizer, train_dataset, eval_dataset,
                  settings: DistillationSettings, feature_layers: list[str]):
-        self.settings = s = settings
-        self.weights = {k: float(v) for k, v in s.loss_weights.items() if v}
+        self.settings, self.config = settings, settings.config
+        config = settings.config
+        self.weights = {k: float(v) for k, v in config.loss_weights.items() if v}
         self.feature_layers = list(feature_layers) if self.weights.get("feature") else []
         self.source_layers = source_positioned(teacher, self.feature_layers)  # the rest: target positions
-        self.accelerator = Accelerator(cpu=distributed_on_cpu(), mixed_precision=s.mixed_precision,
-                                       gradient_accumulation_steps=s.gradient_accumulation_steps,
+        self.accelerator = Accelerator(cpu=distributed_on_cpu(), mixed_precision=config.mixed_precision,
+                                       gradient_accumulation_steps=config.gradient_accumulation_steps,
                                        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True))
-        set_seed(s.seed)
+        set_seed(config.seed)
         if self.weights.get("attention"):  # attention probabilities are only returned by eager attention
             for model in (teacher, student):
                 model.set_attn_implementation("eager")
@@ -225,24 +201,21 @@ class Distiller:
         self.teacher = teacher.to(self.accelerator.device).eval().requires_grad_(False)
         collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
         self.teacher_cache, self.teacher_cache_reused, self.teacher_cache_seconds = None, False, 0.0
-        if s.kd_top_k and self.weights.get("kd"):
-            internal = [k for k in ("feature", "hidden", "attention") if self.weights.get(k)]
-            if internal:
-                raise ValueError(f"kd_top_k: the {', '.join(internal)} loss terms compare the teacher's internal "
-                                 "states, which the cache does not keep; set their loss_weights to 0 or kd_top_k to 0")
+        if config.kd_top_k and self.weights.get("kd"):  # the Config refuses it with a feature, hidden or attention term
             started = time.time()
             with self.accelerator.main_process_first():  # one process computes, the others read
                 self.teacher_cache, self.teacher_cache_reused = build_teacher_cache(
-                    self.teacher, train_dataset, collator, decoder_inputs, s.kd_top_k, s.temperature, s.cache_dir,
-                    progress=s.progress and self.accelerator.is_main_process)
+                    self.teacher, train_dataset, collator, decoder_inputs, config.kd_top_k, config.temperature,
+                    settings.cache_dir, progress=config.progress and self.accelerator.is_main_process)
             self.teacher_cache_seconds = time.time() - started
             train_dataset = train_dataset.add_column("kd_row", np.arange(len(train_dataset)))
-        if s.group_by_length:
-            sampler = LengthGroupedSampler(token_lengths(train_dataset), s.batch_size, seed=s.seed)
-            train_loader = DataLoader(train_dataset, batch_size=s.batch_size, sampler=sampler, collate_fn=collator)
+        if config.group_by_length:
+            sampler = LengthGroupedSampler(token_lengths(train_dataset), config.batch_size, seed=config.seed)
+            train_loader = DataLoader(train_dataset, batch_size=config.batch_size, sampler=sampler, collate_fn=collator)
         else:
-            train_loader = DataLoader(train_dataset, batch_size=s.batch_size, shuffle=True, collate_fn=collator)
-        eval_loader = DataLoader(eval_dataset, batch_size=s.batch_size, collate_fn=collator) if eval_dataset else None
+            train_loader = DataLoader(train_dataset, batch_size=config.batch_size, shuffle=True, collate_fn=collator)
+        eval_loader = (DataLoader(eval_dataset, batch_size=config.batch_size, collate_fn=collator) if eval_dataset
+                       else None)
 
         for module in student.modules():  # fixed sinusoidal tables, computed under no_grad: never trained
             if "Sinusoidal" in type(module).__name__:
@@ -251,8 +224,8 @@ class Distiller:
                 # LayerDrop (M2M100's default 0.05) would skip student layers at random, leaving the feature,
                 # hidden and attention terms nothing to compare: off while distilling
                 module.layerdrop = 0.0
-        if s.dropout is not None:
-            set_dropout_(student, s.dropout)
+        if config.dropout is not None:
+            set_dropout_(student, config.dropout)
         decay, no_decay = [], []
         for name, param in student.named_parameters():
             if param.requires_grad:
@@ -260,18 +233,18 @@ class Distiller:
         # fused: one kernel over every parameter instead of a loop over them (on CPU 1.7 ms against 8 ms a
         # step for the shipped teacher's half-size student, about 5% of the step; the same update)
         fused = self.accelerator.device.type in ("cpu", "cuda")
-        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": s.weight_decay},
-                                       {"params": no_decay, "weight_decay": 0.0}], lr=s.learning_rate, fused=fused)
+        optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=config.learning_rate, fused=fused)
         self.real_positions: RealTargetPositions | None = None  # set by ``train``: the logits of real positions only
         self.student, self.optimizer, self.train_loader = self.accelerator.prepare(student, optimizer, train_loader)
         self.eval_loader = self.accelerator.prepare(eval_loader) if eval_loader else None
-        self.total_steps = math.ceil(len(self.train_loader) / s.gradient_accumulation_steps) * s.epoch
-        if s.max_steps:
-            self.total_steps = min(self.total_steps, s.max_steps)
+        self.total_steps = math.ceil(len(self.train_loader) / config.gradient_accumulation_steps) * config.epoch
+        if config.max_steps:
+            self.total_steps = min(self.total_steps, config.max_steps)
         # The prepared scheduler advances once per process at every optimizer step, so its length is
         # counted in those units (else, with N processes, the learning rate reaches 0 after 1/N of the run).
         n = self.accelerator.num_processes
-        scheduler = get_linear_schedule_with_warmup(self.optimizer, int(s.warmup_ratio * self.total_steps) * n,
+        scheduler = get_linear_schedule_with_warmup(self.optimizer, int(config.warmup_ratio * self.total_steps) * n,
                                                     self.total_steps * n)
         self.scheduler = self.accelerator.prepare(scheduler)
         self.history: list[dict] = []
@@ -313,16 +286,16 @@ class Distiller:
         out_labels = labels[target_mask].unsqueeze(0) if real else labels  # laid out like the logits
         out_mask = out_labels != IGNORE_INDEX
 
-        terms = {"ce": cross_entropy_loss(student_out.logits, out_labels, self.settings.label_smoothing)}
+        terms = {"ce": cross_entropy_loss(student_out.logits, out_labels, self.config.label_smoothing)}
         if w.get("kd") and self.teacher_cache:
             cached = self.teacher_cache.lookup(batch["kd_row"], labels)  # (B, T, k) ×2, (B, T)
             top_ids, top_logits, log_norm = (t[target_mask].unsqueeze(0) for t in cached) if real else cached
             terms["kd"] = top_k_distillation_loss(student_out.logits, top_ids, top_logits, log_norm, out_mask,
-                                                  self.settings.temperature)
+                                                  self.config.temperature)
         elif w.get("kd"):
             # the same layout as the student's: both projections are hooked, or neither
             terms["kd"] = output_distillation_loss(student_out.logits, teacher_out.logits, out_mask,
-                                                   self.settings.temperature)
+                                                   self.config.temperature)
         if self.feature_layers:
             masks = [source_mask if n in self.source_layers else target_mask for n in self.feature_layers]
             terms["feature"] = mean_feature_loss([student_features[n] for n in self.feature_layers],
@@ -356,10 +329,11 @@ class Distiller:
 
     def train(self) -> list[dict]:
         """Run ``epoch`` passes (or ``max_steps`` optimizer steps); return the evaluation history."""
-        s, acc = self.settings, self.accelerator
+        config, acc = self.config, self.accelerator
+        every = self.settings.checkpoint_steps  # optimizer steps between checkpoints (0: none)
         self.student.train()
         step, first_epoch, skip, elapsed, running = 0, 0, 0, 0.0, {}
-        if s.resume:
+        if self.settings.resume:
             step, first_epoch, skip, elapsed, running = self._load_checkpoint()
         # resumed from the checkpoint written when training ended (the run was stopped while evaluating or
         # saving): nothing is left to train
@@ -367,9 +341,9 @@ class Distiller:
         start = time.time() - elapsed
         bar = tqdm(total=self.total_steps, initial=step,
                    desc="distilling" if uses_teacher(self.weights) else "fine-tuning",
-                   disable=not (s.progress and acc.is_main_process))
+                   disable=not (config.progress and acc.is_main_process))
         with self._hooks() as (teacher_features, student_features):
-            for epoch in range(first_epoch, 0 if finished else s.epoch):
+            for epoch in range(first_epoch, 0 if finished else config.epoch):
                 self.train_loader.set_epoch(epoch)
                 # on resume, the seeded epoch order is replayed and the batches already used are skipped
                 loader = acc.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
@@ -387,8 +361,8 @@ class Distiller:
                                 f"the distillation loss became {loss.item()} at step {step + 1} "
                                 f"({self._fmt(terms)}); {self._last_checkpoint_hint()}try a lower learning_rate")
                         acc.backward(loss)
-                        if acc.sync_gradients and s.max_grad_norm:
-                            acc.clip_grad_norm_(self.student.parameters(), s.max_grad_norm)
+                        if acc.sync_gradients and config.max_grad_norm:
+                            acc.clip_grad_norm_(self.student.parameters(), config.max_grad_norm)
                         self.optimizer.step()
                         self.scheduler.step()
                         self.optimizer.zero_grad(set_to_none=True)
@@ -408,17 +382,17 @@ class Distiller:
                         sums.clear()
                     bar.update(1)
                     bar.set_postfix_str(self._fmt(running), refresh=False)
-                    if s.eval_steps and step % s.eval_steps == 0:
+                    if config.eval_steps and step % config.eval_steps == 0:
                         self._log_eval(epoch, step, running)
-                    if s.checkpoint_steps and step % s.checkpoint_steps == 0 and step < self.total_steps:  # last: below
+                    if every and step % every == 0 and step < self.total_steps:  # last: below
                         self._save_checkpoint(step, epoch, batches_done, time.time() - start, running)
                     if step >= self.total_steps:
                         break
-                if not s.eval_steps or step % s.eval_steps:
+                if not config.eval_steps or step % config.eval_steps:
                     self._log_eval(epoch, step, running)
                 if step >= self.total_steps:
                     break
-        if s.checkpoint_steps and not finished:
+        if every and not finished:
             # the trained student kept too: a run stopped while evaluating or saving resumes without training
             self._save_checkpoint(step, epoch, batches_done, time.time() - start, running, finished=True)
         bar.close()
@@ -441,7 +415,7 @@ class Distiller:
     def _dropout_seed(self, epoch: int, batch: int) -> int:
         acc = self.accelerator
         micro_batch = epoch * len(self.train_loader) + batch
-        return ((self.settings.seed * 1_000_003 + micro_batch) * acc.num_processes + acc.process_index) % 2**63
+        return ((self.config.seed * 1_000_003 + micro_batch) * acc.num_processes + acc.process_index) % 2**63
 
     # -- checkpoints: <checkpoint_dir>/step-<N>/ written under a temporary name and renamed, then the
     # -- file <checkpoint_dir>/latest is replaced atomically; a crash at any point leaves a whole one.
@@ -525,7 +499,7 @@ class Distiller:
         if eval_ce is not None:
             entry["eval_ce"] = round(eval_ce, 4)
         self.history.append(entry)
-        if self.accelerator.is_main_process and self.settings.progress:
+        if self.accelerator.is_main_process and self.config.progress:
             tqdm.write(f"step {step}/{self.total_steps}: " + self._fmt({k: v for k, v in entry.items()
                                                                         if k not in ("epoch", "step")}))
 

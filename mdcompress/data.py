@@ -30,6 +30,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
+from mdcompress.config import Config
 from mdcompress.errors import DataError
 from mdcompress.files import atomic_file, temporary_folder, write_text_atomic
 
@@ -52,7 +53,8 @@ PREPROCESSING_KEYS = ("max_source_length", "max_target_length", "source_column",
 # Reading pairs
 
 
-def load_pairs(path: str, config, key: str = "dataset_path", split: str = "train", split_key: str = "train_split"):
+def load_pairs(path: str, config: Config, key: str = "dataset_path", split: str = "train",
+               split_key: str = "train_split"):
     """A ``datasets.Dataset`` of the pairs at ``path`` (any layout of the module docstring) with the
     columns ``source_text`` and ``target_text``, rows with an empty side dropped. ``split`` picks
     the split of a hub dataset or a saved DatasetDict (files have one); ``key`` and ``split_key``
@@ -68,7 +70,7 @@ def load_pairs(path: str, config, key: str = "dataset_path", split: str = "train
     return _as_pairs(ds, path, config, key)
 
 
-def _read(path: str, config, key: str, split: str, split_key: str):
+def _read(path: str, config: Config, key: str, split: str, split_key: str):
     local = Path(path)
     parallel = _parallel_text_files(path, config, key)
     if parallel:
@@ -108,7 +110,7 @@ def _read(path: str, config, key: str, split: str, split_key: str):
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
 
 
-def _read_hub(path: str, config, key: str, split: str):
+def _read_hub(path: str, config: Config, key: str, split: str):
     """``split`` of the hub dataset ``path``. Offline (``HF_HUB_OFFLINE`` / ``HF_DATASETS_OFFLINE``)
     only the local cache is read, and one that is not there is told so."""
     try:
@@ -148,7 +150,7 @@ def _read_files(kind: str, files: Sequence[Path]):
     return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
 
 
-def _parallel_text_files(path: str, config, key: str) -> tuple[Path, Path] | None:
+def _parallel_text_files(path: str, config: Config, key: str) -> tuple[Path, Path] | None:
     """(source file, target file) when ``path`` names line-aligned parallel text: the prefix
     ``corpus`` of ``corpus.<source_lang>`` + ``corpus.<target_lang>``, or one of the two files."""
     src, tgt = config.source_lang, config.target_lang
@@ -212,7 +214,7 @@ def _first_line(e: BaseException) -> str:
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
 
 
-def _as_pairs(ds, path: str, config, key: str):
+def _as_pairs(ds, path: str, config: Config, key: str):
     """``ds`` in the flat layout (the configured columns) or the translation layout, as the columns
     ``source_text`` / ``target_text``, without the pairs that have an empty side."""
     columns = ds.column_names
@@ -253,7 +255,7 @@ def _as_pairs(ds, path: str, config, key: str):
     return ds
 
 
-def _flatten_translation(ds, path: str, config, key: str):
+def _flatten_translation(ds, path: str, config: Config, key: str):
     """The ``translation`` column split into ``translation.<lang>`` columns (Arrow, no copy)."""
     feature = ds.features[TRANSLATION_COLUMN]
     if isinstance(feature, datasets.Translation):
@@ -287,7 +289,7 @@ def _both_sides_filled(batch: pa.Table) -> pa.Array:
     return keep
 
 
-def load_data(config):
+def load_data(config: Config):
     """(train, eval) pair datasets: ``train_split`` of ``dataset_path``; for evaluation
     ``eval_dataset_path`` (its ``eval_split``, or "train"), else ``eval_split`` of ``dataset_path``,
     else ``eval_size`` pairs held out of the training pairs."""
@@ -372,7 +374,7 @@ def write_pairs(path: str | os.PathLike, pairs: Iterable[tuple[str, str]]) -> Pa
 # Model inputs
 
 
-def tokenized_cache_dir(config) -> Path:
+def tokenized_cache_dir(config: Config) -> Path:
     """Where tokenized pairs are cached: ``cache_dir``, or a folder of datasets' own cache
     (``HF_DATASETS_CACHE``, by default ~/.cache/huggingface/datasets), shared by every run."""
     folder = Path(config.cache_dir or Path(datasets.config.HF_DATASETS_CACHE) / "matrix-decomposition")
@@ -381,7 +383,7 @@ def tokenized_cache_dir(config) -> Path:
     return folder
 
 
-def preprocess(pairs, tokenizer, config, preprocessor: Callable, cache_dir: str | os.PathLike | None = None,
+def preprocess(pairs, tokenizer, config: Config, preprocessor: Callable, cache_dir: str | os.PathLike | None = None,
                num_workers: int | None = None, code: Sequence[Callable] = (), say: Callable = lambda *a, **k: None):
     """The model inputs of ``pairs``: the preprocessing hook applied to every pair (batched, in
     ``num_workers`` processes), keeping only the columns it returns.
@@ -450,7 +452,7 @@ def _read_cached(manifest: Path, rows: int):
     return ds if len(ds) == rows == listed["rows"] else None
 
 
-def _cache_key(pairs, tokenizer, config, functions: Sequence[Callable]) -> str:
+def _cache_key(pairs, tokenizer, config: Config, functions: Sequence[Callable]) -> str:
     import transformers
 
     digest = hashlib.sha256(json.dumps({

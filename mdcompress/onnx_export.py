@@ -43,6 +43,7 @@ from mdcompress.errors import ExportError
 from mdcompress.files import atomic_folder
 from mdcompress.onnx_format import DECODER, ENCODER, EXPORT_INFO, FORMAT, WEIGHTS, default_folder, is_export, \
     load_model, read_info
+from mdcompress.process import exit_with, quiet_transformers
 
 PRECISIONS = ("float32", "int8")
 OPSET = 17
@@ -343,15 +344,6 @@ def check_out(out: Path, overwrite: bool) -> None:
         raise ExportError(f"output folder {str(out)!r} exists and is {what}")
 
 
-def quiet_() -> None:
-    """Silence transformers' loading bars and warnings on the command line."""
-    import warnings
-
-    from transformers.utils import logging as hf_logging
-
-    warnings.filterwarnings("ignore", message="Recommended: pip install sacremoses")  # Marian's tokenizer, unused
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -368,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     target = Path(args.out) if args.out else default_folder(args.model, precision)
     existed = target.exists()
     try:
-        quiet_()  # imports transformers: Ctrl-C may come already
+        quiet_transformers()  # imports transformers: Ctrl-C may come already
         if args.out is None and not Path(args.model).is_dir():
             raise ExportError(f"--out is needed when --model is a hub id: {args.model!r} is no local folder (looked "
                               f"for {os.path.abspath(args.model)!r}); give --out, or the path of a model folder")
@@ -383,16 +375,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
     print(f"exported to {out}")
     return 0
-
-
-def exit_with(code: int) -> None:
-    """Leave a command-line script with ``code``; an interrupted one (130, Ctrl-C) at once, not waiting
-    for threads a library left running."""
-    if code == 130:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-    sys.exit(code)
 
 
 if __name__ == "__main__":

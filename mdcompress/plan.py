@@ -17,6 +17,7 @@ out: they are the same for every model and pull a measured speed-up below the pr
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import tempfile
 import time
@@ -25,9 +26,21 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from distillation.knowledge_distillation import DistillationSettings, Distiller, uses_teacher
 from distillation.teacher_cache import cache_folder
-from matrix_decomposition import LowRankEmbedding, LowRankLinear, max_saving_rank, singular_values
+from matrix_decomposition import (
+    LowRankEmbedding,
+    LowRankLinear,
+    count_parameters,
+    max_saving_rank,
+    quantize_int8,
+    singular_values,
+    size_mb,
+)
+from mdcompress.config import Config
 from mdcompress.rank_allocation import spectrum_errors
+from mdcompress.sweep import SweepMemory
+from mdcompress.translate import translate
 
 # ---------------------------------------------------------------------------------------------
 # Multiply-adds
@@ -133,8 +146,6 @@ def layer_rows(teacher: nn.Module, ranks: Mapping[str, int], spectra: Mapping[st
 
 def int8_mb(model: nn.Module) -> float:
     """Megabytes of ``model`` with int8 linear layers (``quantize_int8``: what the int8 evaluation runs)."""
-    from matrix_decomposition import quantize_int8, size_mb
-
     return size_mb(quantize_int8(copy.deepcopy(model).cpu()))
 
 
@@ -153,30 +164,27 @@ def speedups(teacher: nn.Module, student: nn.Module, source_tokens: int, target_
     return result
 
 
-def optimizer_steps(pairs: int, settings) -> tuple[int, int]:
+def optimizer_steps(pairs: int, config: Config) -> tuple[int, int]:
     """(optimizer steps of the run, of one epoch) over ``pairs`` training pairs (one process), as the
     ``Distiller`` counts them."""
-    per_epoch = math.ceil(math.ceil(pairs / settings.batch_size) / settings.gradient_accumulation_steps)
-    steps = per_epoch * settings.epoch
-    return (min(steps, settings.max_steps) if settings.max_steps else steps), per_epoch
+    per_epoch = math.ceil(math.ceil(pairs / config.batch_size) / config.gradient_accumulation_steps)
+    steps = per_epoch * config.epoch
+    return (min(steps, config.max_steps) if config.max_steps else steps), per_epoch
 
 
-def timed_steps(teacher, student, tokenizer, train_set, eval_set, settings, feature_layers,
+def timed_steps(teacher, student, tokenizer, train_set, eval_set, settings: DistillationSettings, feature_layers,
                 warmup: int = 1, timed: int = 3) -> tuple[float, float, float]:
     """(seconds per optimizer step, seconds per held-out batch, seconds per pair of the teacher's top-k
     cache): ``warmup`` + ``timed`` real distillation steps of a copy of ``student`` on the first
     training pairs (their cache built in a temporary folder first, with ``kd_top_k``), then one
     held-out pass over a couple of evaluation batches, on this machine, with the run's settings."""
-    import dataclasses
-
-    from distillation.knowledge_distillation import Distiller
-
+    config = settings.config
     steps = warmup + timed
-    pairs = min(len(train_set), steps * settings.batch_size * settings.gradient_accumulation_steps)
-    held_out = eval_set.select(range(min(len(eval_set), 2 * settings.batch_size)))
-    with tempfile.TemporaryDirectory() as cache:
-        quick = dataclasses.replace(settings, epoch=steps, max_steps=steps, eval_steps=0, progress=False,
-                                    checkpoint_dir=None, checkpoint_steps=0, resume=False, cache_dir=cache)
+    pairs = min(len(train_set), steps * config.batch_size * config.gradient_accumulation_steps)
+    held_out = eval_set.select(range(min(len(eval_set), 2 * config.batch_size)))
+    with tempfile.TemporaryDirectory() as cache:  # no checkpoints, no resuming
+        quick = DistillationSettings(dataclasses.replace(config, epoch=steps, max_steps=steps, eval_steps=0,
+                                                         progress=False), cache_dir=cache)
         distiller = Distiller(teacher, copy.deepcopy(student), tokenizer, train_set.select(range(pairs)), None, quick,
                               list(feature_layers))
         distiller.train()
@@ -185,18 +193,16 @@ def timed_steps(teacher, student, tokenizer, train_set, eval_set, settings, feat
     per_step = ((curve[-1]["seconds"] - curve[warmup - 1]["seconds"]) / (len(curve) - warmup)
                 if len(curve) > warmup else curve[-1]["seconds"])
     distiller.eval_loader = distiller.accelerator.prepare(torch.utils.data.DataLoader(
-        held_out, batch_size=settings.batch_size, collate_fn=distiller.train_loader.collate_fn))
+        held_out, batch_size=config.batch_size, collate_fn=distiller.train_loader.collate_fn))
     started = time.perf_counter()
     distiller.evaluate()
-    per_batch = (time.perf_counter() - started) / max(1, math.ceil(len(held_out) / settings.batch_size))
+    per_batch = (time.perf_counter() - started) / max(1, math.ceil(len(held_out) / config.batch_size))
     return per_step, per_batch, cache_per_pair
 
 
-def translation_seconds(model, tokenizer, sources, config, sample: int | None = None) -> float:
+def translation_seconds(model, tokenizer, sources, config: Config, sample: int | None = None) -> float:
     """Seconds ``model`` takes to translate the token-id lists ``sources`` with the run's generation
     settings, extrapolated from its first ``sample`` (one generate() call's worth by default)."""
-    from mdcompress.translate import translate
-
     sample = min(len(sources), sample or config.eval_batch_size)
     started = time.perf_counter()
     translate(model, tokenizer, sources[:sample], batch_size=config.eval_batch_size, num_beams=config.num_beams,
@@ -210,16 +216,15 @@ def _minutes(seconds: float) -> str:
     return f"{seconds / 60:.1f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
 
 
-def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set, eval_set, config, settings,
-               feature_layers, decompose_seconds: float, shared: dict | None = None,
-               cached_seconds: float = 0.0) -> dict:
+def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set, eval_set,
+               settings: DistillationSettings, feature_layers, decompose_seconds: float,
+               shared: SweepMemory | None = None, cached_seconds: float = 0.0) -> dict:
     """Print (and return) the plan of a run whose teacher, factorized student and ranks are given,
-    resolved by ``decomposition.decompose`` exactly as the run resolves them. ``cached_seconds`` of
-    ``decompose_seconds`` went to the rank sensitivity, measured for this plan and kept in the cache
-    the run reads it from: not part of the run's estimate."""
-    from distillation.knowledge_distillation import uses_teacher
-    from matrix_decomposition import count_parameters, size_mb
-
+    resolved by ``decomposition.decompose`` exactly as the run resolves them, and which would train
+    with ``settings`` (the run's ``Config`` in them). ``cached_seconds`` of ``decompose_seconds`` went
+    to the rank sensitivity, measured for this plan and kept in the cache the run reads it from: not
+    part of the run's estimate."""
+    config = settings.config
     spectra = layer_spectra(teacher, ranks)
     rows = layer_rows(teacher, ranks, spectra)
     teacher_params, student_params = count_parameters(teacher), count_parameters(student)
@@ -229,22 +234,22 @@ def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set,
     sizes = {"teacher": (size_mb(teacher), int8_mb(teacher)), "student": (size_mb(student), int8_mb(student))}
 
     # the time: the decomposition as just measured, the distillation steps timed here, the evaluations
-    steps, per_epoch = optimizer_steps(len(train_set), settings)
+    steps, per_epoch = optimizer_steps(len(train_set), config)
     per_step, per_batch, cache_per_pair = timed_steps(teacher, student, tokenizer, train_set, eval_set, settings,
                                                       feature_layers)
-    cached = settings.kd_top_k and settings.loss_weights.get("kd") and \
-        cache_folder(teacher, train_set, settings.kd_top_k, settings.temperature, settings.cache_dir).is_dir()
-    evaluations = math.ceil(steps / (settings.eval_steps or per_epoch))
-    held_out = evaluations * per_batch * math.ceil(len(eval_set) / settings.batch_size)
+    cached = config.kd_top_k and config.loss_weights.get("kd") and \
+        cache_folder(teacher, train_set, config.kd_top_k, config.temperature, settings.cache_dir).is_dir()
+    evaluations = math.ceil(steps / (config.eval_steps or per_epoch))
+    held_out = evaluations * per_batch * math.ceil(len(eval_set) / config.batch_size)
     one_pass = translation_seconds(teacher, tokenizer, eval_set["input_ids"], config)
     # the teacher, the decomposed model, the student and its int8 / ONNX versions (a sweep evaluates the teacher once)
-    passes = 2 + (not (shared or {}).get("teacher_planned")) + bool(config.quantize_int8) + len(config.export)
+    passes = 2 + (shared is None or not shared.teacher_planned) + bool(config.quantize_int8) + len(config.export)
     if shared is not None:
-        shared["teacher_planned"] = True
+        shared.teacher_planned = True
     seq_kd = translation_seconds(teacher, tokenizer, train_set["input_ids"], config) if config.sequence_level_kd else 0
     parts = {"decomposition": decompose_seconds - cached_seconds,
              "the teacher's top-k logits (kd_top_k)": 0 if cached else cache_per_pair * len(train_set),
-             "distillation" if uses_teacher(settings.loss_weights) else "fine-tuning": steps * per_step,
+             "distillation" if uses_teacher(config.loss_weights) else "fine-tuning": steps * per_step,
              "held-out loss": held_out,
              "BLEU translations": passes * one_pass, "teacher translations (sequence_level_kd)": seq_kd}
     total = sum(parts.values())

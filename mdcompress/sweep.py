@@ -1,20 +1,87 @@
 """A size sweep: ``target_ratio`` (or ``k_info``) given as a list compresses the teacher once per value.
 
-``compress_model.run_sweep`` runs the compressions, sharing the teacher's evaluation and the
-sensitivity measurement; this module names their folders and turns their reports into the sweep's
-table, its ``report.json`` and its BLEU-against-size curve.
+``run_sweep`` runs the compressions (``compress_model.run`` each), sharing the teacher's evaluation
+and the sensitivity measurement (``SweepMemory``); this module also names their folders and turns
+their reports into the sweep's table, its ``report.json`` and its BLEU-against-size curve.
+(``mdcompress.config.sweep_key`` says whether a config asks for a sweep.)
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import dataclasses
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 
-SWEEPABLE = ("target_ratio", "k_info")
+from matrix_decomposition import load_pretrained, resolve_ranks
+from mdcompress.checkpoints import cache_dir, run_inputs
+from mdcompress.config import Config, ConfigError
+from mdcompress.files import atomic_folder, write_json_atomic
+from mdcompress.output_folder import check_output_path
+from mdcompress.pictures import write_sweep_pictures
+from mdcompress.process import quiet_transformers
+from mdcompress.rank_allocation import check_target_ratio
 
 
-def sweep_key(config) -> str | None:
-    """The config key swept over (its value is a list), or None for a single run."""
-    return next((key for key in SWEEPABLE if isinstance(getattr(config, key), list)), None)
+@dataclass
+class SweepMemory:
+    """What the runs of one sweep share: a run takes what an earlier one stored, or stores it."""
+
+    teacher: dict | None = None  # the teacher's report row (params, BLEU, chrF, size), evaluated by the first run
+    errors: dict | None = None  # the layers' rank sensitivity curves (``rank_allocation``), measured by the first run
+    teacher_planned: bool = False  # a plan has counted the time of the teacher's translations
+    save_into: str | None = None  # where the current run saves its outputs (in the sweep's temporary folder)
+
+
+def run_sweep(config: Config, key: str, run: Callable[..., int], resume: bool = False,
+              config_path: str | os.PathLike | None = None, plan_only: bool = False) -> int:
+    """One ``run`` (``compress_model.run``) per value of the list ``key`` (target_ratio or k_info) holds,
+    sharing the teacher's evaluation and the sensitivity measurement (``SweepMemory``); each model goes
+    to its own subfolder of output_path, with the sweep's table, report.json and BLEU-against-size
+    curve next to them. The whole folder appears at the end, atomically, like a single run's."""
+    values = getattr(config, key)
+    if resume:
+        raise ConfigError(f"--resume: a sweep ({key} {json.dumps(values)}) keeps no checkpoints and cannot be "
+                          f"resumed; run it again")
+    inputs = run_inputs(config, config_path)
+    final = check_output_path(config.output_path, config.overwrite_output, inputs)
+    quiet_transformers()
+    # every value checked on the model that is factorized before hours go into the first
+    key_path = "student_model_path" if config.student_model_path else "teacher_model_path"
+    base, _ = load_pretrained(getattr(config, key_path), key_path)
+    for value in values:
+        layers = resolve_ranks(base, config.decompose_layers, 1 if key == "target_ratio" else value)
+        if key == "target_ratio":
+            check_target_ratio(base, layers, value)
+    del base
+
+    def one(value) -> Config:  # its own subfolder, the sweep's sequence-level KD cache, no checkpoints
+        return dataclasses.replace(config, **{key: value}, output_path=str(final / folder_name(key, value)),
+                                   plan=False, checkpoint_steps=0,
+                                   cache_dir=str(cache_dir(config)) if config.sequence_level_kd else config.cache_dir)
+
+    shared = SweepMemory()
+    if plan_only:
+        for value in values:
+            print(f"\nsweep: {key} {value}")
+            run(one(value), config_path=config_path, plan_only=True, shared=shared)
+        return 0
+    with atomic_folder(final) as tmp:  # the whole folder appears when the last model is in, or not at all
+        rows = []
+        for i, value in enumerate(values, 1):
+            print(f"\nsweep {i}/{len(values)}: {key} {value} → {final / folder_name(key, value)}", flush=True)
+            shared.save_into = str(tmp / folder_name(key, value))
+            run(one(value), config_path=config_path, shared=shared)
+            report = json.loads((tmp / folder_name(key, value) / "report.json").read_text(encoding="utf-8"))
+            rows.append(sweep_row(key, value, report))
+        summary = sweep_report(key, rows, shared.teacher)
+        write_json_atomic(tmp / "report.json", summary)
+        write_json_atomic(tmp / "compression_config.json", dataclasses.asdict(config))
+        write_sweep_pictures(tmp, summary)
+    print_sweep(summary)
+    print(f"saved to {config.output_path} (one subfolder per model; report.md shows the table and the curve)")
+    return 0
 
 
 def folder_name(key: str, value) -> str:

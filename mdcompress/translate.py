@@ -32,8 +32,8 @@ from pathlib import Path
 
 from mdcompress.errors import ExportError, TranslateError
 from mdcompress.files import write_text_atomic
-from mdcompress.onnx_export import exit_with, quiet_
 from mdcompress.onnx_format import DECODER, ENCODER, WEIGHTS, default_folder, is_export, load_model, read_info
+from mdcompress.process import exit_with, quiet_transformers
 
 BACKENDS = ("auto", "torch", "onnx")
 
@@ -354,7 +354,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     writing = False  # the translations are going to standard output
     try:
-        quiet_()  # imports transformers: Ctrl-C may come already
+        quiet_transformers()  # imports transformers: Ctrl-C may come already
         for name in ("batch_size", "num_beams", "max_new_tokens"):
             if getattr(args, name) < 1:
                 raise TranslateError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be at least 1")

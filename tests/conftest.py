@@ -53,7 +53,7 @@ def run_benchmark(script: str, *args: str, timeout: int = 300) -> subprocess.Com
 def distillation_settings(**keys) -> DistillationSettings:
     """The training settings of a ``Config`` with ``keys`` on top; unless given, batches in random
     order (not grouped by length) and no progress bars."""
-    return DistillationSettings.from_config(Config(**{"group_by_length": False, "progress": False, **keys}))
+    return DistillationSettings(Config(**{"group_by_length": False, "progress": False, **keys}))
 
 
 def make_run_dir(folder: Path, teacher_dir: Path, train_pairs, eval_pairs, **config) -> Path:

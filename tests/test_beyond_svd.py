@@ -29,6 +29,7 @@ from matrix_decomposition import (
     singular_values, size_mb, whitening,
 )
 from mdcompress import rank_allocation
+from mdcompress.config import config_help
 from mdcompress.rank_allocation import (
     allocate_ranks, convex_errors, ranks_for_ratio, sensitivity_errors, spectrum_errors, stored_sensitivity_errors,
 )
@@ -1024,7 +1025,7 @@ def test_k_info_defaults_to_32_unless_target_ratio_allocates_the_ranks(tmp_path)
 
 
 def test_new_keys_have_help_and_defaults():
-    help_text = compress_model.config_help()
+    help_text = config_help()
     for key, default in (("init", '"svd"'), ("calibration_samples", "256"), ("target_ratio", "null"),
                          ("sequence_level_kd", "false"), ("cache_dir", "null"), ("quantize_int8", "false")):
         line = next(line for line in help_text.splitlines() if line.split()[0] == key)

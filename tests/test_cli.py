@@ -13,7 +13,7 @@ from conftest import REPO, edit_config, load_with_auto_classes, make_run_dir, re
 from transformers import AutoTokenizer, GenerationConfig
 
 import compress_model
-from mdcompress import data
+from mdcompress import checkpoints, data, process
 import decomposition
 from mdcompress import output_folder
 from mdcompress.evaluation import evaluate_translation
@@ -150,7 +150,7 @@ def test_output_folder_and_files_follow_the_umask(tmp_path, make_tiny_marian, ti
     (None, {}, 16, 0.0, 8),  # no more than torch's default (here 8)
 ])
 def test_torch_threads_leave_the_cores_other_jobs_use(num_threads, environ, cores, load, expected):
-    threads, why = compress_model.torch_threads(num_threads, environ, cores=cores, load=load, torch_default=8)
+    threads, why = process.torch_threads(num_threads, environ, cores=cores, load=load, torch_default=8)
     assert threads == expected
     assert why == ("num_threads" if num_threads else "OMP_NUM_THREADS" if environ else
                    f"{cores} cores, load average {load:.1f}; set num_threads or OMP_NUM_THREADS to choose")
@@ -390,7 +390,7 @@ def test_layer_rank_and_freeze_errors_come_before_the_pairs_are_tokenized(run_di
 def test_the_inputs_output_folders_keep_clear_of(run_dir, monkeypatch):
     monkeypatch.chdir(run_dir)
     config = compress_model.load_config("config.json")
-    assert compress_model.run_inputs(config, "config.json") == {
+    assert checkpoints.run_inputs(config, "config.json") == {
         "teacher_model_path": str(run_dir / "teacher"), "dataset_path": str(run_dir / "train.csv"),
         "eval_dataset_path": str(run_dir / "eval.csv"), "config file": "config.json"}
     with pytest.raises(OutputError, match="output_path: 'conf' contains the config file 'conf/c.json'"):

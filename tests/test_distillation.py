@@ -11,7 +11,6 @@ from conftest import distillation_settings, tokenized_pairs
 from torch import nn
 from transformers import DataCollatorForSeq2Seq
 
-import compress_model
 from decomposition import build_student, distill, resolve_feature_layers
 from distillation.distillation_loss import (
     IGNORE_INDEX, attention_loss, cross_entropy_loss, feature_loss, mean_feature_loss, output_distillation_loss,

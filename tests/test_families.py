@@ -21,6 +21,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_L
 
 import compress_model
 import decomposition
+from mdcompress import models
 import matrix_decomposition
 from distillation.knowledge_distillation import LOSS_TERMS
 from distillation.sequence_level_kd import teacher_translations
@@ -326,7 +327,7 @@ def test_decoding_starts_as_the_references_do(tokenizer_class, source, target, f
     family = BY_NAME["nllb-m2m100"] if tokenizer_class == "NllbTokenizer" else BY_NAME["mbart"]
     folder = save_model_folder(family.make(tokenizer), tokenizer, tmp_path / "teacher")
     teacher, tokenizer = load_pretrained(str(folder), "teacher_model_path", {"src_lang": source, "tgt_lang": target})
-    compress_model.set_languages_(teacher, tokenizer, source, target)
+    models.set_languages_(teacher, tokenizer, source, target)
     code = tokenizer.convert_tokens_to_ids(target)
     assert code != tokenizer.unk_token_id and getattr(teacher.generation_config, first) == code
     labels = torch.tensor(tokenizer(text_target=["Er ist hier."])["input_ids"])

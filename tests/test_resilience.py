@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 import compress_model
 import decomposition
 from mdcompress import output_folder
+from mdcompress.checkpoints import after_interrupt, check_resume
+from mdcompress.process import leave_process_group
 from mdcompress import plan
 from distillation.knowledge_distillation import Distiller
 
@@ -277,7 +279,8 @@ def test_ctrl_c_where_nothing_is_ever_checkpointed_says_so(run_dir, monkeypatch,
 STUCK_RUN = """
 import ctypes, sys, threading, time
 import compress_model
-compress_model._InterruptWatch.GRACE_SECONDS = 1
+import mdcompress.process
+mdcompress.process.InterruptWatch.GRACE_SECONDS = 1
 
 def waiting_in_c(*args, **kwargs):  # a wait in C with the GIL released that signals do not end (a C++ pool's)
     print("ready", flush=True)
@@ -362,7 +365,7 @@ def test_a_process_that_finished_leaves_its_process_group(run_dir, monkeypatch, 
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    compress_model.leave_process_group()  # no group: nothing to do
+    leave_process_group()  # no group: nothing to do
 
 
 def test_two_processes_with_torchrun(run_dir):
@@ -385,10 +388,10 @@ def test_a_run_checkpointed_before_a_key_existed_resumes_at_its_default(run_dir,
     folder = run_dir / "out-checkpoints"
     folder.mkdir()
     (folder / "run.json").write_text(json.dumps({"config": older, "report": {}}))
-    assert compress_model.check_resume(config, resume=True)["config"] == older
+    assert check_resume(config, resume=True)["config"] == older
     edit_config(run_dir, freeze=["model.shared.weight"])  # but not at another value
     with pytest.raises(compress_model.ConfigError, match=r"freeze was \[\] in the interrupted run"):
-        compress_model.check_resume(compress_model.load_config(run_dir / "config.json"), resume=True)
+        check_resume(compress_model.load_config(run_dir / "config.json"), resume=True)
 
 
 @pytest.mark.parametrize("world_size", ["1", "2"])
@@ -400,7 +403,7 @@ def test_sigterm_under_torchrun_keeps_what_a_failed_process_left(tmp_path, monke
     (folder / "run.json").write_text("{}")
     monkeypatch.setenv("WORLD_SIZE", world_size)
     config = compress_model.Config(output_path=str(tmp_path / "out"), checkpoint_steps=10)
-    line = compress_model.after_interrupt(config, signal.SIGTERM)
+    line = after_interrupt(config, signal.SIGTERM)
     if world_size == "2":
         assert line.startswith("stopped by SIGTERM (torchrun stops every process when one of them fails")
         assert (folder / "run.json").is_file() and f"{folder} is kept" in line

@@ -1,0 +1,89 @@
+"""The models of a run: the teacher, the model factorized into the student (the teacher itself by
+default) and the teacher's tokenizer, with the language codes of a multilingual one, and the
+sequence lengths the models can represent.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from decomposition import check_same_vocabulary
+from matrix_decomposition import load_pretrained
+from mdcompress.config import Config, ConfigError
+from mdcompress.errors import ExportError
+from mdcompress.onnx_export import _check_exportable
+
+
+def set_languages_(model, tokenizer, source_lang_code: str | None, target_lang_code: str | None) -> None:
+    """Check the language codes asked for against a multilingual tokenizer (NLLB, M2M100, mBART:
+    it has ``src_lang`` / ``tgt_lang``; the config's source_lang_code / target_lang_code) and make the target language's token the first generated one,
+    as the references start with it (``generation_config.forced_bos_token_id``; for mBART-25, whose
+    references end with it, ``decoder_start_token_id``), which every ``generate()`` call of the run
+    and of the saved model then uses. A multilingual teacher with no target language anywhere
+    (config, tokenizer, generation config) is refused: it would translate into whatever it likes."""
+    name = type(tokenizer).__name__
+    multilingual = hasattr(tokenizer, "src_lang") and hasattr(tokenizer, "tgt_lang")
+    given = {k: v for k, v in (("source_lang_code", source_lang_code), ("target_lang_code", target_lang_code)) if v}
+    if given and not multilingual:
+        key = next(iter(given))
+        raise ConfigError(f"{key}: {given[key]!r} given, but the teacher's tokenizer ({name}) has no language codes "
+                          f"(they are for NLLB/M2M100 and mBART-50 teachers); leave {key} out")
+    if not multilingual:
+        return
+    target = target_lang_code or tokenizer.tgt_lang
+    if not target:
+        if model.generation_config.forced_bos_token_id is None:
+            raise ConfigError(f"target_lang_code: the teacher's tokenizer ({name}) is multilingual and nothing says which "
+                              f"language to translate into; set target_lang_code (e.g. \"deu_Latn\" for NLLB)")
+        return
+    ids = {}
+    for key, code in {**given, "target_lang_code": target}.items():
+        try:  # M2M100 names its codes "de" (token "__de__"), NLLB and mBART-50 by their tokens
+            ids[key] = tokenizer.get_lang_id(code) if hasattr(tokenizer, "get_lang_id") else \
+                tokenizer.convert_tokens_to_ids(code)
+        except KeyError:
+            ids[key] = None
+        if ids[key] in (None, tokenizer.unk_token_id):
+            codes = [t for t in tokenizer.all_special_tokens if not t.startswith("<")]  # not <pad>, </s>…
+            raise ConfigError(f"{key}: {code!r} is not a language code of the teacher's tokenizer ({name}); "
+                              f"its codes look like {', '.join(map(repr, codes[:3])) or 'nothing'}")
+    if tokenizer(text_target="a")["input_ids"][0] == ids["target_lang_code"]:  # NLLB, M2M100, mBART-50
+        model.generation_config.forced_bos_token_id = ids["target_lang_code"]
+    else:  # mBART-25 puts the code last; the model's shift of the labels moves it first: decoding starts with it
+        model.generation_config.decoder_start_token_id = ids["target_lang_code"]
+
+
+def load_models(config: Config) -> tuple:
+    """(teacher, the model factorized into the student, the teacher's tokenizer): the model is
+    ``student_model_path``, or the teacher itself by default. A multilingual tokenizer gets the
+    language codes, and the target language is forced when generating (``set_languages_``). An
+    export the teacher cannot have, or a kd_top_k above its vocabulary, is refused now, not after the
+    training."""
+    languages = {k: v for k, v in (("src_lang", config.source_lang_code), ("tgt_lang", config.target_lang_code)) if v}
+    teacher, tokenizer = load_pretrained(config.teacher_model_path, "teacher_model_path", languages)
+    set_languages_(teacher, tokenizer, config.source_lang_code, config.target_lang_code)
+    if config.export:  # the ONNX export takes MarianMT only
+        try:
+            _check_exportable(teacher)
+        except ExportError as e:
+            raise ConfigError(f"export: {e}; leave export out") from None
+    vocab = teacher.get_output_embeddings().out_features
+    if config.kd_top_k > vocab:
+        raise ConfigError(f"kd_top_k: {config.kd_top_k} is more than the teacher's vocabulary ({vocab} tokens)")
+    base = teacher
+    if config.student_model_path:
+        base, base_tokenizer = load_pretrained(config.student_model_path, "student_model_path", languages)
+        set_languages_(base, base_tokenizer, config.source_lang_code, config.target_lang_code)
+        check_same_vocabulary(teacher, tokenizer, base, base_tokenizer)
+    return teacher, base, tokenizer
+
+
+def fit_lengths(config: Config, *models) -> Config:
+    """``config`` with max_source_length, max_target_length and max_new_tokens cut to the positions
+    the ``models`` can represent: longer sequences are truncated, not crashed on."""
+    positions = min((getattr(m.config, "max_position_embeddings", None) or 10**9) for m in models)
+    if positions >= 10**9:
+        return config
+    return dataclasses.replace(config, max_source_length=min(config.max_source_length, positions),
+                               max_target_length=min(config.max_target_length, positions),
+                               max_new_tokens=min(config.max_new_tokens, positions - 1))
