@@ -3,7 +3,7 @@ pipeline on the shipped teacher, and its rows have the sizes their configs ask f
 
 import json
 
-from conftest import REPO, run_benchmark
+from helpers import REPO, run_benchmark
 
 
 def test_bench_beyond_quick(tmp_path):

@@ -1,6 +1,6 @@
 """benchmarks/bench_data.py runs end to end in --quick mode and prints its table."""
 
-from conftest import run_benchmark
+from helpers import run_benchmark
 
 
 def test_bench_data_quick():

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_benchmark
+from helpers import run_benchmark
 
 
 def test_bench_deploy_quick(tmp_path):

@@ -1,7 +1,7 @@
 """The distillation-step benchmark runs end to end in its --quick mode and prints its table."""
 
 import pytest
-from conftest import run_benchmark
+from helpers import run_benchmark
 
 
 def test_bench_distill_step_quick():

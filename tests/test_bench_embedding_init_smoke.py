@@ -1,7 +1,7 @@
 """benchmarks/bench_embedding_init.py runs end to end in --quick mode on the shipped teacher, and
 the activation init moves the teacher's predictions far less than plain SVD at a high rank."""
 
-from conftest import run_benchmark
+from helpers import run_benchmark
 
 
 def test_bench_embedding_init_quick():

@@ -2,7 +2,7 @@
 
 import json
 
-from conftest import run_benchmark
+from helpers import run_benchmark
 
 KINDS = ["SVD r={r}, no training", "SVD r={r} + ce", "SVD r={r} + ce + kd", "SVD r={r} + ce + kd + feature"]
 

@@ -5,7 +5,7 @@ import json
 import sys
 
 import pytest
-from conftest import REPO, run_benchmark
+from helpers import REPO, run_benchmark
 
 
 def test_bench_recovery_quick(tmp_path):

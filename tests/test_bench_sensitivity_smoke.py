@@ -3,7 +3,7 @@
 import json
 import math
 
-from conftest import REPO, run_benchmark
+from helpers import REPO, run_benchmark
 
 
 def test_bench_sensitivity_quick():

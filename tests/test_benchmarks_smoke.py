@@ -3,7 +3,7 @@
 import math
 
 import pytest
-from conftest import run_benchmark
+from helpers import run_benchmark
 
 
 def test_bench_decompose_quick():

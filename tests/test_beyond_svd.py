@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import LOADERS, distillation_settings, edit_config, make_run_dir
+from helpers import LOADERS, distillation_settings, edit_config, make_run_dir
 from datasets import Dataset
 from safetensors import safe_open
 from torch import nn

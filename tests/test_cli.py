@@ -9,7 +9,7 @@ import sys
 import typing
 
 import pytest
-from conftest import REPO, edit_config, load_with_auto_classes, make_run_dir, refused_in_one_line
+from helpers import REPO, edit_config, load_with_auto_classes, make_run_dir, refused_in_one_line
 from transformers import AutoTokenizer, GenerationConfig
 
 import compress_model

@@ -14,7 +14,7 @@ import pytest
 import sacrebleu
 import torch
 
-from conftest import REPO
+from helpers import REPO
 from mdcompress.data import read_pairs
 from matrix_decomposition import count_parameters, decompose_, save_compressed_model
 from mdcompress.onnx_export import ExportError, export

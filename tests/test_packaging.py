@@ -7,7 +7,7 @@ import sys
 import tomllib
 
 import pytest
-from conftest import REPO
+from helpers import REPO
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
 

@@ -5,7 +5,7 @@ import re
 import time
 
 import pytest
-from conftest import edit_config, make_run_dir
+from helpers import edit_config, make_run_dir
 from matplotlib.image import imread
 
 import compress_model

@@ -11,7 +11,7 @@ import time
 
 import pytest
 import torch
-from conftest import REPO, edit_config, make_run_dir
+from helpers import REPO, edit_config, make_run_dir
 from safetensors.torch import load_file
 
 import compress_model
