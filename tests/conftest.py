@@ -77,3 +77,14 @@ def make_tiny_marian(tiny_tokenizer):
 def tiny_teacher_dir(tmp_path, make_tiny_marian, tiny_tokenizer) -> Path:
     """A saved tiny teacher (model + tokenizer) in a fresh folder."""
     return save_model_folder(make_tiny_marian(), tiny_tokenizer, tmp_path / "teacher")
+
+
+@pytest.fixture(autouse=True)
+def _runs_draw_no_pictures(request, monkeypatch):
+    """The tool's runs inside a test write no pictures and no report.md: drawing them is about 40% of a
+    tiny run. Tests marked ``pictures`` keep them, and so does every run in a fresh process (the CLI
+    end to end checks them)."""
+    if request.node.get_closest_marker("pictures") is None:
+        from mdcompress import pictures
+
+        monkeypatch.setattr(pictures, "write_run_pictures", lambda folder, report, spectra, bounds: [])
