@@ -823,7 +823,7 @@ def test_load_compressed_model_as_int8(int8_pair, tiny_tokenizer, tmp_path):
 @pytest.fixture
 def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
     return make_run_dir(tmp_path, tiny_teacher_dir, tiny_pairs[:64], tiny_pairs[300:316], k_info=4, batch_size=16,
-                        max_steps=2, max_new_tokens=8, checkpoint_steps=0)
+                        max_steps=2, max_new_tokens=8, checkpoint_steps=0, calibration_samples=16)
 
 
 def _run_with_init(run_dir, monkeypatch, init: str, gatherer: str):
