@@ -79,7 +79,7 @@ def time_decompose(base: MarianMTModel, rank: int, method: str, repeats: int) ->
     return statistics.median(seconds), (num / den).sqrt().item()
 
 
-def main():
+def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small model, ranks 8,16, one repeat (smoke test)")
     ap.add_argument("--ranks", default="32,64,128",
@@ -87,7 +87,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
     ap.add_argument("--json", help="also write the rows (and the model's shapes) here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     ranks = [8, 16] if args.quick else [int(r) for r in args.ranks.split(",")]
     repeats = 1 if args.quick else args.repeats
 

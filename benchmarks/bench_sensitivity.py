@@ -31,7 +31,7 @@ from matrix_decomposition import resolve_ranks  # noqa: E402
 from mdcompress.rank_allocation import ranks_for_ratio, sensitivity_errors  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=str(REPO / "models" / "teacher-en-de"))
     ap.add_argument("--samples", type=int, default=256, help="calibration pairs")
@@ -39,7 +39,7 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="8 pairs and 4 layers: checks the script runs")
     ap.add_argument("--json", help="also write the timing and both allocations here")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     config = compress_model.Config(teacher_model_path=args.teacher,

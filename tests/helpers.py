@@ -47,6 +47,24 @@ def benchmark_json(script: str, tmp_path: Path, *args: str, timeout: int = 300) 
     return json.loads(out.read_text()), result.stdout
 
 
+def benchmark_in_process(script: str, tmp_path: Path, capsys, *args: str) -> tuple[dict, str]:
+    """``python -m benchmarks.<script> args --json <tmp_path>/<script>.json`` as its ``main(argv)`` in this
+    process, where torch and transformers are imported already (for the scripts whose main changes no state
+    of the process but the torch threads, put back here): (the JSON it wrote, what it printed)."""
+    import importlib
+
+    import torch
+
+    name = script.removesuffix(".py")
+    out = tmp_path / f"{name}.json"
+    threads = torch.get_num_threads()
+    try:
+        assert importlib.import_module(f"benchmarks.{name}").main([*args, "--json", str(out)]) in (0, None)
+    finally:
+        torch.set_num_threads(threads)
+    return json.loads(out.read_text()), capsys.readouterr().out
+
+
 def distillation_settings(**keys) -> DistillationSettings:
     """The training settings of a ``Config`` with ``keys`` on top; unless given, batches in random
     order (not grouped by length) and no progress bars."""

@@ -2,13 +2,13 @@
 the activation init moves the teacher's predictions far less than plain SVD at a high rank."""
 
 import pytest
-from helpers import benchmark_json
+from helpers import benchmark_in_process
 
 pytestmark = pytest.mark.slow
 
 
-def test_bench_embedding_init_quick(tmp_path):
-    report, out = benchmark_json("bench_embedding_init.py", tmp_path, "--quick")
+def test_bench_embedding_init_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_embedding_init.py", tmp_path, capsys, "--quick")
     assert "| factorization | rank 16 | rank 104 |" in out
     assert report["ranks"] == [16, 104] and (report["samples"], report["pairs"]) == (8, 8)
     drift = report["drift"]

@@ -5,13 +5,13 @@ import json
 import sys
 
 import pytest
-from helpers import REPO, benchmark_json
+from helpers import REPO, benchmark_in_process
 
 
 @pytest.mark.slow
-def test_bench_recovery_quick(tmp_path):
-    report, out = benchmark_json("bench_recovery.py", tmp_path, "--quick", "--seeds", "2", "--recipes", "paper",
-                                 "cached", timeout=600)
+def test_bench_recovery_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_recovery.py", tmp_path, capsys, "--quick", "--seeds", "2",
+                                       "--recipes", "paper", "cached")
     results = report["results"]
     assert list(results) == ["paper: ce + kd + feature, lr 3e-4, 1 epoch (Config's defaults)",
                              "ce + kd from the cached top-16 (kd_top_k 16), lr 1e-3"]
@@ -29,9 +29,9 @@ def test_bench_recovery_quick(tmp_path):
 
 
 @pytest.mark.slow
-def test_bench_recovery_default_job_runs_the_shipped_config(tmp_path):
-    written, _ = benchmark_json("bench_recovery.py", tmp_path, "--quick", "--seeds", "1", "--default-job", "--recipes",
-                                "shipped", timeout=600)
+def test_bench_recovery_default_job_runs_the_shipped_config(tmp_path, capsys):
+    written, _ = benchmark_in_process("bench_recovery.py", tmp_path, capsys, "--quick", "--seeds", "1",
+                                      "--default-job", "--recipes", "shipped")
     shipped = json.loads((REPO / "config.json").read_text())
     [[report]] = written["results"].values()
     terms = {term for term, weight in shipped["loss_weights"].items() if weight}

@@ -4,13 +4,13 @@ import json
 import math
 
 import pytest
-from helpers import REPO, benchmark_json
+from helpers import REPO, benchmark_in_process
 
 pytestmark = pytest.mark.slow
 
 
-def test_bench_sensitivity_quick(tmp_path):
-    report, out = benchmark_json("bench_sensitivity.py", tmp_path, "--quick")
+def test_bench_sensitivity_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_sensitivity.py", tmp_path, capsys, "--quick")
     assert "sensitivity of 4 layers on 8 pairs" in out and "| layer | spectrum | sensitivity |" in out
     assert report["layers"] == ["model.shared", "model.encoder.layers.0.self_attn.k_proj",
                                 "model.encoder.layers.0.self_attn.v_proj", "model.encoder.layers.0.self_attn.q_proj"]

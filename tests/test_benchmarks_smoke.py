@@ -3,13 +3,13 @@
 import math
 
 import pytest
-from helpers import benchmark_json
+from helpers import benchmark_in_process
 
 pytestmark = pytest.mark.slow
 
 
-def test_bench_decompose_quick(tmp_path):
-    report, out = benchmark_json("bench_decompose.py", tmp_path, "--quick", "--threads", "1", timeout=120)
+def test_bench_decompose_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_decompose.py", tmp_path, capsys, "--quick", "--threads", "1")
     assert "| rank | svd |" in out
     rows = report["rows"]
     assert [(row["rank"], row["svd"]) for row in rows] == [(r, m) for r in (8, 16) for m in ("exact", "lowrank", "auto")]
