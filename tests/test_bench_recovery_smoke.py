@@ -2,7 +2,6 @@
 evaluates on held-out pairs, and its table holds what the reports say."""
 
 import json
-import sys
 
 import pytest
 from helpers import REPO, benchmark_in_process

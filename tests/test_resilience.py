@@ -75,7 +75,8 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(run_dir, monkeypatc
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        proc.stdout.close(), proc.stderr.close()
+        proc.stdout.close()
+        proc.stderr.close()
     (run_dir / "killed.py").unlink()
     assert not (run_dir / "out").exists()  # nothing half-written
     latest = checkpoints / (checkpoints / "latest").read_text()
