@@ -49,19 +49,28 @@ def benchmark_json(script: str, tmp_path: Path, *args: str, timeout: int = 300) 
 
 def benchmark_in_process(script: str, tmp_path: Path, capsys, *args: str) -> tuple[dict, str]:
     """``python -m benchmarks.<script> args --json <tmp_path>/<script>.json`` as its ``main(argv)`` in this
-    process, where torch and transformers are imported already (for the scripts whose main changes no state
-    of the process but the torch threads, put back here): (the JSON it wrote, what it printed)."""
+    process, where torch and transformers are imported already; what the scripts change in the process (torch
+    threads, transformers' verbosity and progress bars, datasets' progress bars, warning filters) is put back
+    after it: (the JSON it wrote, what it printed)."""
     import importlib
+    import warnings
 
+    import datasets
     import torch
+    from transformers.utils import logging as hf_logging
 
     name = script.removesuffix(".py")
     out = tmp_path / f"{name}.json"
-    threads = torch.get_num_threads()
+    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
+    hf_bars, datasets_bars = hf_logging.is_progress_bar_enabled(), datasets.is_progress_bar_enabled()
     try:
-        assert importlib.import_module(f"benchmarks.{name}").main([*args, "--json", str(out)]) in (0, None)
+        with warnings.catch_warnings():
+            assert importlib.import_module(f"benchmarks.{name}").main([*args, "--json", str(out)]) in (0, None)
     finally:
         torch.set_num_threads(threads)
+        hf_logging.set_verbosity(verbosity)
+        (hf_logging.enable_progress_bar if hf_bars else hf_logging.disable_progress_bar)()
+        (datasets.enable_progress_bars if datasets_bars else datasets.disable_progress_bars)()
     return json.loads(out.read_text()), capsys.readouterr().out
 
 

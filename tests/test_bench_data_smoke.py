@@ -1,13 +1,13 @@
 """benchmarks/bench_data.py runs end to end in --quick mode and reports every step."""
 
 import pytest
-from helpers import benchmark_json
+from helpers import benchmark_in_process
 
 pytestmark = pytest.mark.slow
 
 
-def test_bench_data_quick(tmp_path):
-    report, out = benchmark_json("bench_data.py", tmp_path, "--quick")
+def test_bench_data_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_data.py", tmp_path, capsys, "--quick")
     assert "| step | pairs |" in out and "grouped by length" in out
     rows = report["rows"]
     assert [row["step"] for row in rows] == ["read", "plain", "tool-1", "tool-n", "tool-warm", "tool-tenth"]

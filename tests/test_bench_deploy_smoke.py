@@ -1,13 +1,14 @@
 """benchmarks/bench_deploy.py runs end to end in --quick mode (tiny opus-shaped models)."""
 
 import pytest
-from helpers import benchmark_json
+from helpers import benchmark_in_process
 
 pytestmark = pytest.mark.slow
 
 
-def test_bench_deploy_quick(tmp_path):
-    report, out = benchmark_json("bench_deploy.py", tmp_path, "opus", "--quick", "--work", str(tmp_path / "w"))
+def test_bench_deploy_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_deploy.py", tmp_path, capsys, "opus", "--quick",
+                                       "--work", str(tmp_path / "w"))
     assert "| ONNX Runtime student int8 |" in out
     # the quick student halves every linear and the embedding: 71,040 of 107,520 parameters
     assert (report["dense_params"], report["student_params"]) == (107_520, 71_040)

@@ -1,13 +1,13 @@
 """The distillation-step benchmark runs end to end in its --quick mode and reports every setup."""
 
 import pytest
-from helpers import benchmark_json
+from helpers import benchmark_in_process
 
 pytestmark = pytest.mark.slow
 
 
-def test_bench_distill_step_quick(tmp_path):
-    report, out = benchmark_json("bench_distill_step.py", tmp_path, "--quick", "--profile")
+def test_bench_distill_step_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_distill_step.py", tmp_path, capsys, "--quick", "--profile")
     assert "| step | loss terms | median ms |" in out and "| part of a plain step | share |" in out
     rows = report["rows"]
     assert [row["step"] for row in rows] == ["(a) plain", "(h) by hand", "(b) cached kd", "(c) online kd",

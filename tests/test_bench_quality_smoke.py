@@ -1,15 +1,15 @@
 """benchmarks/bench_quality.py runs end to end in --quick mode (tiny random teacher) and reports every row."""
 
 import pytest
-from helpers import benchmark_json
+from helpers import REPO, benchmark_in_process
 
 pytestmark = pytest.mark.slow
 KINDS = ["SVD r={r}, no training", "SVD r={r} + ce", "SVD r={r} + ce + kd", "SVD r={r} + ce + kd + feature"]
 
 
-def test_bench_quality_quick(tmp_path):
-    report, out = benchmark_json("bench_quality.py", tmp_path, "--quick", "--threads", "1",
-                                 "--eval", "data/tatoeba_en_de/eval.csv")
+def test_bench_quality_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_quality.py", tmp_path, capsys, "--quick", "--threads", "1",
+                                       "--eval", str(REPO / "data" / "tatoeba_en_de" / "eval.csv"))
     assert "| size | model | layer params (% teacher) | total params (% teacher) | BLEU | chrF" in out
     assert "Targets (reported, not asserted)" in out
     rows = report["rows"]

@@ -1,13 +1,13 @@
 """benchmarks/bench_speed.py runs end to end in --quick mode and reports every workload."""
 
 import pytest
-from helpers import benchmark_json
+from helpers import benchmark_in_process
 
 pytestmark = pytest.mark.slow
 
 
-def test_bench_speed_quick(tmp_path):
-    report, out = benchmark_json("bench_speed.py", tmp_path, "--quick", "--threads", "1", timeout=180)
+def test_bench_speed_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_speed.py", tmp_path, capsys, "--quick", "--threads", "1")
     assert "| workload | model |" in out and "| rank | layers | decompose_ time (s) |" in out
     # (forward, generate) × batch (1, 2) × (dense, rank 8, 16)
     assert len(report["results"]) == 12 and {(r["workload"], r["model"]) for r in report["results"]} == {
