@@ -210,7 +210,7 @@ def run_step(name: str, corpus: Path, work: Path, workers: int, cache: str, batc
     return row
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=2_000_000, help="pairs in the generated corpus")
     ap.add_argument("--workers", type=int, default=2, help="preprocessing_num_workers of the tool")
@@ -221,7 +221,7 @@ def main() -> int:
     ap.add_argument("--step", help=argparse.SUPPRESS)
     ap.add_argument("--corpus", help=argparse.SUPPRESS)
     ap.add_argument("--cache", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.step:
         print(json.dumps(step(args.step, args.corpus, args.cache, args.workers, args.batches)))
         return 0

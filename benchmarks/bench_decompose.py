@@ -26,6 +26,7 @@ from collections import Counter
 import torch
 from transformers import MarianConfig, MarianMTModel
 
+from benchmarks import write_json
 from matrix_decomposition import count_parameters, decompose_, default_targets, truncated_svd
 
 FULL = dict(d_model=512, encoder_layers=6, decoder_layers=6, encoder_attention_heads=8,
@@ -77,14 +78,15 @@ def time_decompose(base: MarianMTModel, rank: int, method: str, repeats: int) ->
     return statistics.median(seconds), (num / den).sqrt().item()
 
 
-def main():
+def main(argv: list[str] | None = None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="small model, ranks 8,16, one repeat (smoke test)")
     ap.add_argument("--ranks", default="32,64,128",
                     help="comma-separated ranks; 512×512 layers save nothing above 255 (default: 32,64,128)")
     ap.add_argument("--repeats", type=int, default=3, help="timed runs per cell; the median is reported")
     ap.add_argument("--threads", type=int, default=2, help="torch.set_num_threads")
-    args = ap.parse_args()
+    ap.add_argument("--json", help="also write the rows (and the model's shapes) here")
+    args = ap.parse_args(argv)
     ranks = [8, 16] if args.quick else [int(r) for r in args.ranks.split(",")]
     repeats = 1 if args.quick else args.repeats
 
@@ -107,6 +109,7 @@ def main():
     # timings and errors on the random-init weights
     print("| rank | svd | decompose_ time (s) | vs exact | rel. error, random init | rel. error, decaying spectrum |")
     print("|---:|---|---:|---:|---:|---:|")
+    rows = []
     for rank in ranks:
         for method in METHODS:
             seconds, error = time_decompose(base, rank, method, repeats)
@@ -114,6 +117,11 @@ def main():
                 exact_seconds = seconds
             print(f"| {rank} | {method} | {seconds:.2f} | {exact_seconds / seconds:.1f}× | {error:.4f} "
                   f"| {decaying[rank, method]:.4f} |")
+            rows.append({"rank": rank, "svd": method, "seconds": seconds, "vs_exact": exact_seconds / seconds,
+                         "error_random_init": error, "error_decaying_spectrum": decaying[rank, method]})
+    if args.json:
+        write_json(args.json, {"d_model": config.d_model, "linears": len(targets), "threads": args.threads,
+                               "repeats": repeats, "rows": rows})
 
 
 if __name__ == "__main__":

@@ -286,7 +286,7 @@ def opus(args, work: Path) -> dict:
     return results
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("section", nargs="?", choices=["shipped", "opus"], default="shipped")
     parser.add_argument("--teacher", default=str(REPO / "models" / "teacher-en-de"))
@@ -303,7 +303,7 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="folder for the exports and models (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny models, few sentences, one round")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     quiet_transformers()
     if args.quick:
         args.rounds, args.limit, args.batch1, args.opus_threads = 1, 24, 8, [1]

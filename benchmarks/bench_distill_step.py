@@ -61,6 +61,7 @@ from transformers.utils import logging as hf_logging  # noqa: E402
 
 from compress_model import Config  # noqa: E402
 from mdcompress.data import read_pairs  # noqa: E402
+from benchmarks import write_json  # noqa: E402
 from benchmarks.bench_recovery import first_run_of  # noqa: E402
 from decomposition import build_student  # noqa: E402
 from distillation.distillation_loss import IGNORE_INDEX  # noqa: E402
@@ -204,6 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ranks-from", default=str(RANKS.relative_to(REPO)), metavar="JSON",
                         help="a bench_recovery.py --json whose first run's ranks the student takes "
                              "(default: %(default)s, the 50%% allocation)")
+    parser.add_argument("--json", help="also write every number of the report here")
     args = parser.parse_args(argv)
     steps = args.steps or (2 if args.quick else 20)
     warmup = (1 if args.quick else 3) if args.warmup is None else args.warmup
@@ -225,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ranks-from {args.ranks_from}: no ranks in its first run ({type(e).__name__}: {e})")
     student, ranks = build_student(teacher, list(allocated), allocated, "exact")
     layer_linears = [name for name in ranks if name != "model.shared"]
-    pairs = median_length_pairs(tokenizer, BATCH * (4 if args.quick else 20))
+    pairs = median_length_pairs(tokenizer, BATCH * (1 if args.quick else 20))
     collator = DataCollatorForSeq2Seq(tokenizer, label_pad_token_id=IGNORE_INDEX)
     eager_teacher = copy.deepcopy(teacher)  # (e) switches its models to eager attention; the others keep the default
     with tempfile.TemporaryDirectory() as cache:
@@ -303,6 +305,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"| {part} | {100 * share:.0f}% |")
         print()
     print(f"peak RSS {peak_rss_mb():.0f} MB ({rss_before:.0f} MB after setting up the models, before any step)")
+    if args.json:
+        write_json(args.json, {
+            "teacher_params": t_params, "student_params": s_params, "factorized": len(ranks), "steps": steps,
+            "warmup": warmup, "threads": torch.get_num_threads(), "batch_pairs": BATCH, "real_target_tokens": real,
+            "rows": [{"step": name, "terms": terms, "median_ms": 1000 * median[name], "min_ms": 1000 * min(times[name]),
+                      "vs_plain": median[name] / base, "saved_activations_mb": saved[name] / 2**20}
+                     for name, (terms, _) in setups.items()],
+            "kd_top_k": TOP_K, "cached_kd_vs_plain": ratio, "cache_ms_per_batch": 1000 * cache_per_batch,
+            "profile_shares": shares, "peak_rss_mb": peak_rss_mb(), "rss_before_steps_mb": rss_before})
     return 0
 
 

@@ -25,6 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 import torch  # noqa: E402
 
 import compress_model  # noqa: E402
+from benchmarks import write_json  # noqa: E402
 from mdcompress import data  # noqa: E402
 from mdcompress.calibration import calibration_batches, gather_input_grams  # noqa: E402
 from matrix_decomposition import Weighting, load_pretrained, low_rank_factors  # noqa: E402
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ranks", type=int, nargs="+", default=[16, 32, 64, 85, 104])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="8 + 8 pairs, two ranks: checks the script runs")
+    ap.add_argument("--json", help="also write the drifts here")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> int:
     print("|---|" + "---:|" * len(args.ranks))
     for label, values in drift.items():
         print(f"| {label} | " + " | ".join(f"{v:.4f}" for v in values) + " |")
+    if args.json:
+        write_json(args.json, {"layer": name, "shape": list(original.shape), "samples": args.samples,
+                               "pairs": args.pairs, "eval": args.eval, "skip": args.skip, "ranks": args.ranks,
+                               "drift": drift})
     return 0
 
 

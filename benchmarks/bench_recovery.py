@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.max_steps:
         base.update(max_steps=args.max_steps, max_eval_samples=32)
     if args.quick:
-        base.update(max_train_samples=64, max_eval_samples=16, max_new_tokens=24, max_steps=2, calibration_samples=8)
+        base.update(max_train_samples=64, max_eval_samples=8, max_new_tokens=16, max_steps=2, calibration_samples=8)
     results: dict[str, list[dict]] = {}
     shared = SweepMemory()  # the teacher evaluated and the sensitivity measured once, as a sweep does
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,20 +24,22 @@ import torch  # noqa: E402
 from transformers import AutoModelForSeq2SeqLM, AutoTokenizer  # noqa: E402
 
 import compress_model  # noqa: E402
+from benchmarks import write_json  # noqa: E402
 from mdcompress import data  # noqa: E402
 from mdcompress.calibration import calibration_batches  # noqa: E402
 from matrix_decomposition import resolve_ranks  # noqa: E402
 from mdcompress.rank_allocation import ranks_for_ratio, sensitivity_errors  # noqa: E402
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--teacher", default=str(REPO / "models" / "teacher-en-de"))
     ap.add_argument("--samples", type=int, default=256, help="calibration pairs")
     ap.add_argument("--ratio", type=float, default=0.5, help="target_ratio to allocate for")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="8 pairs and 4 layers: checks the script runs")
-    args = ap.parse_args()
+    ap.add_argument("--json", help="also write the timing and both allocations here")
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
 
     config = compress_model.Config(teacher_model_path=args.teacher,
@@ -68,6 +70,10 @@ def main() -> int:
     print(f"\nranks at target_ratio {ratio:.3f}\n| layer | spectrum | sensitivity |\n|---|---:|---:|")
     for name in names:
         print(f"| {name} | {by_spectrum[name]} | {by_sensitivity[name]} |")
+    if args.json:
+        write_json(args.json, {"layers": names, "samples": samples, "batches": len(batches), "threads": args.threads,
+                               "seconds": seconds, "target_ratio": ratio,
+                               "ranks": {"spectrum": by_spectrum, "sensitivity": by_sensitivity}})
     return 0
 
 

@@ -1,14 +1,15 @@
 """benchmarks/bench_deploy.py runs end to end in --quick mode (tiny opus-shaped models)."""
 
-import json
+import pytest
+from helpers import benchmark_in_process
 
-from conftest import run_benchmark
+pytestmark = pytest.mark.slow
 
 
-def test_bench_deploy_quick(tmp_path):
-    result = run_benchmark("bench_deploy.py", "opus", "--quick", "--work", str(tmp_path / "w"),
-                           "--json", str(tmp_path / "deploy.json"))
-    report = json.loads((tmp_path / "deploy.json").read_text())
+def test_bench_deploy_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_deploy.py", tmp_path, capsys, "opus", "--quick",
+                                       "--work", str(tmp_path / "w"))
+    assert "| ONNX Runtime student int8 |" in out
     # the quick student halves every linear and the embedding: 71,040 of 107,520 parameters
     assert (report["dense_params"], report["student_params"]) == (107_520, 71_040)
     rows = {row["system"]: row for row in report["systems"]}
@@ -17,4 +18,3 @@ def test_bench_deploy_quick(tmp_path):
     assert rows["ONNX Runtime dense int8"]["size_mb"] < rows["ONNX Runtime dense float32"]["size_mb"]
     assert all(row["sent_per_s_b32"] > 0 for row in rows.values())
     assert set(report["step_profile"]) == {"teacher float32", "teacher int8", "student float32", "student int8"}
-    assert "| ONNX Runtime student int8 |" in result.stdout

@@ -1,24 +1,19 @@
-"""benchmarks/bench_speed.py runs end to end in --quick mode and prints its tables."""
+"""benchmarks/bench_speed.py runs end to end in --quick mode and reports every workload."""
 
-import json
+import pytest
+from helpers import benchmark_in_process
 
-from conftest import run_benchmark
+pytestmark = pytest.mark.slow
 
 
-def test_bench_speed_quick(tmp_path):
-    result = run_benchmark("bench_speed.py", "--quick", "--threads", "1", "--json", str(tmp_path / "speed.json"),
-                           timeout=180)
-    rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
-    header = rows.index(next(r for r in rows if r.startswith("| workload | model |")))
-    assert rows[header + 1].startswith("|---")
-    speed_rows = rows[header + 2:header + 2 + 2 * 2 * 3]  # (forward, generate) × batch (1, 2) × (dense, rank 8, 16)
-    assert {row.split("|")[1].strip() for row in speed_rows} == {
-        "forward B=1", "forward B=2", "generate B=1", "generate B=2"}
-    assert {row.split("|")[2].strip() for row in speed_rows} == {"dense", "rank 8", "rank 16"}
-    assert "| rank | layers | decompose_ time (s) |" in result.stdout and "Peak RSS" in result.stdout
-
-    report = json.loads((tmp_path / "speed.json").read_text())
-    assert len(report["results"]) == 12
+def test_bench_speed_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_speed.py", tmp_path, capsys, "--quick", "--threads", "1")
+    assert "| workload | model |" in out and "| rank | layers | decompose_ time (s) |" in out
+    # (forward, generate) × batch (1, 2) × (dense, rank 8, 16)
+    assert len(report["results"]) == 12 and {(r["workload"], r["model"]) for r in report["results"]} == {
+        (workload, model) for workload in ("forward B=1", "forward B=2", "generate B=1", "generate B=2")
+        for model in ("dense", "rank 8", "rank 16")}
+    assert set(report["cost"]) == {"8", "16"} and report["peak_rss_mb"] > 0
     dense = [r for r in report["results"] if r["model"] == "dense"]
     assert all(r["predicted_speedup"] == 1.0 for r in dense)
     assert all(r["predicted_speedup"] > 1.0 for r in report["results"] if r["model"] != "dense")

@@ -3,23 +3,23 @@
 import math
 
 import pytest
-from conftest import run_benchmark
+from helpers import benchmark_in_process
+
+pytestmark = pytest.mark.slow
 
 
-def test_bench_decompose_quick():
-    result = run_benchmark("bench_decompose.py", "--quick", "--threads", "1", timeout=120)
-    rows = [line for line in result.stdout.splitlines() if line.startswith("|")]
-    assert rows[0].startswith("| rank | svd |") and rows[1].startswith("|---")
-    assert len(rows) == 2 + 2 * 3  # header, separator, 2 ranks × 3 methods
-    cells = [[c.strip() for c in row.strip("|").split("|")] for row in rows[2:]]
-    assert [(c[0], c[1]) for c in cells] == [(r, m) for r in ("8", "16") for m in ("exact", "lowrank", "auto")]
+def test_bench_decompose_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_decompose.py", tmp_path, capsys, "--quick", "--threads", "1")
+    assert "| rank | svd |" in out
+    rows = report["rows"]
+    assert [(row["rank"], row["svd"]) for row in rows] == [(r, m) for r in (8, 16) for m in ("exact", "lowrank", "auto")]
     # The quick model's linears all have 64 singular values; with s_i = i^-0.5 the relative error of a
     # rank-r truncation is sqrt(Σ_{i>r} 1/i / Σ_i 1/i), whatever the shapes: what every method must find.
     harmonic = lambda n: sum(1 / i for i in range(1, n + 1))  # noqa: E731
-    for rank, method, _, _, random_error, decaying_error in cells:
-        assert float(decaying_error) == pytest.approx(
-            math.sqrt(1 - harmonic(int(rank)) / harmonic(64)), abs=2e-4), (rank, method)
-        assert 0 < float(random_error) < 1
-    exact = {c[0]: float(c[4]) for c in cells if c[1] == "exact"}
-    assert exact["16"] < exact["8"]  # more rank, less error
-    assert all(float(c[4]) >= exact[c[0]] - 1e-4 for c in cells)  # nothing beats the exact truncation
+    for row in rows:
+        assert row["error_decaying_spectrum"] == pytest.approx(
+            math.sqrt(1 - harmonic(row["rank"]) / harmonic(64)), abs=2e-4), row
+        assert 0 < row["error_random_init"] < 1
+    exact = {row["rank"]: row["error_random_init"] for row in rows if row["svd"] == "exact"}
+    assert exact[16] < exact[8]  # more rank, less error
+    assert all(row["error_random_init"] >= exact[row["rank"]] - 1e-4 for row in rows)  # nothing beats the exact truncation

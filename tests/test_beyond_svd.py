@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from conftest import LOADERS, distillation_settings, edit_config, make_run_dir
+from helpers import LOADERS, distillation_settings, edit_config, make_run_dir
 from datasets import Dataset
 from safetensors import safe_open
 from torch import nn
@@ -825,7 +825,7 @@ def test_load_compressed_model_as_int8(int8_pair, tiny_tokenizer, tmp_path):
 @pytest.fixture
 def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
     return make_run_dir(tmp_path, tiny_teacher_dir, tiny_pairs[:64], tiny_pairs[300:316], k_info=4, batch_size=16,
-                        max_steps=2, max_new_tokens=8, checkpoint_steps=0)
+                        max_steps=2, max_new_tokens=8, checkpoint_steps=0, calibration_samples=16)
 
 
 def _run_with_init(run_dir, monkeypatch, init: str, gatherer: str):
@@ -949,9 +949,10 @@ def test_cli_sequence_level_kd_trains_on_cached_teacher_translations(run_dir, mo
     assert json.loads((run_dir / "out" / "report.json").read_text())["sequence_level_kd"] is True
 
 
-def test_cli_evaluation_and_sequence_level_kd_translate_the_preprocessed_inputs(run_dir, monkeypatch,
-                                                                                tiny_tokenizer):
-    """A preprocessor that rewrites every source (as a language tag would) changes what is translated."""
+def test_cli_evaluation_and_sequence_level_kd_translate_the_preprocessed_inputs_and_int8_adds_a_row(
+        run_dir, monkeypatch, capsys, tiny_tokenizer):
+    """A preprocessor that rewrites every source (as a language tag would) changes what is translated;
+    quantize_int8 adds the row of the student with int8 linears, and saves the float32 student."""
     monkeypatch.chdir(run_dir)
     edit_config(run_dir, sequence_level_kd=True, quantize_int8=True)
     real_translate, real_preprocessor = translate.translate_ids, compress_model.data_preprocessor
@@ -966,11 +967,6 @@ def test_cli_evaluation_and_sequence_level_kd_translate_the_preprocessed_inputs(
     assert [len(c) for c in calls] == [64, 16, 16, 16, 16]
     assert all(source == expected for call in calls for source in call)
 
-
-def test_cli_int8_row(run_dir, monkeypatch, capsys):
-    monkeypatch.chdir(run_dir)
-    edit_config(run_dir, quantize_int8=True)
-    assert compress_model.main(["--config", "config.json"]) == 0
     report = json.loads((run_dir / "out" / "report.json").read_text())
     row = report["student_int8"]
     assert set(row) == {"params", "bleu", "chrf", "size_mb", "translate_seconds"}

@@ -4,12 +4,11 @@ import json
 import os
 import re
 import stat
-import subprocess
 import sys
 import typing
 
 import pytest
-from conftest import REPO, edit_config, load_with_auto_classes, make_run_dir, refused_in_one_line
+from helpers import CLI, REPO, edit_config, load_with_auto_classes, make_run_dir, refused_in_one_line, run_command
 from transformers import AutoTokenizer, GenerationConfig
 
 import compress_model
@@ -20,9 +19,6 @@ from mdcompress.evaluation import evaluate_translation
 from matrix_decomposition import LowRankLinear, count_parameters, decompose_, load_compressed_model
 from mdcompress.output_folder import OutputError
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-
-
 @pytest.fixture
 def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
     """A tiny teacher, 120 training + 24 evaluation pairs and a config naming them."""
@@ -30,14 +26,14 @@ def run_dir(tmp_path, tiny_teacher_dir, tiny_pairs):
                         k_info=4, epoch=2, batch_size=16, max_new_tokens=12)
 
 
+@pytest.mark.slow
 def test_cli_end_to_end(run_dir):
     edit_config(run_dir, export=["onnx", "onnx-int8"])
-    result = subprocess.run([sys.executable, str(REPO / "compress_model.py"), "--config", "config.json"],
-                            cwd=run_dir, env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    result = run_command(CLI, cwd=run_dir)
     out = run_dir / "out"
     expected = {"model.safetensors", "config.json", "generation_config.json", "compression_config.json",
-                "report.json", "vocab.json", "source.spm", "target.spm", "tokenizer_config.json"}
+                "report.json", "vocab.json", "source.spm", "target.spm", "tokenizer_config.json",
+                "spectrum.png", "ranks.png", "training.png", "report.md"}
     assert expected <= {p.name for p in out.iterdir()}
     assert not [p for p in run_dir.iterdir() if ".tmp-" in p.name]  # no temporary folder left behind
 
@@ -166,30 +162,19 @@ def test_generation_limit_keeps_the_teachers_own(make_tiny_marian):
     assert (model.generation_config.max_length, model.generation_config.max_new_tokens) == (512, None)
 
 
-PREPROCESSOR_SCRIPT = """
-import json, sys
-import compress_model
+def test_replaced_data_preprocessor_is_used(run_dir, monkeypatch):
+    """``compress_model.data_preprocessor = your_function`` before ``main()``, as the README's hook does."""
+    seen = []
 
-seen = []
+    def shouting_preprocessor(batch, tokenizer, config):
+        seen.extend(batch["source_text"])
+        batch = {**batch, "source_text": [s.upper() for s in batch["source_text"]]}
+        return compress_model.default_data_preprocessor(batch, tokenizer, config)
 
-def shouting_preprocessor(batch, tokenizer, config):
-    seen.extend(batch["source_text"])
-    batch = {**batch, "source_text": [s.upper() for s in batch["source_text"]]}
-    return compress_model.default_data_preprocessor(batch, tokenizer, config)
-
-compress_model.data_preprocessor = shouting_preprocessor
-code = compress_model.main(["--config", "config.json"])
-json.dump(seen, open("seen.json", "w"))
-sys.exit(code)
-"""
-
-
-def test_replaced_data_preprocessor_is_used(run_dir):
-    (run_dir / "run.py").write_text(PREPROCESSOR_SCRIPT)
-    result = subprocess.run([sys.executable, "run.py"], cwd=run_dir, capture_output=True, text=True, timeout=300,
-                            env={**ENV, "PYTHONPATH": str(REPO)})
-    assert result.returncode == 0, result.stderr[-3000:]
-    seen = json.loads((run_dir / "seen.json").read_text())
+    monkeypatch.setattr(compress_model, "data_preprocessor", shouting_preprocessor)
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, max_steps=1)
+    assert compress_model.main(["--config", "config.json"]) == 0
     assert len(seen) == 120 + 24  # every training and evaluation pair went through the replacement
 
 
@@ -200,6 +185,7 @@ def readme_snippets_calling_main() -> list[str]:
     return [block for block in blocks if "compress_model.main(" in block]
 
 
+@pytest.mark.slow
 def test_readme_scripts_calling_main_exit_with_its_code(tmp_path):
     """A script of the README that calls main() passes its return code on: a refused run must not exit 0."""
     snippets = readme_snippets_calling_main()
@@ -207,8 +193,7 @@ def test_readme_scripts_calling_main_exit_with_its_code(tmp_path):
     (tmp_path / "my.json").write_text(json.dumps({"epoch": 0}))
     for snippet in snippets:
         (tmp_path / "run.py").write_text(snippet)
-        result = subprocess.run([sys.executable, "run.py"], cwd=tmp_path, capture_output=True, text=True,
-                                timeout=120, env={**ENV, "PYTHONPATH": str(REPO)})
+        result = run_command([sys.executable, "run.py"], cwd=tmp_path, timeout=120, check=False)
         assert result.returncode == 2, (snippet, result.stderr[-2000:])
         assert result.stderr.strip() == "compress_model.py: error: epoch: must be at least 1, got 0"
 
@@ -412,8 +397,7 @@ def test_overwrite_output_replaces_only_a_folder_this_tool_wrote(tmp_path):
 
 def test_bad_config_from_the_shell_has_no_traceback(run_dir):
     edit_config(run_dir, epoch=0)
-    result = subprocess.run([sys.executable, str(REPO / "compress_model.py"), "--config", "config.json"],
-                            cwd=run_dir, env=ENV, capture_output=True, text=True, timeout=120)
+    result = run_command(CLI, cwd=run_dir, timeout=120, check=False)
     assert result.returncode == 2
     assert result.stderr.strip() == "compress_model.py: error: epoch: must be at least 1, got 0"
 

@@ -10,7 +10,7 @@ import time
 
 import datasets
 import pytest
-from conftest import edit_config, make_run_dir, refused_in_one_line
+from helpers import edit_config, make_run_dir, refused_in_one_line
 
 import compress_model
 from mdcompress import data

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import distillation_settings, tokenized_pairs
+from helpers import distillation_settings, tokenized_pairs
 from torch import nn
 from transformers import DataCollatorForSeq2Seq
 

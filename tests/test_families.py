@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import LOADERS, distillation_settings, save_model_folder, tokenized_pairs
+from helpers import LOADERS, distillation_settings, save_model_folder, tokenized_pairs
 from torch import nn
 from transformers import (
     AutoModelForSeq2SeqLM, AutoTokenizer, BartConfig, BertConfig, EncoderDecoderConfig, EncoderDecoderModel,

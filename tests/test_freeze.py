@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import edit_config, make_run_dir
+from helpers import edit_config, make_run_dir
 
 import compress_model
 from decomposition import build_student, freeze_, frozen_parameters, parameter_keys

@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
-from conftest import LOADERS, load_with_auto_classes
+from helpers import LOADERS, load_with_auto_classes
 from transformers import AutoTokenizer
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 

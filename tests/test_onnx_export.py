@@ -4,7 +4,6 @@ stored once, int8 stays close to float32 on real sentences, and bad input is ref
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import pytest
 import sacrebleu
 import torch
 
-from conftest import REPO
+from helpers import REPO, run_command
 from mdcompress.data import read_pairs
 from matrix_decomposition import count_parameters, decompose_, save_compressed_model
 from mdcompress.onnx_export import ExportError, export
@@ -96,7 +95,8 @@ def test_factorized_export_stores_the_factors_and_the_embedding_once(make_tiny_m
     assert stored < 0.8 * stored_teacher
 
 
-def test_int8_of_the_shipped_teacher_is_smaller_and_keeps_bleu(tmp_path):
+@pytest.mark.slow
+def test_exports_of_the_shipped_teacher_translate_as_pytorch_and_int8_is_smaller_and_keeps_bleu(tmp_path):
     pairs = read_pairs(EVAL_CSV)[:400]
     sources, refs = [s for s, _ in pairs], [[t for _, t in pairs]]
     fp32, int8 = export(SHIPPED, tmp_path / "fp32"), export(SHIPPED, tmp_path / "int8", "int8")
@@ -104,40 +104,62 @@ def test_int8_of_the_shipped_teacher_is_smaller_and_keeps_bleu(tmp_path):
     assert size(int8) < 0.4 * size(fp32)
     ops = {n.op_type for n in onnx.load(str(int8 / "decoder.onnx"), load_external_data=False).graph.node}
     assert "MatMulInteger" in ops
-    bleu = {name: sacrebleu.corpus_bleu(translate_lines(load_translator(folder), sources, max_new_tokens=64), refs).score
-            for name, folder in (("fp32", fp32), ("int8", int8))}
+    translations = {name: translate_lines(load_translator(folder), sources, max_new_tokens=64)
+                    for name, folder in (("torch", SHIPPED), ("fp32", fp32), ("int8", int8))}
+    assert translations["fp32"] == translations["torch"]  # the exported greedy search, on real sentences
+    bleu = {name: sacrebleu.corpus_bleu(translations[name], refs).score for name in ("fp32", "int8")}
     assert bleu["fp32"] > 20  # a real translator
     assert abs(bleu["int8"] - bleu["fp32"]) <= 0.5 * 2  # 0.5 on the 1,000 pairs of the benchmark; 400 here are noisier
 
 
-def test_exported_greedy_equals_pytorch_on_real_sentences(tmp_path):
-    sources = [s for s, _ in read_pairs(EVAL_CSV)[:300]]
-    expected = translate_lines(load_translator(SHIPPED), sources, max_new_tokens=64)
-    got = translate_lines(load_translator(export(SHIPPED, tmp_path / "onnx")), sources, max_new_tokens=64)
-    assert got == expected
+class _Stdin:
+    """Standard input holding ``data``, a terminal or not."""
+
+    def __init__(self, data: bytes, tty: bool = False):
+        import io
+
+        self.buffer, self.tty = io.BytesIO(data), tty
+
+    def isatty(self) -> bool:
+        return self.tty
 
 
-def test_translate_command_from_another_folder(tiny_teacher_dir, tmp_path):
+def translate_command(args, monkeypatch, capsys, stdin: bytes = b"", cwd=None):
+    """``translate.py args`` run in this process (``stdin`` piped in, from ``cwd``): its exit status,
+    standard output and standard error."""
+    from mdcompress import translate
+
+    monkeypatch.setattr(sys, "stdin", _Stdin(stdin))
+    if cwd is not None:
+        monkeypatch.chdir(cwd)
+    code = translate.main([str(arg) for arg in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_translate_command_from_another_folder(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
     onnx_dir = export(tiny_teacher_dir, tmp_path / "onnx-model")
     lines = ["How are you?", "", "I like tea.", "Tom is here."]
     outputs = {}
     for name, model in (("torch", tiny_teacher_dir), ("onnx", onnx_dir)):
-        done = subprocess.run([sys.executable, "-m", "mdcompress.translate", "--model", str(model), "--max-new-tokens", "8"],
-                              input="\n".join(lines) + "\n", capture_output=True, text=True, cwd=tmp_path, timeout=120)
-        assert done.returncode == 0, done.stderr
-        outputs[name] = done.stdout.split("\n")[:-1]
+        code, out, err = translate_command(["--model", model, "--max-new-tokens", "8"], monkeypatch, capsys,
+                                           stdin=("\n".join(lines) + "\n").encode(), cwd=tmp_path)
+        assert code == 0, err
+        outputs[name] = out.split("\n")[:-1]
         assert len(outputs[name]) == len(lines) and outputs[name][1] == "" and outputs[name][0]
     assert outputs["torch"] == outputs["onnx"]
 
 
-def test_export_command_writes_next_to_the_model_and_refuses_to_overwrite(tiny_teacher_dir):
-    command = [sys.executable, "-m", "mdcompress.onnx_export", "--model", str(tiny_teacher_dir), "--int8"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr
+def test_export_command_writes_next_to_the_model_and_refuses_to_overwrite(tiny_teacher_dir, capsys):
+    from mdcompress import onnx_export
+
+    command = ["--model", str(tiny_teacher_dir), "--int8"]
+    assert onnx_export.main(command) == 0, capsys.readouterr().err
     assert (tiny_teacher_dir / "onnx-int8" / "onnx_export.json").is_file()
-    again = subprocess.run(command, capture_output=True, text=True, timeout=120)
-    assert again.returncode == 2 and "Traceback" not in again.stderr
-    assert again.stderr.count("\n") == 1 and "--overwrite" in again.stderr
+    capsys.readouterr()
+    assert onnx_export.main(command) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("onnx_export.py: error: ") and "--overwrite" in err
 
 
 def test_export_refuses_other_architectures_in_one_line(tmp_path):
@@ -151,16 +173,24 @@ def test_export_refuses_other_architectures_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize("model", ["Helsinki-NLP/opus-mt-en-de", "models/teacher-en-dx"])
-def test_export_command_without_out_needs_a_model_folder(model, tmp_path):
+@pytest.mark.parametrize("model, shell", [("Helsinki-NLP/opus-mt-en-de", True), ("models/teacher-en-dx", False)])
+def test_export_command_without_out_needs_a_model_folder(model, shell, tmp_path, monkeypatch, capsys):
     """With no --out the export goes into the model folder: a hub id, or a mistyped folder (taken for one), is
-    refused in one line naming it and where it was looked for, before anything is loaded or written."""
-    done = subprocess.run([sys.executable, "-m", "mdcompress.onnx_export", "--model", model], capture_output=True,
-                          text=True, timeout=120, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    assert done.returncode == 2 and done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr == (f"onnx_export.py: error: --out is needed when --model is a hub id: {model!r} is no local "
-                           f"folder (looked for {str(tmp_path.resolve() / model)!r}); give --out, or the path of a "
-                           f"model folder\n")
+    refused in one line naming it and where it was looked for, before anything is loaded or written. The
+    first case runs as the command itself, from the shell: exit 2, that line and no traceback."""
+    from mdcompress import onnx_export
+
+    if shell:
+        done = run_command([sys.executable, "-m", "mdcompress.onnx_export", "--model", model], cwd=tmp_path,
+                           timeout=120, check=False)
+        code, err = done.returncode, done.stderr
+    else:
+        monkeypatch.chdir(tmp_path)
+        code, err = onnx_export.main(["--model", model]), capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert err == (f"onnx_export.py: error: --out is needed when --model is a hub id: {model!r} is no local "
+                   f"folder (looked for {str(tmp_path.resolve() / model)!r}); give --out, or the path of a "
+                   f"model folder\n")
     assert not list(tmp_path.iterdir())
 
 
@@ -196,15 +226,17 @@ def test_translator_errors(case, tiny_teacher_dir, tmp_path):
         load_translator(*args)
 
 
+@pytest.mark.slow
 def test_translate_command_errors_are_one_line(tmp_path):
-    done = subprocess.run([sys.executable, "-m", "mdcompress.translate", "--model", str(tmp_path / "nowhere")],
-                          input="hi\n", capture_output=True, text=True, timeout=120)
+    """As the command itself, from the shell: exit 2, one line and no traceback."""
+    done = run_command([sys.executable, "-m", "mdcompress.translate", "--model", str(tmp_path / "nowhere")],
+                       input="hi\n", timeout=120, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
-    assert "nowhere" in done.stderr
+    assert done.stderr.startswith("translate.py: error: ") and "nowhere" in done.stderr
 
 
 @pytest.mark.parametrize("case", ["output_is_a_folder", "output_folder_missing", "stdin_not_utf8", "input_not_utf8"])
-def test_translate_command_input_and_output_errors(case, tiny_teacher_dir, tmp_path):
+def test_translate_command_input_and_output_errors(case, tiny_teacher_dir, tmp_path, monkeypatch, capsys):
     """Refused in one line, exit 2, nothing written: an --output that cannot be written is refused before
     the model is loaded; input that is not UTF-8 (on standard input whatever the locale) names its source."""
     (tmp_path / "latin1.txt").write_bytes("Grüße\n".encode("latin-1"))
@@ -218,11 +250,9 @@ def test_translate_command_input_and_output_errors(case, tiny_teacher_dir, tmp_p
     if case == "stdin_not_utf8":
         stdin = "Grüße\n".encode("latin-1")
     before = sorted(tmp_path.rglob("*"))
-    done = subprocess.run([sys.executable, "-m", "mdcompress.translate", "--model", str(tiny_teacher_dir), *args],
-                          input=stdin, capture_output=True, timeout=120, cwd=tmp_path,
-                          env={**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0"})
-    err = done.stderr.decode()
-    assert done.returncode == 2 and "Traceback" not in err and err.count("\n") == 1, err
+    code, _, err = translate_command(["--model", tiny_teacher_dir, *args], monkeypatch, capsys, stdin=stdin,
+                                     cwd=tmp_path)
+    assert code == 2 and err.count("\n") == 1 and err.startswith("translate.py: error: "), err
     assert expected in err
     assert sorted(tmp_path.rglob("*")) == before
 
@@ -254,15 +284,14 @@ def translate_ids_of(translator, ids) -> str:
     return translate_ids(translator, [ids], max_new_tokens=4)[0]
 
 
-def test_translate_command_cuts_a_long_line_and_keeps_every_line(tiny_teacher_dir, tmp_path):
+def test_translate_command_cuts_a_long_line_and_keeps_every_line(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
     lines = ["Hello.", " ".join(["I like tea and the dog is happy."] * 20), "Tom is here."]
     (tmp_path / "in.txt").write_text("\n".join(lines) + "\n")
-    done = subprocess.run([sys.executable, "-m", "mdcompress.translate", "--model", str(tiny_teacher_dir),
-                           "--max-new-tokens", "4", "--input", "in.txt", "--output", "out.txt"],
-                          capture_output=True, text=True, cwd=tmp_path, timeout=120)
-    assert done.returncode == 0, done.stderr
-    assert done.stderr == ("translate.py: warning: 1 line (line 2) had more tokens than the model reads and was cut "
-                           "to the first 64; the rest is not translated\n")
+    code, _, err = translate_command(["--model", tiny_teacher_dir, "--max-new-tokens", "4", "--input", "in.txt",
+                                      "--output", "out.txt"], monkeypatch, capsys, cwd=tmp_path)
+    assert code == 0, err
+    assert err == ("translate.py: warning: 1 line (line 2) had more tokens than the model reads and was cut "
+                   "to the first 64; the rest is not translated\n")
     assert len((tmp_path / "out.txt").read_text().split("\n")[:-1]) == 3
 
 
@@ -273,18 +302,6 @@ def test_generation_asks_no_more_tokens_than_the_decoder_has_positions(backend, 
     ids = np.array([translator.tokenizer("Hello.")["input_ids"]], dtype=np.int64)
     out = translator.generate(ids, np.ones_like(ids), max_new_tokens=500, min_new_tokens=500)  # no early </s>
     assert len(out[0]) == 64
-
-
-class _Stdin:
-    """Standard input holding ``data``, a terminal or not."""
-
-    def __init__(self, data: bytes, tty: bool):
-        import io
-
-        self.buffer, self.tty = io.BytesIO(data), tty
-
-    def isatty(self) -> bool:
-        return self.tty
 
 
 @pytest.mark.parametrize("tty", [True, False])

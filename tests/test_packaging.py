@@ -1,23 +1,35 @@
-"""pyproject.toml: the project installs, its modules import from any folder, the CLI has an entry point."""
+"""pyproject.toml: the project installs into a fresh virtual environment, adds nothing at the top of
+site-packages but its own names, and its commands and modules work from a user's folder whose own
+data.py, plan.py and translate.py (and an installed package named translate) change nothing."""
 
-import os
+import json
 import shutil
-import subprocess
 import sys
 import tomllib
 
 import pytest
-from conftest import REPO
+from helpers import ENV, REPO, run_command
 
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PIP_DISABLE_PIP_VERSION_CHECK": "1"}
+from mdcompress.data import write_pairs
+
+pytestmark = pytest.mark.slow
+
+USER_SCRIPT = """
+import sys
+import compress_model, decomposition, distillation.knowledge_distillation
+from matrix_decomposition import load_compressed_model
+print(compress_model.__file__, flush=True)
+sys.exit(compress_model.main(["--config", "config.json"]))
+"""
 
 
-def test_installed_package_works_outside_the_checkout(tmp_path):
+def test_installed_in_a_fresh_virtual_environment(tmp_path):
     pytest.importorskip("setuptools", reason="the build backend, needed offline (--no-build-isolation)")
     project = tomllib.loads((REPO / "pyproject.toml").read_text())
     modules = project["tool"]["setuptools"]["py-modules"]
     assert {"compress_model", "decomposition", "matrix_decomposition"} <= set(modules)
     assert project["project"]["scripts"]["matrix-decomposition"] == "compress_model:main"
+    env = {k: v for k, v in ENV.items() if k != "PYTHONPATH"}  # nothing of the checkout on the path
 
     # build from a copy: an in-tree build would leave build/ and *.egg-info in the checkout
     source = tmp_path / "source"
@@ -27,24 +39,42 @@ def test_installed_package_works_outside_the_checkout(tmp_path):
             shutil.copy(REPO / name, source / name)
     for package in project["tool"]["setuptools"]["packages"]:
         shutil.copytree(REPO / package, source / package, ignore=shutil.ignore_patterns("__pycache__"))
-    site = tmp_path / "site"
-    result = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index",
-                             "--no-build-isolation", "--target", str(site), str(source)],
-                            env=ENV, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
 
-    elsewhere = tmp_path / "elsewhere"
-    elsewhere.mkdir()
-    env = {**ENV, "PYTHONPATH": str(site)}
-    code = ("import compress_model, decomposition, distillation.knowledge_distillation\n"
-            "from matrix_decomposition import load_compressed_model\n"
-            "print(compress_model.__file__)")
-    result = subprocess.run([sys.executable, "-c", code], cwd=elsewhere, env=env, capture_output=True, text=True,
-                            timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.strip() == str(site / "compress_model.py")  # the installed copy, not the checkout's
+    # a fresh environment that sees this one's packages (torch, transformers, ...), with a package named translate
+    venv = tmp_path / "venv"
+    run_command([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(venv)], env=env)
+    python, bin_dir = venv / "bin" / "python", venv / "bin"
+    site = venv / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    (site / "translate").mkdir()
+    (site / "translate" / "__init__.py").write_text("raise ImportError('the installed package translate was imported')\n")
+    before = {p.name for p in site.iterdir()}
+    run_command([sys.executable, "-m", "pip", "--python", str(python), "install", "-q", "--no-deps", "--no-index",
+                 "--no-build-isolation", str(source)], env={**env, "PIP_DISABLE_PIP_VERSION_CHECK": "1"})
+    added = {p.name for p in site.iterdir()} - before
+    dist_info = {name for name in added if name.endswith(".dist-info")}
+    assert [name.split("-")[0] for name in dist_info] == ["matrix_decomposition"], added
+    assert added - dist_info - {"__pycache__"} == {"mdcompress", "distillation", *(f"{m}.py" for m in modules)}
+    assert {p.name.split(".")[0] for p in (site / "__pycache__").glob("*")} <= set(modules)  # their bytecode only
 
-    result = subprocess.run([sys.executable, str(site / "bin" / "matrix-decomposition"), "--help"], cwd=elsewhere,
-                            env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "--resume" in result.stdout and "teacher_model_path" in result.stdout
+    # a user's folder with modules of the names the tool used to have, and a run that names a missing teacher
+    user = tmp_path / "user"
+    user.mkdir()
+    for name in ("data", "plan", "translate"):
+        (user / f"{name}.py").write_text(f"raise ImportError(\"the user's {name}.py was imported\")\n")
+    write_pairs(user / "train.csv", [("Hello.", "Hallo."), ("Thank you.", "Danke.")])
+    (user / "config.json").write_text(json.dumps({"teacher_model_path": "no-such-teacher", "dataset_path": "train.csv",
+                                                  "eval_dataset_path": "train.csv"}))
+    for command, words in (("md-translate", ["--model", "--backend"]), ("md-export-onnx", ["--model", "--int8"]),
+                           ("matrix-decomposition", ["--resume", "teacher_model_path"])):
+        result = run_command([str(bin_dir / command), "--help"], cwd=user, env=env, timeout=120)
+        assert all(word in result.stdout for word in words), (command, result.stdout[-2000:])
+
+    (user / "run.py").write_text(USER_SCRIPT)
+    result = run_command([str(python), "run.py"], cwd=user, env=env, timeout=120, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert result.stdout.splitlines()[0] == str(site / "compress_model.py")  # the installed copy, not the checkout's
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("compress_model.py: error: teacher_model_path"), err
+    assert "no-such-teacher" in err
+    assert sorted(p.name for p in user.iterdir()) == ["config.json", "data.py", "plan.py", "run.py", "train.csv",
+                                                      "translate.py"]  # nothing written

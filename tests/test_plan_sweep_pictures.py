@@ -5,7 +5,7 @@ import re
 import time
 
 import pytest
-from conftest import edit_config, make_run_dir
+from helpers import edit_config, make_run_dir
 from matplotlib.image import imread
 
 import compress_model
@@ -38,6 +38,7 @@ def assert_pictures(folder, names):
     assert all(f"]({name})" in markdown for name in names)
 
 
+@pytest.mark.pictures
 def test_the_plan_gives_the_runs_numbers_and_writes_nothing(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
     edit_config(run_dir, drop=["k_info"], target_ratio=0.6, init="activation",  # allocated by sensitivity
@@ -121,6 +122,7 @@ def test_plan_as_a_config_key(run_dir, monkeypatch, capsys):
                                                "--resume) to continue the interrupted run")
 
 
+@pytest.mark.pictures
 def test_sweep_shares_the_teacher_and_the_sensitivity_and_its_rows_are_the_runs(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
     cache = run_dir.parent / f"{run_dir.name}-cache"  # a cache of its own: no curves stored by another test
@@ -213,6 +215,7 @@ def test_the_training_curve_has_at_most_its_points_and_ends_on_the_last_step(run
     assert curve[0]["seconds"] < curve[1]["seconds"]
 
 
+@pytest.mark.pictures
 def test_pictures_of_a_factorized_embedding(tmp_path, make_tiny_marian):
     teacher = make_tiny_marian()
     student = make_tiny_marian()

@@ -4,7 +4,7 @@ folder written by this tool in either role, and the refusals when the two cannot
 import json
 
 import pytest
-from conftest import edit_config, make_run_dir, refused_in_one_line, save_model_folder
+from helpers import edit_config, make_run_dir, refused_in_one_line, save_model_folder
 
 import compress_model
 from matrix_decomposition import count_parameters, load_compressed_model

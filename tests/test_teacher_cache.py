@@ -9,7 +9,7 @@ import torch
 from transformers import DataCollatorForSeq2Seq
 
 import compress_model
-from conftest import tokenized_pairs
+from helpers import tokenized_pairs
 from decomposition import build_student, distill
 from distillation.distillation_loss import IGNORE_INDEX, output_distillation_loss, top_k_distillation_loss
 from distillation.knowledge_distillation import DistillationSettings, Distiller
