@@ -69,18 +69,6 @@ def resolve_feature_layers(model: nn.Module, feature_layers: Sequence[str], deco
     return names
 
 
-def check_same_vocabulary(teacher: nn.Module, teacher_tokenizer, student: nn.Module, student_tokenizer) -> None:
-    """Refuse a separate student whose vocabulary is not the teacher's: its output distribution would
-    not be over the same tokens, and the teacher's tokenizer prepares the data for both."""
-    sizes = student.config.vocab_size, teacher.config.vocab_size
-    if sizes[0] != sizes[1]:
-        raise DecompositionError(f"student_model_path: the student's vocabulary has {sizes[0]:,} tokens and the "
-                                 f"teacher's {sizes[1]:,}; the student must share the teacher's vocabulary")
-    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
-        raise DecompositionError(f"student_model_path: the student's vocabulary has the teacher's size ({sizes[0]:,} "
-                                 f"tokens) but other tokens; the student must share the teacher's vocabulary")
-
-
 def check_student_shapes(teacher: nn.Module, student: nn.Module, loss_weights: Mapping[str, float],
                          feature_layers: Sequence[str]) -> None:
     """Refuse the loss terms that compare a separate student's layers with the teacher's when their

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 
-from decomposition import check_same_vocabulary
+from torch import nn
+
 from matrix_decomposition import load_pretrained
 from mdcompress.config import Config, ConfigError
-from mdcompress.errors import ExportError
+from mdcompress.errors import DecompositionError, ExportError
 from mdcompress.onnx_export import _check_exportable
 
 
@@ -87,3 +88,15 @@ def fit_lengths(config: Config, *models) -> Config:
     return dataclasses.replace(config, max_source_length=min(config.max_source_length, positions),
                                max_target_length=min(config.max_target_length, positions),
                                max_new_tokens=min(config.max_new_tokens, positions - 1))
+
+
+def check_same_vocabulary(teacher: nn.Module, teacher_tokenizer, student: nn.Module, student_tokenizer) -> None:
+    """Refuse a separate student whose vocabulary is not the teacher's: its output distribution would
+    not be over the same tokens, and the teacher's tokenizer prepares the data for both."""
+    sizes = student.config.vocab_size, teacher.config.vocab_size
+    if sizes[0] != sizes[1]:
+        raise DecompositionError(f"student_model_path: the student's vocabulary has {sizes[0]:,} tokens and the "
+                                 f"teacher's {sizes[1]:,}; the student must share the teacher's vocabulary")
+    if student_tokenizer.get_vocab() != teacher_tokenizer.get_vocab():
+        raise DecompositionError(f"student_model_path: the student's vocabulary has the teacher's size ({sizes[0]:,} "
+                                 f"tokens) but other tokens; the student must share the teacher's vocabulary")
