@@ -15,6 +15,7 @@ The pairs and the model inputs stay in memory-mapped Arrow files: memory follows
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import inspect
 import json
@@ -32,7 +33,7 @@ import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 from mdcompress.config import Config
 from mdcompress.errors import DataError
-from mdcompress.files import atomic_file, temporary_folder, write_text_atomic
+from mdcompress.files import atomic_file, file_chunks, not_utf8, temporary_folder, write_text_atomic
 
 TEXT_COLUMNS = ("source_text", "target_text")
 TRANSLATION_COLUMN = "translation"  # the Hugging Face translation layout, as in run_translation.py
@@ -82,7 +83,7 @@ def _read(path: str, config: Config, key: str, split: str, split_key: str):
                     " (line-aligned text files such as corpus.en + corpus.de: set source_lang and target_lang)")
             raise DataError(f"{key}: {path!r} has an unsupported type {local.suffix!r}; use "
                             f"{', '.join(FILE_TYPES)}{hint}")
-        return _read_files(kind, [local])
+        return _read_files(kind, [local], key)
     if local.is_dir():
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
             return _read_saved(local, key, split, split_key)
@@ -92,7 +93,7 @@ def _read(path: str, config: Config, key: str, split: str, split_key: str):
             found = "no" if not files else "mixed"
             raise DataError(f"{key}: folder {path!r} has {found} data files; it needs files of one type among "
                             f"{', '.join(FILE_TYPES)}, or a dataset saved with save_to_disk")
-        return _read_files(kinds.pop(), files)
+        return _read_files(kinds.pop(), files, key)
     # owner/name is a hub id unless "owner" is a local folder (as for models): then it is a missing local path
     if local.suffix.lower() in FILE_TYPES or path.startswith((".", "/")) or path.count("/") != 1 \
             or local.parent.is_dir():
@@ -145,8 +146,11 @@ def looked_for(path: str) -> str:
     return "" if os.path.isabs(path) else f" (relative to the current folder: looked for {os.path.abspath(path)!r})"
 
 
-def _read_files(kind: str, files: Sequence[Path]):
+def _read_files(kind: str, files: Sequence[Path], key: str):
     builder, options = READERS[kind]
+    if kind == "json":  # Arrow's JSON reader takes invalid UTF-8 in: the first row read would fail, mid-run
+        if (error := _not_utf8(files, key)) is not None:
+            raise error
     return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
 
 
@@ -196,7 +200,7 @@ def _read_error(e: Exception, path: str, key: str) -> DataError:
     cause = e
     while True:
         if isinstance(cause, UnicodeDecodeError):
-            return DataError(f"{key}: {path!r} is not valid UTF-8 text")
+            return _not_utf8(_text_files(path), key) or DataError(f"{key}: {path!r} is not valid UTF-8 text")
         if type(cause).__name__ == "EmptyDataError":  # pandas: a file with not even a header
             return DataError(f"{key}: {path!r} is empty (no header, no rows)")
         if cause.__cause__ is None and cause.__context__ is None:
@@ -208,6 +212,23 @@ def _read_error(e: Exception, path: str, key: str) -> DataError:
     if "Expected" in message and "fields" in message and path.lower().endswith(".csv"):
         message += " (a field that holds the delimiter needs double quotes)"
     return DataError(f"{key}: cannot load {path!r}: {message}")
+
+
+def _text_files(path: str) -> list[Path]:
+    """The text files read for ``path``: the file, the data files of a folder, or the files
+    ``<path>.<language>`` of line-aligned parallel text (parquet is binary: its strings are checked by Arrow)."""
+    local = Path(path)
+    files = ([local] if local.is_file() else sorted(local.iterdir()) if local.is_dir()
+             else sorted(local.parent.glob(f"{glob.escape(local.name)}.*")))
+    return [f for f in files if f.is_file() and f.suffix.lower() != ".parquet"]
+
+
+def _not_utf8(files: Iterable[Path], key: str) -> DataError | None:
+    """The error for the first of ``files`` that is not UTF-8 text (which byte on which line), if any."""
+    for f in files:
+        if (problem := not_utf8(file_chunks(f), repr(str(f)))) is not None:
+            return DataError(f"{key}: {problem}")
+    return None
 
 
 def _first_line(e: BaseException) -> str:

@@ -246,7 +246,7 @@ BAD_CONFIGS = [
                                                                          "columns found: en, de"]),
     ("empty-dataset", lambda d: _write_csv(d, "source_text,target_text\n"), ["dataset_path", "no pairs"]),
     ("not-utf8", lambda d: _write_csv(d, "source_text,target_text\nGr\xfc\xdfe,Hallo\n", "latin-1"),
-     ["dataset_path", "UTF-8"]),
+     ["dataset_path", "is not UTF-8 text (byte 0xfc on line 2); convert it first, e.g. iconv -f latin1 -t utf-8"]),
     ("unsupported-type", lambda d: _write_csv(d, "x", name="data.txt"), ["dataset_path", "'.txt'"]),
     ("unknown-layer", lambda d: edit_config(d, decompose_layers=["model.encoder.layers.0.fc3.weight"]),
      ["decompose_layers", "fc3", "closest"]),

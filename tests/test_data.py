@@ -238,6 +238,10 @@ def _write(path, text):
     path.write_text(text)
 
 
+def _write_bytes(path, text, encoding="latin-1"):
+    path.write_bytes(text.encode(encoding))
+
+
 BAD_DATA = [  # (id, how to break the run folder, words the one-line message must contain)
     ("translation-without-languages", lambda d: edit_config(d, dataset_path=str(write_translation_jsonl(d, PAIRS))),
      ["dataset_path", "pairs.jsonl", "'translation' column", "languages de, en", "set source_lang and target_lang"]),
@@ -282,6 +286,18 @@ BAD_DATA = [  # (id, how to break the run folder, words the one-line message mus
                                                  edit_config(d, dataset_path=str(d / "p.tsv"), source_column="en",
                                                              target_column="de")),
      ["eval_dataset_path", "no column 'en'", "name the columns of dataset_path and eval_dataset_path both"]),
+    # text that is not UTF-8: which byte on which line of which file, and how to convert it (as md-translate says)
+    ("csv-not-utf8", lambda d: (_write_bytes(d / "l.csv", "source_text,target_text\nHi.,Hallo.\nGrüße.,Hallo.\n"),
+                                edit_config(d, dataset_path=str(d / "l.csv"))),
+     ["dataset_path: '", "l.csv' is not UTF-8 text (byte 0xfc on line 3); convert it first, e.g. iconv -f latin1 -t utf-8"]),
+    # Arrow's JSON reader takes the bytes in: the run failed with a traceback when the row was first read
+    ("jsonl-not-utf8", lambda d: (_write_bytes(d / "l.jsonl", '{"source_text": "Hi.", "target_text": "Hallo."}\n'
+                                                              '{"source_text": "Grüße.", "target_text": "Hallo."}\n'),
+                                  edit_config(d, dataset_path=str(d / "l.jsonl"))),
+     ["dataset_path: '", "l.jsonl' is not UTF-8 text (byte 0xfc on line 2); convert it first"]),
+    ("moses-not-utf8", lambda d: (edit_config(d, dataset_path=str(write_moses(d, PAIRS)), source_lang="en",
+                                              target_lang="de"), _write_bytes(d / "corpus.de", "Hallo.\nTschüß.\n")),
+     ["dataset_path: '", "corpus.de' is not UTF-8 text (byte 0xfc on line 2); convert it first"]),
     ("cache-dir-is-file", lambda d: edit_config(d, cache_dir="config.json"), ["cache_dir", "'config.json' is a file"]),
     ("workers-zero", lambda d: edit_config(d, preprocessing_num_workers=0),
      ["preprocessing_num_workers", "at least 1", "0"]),
