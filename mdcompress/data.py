@@ -151,7 +151,78 @@ def _read_files(kind: str, files: Sequence[Path], key: str):
     if kind == "json":  # Arrow's JSON reader takes invalid UTF-8 in: the first row read would fail, mid-run
         if (error := _not_utf8(files, key)) is not None:
             raise error
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+    for f in files:  # pandas would rename a second 'target_text' 'target_text.1' and the first be used, unsaid
+        _check_unique_columns(kind, f, key)
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+    except Exception:
+        if kind == "json":  # a key twice in a later line fails with pandas' "If using all scalar values…"
+            for f in files:
+                _check_unique_keys(f, key, every_line=True)
+        raise
+
+
+def _check_unique_columns(kind: str, file: Path, key: str) -> None:
+    """Refuse a CSV/TSV header or a parquet schema that names a column twice."""
+    if kind in ("csv", "tsv"):
+        options = {k: v for k, v in READERS[kind][1].items() if k in ("delimiter", "quoting")}
+        with open(file, encoding="utf-8-sig", errors="replace", newline="") as f:
+            names = next((row for row in csv.reader(f, **options) if row), [])  # pandas skips blank lines too
+    elif kind == "json":
+        _check_unique_keys(file, key)
+        return
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(file).names
+    else:
+        return
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise DataError(f"{key}: {str(file)!r} has two columns named {twice!r}; give each column its own name, "
+                        f"or remove the one not wanted")
+
+
+class _KeyTwice(Exception):
+    pass
+
+
+def _check_unique_keys(file: Path, key: str, every_line: bool = False) -> None:
+    """Refuse a JSON file with an object that holds a key twice (Python's json keeps the last value, Arrow
+    fails): in JSON lines the first line (a writer's every line has the same keys) or, ``every_line``, all
+    of them; a file that is one JSON document (an array of objects) is read whole, as datasets reads it."""
+    def refuse_twice(pairs):
+        names = [name for name, _ in pairs]
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:
+            raise _KeyTwice(twice)
+        return dict(pairs)
+
+    def refused(name: str, line: int | None = None) -> DataError:
+        return DataError(f"{key}: {str(file)!r} has the key {name!r} twice in one object"
+                         f"{f' (line {line})' if line else ''}; give each key its own name, or remove the one "
+                         f"not wanted")
+
+    with open(file, encoding="utf-8", errors="replace") as f:
+        number = 0
+        try:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    json.loads(line, object_pairs_hook=refuse_twice)
+                    if not every_line:
+                        return
+            return
+        except _KeyTwice as e:
+            raise refused(e.args[0], number) from None
+        except ValueError:  # not JSON lines: one document
+            pass
+        f.seek(0)
+        try:
+            json.loads(f.read(), object_pairs_hook=refuse_twice)
+        except _KeyTwice as e:
+            raise refused(e.args[0]) from None
+        except ValueError:
+            pass  # not JSON: datasets' own message says so
 
 
 def _parallel_text_files(path: str, config: Config, key: str) -> tuple[Path, Path] | None:
