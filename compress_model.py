@@ -148,7 +148,9 @@ def print_report(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=config_help(),
+    # the name the user typed: matrix-decomposition once installed; compress_model.py for main(argv) from Python
+    prog = os.path.basename(sys.argv[0]) if argv is None else "compress_model.py"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=config_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config.json", help="the JSON config to run (default: ./config.json)")
     mode = parser.add_mutually_exclusive_group()
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     def what_is_kept(signum: int) -> str:  # the line after a signal: config as loaded by then
         return after_interrupt(config, signum, plan=args.plan or bool(config and config.plan))
 
-    interrupt = InterruptWatch(what_is_kept)
+    interrupt = InterruptWatch(what_is_kept, prog)
     try:
         config = load_config(args.config)
         if args.resume and config.plan:
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             return interrupt.stopped(stop)
         if not isinstance(e, (UserError, FloatingPointError)):
             raise
-        print(f"compress_model.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2  # 2: the input was wrong; 1: the run failed
     finally:
         interrupt.close()

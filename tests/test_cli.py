@@ -397,6 +397,28 @@ def test_overwrite_output_replaces_only_a_folder_this_tool_wrote(tmp_path):
         output_folder.check_output_path(folder, overwrite=False)
 
 
+def test_the_installed_command_names_itself_as_the_user_typed_it(tmp_path, monkeypatch, capsys):
+    """Installed, the command is matrix-decomposition: its errors and interrupt lines say so, not
+    compress_model.py (which main(argv) from Python, and python compress_model.py, keep)."""
+    monkeypatch.chdir(tmp_path)  # no config.json here
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "venv" / "bin" / "matrix-decomposition")])
+    assert compress_model.main() == 2
+    assert capsys.readouterr().err == "matrix-decomposition: error: config file 'config.json' not found\n"
+    assert compress_model.main(["--config", "config.json"]) == 2
+    assert capsys.readouterr().err == "compress_model.py: error: config file 'config.json' not found\n"
+    monkeypatch.setattr(sys, "argv", ["compress_model.py"])
+    assert compress_model.main() == 2
+    assert capsys.readouterr().err == "compress_model.py: error: config file 'config.json' not found\n"
+
+    def ctrl_c(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["matrix-decomposition"])
+    monkeypatch.setattr(compress_model, "load_config", ctrl_c)
+    assert compress_model.main() == 130
+    assert capsys.readouterr().err == "matrix-decomposition: interrupted\n"
+
+
 def test_an_unknown_key_with_nothing_close_points_at_the_documentation(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"zzz_qqq": 1}))
     with pytest.raises(compress_model.ConfigError) as refused:
