@@ -207,8 +207,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     torch.manual_seed(config.seed)
     threads, why = torch_threads(config.num_threads)
     torch.set_num_threads(threads)
-    check_before_work(config, config_path, state.device)
-    saved = check_resume(config, resume)  # an interrupted run's config, evaluations and ranks
+    refused = check_before_work(config, config_path, state.device, plan_only)  # a plan only says so, at its end
+    saved = None if plan_only else check_resume(config, resume)  # an interrupted run's config, evaluations and ranks
     requested = dataclasses.asdict(config)  # as the user wrote it; lengths may be clamped below
     say(f"torch threads: {threads} ({why})", flush=True)
 
@@ -247,6 +247,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
             plan.print_plan(teacher, student.model, student.ranks, tokenizer, train_set, eval_set, settings,
                             student.feature_layers, decompose_seconds=student.seconds, shared=shared,
                             cached_seconds=student.cached_seconds)
+            if refused and shared is None:  # a sweep says it once, for its folder
+                print(f"note: the run itself would be refused: {refused}")
         return 0
 
     # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)
