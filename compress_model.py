@@ -148,7 +148,9 @@ def print_report(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, epilog=config_help(),
+    # the name the user typed: matrix-decomposition once installed; compress_model.py for main(argv) from Python
+    prog = os.path.basename(sys.argv[0]) if argv is None else "compress_model.py"
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=config_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config.json", help="the JSON config to run (default: ./config.json)")
     mode = parser.add_mutually_exclusive_group()
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     def what_is_kept(signum: int) -> str:  # the line after a signal: config as loaded by then
         return after_interrupt(config, signum, plan=args.plan or bool(config and config.plan))
 
-    interrupt = InterruptWatch(what_is_kept)
+    interrupt = InterruptWatch(what_is_kept, prog)
     try:
         config = load_config(args.config)
         if args.resume and config.plan:
@@ -182,7 +184,7 @@ def main(argv: list[str] | None = None) -> int:
             return interrupt.stopped(stop)
         if not isinstance(e, (UserError, FloatingPointError)):
             raise
-        print(f"compress_model.py: error: {e}", file=sys.stderr)
+        print(f"{prog}: error: {e}", file=sys.stderr)
         return 1 if isinstance(e, FloatingPointError) else 2  # 2: the input was wrong; 1: the run failed
     finally:
         interrupt.close()
@@ -205,8 +207,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     torch.manual_seed(config.seed)
     threads, why = torch_threads(config.num_threads)
     torch.set_num_threads(threads)
-    check_before_work(config, config_path, state.device)
-    saved = check_resume(config, resume)  # an interrupted run's config, evaluations and ranks
+    refused = check_before_work(config, config_path, state.device, plan_only)  # a plan only says so, at its end
+    saved = None if plan_only else check_resume(config, resume)  # an interrupted run's config, evaluations and ranks
     requested = dataclasses.asdict(config)  # as the user wrote it; lengths may be clamped below
     say(f"torch threads: {threads} ({why})", flush=True)
 
@@ -245,6 +247,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
             plan.print_plan(teacher, student.model, student.ranks, tokenizer, train_set, eval_set, settings,
                             student.feature_layers, decompose_seconds=student.seconds, shared=shared,
                             cached_seconds=student.cached_seconds)
+            if refused and shared is None:  # a sweep says it once, for its folder
+                print(f"note: the run itself would be refused: {refused}")
         return 0
 
     # Evaluate the teacher and the decomposed model before recovery (once: a resumed run reuses it)

@@ -17,6 +17,7 @@ from distillation.knowledge_distillation import CHECKPOINT_ENTRIES
 from mdcompress import data
 from mdcompress.config import Config, ConfigError, sweep_key
 from mdcompress.files import write_json_atomic
+from mdcompress.errors import OutputError
 from mdcompress.output_folder import check_clear_of, check_output_path
 
 
@@ -131,15 +132,27 @@ def run_inputs(config: Config, config_path: str | os.PathLike | None = None) -> 
     return inputs
 
 
-def check_before_work(config: Config, config_path: str | os.PathLike | None, device) -> None:
+def check_before_work(config: Config, config_path: str | os.PathLike | None, device,
+                      plan_only: bool = False) -> str | None:
     """Refuse, before any work: fp16 on a CPU; an output or checkpoint folder that would clobber
-    something or overlaps the run's inputs; a cache folder that is a file."""
+    something or overlaps the run's inputs; a cache folder that is a file. A plan (``plan_only``)
+    writes neither the output nor the checkpoints: their refusal is returned instead, for the plan
+    to say that the run itself would be refused, and why."""
     if config.mixed_precision == "fp16" and device.type == "cpu":
         raise ConfigError("mixed_precision: 'fp16' needs a GPU (on a CPU, Accelerate trains in float32 without "
                           "saying so); use \"bf16\" or \"no\"")
     inputs = run_inputs(config, config_path)
-    check_output_path(config.output_path, config.overwrite_output, inputs)
-    check_clear_of("checkpoint_dir", checkpoint_dir(config), {**inputs, "output_path": config.output_path})
+    refused = None
+    try:
+        check_output_path(config.output_path, config.overwrite_output, inputs)
+        check_clear_of("checkpoint_dir", checkpoint_dir(config), {**inputs, "output_path": config.output_path})
+        if plan_only:  # a run's own check_resume (it reads what --resume continues) would refuse this
+            check_resume(config, resume=False)
+    except (OutputError, ConfigError) as e:
+        if not plan_only:
+            raise
+        refused = str(e)
     if config.sequence_level_kd and cache_dir(config).exists() and not cache_dir(config).is_dir():
         raise ConfigError(f"cache_dir: {str(cache_dir(config))!r} is a file; give a folder path")
     data.tokenized_cache_dir(config)  # refuses a cache_dir that is a file
+    return refused

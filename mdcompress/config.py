@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
+import difflib
 import json
 import math
 import os
@@ -332,10 +333,22 @@ def load_config(path: str | os.PathLike) -> Config:
     hints = typing.get_type_hints(Config)
     unknown = sorted(set(raw) - set(hints))
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}; valid keys: {', '.join(hints)}")
+        raise ConfigError(unknown_key_message(unknown[0], hints))
     for name, value in raw.items():
         _check_type(name, value, hints[name])
     return Config(**raw)
+
+
+KEYS_DOCUMENTED = "the keys are listed in docs/configuration.md and by --help"  # the command's own
+
+
+def unknown_key_message(key: str, valid) -> str:
+    """The one line for a config key that is not one: the closest valid key first (a typo such as
+    ``epochs``), then where the keys are documented; not the list of all of them (over 900 characters)."""
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    if close:
+        return f"unknown config key {key!r}; did you mean {close[0]!r}? ({KEYS_DOCUMENTED})"
+    return f"unknown config key {key!r}; {KEYS_DOCUMENTED}"
 
 
 def _default(f: dataclasses.Field):
@@ -361,7 +374,7 @@ def markdown() -> str:
              "in mdcompress/config.py, not here -->", "",
              "`config.json` holds one JSON object with the keys below, all optional: only `teacher_model_path` and "
              "`dataset_path` matter to get started, the others have the defaults shown, and an unknown key is "
-             "refused with the list of the valid ones."]
+             "refused, with the closest valid key suggested."]
     for section in SECTIONS:
         lines += ["", f"## {section[0].upper()}{section[1:]}", "", "| key | type | default | meaning |",
                   "|---|---|---|---|"]

@@ -15,6 +15,7 @@ The pairs and the model inputs stay in memory-mapped Arrow files: memory follows
 from __future__ import annotations
 
 import csv
+import glob
 import hashlib
 import inspect
 import json
@@ -32,7 +33,7 @@ import pyarrow.compute as pc
 from datasets.fingerprint import Hasher
 from mdcompress.config import Config
 from mdcompress.errors import DataError
-from mdcompress.files import atomic_file, temporary_folder, write_text_atomic
+from mdcompress.files import atomic_file, file_chunks, not_utf8, temporary_folder, write_text_atomic
 
 TEXT_COLUMNS = ("source_text", "target_text")
 TRANSLATION_COLUMN = "translation"  # the Hugging Face translation layout, as in run_translation.py
@@ -82,7 +83,7 @@ def _read(path: str, config: Config, key: str, split: str, split_key: str):
                     " (line-aligned text files such as corpus.en + corpus.de: set source_lang and target_lang)")
             raise DataError(f"{key}: {path!r} has an unsupported type {local.suffix!r}; use "
                             f"{', '.join(FILE_TYPES)}{hint}")
-        return _read_files(kind, [local])
+        return _read_files(kind, [local], key)
     if local.is_dir():
         if (local / "dataset_dict.json").is_file() or (local / "state.json").is_file():
             return _read_saved(local, key, split, split_key)
@@ -92,7 +93,7 @@ def _read(path: str, config: Config, key: str, split: str, split_key: str):
             found = "no" if not files else "mixed"
             raise DataError(f"{key}: folder {path!r} has {found} data files; it needs files of one type among "
                             f"{', '.join(FILE_TYPES)}, or a dataset saved with save_to_disk")
-        return _read_files(kinds.pop(), files)
+        return _read_files(kinds.pop(), files, key)
     # owner/name is a hub id unless "owner" is a local folder (as for models): then it is a missing local path
     if local.suffix.lower() in FILE_TYPES or path.startswith((".", "/")) or path.count("/") != 1 \
             or local.parent.is_dir():
@@ -145,9 +146,83 @@ def looked_for(path: str) -> str:
     return "" if os.path.isabs(path) else f" (relative to the current folder: looked for {os.path.abspath(path)!r})"
 
 
-def _read_files(kind: str, files: Sequence[Path]):
+def _read_files(kind: str, files: Sequence[Path], key: str):
     builder, options = READERS[kind]
-    return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+    if kind == "json":  # Arrow's JSON reader takes invalid UTF-8 in: the first row read would fail, mid-run
+        if (error := _not_utf8(files, key)) is not None:
+            raise error
+    for f in files:  # pandas would rename a second 'target_text' 'target_text.1' and the first be used, unsaid
+        _check_unique_columns(kind, f, key)
+    try:
+        return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train", **options)
+    except Exception:
+        if kind == "json":  # a key twice in a later line fails with pandas' "If using all scalar values…"
+            for f in files:
+                _check_unique_keys(f, key, every_line=True)
+        raise
+
+
+def _check_unique_columns(kind: str, file: Path, key: str) -> None:
+    """Refuse a CSV/TSV header or a parquet schema that names a column twice."""
+    if kind in ("csv", "tsv"):
+        options = {k: v for k, v in READERS[kind][1].items() if k in ("delimiter", "quoting")}
+        with open(file, encoding="utf-8-sig", errors="replace", newline="") as f:
+            names = next((row for row in csv.reader(f, **options) if row), [])  # pandas skips blank lines too
+    elif kind == "json":
+        _check_unique_keys(file, key)
+        return
+    elif kind == "parquet":
+        import pyarrow.parquet as pq
+
+        names = pq.read_schema(file).names
+    else:
+        return
+    twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+    if twice is not None:
+        raise DataError(f"{key}: {str(file)!r} has two columns named {twice!r}; give each column its own name, "
+                        f"or remove the one not wanted")
+
+
+class _KeyTwice(Exception):
+    pass
+
+
+def _check_unique_keys(file: Path, key: str, every_line: bool = False) -> None:
+    """Refuse a JSON file with an object that holds a key twice (Python's json keeps the last value, Arrow
+    fails): in JSON lines the first line (a writer's every line has the same keys) or, ``every_line``, all
+    of them; a file that is one JSON document (an array of objects) is read whole, as datasets reads it."""
+    def refuse_twice(pairs):
+        names = [name for name, _ in pairs]
+        twice = next((name for i, name in enumerate(names) if name in names[:i]), None)
+        if twice is not None:
+            raise _KeyTwice(twice)
+        return dict(pairs)
+
+    def refused(name: str, line: int | None = None) -> DataError:
+        return DataError(f"{key}: {str(file)!r} has the key {name!r} twice in one object"
+                         f"{f' (line {line})' if line else ''}; give each key its own name, or remove the one "
+                         f"not wanted")
+
+    with open(file, encoding="utf-8", errors="replace") as f:
+        number = 0
+        try:
+            for number, line in enumerate(f, 1):
+                if line.strip():
+                    json.loads(line, object_pairs_hook=refuse_twice)
+                    if not every_line:
+                        return
+            return
+        except _KeyTwice as e:
+            raise refused(e.args[0], number) from None
+        except ValueError:  # not JSON lines: one document
+            pass
+        f.seek(0)
+        try:
+            json.loads(f.read(), object_pairs_hook=refuse_twice)
+        except _KeyTwice as e:
+            raise refused(e.args[0]) from None
+        except ValueError:
+            pass  # not JSON: datasets' own message says so
 
 
 def _parallel_text_files(path: str, config: Config, key: str) -> tuple[Path, Path] | None:
@@ -196,7 +271,7 @@ def _read_error(e: Exception, path: str, key: str) -> DataError:
     cause = e
     while True:
         if isinstance(cause, UnicodeDecodeError):
-            return DataError(f"{key}: {path!r} is not valid UTF-8 text")
+            return _not_utf8(_text_files(path), key) or DataError(f"{key}: {path!r} is not valid UTF-8 text")
         if type(cause).__name__ == "EmptyDataError":  # pandas: a file with not even a header
             return DataError(f"{key}: {path!r} is empty (no header, no rows)")
         if cause.__cause__ is None and cause.__context__ is None:
@@ -208,6 +283,23 @@ def _read_error(e: Exception, path: str, key: str) -> DataError:
     if "Expected" in message and "fields" in message and path.lower().endswith(".csv"):
         message += " (a field that holds the delimiter needs double quotes)"
     return DataError(f"{key}: cannot load {path!r}: {message}")
+
+
+def _text_files(path: str) -> list[Path]:
+    """The text files read for ``path``: the file, the data files of a folder, or the files
+    ``<path>.<language>`` of line-aligned parallel text (parquet is binary: its strings are checked by Arrow)."""
+    local = Path(path)
+    files = ([local] if local.is_file() else sorted(local.iterdir()) if local.is_dir()
+             else sorted(local.parent.glob(f"{glob.escape(local.name)}.*")))
+    return [f for f in files if f.is_file() and f.suffix.lower() != ".parquet"]
+
+
+def _not_utf8(files: Iterable[Path], key: str) -> DataError | None:
+    """The error for the first of ``files`` that is not UTF-8 text (which byte on which line), if any."""
+    for f in files:
+        if (problem := not_utf8(file_chunks(f), repr(str(f)))) is not None:
+            return DataError(f"{key}: {problem}")
+    return None
 
 
 def _first_line(e: BaseException) -> str:

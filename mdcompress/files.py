@@ -5,15 +5,19 @@ name beside its final place, ``.<name>.tmp-…``, and renamed there when complet
 one folder is atomic, so a reader, a crash or a Ctrl-C never meets half a file. On an exception
 (KeyboardInterrupt and SIGTERM's ``Terminated`` included) the temporary is removed and the final
 place is left as it was.
+
+Text read from the user's files must be UTF-8: ``not_utf8`` says where it is not.
 """
 
 from __future__ import annotations
 
+import codecs
+import itertools
 import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TextIO
@@ -106,3 +110,31 @@ def replace_folder(tmp: Path, path: Path) -> None:
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text read
+
+
+def not_utf8(chunks: Iterable[bytes], where: str) -> str | None:
+    """None if the bytes of ``chunks`` (a file read piece by piece, or all of it) are UTF-8; else the
+    message saying which byte on which line is not, and how to convert the file: "<where> is not UTF-8
+    text (byte 0xfc on line 3); convert it first, e.g. iconv -f latin1 -t utf-8"."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    lines = 1
+    for chunk in itertools.chain(chunks, [None]):  # None: the end, where a sequence may be cut short
+        try:
+            decoder.decode(chunk or b"", final=chunk is None)
+        except UnicodeDecodeError as e:  # e.object: the bytes held back from the last chunk (never a newline) + chunk
+            line = lines + e.object[: e.start].count(b"\n")
+            return (f"{where} is not UTF-8 text (byte 0x{e.object[e.start]:02x} on line {line}); "
+                    f"convert it first, e.g. iconv -f latin1 -t utf-8")
+        lines += (chunk or b"").count(b"\n")
+    return None
+
+
+def file_chunks(path: str | os.PathLike, size: int = 1 << 20) -> Iterator[bytes]:
+    """The bytes of ``path``, ``size`` at a time (``not_utf8`` on a file of any size)."""
+    with open(path, "rb") as f:
+        while chunk := f.read(size):
+            yield chunk

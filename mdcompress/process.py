@@ -52,8 +52,9 @@ class InterruptWatch:
     active: "InterruptWatch | None" = None  # the installed watch, for the fork hook
     _fork_hook = False
 
-    def __init__(self, describe) -> None:
+    def __init__(self, describe, prog: str = "compress_model.py") -> None:
         self.describe = describe  # signal number → the one line saying what is kept
+        self.prog = prog  # the command's name as the user typed it, starting the line
         self.done, self.installed, self.previous = threading.Event(), False, {}
         self.report_lock, self.reported = threading.Lock(), False
         if threading.current_thread() is not threading.main_thread():
@@ -129,7 +130,7 @@ class InterruptWatch:
             if self.reported or int(os.environ.get("RANK", "0")) != 0:
                 return
             self.reported = True
-            line = f"compress_model.py: {self.describe(signum)}\n"
+            line = f"{self.prog}: {self.describe(signum)}\n"
             if raw:
                 os.write(2, line.encode())
             else:

@@ -13,10 +13,12 @@ import json
 import os
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from matrix_decomposition import load_pretrained, resolve_ranks
 from mdcompress.checkpoints import cache_dir, run_inputs
 from mdcompress.config import Config, ConfigError
+from mdcompress.errors import OutputError
 from mdcompress.files import atomic_folder, write_json_atomic
 from mdcompress.output_folder import check_output_path
 from mdcompress.pictures import write_sweep_pictures
@@ -45,7 +47,12 @@ def run_sweep(config: Config, key: str, run: Callable[..., int], resume: bool = 
         raise ConfigError(f"--resume: a sweep ({key} {json.dumps(values)}) keeps no checkpoints and cannot be "
                           f"resumed; run it again")
     inputs = run_inputs(config, config_path)
-    final = check_output_path(config.output_path, config.overwrite_output, inputs)
+    try:
+        final, refused = check_output_path(config.output_path, config.overwrite_output, inputs), None
+    except OutputError as e:  # a plan writes nothing there: it says so at its end
+        if not plan_only:
+            raise
+        final, refused = Path(config.output_path), str(e)
     quiet_transformers()
     # every value checked on the model that is factorized before hours go into the first
     key_path = "student_model_path" if config.student_model_path else "teacher_model_path"
@@ -66,6 +73,8 @@ def run_sweep(config: Config, key: str, run: Callable[..., int], resume: bool = 
         for value in values:
             print(f"\nsweep: {key} {value}")
             run(one(value), config_path=config_path, plan_only=True, shared=shared)
+        if refused:
+            print(f"note: the sweep itself would be refused: {refused}")
         return 0
     with atomic_folder(final) as tmp:  # the whole folder appears when the last model is in, or not at all
         rows = []

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from mdcompress.errors import ExportError, TranslateError
-from mdcompress.files import write_text_atomic
+from mdcompress.files import not_utf8, write_text_atomic
 from mdcompress.onnx_format import DECODER, ENCODER, WEIGHTS, default_folder, is_export, load_model, read_info
 from mdcompress.process import exit_with, quiet_transformers
 
@@ -396,10 +396,8 @@ def _read_text(path: str) -> str:
     data = sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()
     try:
         return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise TranslateError(f"--input: {where} is not UTF-8 text (byte 0x{data[e.start]:02x} on line {line}); "
-                             f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
+    except UnicodeDecodeError:
+        raise TranslateError(f"--input: {not_utf8([data], where)}") from None
 
 
 def _check_output(path: str) -> None:

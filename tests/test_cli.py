@@ -202,7 +202,9 @@ BAD_CONFIGS = [
     # (id, how to break the run folder, words the one-line message must contain)
     ("invalid-json", lambda d: (d / "config.json").write_text('{"epoch": 1,'), ["not valid JSON"]),
     ("not-an-object", lambda d: (d / "config.json").write_text("[1, 2]"), ["JSON object"]),
-    ("unknown-key", lambda d: edit_config(d, epochs=3), ["unknown config key 'epochs'", "epoch"]),
+    # the closest key and where the keys are documented, not the 900-character list of all of them
+    ("unknown-key", lambda d: edit_config(d, epochs=3),
+     ["unknown config key 'epochs'; did you mean 'epoch'? (the keys are listed in docs/configuration.md and by --help)"]),
     ("wrong-type", lambda d: edit_config(d, batch_size="32"), ["batch_size", '"32"']),
     ("bool-as-int", lambda d: edit_config(d, epoch=True), ["epoch", "true"]),
     ("zero-epoch", lambda d: edit_config(d, epoch=0), ["epoch", "at least 1", "0"]),
@@ -244,7 +246,7 @@ BAD_CONFIGS = [
                                                                          "columns found: en, de"]),
     ("empty-dataset", lambda d: _write_csv(d, "source_text,target_text\n"), ["dataset_path", "no pairs"]),
     ("not-utf8", lambda d: _write_csv(d, "source_text,target_text\nGr\xfc\xdfe,Hallo\n", "latin-1"),
-     ["dataset_path", "UTF-8"]),
+     ["dataset_path", "is not UTF-8 text (byte 0xfc on line 2); convert it first, e.g. iconv -f latin1 -t utf-8"]),
     ("unsupported-type", lambda d: _write_csv(d, "x", name="data.txt"), ["dataset_path", "'.txt'"]),
     ("unknown-layer", lambda d: edit_config(d, decompose_layers=["model.encoder.layers.0.fc3.weight"]),
      ["decompose_layers", "fc3", "closest"]),
@@ -393,6 +395,36 @@ def test_overwrite_output_replaces_only_a_folder_this_tool_wrote(tmp_path):
     assert output_folder.check_output_path(folder, overwrite=True) == folder
     with pytest.raises(OutputError, match="not empty"):
         output_folder.check_output_path(folder, overwrite=False)
+
+
+def test_the_installed_command_names_itself_as_the_user_typed_it(tmp_path, monkeypatch, capsys):
+    """Installed, the command is matrix-decomposition: its errors and interrupt lines say so, not
+    compress_model.py (which main(argv) from Python, and python compress_model.py, keep)."""
+    monkeypatch.chdir(tmp_path)  # no config.json here
+    monkeypatch.setattr(sys, "argv", [str(tmp_path / "venv" / "bin" / "matrix-decomposition")])
+    assert compress_model.main() == 2
+    assert capsys.readouterr().err == "matrix-decomposition: error: config file 'config.json' not found\n"
+    assert compress_model.main(["--config", "config.json"]) == 2
+    assert capsys.readouterr().err == "compress_model.py: error: config file 'config.json' not found\n"
+    monkeypatch.setattr(sys, "argv", ["compress_model.py"])
+    assert compress_model.main() == 2
+    assert capsys.readouterr().err == "compress_model.py: error: config file 'config.json' not found\n"
+
+    def ctrl_c(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sys, "argv", ["matrix-decomposition"])
+    monkeypatch.setattr(compress_model, "load_config", ctrl_c)
+    assert compress_model.main() == 130
+    assert capsys.readouterr().err == "matrix-decomposition: interrupted\n"
+
+
+def test_an_unknown_key_with_nothing_close_points_at_the_documentation(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"zzz_qqq": 1}))
+    with pytest.raises(compress_model.ConfigError) as refused:
+        compress_model.load_config(tmp_path / "config.json")
+    assert str(refused.value) == ("unknown config key 'zzz_qqq'; the keys are listed in docs/configuration.md "
+                                  "and by --help")
 
 
 def test_bad_config_from_the_shell_has_no_traceback(run_dir):

@@ -238,6 +238,17 @@ def _write(path, text):
     path.write_text(text)
 
 
+def _write_parquet(path, names):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table([pa.array([f"{name} {i}."]) for i, name in enumerate(names)], names=names), path)
+
+
+def _write_bytes(path, text, encoding="latin-1"):
+    path.write_bytes(text.encode(encoding))
+
+
 BAD_DATA = [  # (id, how to break the run folder, words the one-line message must contain)
     ("translation-without-languages", lambda d: edit_config(d, dataset_path=str(write_translation_jsonl(d, PAIRS))),
      ["dataset_path", "pairs.jsonl", "'translation' column", "languages de, en", "set source_lang and target_lang"]),
@@ -282,6 +293,38 @@ BAD_DATA = [  # (id, how to break the run folder, words the one-line message mus
                                                  edit_config(d, dataset_path=str(d / "p.tsv"), source_column="en",
                                                              target_column="de")),
      ["eval_dataset_path", "no column 'en'", "name the columns of dataset_path and eval_dataset_path both"]),
+    # text that is not UTF-8: which byte on which line of which file, and how to convert it (as md-translate says)
+    ("csv-not-utf8", lambda d: (_write_bytes(d / "l.csv", "source_text,target_text\nHi.,Hallo.\nGrüße.,Hallo.\n"),
+                                edit_config(d, dataset_path=str(d / "l.csv"))),
+     ["dataset_path: '", "l.csv' is not UTF-8 text (byte 0xfc on line 3); convert it first, e.g. iconv -f latin1 -t utf-8"]),
+    # Arrow's JSON reader takes the bytes in: the run failed with a traceback when the row was first read
+    ("jsonl-not-utf8", lambda d: (_write_bytes(d / "l.jsonl", '{"source_text": "Hi.", "target_text": "Hallo."}\n'
+                                                              '{"source_text": "Grüße.", "target_text": "Hallo."}\n'),
+                                  edit_config(d, dataset_path=str(d / "l.jsonl"))),
+     ["dataset_path: '", "l.jsonl' is not UTF-8 text (byte 0xfc on line 2); convert it first"]),
+    ("moses-not-utf8", lambda d: (edit_config(d, dataset_path=str(write_moses(d, PAIRS)), source_lang="en",
+                                              target_lang="de"), _write_bytes(d / "corpus.de", "Hallo.\nTschüß.\n")),
+     ["dataset_path: '", "corpus.de' is not UTF-8 text (byte 0xfc on line 2); convert it first"]),
+    # a column named twice: pandas renamed the second 'target_text.1' and the first was trained on, unsaid
+    ("csv-column-twice", lambda d: (_write(d / "t.csv", "source_text,target_text,target_text\nHi.,Hallo.,Servus.\n"),
+                                    edit_config(d, dataset_path=str(d / "t.csv"))),
+     ["dataset_path: '", "t.csv' has two columns named 'target_text'; give each column its own name"]),
+    ("tsv-column-twice", lambda d: (_write(d / "t.tsv", "source_text\tsource_text\ttarget_text\nHi.\tHey.\tHallo.\n"),
+                                    edit_config(d, dataset_path=str(d / "t.tsv"))),
+     ["dataset_path: '", "t.tsv' has two columns named 'source_text'"]),
+    ("parquet-column-twice", lambda d: (_write_parquet(d / "t.parquet", ["source_text", "target_text", "target_text"]),
+                                        edit_config(d, dataset_path=str(d / "t.parquet"))),
+     ["dataset_path: '", "t.parquet' has two columns named 'target_text'"]),
+    ("jsonl-key-twice", lambda d: (_write(d / "t.jsonl", '{"source_text": "Hi.", "target_text": "Hallo."}\n'
+                                                         '{"source_text": "Go.", "target_text": "Geh.", '
+                                                         '"target_text": "Los."}\n'),
+                                   edit_config(d, dataset_path=str(d / "t.jsonl"))),
+     ["dataset_path: '", "t.jsonl' has the key 'target_text' twice in one object (line 2); give each key its own name"]),
+    ("json-array-key-twice", lambda d: (_write(d / "t.json", '[{"source_text": "Hi.", "target_text": "Hallo."},\n'
+                                                             ' {"source_text": "Go.", "source_text": "Run.", '
+                                                             '"target_text": "Geh."}]\n'),
+                                        edit_config(d, dataset_path=str(d / "t.json"))),
+     ["dataset_path: '", "t.json' has the key 'source_text' twice in one object; give each key its own name"]),
     ("cache-dir-is-file", lambda d: edit_config(d, cache_dir="config.json"), ["cache_dir", "'config.json' is a file"]),
     ("workers-zero", lambda d: edit_config(d, preprocessing_num_workers=0),
      ["preprocessing_num_workers", "at least 1", "0"]),

@@ -1,6 +1,7 @@
 """The maths of LowRankLinear, the surgery of decompose_, its validation, and save → load."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -267,6 +268,20 @@ def test_saved_folder_has_its_own_model_type_and_loads_with_the_auto_classes(sav
     assert "marian_low_rank" not in CONFIG_MAPPING_NAMES
     assert isinstance(load_with_auto_classes(folder), LowRankMarianMTModel)
     assert isinstance(load_compressed_model(folder), LowRankMarianMTModel)
+
+
+def test_the_translation_pipeline_is_gone_and_the_deploying_page_says_what_to_use(saved):
+    """transformers 5 removed pipeline("translation"): a user trying it on a compressed model gets a
+    KeyError; docs/deploying.md says so where loading is explained, and what to use instead."""
+    from transformers import pipeline
+
+    _, folder = saved
+    with pytest.raises(KeyError, match="The task translation has been removed from transformers"):
+        pipeline("translation", model=str(folder))
+    page = (Path(__file__).resolve().parent.parent / "docs" / "deploying.md").read_text(encoding="utf-8")
+    loading = page[page.index("## Loading a compressed model"):]
+    assert "No `pipeline(\"translation\", model=...)`: transformers 5 removed the translation pipelines" in loading
+    assert "model.generate()" in loading and "python -m mdcompress.translate --model" in loading
 
 
 def test_saved_folder_has_ranks_safetensors_and_tokenizer(saved, tiny_tokenizer):

@@ -69,6 +69,12 @@ def test_installed_in_a_fresh_virtual_environment(tmp_path):
         result = run_command([str(bin_dir / command), "--help"], cwd=user, env=env, timeout=120)
         assert all(word in result.stdout for word in words), (command, result.stdout[-2000:])
 
+    # the console command names itself as the user typed it, not compress_model.py
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = run_command([str(bin_dir / "matrix-decomposition")], cwd=empty, env=env, timeout=120, check=False)
+    assert (result.returncode, result.stderr) == (2, "matrix-decomposition: error: config file 'config.json' not found\n")
+
     (user / "run.py").write_text(USER_SCRIPT)
     result = run_command([str(python), "run.py"], cwd=user, env=env, timeout=120, check=False)
     assert result.returncode == 2, result.stderr[-3000:]

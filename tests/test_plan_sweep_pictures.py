@@ -122,6 +122,43 @@ def test_plan_as_a_config_key(run_dir, monkeypatch, capsys):
                                                "--resume) to continue the interrupted run")
 
 
+def _unfinished_run(run_dir):
+    edit_config(run_dir, checkpoint_steps=1)
+    (run_dir / "out-checkpoints").mkdir()
+    (run_dir / "out-checkpoints" / "latest").write_text("checkpoint-2")
+
+
+PLANS_OF_A_REFUSED_RUN = [  # (id, what is in the way, the refusal the plan's last line reports)
+    ("output-not-empty", lambda d: ((d / "out").mkdir(), (d / "out" / "report.json").write_text("{}")),
+     "output_path: 'out' exists and is not empty; choose another path or set \"overwrite_output\": true"),
+    ("unfinished-checkpoints", _unfinished_run,
+     "checkpoint_dir: 'out-checkpoints' holds an unfinished run; add --resume to continue it, or delete the folder "
+     "(or set \"overwrite_output\": true) to start over"),
+    ("sweep-output-not-empty", lambda d: ((d / "out").mkdir(), (d / "out" / "report.json").write_text("{}"),
+                                          edit_config(d, k_info=[4, 6])),
+     "output_path: 'out' exists and is not empty; choose another path or set \"overwrite_output\": true"),
+]
+
+
+@pytest.mark.parametrize("case, in_the_way, refusal", PLANS_OF_A_REFUSED_RUN, ids=[c[0] for c in PLANS_OF_A_REFUSED_RUN])
+def test_a_plan_runs_where_the_run_would_be_refused_and_says_so(run_dir, monkeypatch, capsys, case, in_the_way,
+                                                                 refusal):
+    """--plan right after the job ran: the plan writes nothing in output_path nor checkpoint_dir, so it
+    runs, and ends with the line saying why the run itself would be refused."""
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, output_path="out")
+    in_the_way(run_dir)
+    before = files(run_dir)
+    assert compress_model.main(["--config", "config.json", "--plan"]) == 0
+    out = capsys.readouterr().out
+    itself = "the sweep itself" if case.startswith("sweep") else "the run itself"
+    assert out.splitlines()[-1] == f"note: {itself} would be refused: {refusal}"
+    assert out.count("would be refused") == 1  # a sweep says it once, not once per model
+    assert files(run_dir) == before
+    assert compress_model.main(["--config", "config.json"]) == 2
+    assert capsys.readouterr().err == f"compress_model.py: error: {refusal}\n"
+
+
 @pytest.mark.pictures
 def test_sweep_shares_the_teacher_and_the_sensitivity_and_its_rows_are_the_runs(run_dir, monkeypatch, capsys):
     monkeypatch.chdir(run_dir)
