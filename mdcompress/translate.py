@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise TranslateError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be at least 1")
         if args.input != "-" and not Path(args.input).is_file():
             raise TranslateError(f"--input: {args.input!r} is not a file")
-        _check_output(args.output)  # before the model is loaded and the input translated
+        _check_output(args.output, args.input)  # before the model is loaded and the input translated
         translator = load_translator(args.model, args.backend, args.threads, args.int8)
         if args.input == "-" and sys.stdin.isatty():  # else it would wait for the end of input in silence
             print(f"{prog}: reading sentences from standard input, one per line; end with Ctrl-D (Ctrl-Z Enter "
@@ -402,7 +402,7 @@ def _read_text(path: str) -> str:
                              f"convert it first, e.g. iconv -f latin1 -t utf-8") from None
 
 
-def _check_output(path: str) -> None:
+def _check_output(path: str, input_path: str = "-") -> None:
     if path == "-":
         return
     output = Path(path)
@@ -410,6 +410,21 @@ def _check_output(path: str) -> None:
         raise TranslateError(f"--output: {path!r} is a folder; name the file to write")
     if not output.parent.is_dir():
         raise TranslateError(f"--output: the folder {str(output.parent)!r} of {path!r} does not exist")
+    if input_path != "-" and _same_file(output, Path(input_path)):  # the translations would replace the sentences
+        same = "" if path == input_path else f" (the same file as --input {input_path!r})"
+        raise TranslateError(f"--output: {path!r} is the input file{same}; writing it would destroy the "
+                             f"sentences: name another file")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same file on disk (through a link, a relative path, a
+    hard link), or, where one does not exist yet, the same resolved path."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
 
 
 def _write_atomically(path: Path, text: str) -> None:

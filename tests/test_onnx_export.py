@@ -257,6 +257,25 @@ def test_translate_command_input_and_output_errors(case, tiny_teacher_dir, tmp_p
     assert sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("how", ["same", "relative", "symlink", "hardlink"])
+def test_translate_command_refuses_to_write_over_its_input(how, tmp_path, monkeypatch, capsys):
+    """--output naming the --input file (as written, by another relative path, through a link) is refused
+    in one line before the model is loaded (the model here does not even exist), and the input is kept."""
+    (tmp_path / "sub").mkdir()
+    source = tmp_path / "in.txt"
+    source.write_text("Hello.\n")
+    output = {"same": "in.txt", "relative": "sub/../in.txt", "symlink": "link.txt", "hardlink": "hard.txt"}[how]
+    if how == "symlink":
+        (tmp_path / "link.txt").symlink_to(source)
+    elif how == "hardlink":
+        os.link(source, tmp_path / "hard.txt")
+    code, out, err = translate_command(["--model", tmp_path / "no-model", "--input", "in.txt", "--output", output],
+                                       monkeypatch, capsys, cwd=tmp_path)
+    assert code == 2 and err.count("\n") == 1 and out == "", err
+    assert f"--output: {output!r} is the input file" in err and "name another file" in err
+    assert source.read_text() == "Hello.\n"
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_a_line_longer_than_the_model_reads_is_cut_with_one_warning(backend, tiny_teacher_dir, tmp_path):
     """The tiny model has 64 positions: a longer source is cut to 64 tokens (ending with </s>) instead of
