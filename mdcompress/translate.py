@@ -230,6 +230,8 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
         raise TranslateError(f"--threads: {threads} must be at least 1")
     folder = Path(path)
     exported = is_export(folder)
+    if int8 and exported:  # the export's precision is fixed: --int8 cannot change it, and must not be ignored
+        _check_int8_export(folder)
     if backend == "onnx" and not exported:
         candidate = default_folder(folder, "int8" if int8 else "float32")
         other = default_folder(folder, "float32" if int8 else "int8")
@@ -247,6 +249,25 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
     if int8 and not exported:
         raise TranslateError("--int8 goes with --backend onnx (PyTorch runs the saved float32 weights)")
     return OnnxTranslator(folder, threads) if exported else TorchTranslator.load(path, threads)
+
+
+def _check_int8_export(folder: Path) -> None:
+    """``--int8`` with an export folder as ``--model``: fine for an int8 export; a float32 one is refused
+    (rather than translated in float32 as if --int8 had been honoured), naming the int8 export beside it."""
+    try:
+        precision = read_info(folder).get("precision")
+    except ExportError as e:
+        raise TranslateError(f"--model: {e}") from None
+    if precision == "int8":
+        return
+    sibling = default_folder(folder.parent, "int8")
+    if sibling != folder and is_export(sibling) and read_info(sibling).get("precision") == "int8":
+        fix = f"give its int8 export --model {str(sibling)!r}"
+    else:
+        model = str(folder.parent) if (folder.parent / "config.json").is_file() else "<its model folder>"
+        fix = f"export one with: python -m mdcompress.onnx_export --model {model} --int8"
+    raise TranslateError(f"--int8: {str(folder)!r} is already an ONNX export, of {precision} weights, and --int8 "
+                         f"cannot change that; leave out --int8 to use it, or {fix}")
 
 
 def translate_lines(translator, sentences: Sequence[str], batch_size: int = 32, num_beams: int = 1,
@@ -339,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a folder written by compress_model.py, or its ONNX export")
     parser.add_argument("--backend", default="auto", help="auto (by the folder) / torch / onnx")
-    parser.add_argument("--int8", action="store_true", help="with --backend onnx: use the model's onnx-int8 export")
+    parser.add_argument("--int8", action="store_true", help="with --backend onnx: use the model's onnx-int8 export (an export folder as --model "
+                             "keeps its own precision: --int8 with a float32 one is refused)")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default 32)")
     parser.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); more = beam search")
     parser.add_argument("--max-new-tokens", type=int, default=256,

@@ -437,6 +437,26 @@ def test_backend_onnx_points_to_the_export_the_folder_has(int8, tiny_teacher_dir
         f"python -m mdcompress.onnx_export --model {tiny_teacher_dir}{flag}")
 
 
+@pytest.mark.parametrize("case", ["float32_alone", "float32_beside_int8", "int8"])
+def test_int8_with_an_export_folder_is_refused_unless_it_is_int8(case, tiny_teacher_dir, monkeypatch, capsys):
+    """--int8 cannot change the precision of an export given as --model: with a float32 export it is refused in
+    one line (naming the onnx-int8/ export beside it when there is one) instead of ignored; an int8 export runs."""
+    float32 = export(tiny_teacher_dir, precision="float32")
+    if case != "float32_alone":
+        int8 = export(tiny_teacher_dir, precision="int8")
+    model = int8 if case == "int8" else float32
+    capsys.readouterr()  # what the exports printed
+    code, out, err = translate_command(["--model", model, "--int8", "--max-new-tokens", "4"], monkeypatch, capsys,
+                                       stdin=b"Hello.\n")
+    if case == "int8":
+        assert code == 0 and len(out.split("\n")) == 2, err
+        return
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"--int8: {str(float32)!r} is already an ONNX export, of float32 weights" in err
+    assert err.rstrip().endswith(f"give its int8 export --model {str(int8)!r}" if case == "float32_beside_int8"
+                                 else f"python -m mdcompress.onnx_export --model {tiny_teacher_dir} --int8")
+
+
 def test_readme_deploying_commands_work_as_written_after_the_default_job():
     """docs/deploying.md's "Export and translate" commands, run in order after the default job (which
     exported its student into onnx/ and onnx-int8/ of its output folder): no export aims at a folder that
