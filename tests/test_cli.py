@@ -252,6 +252,8 @@ BAD_CONFIGS = [
      lambda d: edit_config(d, decompose_layers=["model.encoder.layers.0.self_attn_layer_norm.weight"]),
      ["self_attn_layer_norm.weight", "not an nn.Linear"]),
     ("rank-zero", lambda d: edit_config(d, k_info=0), ["k_info", "rank 0", "at least 1"]),
+    ("max-length-factor-zero", lambda d: edit_config(d, max_length_factor=0),
+     ["max_length_factor: must be positive (or null: no bound but max_new_tokens), got 0"]),
     ("rank-too-big", lambda d: edit_config(d, k_info=16), ["k_info", "16", "saves nothing", "at most"]),
     ("target-ratio-out-of-reach", lambda d: edit_config(d, k_info=None, target_ratio=0.01),
      ["target_ratio 0.01 is out of reach", "choose target_ratio in"]),

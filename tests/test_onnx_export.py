@@ -499,3 +499,57 @@ def test_installed_commands_name_themselves_in_errors(command, tmp_path, monkeyp
     assert (translate if command == "md-translate" else onnx_export).main() == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{command}: error: ") and err.count("\n") == 1 and "nowhere" in err, err
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_each_translation_is_bounded_by_its_source_alike_in_pytorch_and_onnx(beams, varied_teacher_dir, tiny_pairs,
+                                                                             tmp_path):
+    """A translation stops at ceil(max_length_factor × its source tokens) + MAX_LENGTH_MARGIN new tokens (ending
+    with </s>), each sentence at its own bound, though its batch goes on: PyTorch and ONNX Runtime alike."""
+    from mdcompress.translate import MAX_LENGTH_MARGIN, TorchTranslator, length_bounds, translate_ids
+
+    torch_translator, onnx_translator = load_translator(varied_teacher_dir), load_translator(
+        export(varied_teacher_dir, tmp_path / "onnx"))
+    tokenizer = torch_translator.tokenizer
+    ids = tokenizer([s for s, _ in tiny_pairs[:40]])["input_ids"]
+    assert len({len(x) for x in ids}) > 5  # sentences of many lengths share batches
+    bounds = length_bounds([len(x) for x in ids], 60, 0.5)
+    assert bounds == [min(60, -(-len(x) // 2) + MAX_LENGTH_MARGIN) for x in ids]
+    unbounded = translate_ids(torch_translator, ids, batch_size=16, num_beams=beams, max_new_tokens=60,
+                              max_length_factor=None)
+    expected = translate_ids(torch_translator, ids, batch_size=16, num_beams=beams, max_new_tokens=60,
+                             max_length_factor=0.5)
+    assert translate_ids(onnx_translator, ids, batch_size=16, num_beams=beams, max_new_tokens=60,
+                         max_length_factor=0.5) == expected
+    assert expected != unbounded  # the bound bites on this model, which rambles
+    for translator in (torch_translator, onnx_translator):  # generate() itself: each row ends with </s> at its bound
+        batch = ids[:8]
+        longest = max(map(len, batch))
+        input_ids = np.array([x + [tokenizer.pad_token_id] * (longest - len(x)) for x in batch], np.int64)
+        mask = np.array([[1] * len(x) + [0] * (longest - len(x)) for x in batch], np.int64)
+        rows = translator.generate(input_ids, mask, num_beams=beams, max_new_tokens=60, bounds=bounds[:8])
+        for row, bound in zip(rows, bounds[:8]):
+            row = [t for t in row if t != tokenizer.pad_token_id]
+            assert len(row) <= bound and row[-1] == tokenizer.eos_token_id, (row, bound)
+        assert any(len([t for t in row if t != tokenizer.pad_token_id]) == b for row, b in zip(rows, bounds)), rows
+    assert isinstance(torch_translator, TorchTranslator)
+
+
+def test_translate_command_max_length_factor(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    """--max-length-factor: bounds the translations by their sources (default 2), none lifts the bound, and a value
+    that is not a positive number is refused in one line."""
+    stdin = b"Hello.\nI like tea.\n"
+    outputs = {}
+    for factor in ("none", "2", "0.1"):
+        code, out, err = translate_command(["--model", tiny_teacher_dir, "--max-new-tokens", "40",
+                                            "--max-length-factor", factor], monkeypatch, capsys, stdin=stdin)
+        assert code == 0, err
+        outputs[factor] = out
+    code, out, err = translate_command(["--model", tiny_teacher_dir, "--max-new-tokens", "40"], monkeypatch, capsys,
+                                       stdin=stdin)
+    assert out == outputs["2"] and outputs["0.1"] != outputs["none"]
+    for bad in ("0", "-1", "x", "inf"):
+        code, out, err = translate_command(["--model", tiny_teacher_dir, "--max-length-factor", bad], monkeypatch,
+                                           capsys, stdin=stdin)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert f"--max-length-factor: {bad!r} is not a positive number" in err
