@@ -225,7 +225,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     config = fit_lengths(config, teacher, base)
     targets = decomposition.check_decomposition(teacher, base, config)
     generate = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
-                "max_new_tokens": config.max_new_tokens, "max_source_length": config.max_source_length,
+                "max_new_tokens": config.max_new_tokens, "max_length_factor": config.max_length_factor,
+                "max_source_length": config.max_source_length,
                 "progress": config.progress and main_process}
 
     # Model inputs, by the preprocessing hook (sequence_level_kd: the teacher's translations as targets);

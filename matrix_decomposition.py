@@ -891,11 +891,38 @@ def load_pretrained(path: str, key: str = "model", tokenizer_kwargs: Mapping[str
         raise
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if type(e).__name__ == "SafetensorError":  # a weights file cut short: name it, not only the folder
+            broken = _unreadable_weights(path)
+            if broken is not None:
+                raise DecompositionError(
+                    f"{key}: {str(broken)!r} ({broken.stat().st_size} bytes) looks truncated or incomplete "
+                    f"({first.removeprefix('Error while deserializing header: ')}): download it again, or save "
+                    f"the model again") from None
         where = "" if local.is_dir() else f" (no folder {os.path.abspath(path)!r} relative to the current folder, " \
                                            f"so as a hub id)"
         raise DecompositionError(f"{key}: cannot load {path!r}{where}: {first}") from None
     check_supported(model)
     return model.eval(), tokenizer
+
+
+def _unreadable_weights(path: str) -> Path | None:
+    """The first ``*.safetensors`` file of the model ``path`` (a folder, or a hub id's cached snapshot)
+    whose header safetensors cannot read, or None."""
+    from safetensors import safe_open
+
+    folder = Path(path)
+    if not folder.is_dir():  # a hub id: the snapshot it was read from, if cached
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(path, WEIGHTS_NAME)
+        folder = Path(cached).parent if isinstance(cached, str) else None
+    for file in sorted(folder.glob("*.safetensors")) if folder is not None else []:
+        try:
+            with safe_open(str(file), "pt"):
+                pass
+        except Exception:  # noqa: BLE001 - SafetensorError, or the file cannot be read at all
+            return file
+    return None
 
 
 def quantize_int8(model: nn.Module) -> nn.Module:

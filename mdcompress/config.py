@@ -24,6 +24,7 @@ from functools import partial
 from pathlib import Path
 
 from mdcompress.errors import ConfigError
+from mdcompress.translate import DEFAULT_MAX_LENGTH_FACTOR, MAX_LENGTH_MARGIN
 
 EXPORTS = ("onnx", "onnx-int8")
 DEFAULT_RANK = 32  # k_info when neither it nor target_ratio is given
@@ -177,6 +178,12 @@ class Config:
     max_new_tokens: int = evaluation_key(128,
         "longest translation generated; also saved in generation_config.json when the teacher sets no "
         "length limit")
+    max_length_factor: float | None = evaluation_key(DEFAULT_MAX_LENGTH_FACTOR,
+        f"bounds each translation by its source, as Marian's max-length-factor does: at most "
+        f"ceil(max_length_factor × source tokens) + {MAX_LENGTH_MARGIN} new tokens (and never more than "
+        f"max_new_tokens), so that a degenerate output stops near the length of a real one instead of running to "
+        f"max_new_tokens; applies to the BLEU evaluations and sequence_level_kd's translations (python -m "
+        f"mdcompress.translate: --max-length-factor); null = max_new_tokens alone")
     checkpoint_steps: int = run_key(500,
         "save a checkpoint every N optimizer steps, to continue with --resume (0 = never)")
     checkpoint_dir: str | None = run_key(None,
@@ -211,6 +218,9 @@ class Config:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {value}")
+        if self.max_length_factor is not None and not self.max_length_factor > 0:
+            raise ConfigError(f"max_length_factor: must be positive (or null: no bound but max_new_tokens), got "
+                              f"{self.max_length_factor}")
         for name in ("learning_rate", "temperature"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name}: must be positive, got {getattr(self, name)}")

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from matrix_decomposition import count_parameters, size_mb
-from mdcompress.translate import OnnxTranslator, folder_mb, translate, translate_ids
+from mdcompress.translate import DEFAULT_MAX_LENGTH_FACTOR, OnnxTranslator, folder_mb, translate, translate_ids
 
 
 def corpus_scores(hypotheses: Sequence[str], references: Sequence[str]) -> dict:
@@ -37,11 +37,13 @@ def evaluate_translation(model: nn.Module, tokenizer, sources: Sequence[str] | S
 
 
 def evaluate_export(folder: str | os.PathLike, sources: Sequence[Sequence[int]], references: Sequence[str],
-                    batch_size: int = 64, num_beams: int = 1, max_new_tokens: int = 128, **_) -> dict:
+                    batch_size: int = 64, num_beams: int = 1, max_new_tokens: int = 128,
+                    max_length_factor: float | None = DEFAULT_MAX_LENGTH_FACTOR, **_) -> dict:
     """BLEU and chrF of an ONNX export (``onnx_export``) translating the token-id lists ``sources``
     in ONNX Runtime, with its size on disk and the time the translation took."""
     translator = OnnxTranslator(folder, threads=torch.get_num_threads())
     start = time.perf_counter()
-    hypotheses = translate_ids(translator, sources, batch_size, num_beams, max_new_tokens, progress=False)
+    hypotheses = translate_ids(translator, sources, batch_size, num_beams, max_new_tokens, progress=False,
+                               max_length_factor=max_length_factor)
     seconds = time.perf_counter() - start
     return {"size_mb": folder_mb(folder), **corpus_scores(hypotheses, references), "translate_seconds": round(seconds, 2)}

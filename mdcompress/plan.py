@@ -206,7 +206,8 @@ def translation_seconds(model, tokenizer, sources, config: Config, sample: int |
     sample = min(len(sources), sample or config.eval_batch_size)
     started = time.perf_counter()
     translate(model, tokenizer, sources[:sample], batch_size=config.eval_batch_size, num_beams=config.num_beams,
-              max_new_tokens=config.max_new_tokens, max_source_length=config.max_source_length)
+              max_new_tokens=config.max_new_tokens, max_length_factor=config.max_length_factor,
+              max_source_length=config.max_source_length)
     return (time.perf_counter() - started) * len(sources) / max(sample, 1)
 
 

@@ -36,6 +36,21 @@ from mdcompress.onnx_format import DECODER, ENCODER, WEIGHTS, default_folder, is
 from mdcompress.process import exit_with, quiet_transformers
 
 BACKENDS = ("auto", "torch", "onnx")
+# A translation is bounded by its source, as Marian's --max-length-factor bounds it: at most
+# ceil(factor × source tokens) + MAX_LENGTH_MARGIN new tokens (and never more than max_new_tokens), so that a
+# degenerate output ("Erddddungssss…") stops near the length of a real one instead of running to max_new_tokens
+DEFAULT_MAX_LENGTH_FACTOR = 2.0
+MAX_LENGTH_MARGIN = 10
+
+
+def length_bounds(source_lengths: Sequence[int], max_new_tokens: int, factor: float | None) -> list[int]:
+    """The most new tokens each source (its length in tokens, </s> included) may be translated into:
+    ``min(max_new_tokens, ceil(factor · length) + MAX_LENGTH_MARGIN)``; ``factor`` None: ``max_new_tokens``."""
+    import math
+
+    if factor is None:
+        return [max_new_tokens] * len(source_lengths)
+    return [min(max_new_tokens, math.ceil(factor * n) + MAX_LENGTH_MARGIN) for n in source_lengths]
 
 
 
@@ -82,9 +97,10 @@ class OnnxTranslator:
         return self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
 
     def _step(self, tokens, attention_mask, past, cross, step: int, max_new_tokens: int, min_new_tokens: int = 0,
-              normalize: bool = False):
+              normalize: bool = False, bounds=None):
         """Scores of the next token (B, V) with the search constraints applied, and the grown cache:
-        logits, or with ``normalize`` log-probabilities (taken before the constraints, as generate() does)."""
+        logits, or with ``normalize`` log-probabilities (taken before the constraints, as generate() does).
+        ``bounds`` (B,): each row's most new tokens; at its last one the row gets </s> (``EndAtBound``)."""
         import numpy as np
 
         feed = {"input_ids": tokens[:, None], "attention_mask": attention_mask,
@@ -100,6 +116,11 @@ class OnnxTranslator:
         if self.forced_eos is not None and step == max_new_tokens - 1:  # the last position: end the sentence
             scores[:] = -np.inf
             scores[:, self.forced_eos] = 0.0  # as transformers' ForcedEOSTokenLogitsProcessor scores it
+        if bounds is not None:
+            ending = bounds == step + 1
+            if ending.any():
+                scores[ending] = -np.inf
+                scores[ending, self.eos] = 0.0
         return scores, past
 
     def _empty_cache(self, batch: int):
@@ -108,13 +129,18 @@ class OnnxTranslator:
         return [np.zeros((batch, self.info["heads"], 0, self.info["head_dim"]), np.float32) for _ in self.info["past"]]
 
     def generate(self, input_ids, attention_mask, num_beams: int = 1, max_new_tokens: int = 128,
-                 min_new_tokens: int = 0) -> list[list[int]]:
+                 min_new_tokens: int = 0, bounds: Sequence[int] | None = None) -> list[list[int]]:
         """Token ids of the translations of a padded batch (numpy int64 arrays (B, S)), without the
-        start token; ``min_new_tokens`` keeps </s> out until then (as in generate())."""
-        max_new_tokens = min(max_new_tokens, self.max_positions)
-        if num_beams > 1:
-            return self._beam_search(input_ids, attention_mask, num_beams, max_new_tokens, min_new_tokens)
+        start token; ``min_new_tokens`` keeps </s> out until then (as in generate()); ``bounds``: the most
+        new tokens of each sentence (``length_bounds``), </s> at the last."""
         import numpy as np
+
+        max_new_tokens = min(max_new_tokens, self.max_positions)
+        if bounds is not None:
+            bounds = np.asarray(bounds, dtype=np.int64)
+            max_new_tokens = min(max_new_tokens, int(bounds.max()))
+        if num_beams > 1:
+            return self._beam_search(input_ids, attention_mask, num_beams, max_new_tokens, min_new_tokens, bounds)
 
         cross = self._encode(input_ids, attention_mask)
         batch = input_ids.shape[0]
@@ -123,7 +149,8 @@ class OnnxTranslator:
         tokens = np.full(batch, self.start, dtype=np.int64)
         past, mask = self._empty_cache(batch), attention_mask
         for step in range(max_new_tokens):
-            logits, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens)
+            logits, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens,
+                                      bounds=None if bounds is None else bounds[alive])
             tokens = logits.argmax(-1).astype(np.int64)
             for row, token in zip(alive, tokens):
                 out[row].append(int(token))
@@ -137,7 +164,7 @@ class OnnxTranslator:
         return out
 
     def _beam_search(self, input_ids, attention_mask, num_beams: int, max_new_tokens: int,
-                     min_new_tokens: int) -> list[list[int]]:
+                     min_new_tokens: int, bounds=None) -> list[list[int]]:
         import numpy as np
 
         batch, beams, lp = input_ids.shape[0], num_beams, self.length_penalty
@@ -151,7 +178,8 @@ class OnnxTranslator:
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # (score, tokens), best first
         alive = np.arange(batch)  # sentences still searching; finished ones leave the batch
         for step in range(max_new_tokens):
-            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens, normalize=True)
+            log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens, normalize=True,
+                                         bounds=None if bounds is None else np.repeat(bounds[alive], beams))
             vocab = log_probs.shape[-1]
             candidates = (scores[:, :, None] + log_probs.reshape(len(alive), beams, vocab)).reshape(len(alive), -1)
             part = np.argpartition(-candidates, 2 * beams - 1, axis=1)[:, : 2 * beams]
@@ -206,19 +234,47 @@ class TorchTranslator:
             raise TranslateError(str(e)) from None
 
     def generate(self, input_ids, attention_mask, num_beams: int = 1, max_new_tokens: int = 128,
-                 min_new_tokens: int = 0) -> list[list[int]]:
+                 min_new_tokens: int = 0, bounds: Sequence[int] | None = None) -> list[list[int]]:
         import torch
+        from transformers import LogitsProcessorList
 
         if self.max_positions:  # the decoder reads position k to choose token k + 1: no more than it has
             max_new_tokens = min(max_new_tokens, self.max_positions)
-            min_new_tokens = min(min_new_tokens, max_new_tokens)
+        extra = {}
+        if bounds is not None:
+            max_new_tokens = min(max_new_tokens, max(bounds))
+            eos = self.model.generation_config.eos_token_id
+            eos = eos[0] if isinstance(eos, (list, tuple)) else eos
+            extra["logits_processor"] = LogitsProcessorList([EndAtBound(bounds, num_beams, eos)])
+        min_new_tokens = min(min_new_tokens, max_new_tokens)
         device = next(self.model.parameters()).device
-        at_least = {"min_new_tokens": min_new_tokens} if min_new_tokens else {}  # else the model's own min_length
+        if min_new_tokens:  # else the model's own min_length
+            extra["min_new_tokens"] = min_new_tokens
         with torch.no_grad():  # not inference_mode: a model in memory may be trained afterwards
             out = self.model.generate(input_ids=torch.from_numpy(input_ids).to(device),
                                       attention_mask=torch.from_numpy(attention_mask).to(device),
-                                      num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **at_least)
+                                      num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **extra)
         return [row[1:] for row in out.tolist()]  # without the decoder start token
+
+
+class EndAtBound:
+    """A logits processor of ``generate()``: sentence ``i`` of the batch (its beams: rows ``i·beams`` to
+    ``i·beams + beams - 1``) gets </s> as its ``bounds[i]``-th new token, as ``forced_eos_token_id`` ends every
+    sentence at ``max_new_tokens``; the ONNX search (``OnnxTranslator._step``) does the same."""
+
+    def __init__(self, bounds: Sequence[int], beams: int, eos: int) -> None:
+        import torch
+
+        self.bounds = torch.tensor(list(bounds), dtype=torch.long).repeat_interleave(beams)
+        self.eos = eos
+
+    def __call__(self, input_ids, scores):
+        ending = (self.bounds.to(input_ids.device) == input_ids.shape[1])  # the start token + bound - 1 new ones
+        if ending.any():
+            scores = scores.clone()
+            scores[ending] = -float("inf")
+            scores[ending, self.eos] = 0.0
+        return scores
 
 
 def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int = 1, int8: bool = False):
@@ -230,6 +286,8 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
         raise TranslateError(f"--threads: {threads} must be at least 1")
     folder = Path(path)
     exported = is_export(folder)
+    if int8 and exported:  # the export's precision is fixed: --int8 cannot change it, and must not be ignored
+        _check_int8_export(folder)
     if backend == "onnx" and not exported:
         candidate = default_folder(folder, "int8" if int8 else "float32")
         other = default_folder(folder, "float32" if int8 else "int8")
@@ -249,9 +307,28 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
     return OnnxTranslator(folder, threads) if exported else TorchTranslator.load(path, threads)
 
 
+def _check_int8_export(folder: Path) -> None:
+    """``--int8`` with an export folder as ``--model``: fine for an int8 export; a float32 one is refused
+    (rather than translated in float32 as if --int8 had been honoured), naming the int8 export beside it."""
+    try:
+        precision = read_info(folder).get("precision")
+    except ExportError as e:
+        raise TranslateError(f"--model: {e}") from None
+    if precision == "int8":
+        return
+    sibling = default_folder(folder.parent, "int8")
+    if sibling != folder and is_export(sibling) and read_info(sibling).get("precision") == "int8":
+        fix = f"give its int8 export --model {str(sibling)!r}"
+    else:
+        model = str(folder.parent) if (folder.parent / "config.json").is_file() else "<its model folder>"
+        fix = f"export one with: python -m mdcompress.onnx_export --model {model} --int8"
+    raise TranslateError(f"--int8: {str(folder)!r} is already an ONNX export, of {precision} weights, and --int8 "
+                         f"cannot change that; leave out --int8 to use it, or {fix}")
+
+
 def translate_lines(translator, sentences: Sequence[str], batch_size: int = 32, num_beams: int = 1,
                     max_new_tokens: int = 128, max_source_length: int = 512, progress: bool | None = None,
-                    warn=None) -> list[str]:
+                    warn=None, max_length_factor: float | None = DEFAULT_MAX_LENGTH_FACTOR) -> list[str]:
     """Translations of ``sentences`` in their order (empty ones stay empty); see ``translate_ids``.
     A sentence of more tokens than the model has positions (or than ``max_source_length``) is cut to
     them, and ``warn`` (default: a line on standard error) is told in one line how many were."""
@@ -266,7 +343,8 @@ def translate_lines(translator, sentences: Sequence[str], batch_size: int = 32, 
             ids[k] = x
         (warn or _warn)(truncated_message([todo[k] + 1 for k in long], limit))
     out = [""] * len(sentences)
-    for i, text in zip(todo, translate_ids(translator, ids, batch_size, num_beams, max_new_tokens, progress)):
+    for i, text in zip(todo, translate_ids(translator, ids, batch_size, num_beams, max_new_tokens, progress,
+                                           max_length_factor=max_length_factor)):
         out[i] = text
     return out
 
@@ -284,9 +362,12 @@ def _warn(message: str) -> None:
 
 
 def translate_ids(translator, inputs: Sequence[Sequence[int]], batch_size: int = 32, num_beams: int = 1,
-                  max_new_tokens: int = 128, progress: bool | None = None, desc: str | None = None) -> list[str]:
+                  max_new_tokens: int = 128, progress: bool | None = None, desc: str | None = None,
+                  max_length_factor: float | None = DEFAULT_MAX_LENGTH_FACTOR) -> list[str]:
     """Translations of tokenized sources (lists of ids ending with </s>) in their order: sorted by
-    length into padded batches, so that little time goes into padding. ``progress`` shows a bar on
+    length into padded batches, so that little time goes into padding. Each translation is bounded by
+    its source (``length_bounds``: ``max_length_factor`` × its tokens + ``MAX_LENGTH_MARGIN``, at most
+    ``max_new_tokens``; None: ``max_new_tokens`` alone), the same bound in every backend. ``progress`` shows a bar on
     standard error (None: when it is a terminal); one labelled ``desc`` (a stage of a run) stays
     once done, an unlabelled one is cleared."""
     import numpy as np
@@ -306,7 +387,9 @@ def translate_ids(translator, inputs: Sequence[Sequence[int]], batch_size: int =
             for row, k in enumerate(chunk):
                 input_ids[row, :len(inputs[k])] = inputs[k]
                 attention_mask[row, :len(inputs[k])] = 1
-            generated = translator.generate(input_ids, attention_mask, num_beams=num_beams, max_new_tokens=max_new_tokens)
+            bounds = length_bounds([len(inputs[k]) for k in chunk], max_new_tokens, max_length_factor)
+            generated = translator.generate(input_ids, attention_mask, num_beams=num_beams,
+                                            max_new_tokens=max_new_tokens, bounds=bounds)
             for k, text in zip(chunk, tokenizer.batch_decode(generated, skip_special_tokens=True)):
                 out[k] = text
             bar.update(len(chunk))
@@ -315,7 +398,7 @@ def translate_ids(translator, inputs: Sequence[Sequence[int]], batch_size: int =
 
 def translate(model, tokenizer, inputs: Sequence[str] | Sequence[Sequence[int]], batch_size: int = 64,
               num_beams: int = 1, max_new_tokens: int = 128, max_source_length: int = 128, progress: bool = False,
-              desc: str = "translating") -> list[str]:
+              desc: str = "translating", max_length_factor: float | None = DEFAULT_MAX_LENGTH_FACTOR) -> list[str]:
     """Translations by the PyTorch ``model`` (in memory) of ``inputs`` in their order: token-id lists
     (as ``data_preprocessor`` returns them, used as they are) or raw sentences (tokenized here,
     truncated to ``max_source_length``); batched by ``translate_ids``."""
@@ -323,7 +406,7 @@ def translate(model, tokenizer, inputs: Sequence[str] | Sequence[Sequence[int]],
     if inputs and isinstance(inputs[0], str):
         inputs = tokenizer(list(inputs), truncation=True, max_length=max_source_length)["input_ids"]
     return translate_ids(TorchTranslator(model, tokenizer), inputs, batch_size, num_beams, max_new_tokens, progress,
-                         desc)
+                         desc, max_length_factor)
 
 
 def folder_mb(folder: str | os.PathLike) -> float:
@@ -339,11 +422,16 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a folder written by compress_model.py, or its ONNX export")
     parser.add_argument("--backend", default="auto", help="auto (by the folder) / torch / onnx")
-    parser.add_argument("--int8", action="store_true", help="with --backend onnx: use the model's onnx-int8 export")
+    parser.add_argument("--int8", action="store_true", help="with --backend onnx: use the model's onnx-int8 export (an export folder as --model "
+                             "keeps its own precision: --int8 with a float32 one is refused)")
     parser.add_argument("--batch-size", type=int, default=32, help="sentences per batch (default 32)")
     parser.add_argument("--num-beams", type=int, default=1, help="1 = greedy (default); more = beam search")
     parser.add_argument("--max-new-tokens", type=int, default=256,
                         help="longest translation in tokens (default 256; at most the model's positions)")
+    parser.add_argument("--max-length-factor", default=str(DEFAULT_MAX_LENGTH_FACTOR), metavar="FACTOR",
+                        help=f"bound each translation by its source: at most ceil(FACTOR × source tokens) + "
+                             f"{MAX_LENGTH_MARGIN} new tokens, as Marian's max-length-factor (default "
+                             f"{DEFAULT_MAX_LENGTH_FACTOR:g}; none: --max-new-tokens alone)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: robust when other jobs share the cores; raise it on a dedicated machine)")
     parser.add_argument("--input", default="-", help="input file, one sentence per line (default: standard input)")
@@ -360,7 +448,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise TranslateError(f"--{name.replace('_', '-')}: {getattr(args, name)} must be at least 1")
         if args.input != "-" and not Path(args.input).is_file():
             raise TranslateError(f"--input: {args.input!r} is not a file")
-        _check_output(args.output)  # before the model is loaded and the input translated
+        factor = _length_factor(args.max_length_factor)
+        _check_output(args.output, args.input)  # before the model is loaded and the input translated
         translator = load_translator(args.model, args.backend, args.threads, args.int8)
         if args.input == "-" and sys.stdin.isatty():  # else it would wait for the end of input in silence
             print(f"{prog}: reading sentences from standard input, one per line; end with Ctrl-D (Ctrl-Z Enter "
@@ -370,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
         if lines and lines[-1] == "":
             lines.pop()
         translations = translate_lines(translator, lines, args.batch_size, args.num_beams, args.max_new_tokens,
-                                       progress=args.progress,
+                                       progress=args.progress, max_length_factor=factor,
                                        warn=lambda message: print(f"{prog}: warning: {message}", file=sys.stderr))
         result = "".join(t + "\n" for t in translations)
         if args.output == "-":
@@ -389,6 +478,19 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _length_factor(text: str) -> float | None:
+    if text.strip().lower() == "none":
+        return None
+    try:
+        factor = float(text)
+    except ValueError:
+        factor = float("nan")
+    if not (factor > 0 and factor != float("inf")):
+        raise TranslateError(f"--max-length-factor: {text!r} is not a positive number; give e.g. "
+                             f"{DEFAULT_MAX_LENGTH_FACTOR:g}, or none for no bound but --max-new-tokens")
+    return factor
+
+
 def _read_text(path: str) -> str:
     """The input as text: a file, or standard input ("-") read as bytes and decoded as UTF-8 whatever
     the locale (under the C locale Python would let invalid bytes through to the tokenizer)."""
@@ -400,7 +502,7 @@ def _read_text(path: str) -> str:
         raise TranslateError(f"--input: {not_utf8([data], where)}") from None
 
 
-def _check_output(path: str) -> None:
+def _check_output(path: str, input_path: str = "-") -> None:
     if path == "-":
         return
     output = Path(path)
@@ -408,6 +510,21 @@ def _check_output(path: str) -> None:
         raise TranslateError(f"--output: {path!r} is a folder; name the file to write")
     if not output.parent.is_dir():
         raise TranslateError(f"--output: the folder {str(output.parent)!r} of {path!r} does not exist")
+    if input_path != "-" and _same_file(output, Path(input_path)):  # the translations would replace the sentences
+        same = "" if path == input_path else f" (the same file as --input {input_path!r})"
+        raise TranslateError(f"--output: {path!r} is the input file{same}; writing it would destroy the "
+                             f"sentences: name another file")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether ``a`` and ``b`` are one file: the same file on disk (through a link, a relative path, a
+    hard link), or, where one does not exist yet, the same resolved path."""
+    try:
+        if a.exists() and b.exists():
+            return os.path.samefile(a, b)
+    except OSError:
+        pass
+    return a.resolve() == b.resolve()
 
 
 def _write_atomically(path: Path, text: str) -> None:

@@ -254,6 +254,8 @@ BAD_CONFIGS = [
      lambda d: edit_config(d, decompose_layers=["model.encoder.layers.0.self_attn_layer_norm.weight"]),
      ["self_attn_layer_norm.weight", "not an nn.Linear"]),
     ("rank-zero", lambda d: edit_config(d, k_info=0), ["k_info", "rank 0", "at least 1"]),
+    ("max-length-factor-zero", lambda d: edit_config(d, max_length_factor=0),
+     ["max_length_factor: must be positive (or null: no bound but max_new_tokens), got 0"]),
     ("rank-too-big", lambda d: edit_config(d, k_info=16), ["k_info", "16", "saves nothing", "at most"]),
     ("target-ratio-out-of-reach", lambda d: edit_config(d, k_info=None, target_ratio=0.01),
      ["target_ratio 0.01 is out of reach", "choose target_ratio in"]),
@@ -454,3 +456,37 @@ def test_half_size_config_is_the_recipe_benchmarked_at_half_size():
     args = measured["args"]
     assert config.epoch == args["epochs"] == 4 and args["ratio"] == 0.5 and args["recipes"] == ["shipped"]
     assert not args["set"] and args["train"].endswith(config.dataset_path)
+
+
+@pytest.mark.parametrize("cut", ["empty", "half", "factorized-half"])
+@pytest.mark.parametrize("command", ["compress_model", "translate", "onnx_export"])
+def test_a_truncated_weights_file_is_named_in_one_line_by_every_command(command, cut, run_dir, tiny_teacher_dir,
+                                                                        tiny_tokenizer, capsys, monkeypatch):
+    """A model.safetensors cut short (an interrupted download or copy) is named, said to look truncated, with
+    the fix, by the three commands that load a model (all through load_pretrained): one line, exit 2."""
+    from mdcompress import onnx_export, translate
+
+    if cut == "factorized-half":  # a folder this tool wrote: loaded by load_compressed_model
+        from transformers import AutoModelForSeq2SeqLM
+
+        from matrix_decomposition import save_compressed_model
+
+        model = AutoModelForSeq2SeqLM.from_pretrained(tiny_teacher_dir)
+        decompose_(model, ["*fc1.weight"], k_info=4)
+        save_compressed_model(model, tiny_teacher_dir, tiny_tokenizer)
+    weights = tiny_teacher_dir / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(b"" if cut == "empty" else data[: len(data) // 2])
+    words = [f"{str(weights)!r} ({weights.stat().st_size} bytes) looks truncated or incomplete",
+             "download it again, or save the model again"]
+    if command == "compress_model":
+        refused_in_one_line(run_dir, capsys, monkeypatch, words)
+        return
+    capsys.readouterr()
+    main = translate.main if command == "translate" else onnx_export.main
+    monkeypatch.setattr(sys, "stdin", open(os.devnull))
+    assert main(["--model", str(tiny_teacher_dir)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"{command}.py: error: --model: "), err
+    assert all(word in err for word in words), err
+    assert not (tiny_teacher_dir / "onnx").exists()

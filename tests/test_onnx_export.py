@@ -257,6 +257,25 @@ def test_translate_command_input_and_output_errors(case, tiny_teacher_dir, tmp_p
     assert sorted(tmp_path.rglob("*")) == before
 
 
+@pytest.mark.parametrize("how", ["same", "relative", "symlink", "hardlink"])
+def test_translate_command_refuses_to_write_over_its_input(how, tmp_path, monkeypatch, capsys):
+    """--output naming the --input file (as written, by another relative path, through a link) is refused
+    in one line before the model is loaded (the model here does not even exist), and the input is kept."""
+    (tmp_path / "sub").mkdir()
+    source = tmp_path / "in.txt"
+    source.write_text("Hello.\n")
+    output = {"same": "in.txt", "relative": "sub/../in.txt", "symlink": "link.txt", "hardlink": "hard.txt"}[how]
+    if how == "symlink":
+        (tmp_path / "link.txt").symlink_to(source)
+    elif how == "hardlink":
+        os.link(source, tmp_path / "hard.txt")
+    code, out, err = translate_command(["--model", tmp_path / "no-model", "--input", "in.txt", "--output", output],
+                                       monkeypatch, capsys, cwd=tmp_path)
+    assert code == 2 and err.count("\n") == 1 and out == "", err
+    assert f"--output: {output!r} is the input file" in err and "name another file" in err
+    assert source.read_text() == "Hello.\n"
+
+
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
 def test_a_line_longer_than_the_model_reads_is_cut_with_one_warning(backend, tiny_teacher_dir, tmp_path):
     """The tiny model has 64 positions: a longer source is cut to 64 tokens (ending with </s>) instead of
@@ -418,6 +437,26 @@ def test_backend_onnx_points_to_the_export_the_folder_has(int8, tiny_teacher_dir
         f"python -m mdcompress.onnx_export --model {tiny_teacher_dir}{flag}")
 
 
+@pytest.mark.parametrize("case", ["float32_alone", "float32_beside_int8", "int8"])
+def test_int8_with_an_export_folder_is_refused_unless_it_is_int8(case, tiny_teacher_dir, monkeypatch, capsys):
+    """--int8 cannot change the precision of an export given as --model: with a float32 export it is refused in
+    one line (naming the onnx-int8/ export beside it when there is one) instead of ignored; an int8 export runs."""
+    float32 = export(tiny_teacher_dir, precision="float32")
+    if case != "float32_alone":
+        int8 = export(tiny_teacher_dir, precision="int8")
+    model = int8 if case == "int8" else float32
+    capsys.readouterr()  # what the exports printed
+    code, out, err = translate_command(["--model", model, "--int8", "--max-new-tokens", "4"], monkeypatch, capsys,
+                                       stdin=b"Hello.\n")
+    if case == "int8":
+        assert code == 0 and len(out.split("\n")) == 2, err
+        return
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert f"--int8: {str(float32)!r} is already an ONNX export, of float32 weights" in err
+    assert err.rstrip().endswith(f"give its int8 export --model {str(int8)!r}" if case == "float32_beside_int8"
+                                 else f"python -m mdcompress.onnx_export --model {tiny_teacher_dir} --int8")
+
+
 def test_readme_deploying_commands_work_as_written_after_the_default_job():
     """docs/deploying.md's "Export and translate" commands, run in order after the default job (which
     exported its student into onnx/ and onnx-int8/ of its output folder): no export aims at a folder that
@@ -460,3 +499,57 @@ def test_installed_commands_name_themselves_in_errors(command, tmp_path, monkeyp
     assert (translate if command == "md-translate" else onnx_export).main() == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{command}: error: ") and err.count("\n") == 1 and "nowhere" in err, err
+
+
+@pytest.mark.parametrize("beams", [1, 3])
+def test_each_translation_is_bounded_by_its_source_alike_in_pytorch_and_onnx(beams, varied_teacher_dir, tiny_pairs,
+                                                                             tmp_path):
+    """A translation stops at ceil(max_length_factor × its source tokens) + MAX_LENGTH_MARGIN new tokens (ending
+    with </s>), each sentence at its own bound, though its batch goes on: PyTorch and ONNX Runtime alike."""
+    from mdcompress.translate import MAX_LENGTH_MARGIN, TorchTranslator, length_bounds, translate_ids
+
+    torch_translator, onnx_translator = load_translator(varied_teacher_dir), load_translator(
+        export(varied_teacher_dir, tmp_path / "onnx"))
+    tokenizer = torch_translator.tokenizer
+    ids = tokenizer([s for s, _ in tiny_pairs[:40]])["input_ids"]
+    assert len({len(x) for x in ids}) > 5  # sentences of many lengths share batches
+    bounds = length_bounds([len(x) for x in ids], 60, 0.5)
+    assert bounds == [min(60, -(-len(x) // 2) + MAX_LENGTH_MARGIN) for x in ids]
+    unbounded = translate_ids(torch_translator, ids, batch_size=16, num_beams=beams, max_new_tokens=60,
+                              max_length_factor=None)
+    expected = translate_ids(torch_translator, ids, batch_size=16, num_beams=beams, max_new_tokens=60,
+                             max_length_factor=0.5)
+    assert translate_ids(onnx_translator, ids, batch_size=16, num_beams=beams, max_new_tokens=60,
+                         max_length_factor=0.5) == expected
+    assert expected != unbounded  # the bound bites on this model, which rambles
+    for translator in (torch_translator, onnx_translator):  # generate() itself: each row ends with </s> at its bound
+        batch = ids[:8]
+        longest = max(map(len, batch))
+        input_ids = np.array([x + [tokenizer.pad_token_id] * (longest - len(x)) for x in batch], np.int64)
+        mask = np.array([[1] * len(x) + [0] * (longest - len(x)) for x in batch], np.int64)
+        rows = translator.generate(input_ids, mask, num_beams=beams, max_new_tokens=60, bounds=bounds[:8])
+        for row, bound in zip(rows, bounds[:8]):
+            row = [t for t in row if t != tokenizer.pad_token_id]
+            assert len(row) <= bound and row[-1] == tokenizer.eos_token_id, (row, bound)
+        assert any(len([t for t in row if t != tokenizer.pad_token_id]) == b for row, b in zip(rows, bounds)), rows
+    assert isinstance(torch_translator, TorchTranslator)
+
+
+def test_translate_command_max_length_factor(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    """--max-length-factor: bounds the translations by their sources (default 2), none lifts the bound, and a value
+    that is not a positive number is refused in one line."""
+    stdin = b"Hello.\nI like tea.\n"
+    outputs = {}
+    for factor in ("none", "2", "0.1"):
+        code, out, err = translate_command(["--model", tiny_teacher_dir, "--max-new-tokens", "40",
+                                            "--max-length-factor", factor], monkeypatch, capsys, stdin=stdin)
+        assert code == 0, err
+        outputs[factor] = out
+    code, out, err = translate_command(["--model", tiny_teacher_dir, "--max-new-tokens", "40"], monkeypatch, capsys,
+                                       stdin=stdin)
+    assert out == outputs["2"] and outputs["0.1"] != outputs["none"]
+    for bad in ("0", "-1", "x", "inf"):
+        code, out, err = translate_command(["--model", tiny_teacher_dir, "--max-length-factor", bad], monkeypatch,
+                                           capsys, stdin=stdin)
+        assert code == 2 and out == "" and err.count("\n") == 1, err
+        assert f"--max-length-factor: {bad!r} is not a positive number" in err
