@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import sys
 from functools import partial
@@ -257,6 +258,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         report = saved["report"]
         say(f"resuming from {folder}" + ("" if resume_training else " (no checkpoint yet: distilling from the start)"),
             flush=True)
+        for key, (was, now) in saved["changed"].items():
+            say(f"{key} changed since the interrupted run: {json.dumps(was)} → {json.dumps(now)}", flush=True)
     elif main_process:
         report = decomposition.evaluate_before(teacher, base, student.model, tokenizer, sources, references, generate,
                                                shared)
@@ -278,12 +281,20 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     save_into = (shared.save_into if shared is not None else None) or config.output_path
     pictures = partial(write_run_pictures, spectra=plan.layer_spectra(base, student.ranks),
                        bounds=plan.no_saving_bounds(base, student.ranks))
-    save_outputs(save_into, model, tokenizer, report, dataclasses.asdict(config), exports=config.export,
-                 evaluate=partial(evaluate_export, sources=sources, references=references, **generate),
-                 write_more=pictures)
+    failed = save_outputs(save_into, model, tokenizer, report, dataclasses.asdict(config), exports=config.export,
+                          evaluate=partial(evaluate_export, sources=sources, references=references, **generate),
+                          write_more=pictures)
     remove_checkpoints(folder)
     print_report(report)
     print(f"saved to {config.output_path}" + (" (when the sweep ends)" if save_into != config.output_path else ""))
+    if failed:  # the student is saved; the export is what failed, and can be run again on the saved folder
+        name, reason = next(iter(failed.items()))
+        more = f" (and {', '.join(list(failed)[1:])})" if len(failed) > 1 else ""
+        flag = " --int8" if name.endswith("int8") else ""
+        print(f"compress_model.py: error: export {name}{more} failed: {reason}; the trained student is saved in "
+              f"{config.output_path}: export it with python -m mdcompress.onnx_export --model {config.output_path}{flag}",
+              file=sys.stderr)
+        return 1
     return 0
 
 

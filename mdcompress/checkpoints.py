@@ -21,8 +21,10 @@ from mdcompress.errors import OutputError
 from mdcompress.output_folder import check_clear_of, check_output_path
 
 
-# Keys that may change between an interrupted run and its resumption.
+# Keys that may change between an interrupted run and its resumption: how the run is carried out, and
+# what is done with the trained student (exported, evaluated in int8), which the checkpoints do not hold
 RESUMABLE_CHANGES = {"progress", "overwrite_output", "num_threads", "cache_dir", "preprocessing_num_workers"}
+AFTER_TRAINING = {"export", "quantize_int8", "eval_batch_size"}  # a change is said, not refused
 
 
 def checkpoint_dir(config: Config) -> Path:
@@ -79,10 +81,12 @@ def check_resume(config: Config, resume: bool) -> dict | None:
     # a key the interrupted run's version did not have yet ran at its default
     before = {**dataclasses.asdict(Config()), **saved["config"]}
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
-    if changed:
-        k = changed[0]
+    if refused := [k for k in changed if k not in AFTER_TRAINING]:
+        k = refused[0]
         raise ConfigError(f"--resume: {k} was {json.dumps(before.get(k))} in the interrupted run and is "
-                          f"{json.dumps(now[k])} now; resume with the same config")
+                          f"{json.dumps(now[k])} now; resume with the same config (only "
+                          f"{', '.join(sorted(AFTER_TRAINING))} may change)")
+    saved["changed"] = {k: [before.get(k), now[k]] for k in changed}  # said by the run when it resumes
     return saved
 
 

@@ -18,11 +18,9 @@ from pathlib import Path
 from torch import nn
 
 from matrix_decomposition import save_compressed_model
-from mdcompress.errors import OutputError
+from mdcompress.errors import ExportError, OutputError
 from mdcompress.files import atomic_folder
 from mdcompress.onnx_export import export
-
-
 
 OUTPUT_MARKERS = ("compression_config.json", "report.json")  # what save_outputs writes next to the model
 
@@ -71,21 +69,33 @@ def check_output_path(path: str | os.PathLike, overwrite: bool,
 
 
 def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report: dict, config: dict,
-                 exports: Sequence[str] = (), evaluate=None, write_more=None) -> None:
+                 exports: Sequence[str] = (), evaluate=None, write_more=None) -> dict[str, str]:
     """Write the compressed model, tokenizer, the config used and ``report.json`` to ``path``,
     atomically: everything goes to a temporary sibling folder that is then renamed into place
     (an existing folder is replaced only once the new one is complete). Each of ``exports``
     ("onnx", "onnx-int8") becomes a subfolder of that name; ``evaluate(folder)`` gives its report row.
-    ``write_more(folder, report)`` adds files of its own (the pictures and report.md)."""
+    ``write_more(folder, report)`` adds files of its own (the pictures and report.md).
+
+    An export that fails costs no trained student: the folder is written without it, the report
+    says why under ``export_failed``, and the returned {export: reason} lets the caller say how to
+    export again."""
     path = Path(path)
+    failed: dict[str, str] = {}
     with atomic_folder(path) as tmp:
         save_compressed_model(student, tmp, tokenizer)
         for name in exports:
-            folder = export(path, tmp / name, "int8" if name.endswith("int8") else "float32", model=student,
-                            tokenizer=tokenizer)
+            try:
+                folder = export(path, tmp / name, "int8" if name.endswith("int8") else "float32", model=student,
+                                tokenizer=tokenizer)
+            except Exception as e:  # our refusal (ExportError) or the exporter's own failure on a layout it lacks
+                failed[name] = str(e) if isinstance(e, ExportError) else f"{type(e).__name__}: {e}"
+                continue
             if evaluate is not None:
                 report[f"student_{name.replace('-', '_')}"] = {"params": report["student"]["params"], **evaluate(folder)}
+        if failed:
+            report["export_failed"] = failed
         (tmp / "compression_config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
         if write_more is not None:
             write_more(tmp, report)
+    return failed

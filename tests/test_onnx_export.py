@@ -74,6 +74,32 @@ def test_onnx_translations_equal_pytorch_greedy_and_beam(which, varied_teacher_d
     assert info["precision"] == "float32" and info["max_abs_diff"] < 1e-4
 
 
+@pytest.mark.parametrize("which", ["dense", "factorized"])
+def test_separate_vocabularies_export_and_translate_as_pytorch(which, make_tiny_marian, tiny_tokenizer, tmp_path):
+    """The OPUS-MT "tc-big" layout: source and target vocabularies of their own (here the target's is the
+    larger, which overflowed the encoder's embedding when the export checked itself) and an untied output
+    projection. Both precisions export; float32 greedy and beam search give PyTorch's tokens."""
+    model = make_tiny_marian(share_encoder_decoder_embeddings=False, decoder_vocab_size=len(tiny_tokenizer) + 37,
+                             tie_word_embeddings=False)
+    assert model.get_encoder().embed_tokens.num_embeddings < model.lm_head.out_features
+    if which == "factorized":
+        decompose_(model, ["*"], k_info=4)
+    varied_(model, 0.5)
+    save_compressed_model(model, tmp_path / "model", tiny_tokenizer)
+    onnx_dir = export(tmp_path / "model", tmp_path / "onnx")
+    assert export(tmp_path / "model", tmp_path / "onnx-int8", "int8").is_dir()
+    torch_translator, onnx_translator = load_translator(tmp_path / "model"), load_translator(onnx_dir)
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, len(tiny_tokenizer), (12, 9), generator=generator)
+    ids[:, -1] = tiny_tokenizer.eos_token_id
+    mask = torch.ones_like(ids)
+    for beams in (1, 3):
+        expected = torch_translator.generate(ids.numpy(), mask.numpy(), num_beams=beams, max_new_tokens=10)
+        got = onnx_translator.generate(ids.numpy(), mask.numpy(), num_beams=beams, max_new_tokens=10)
+        assert [list(map(int, g)) for g in got] == [list(map(int, e)) for e in expected], beams
+        assert any(t >= len(tiny_tokenizer) for e in expected for t in e)  # target-only ids are produced
+
+
 def test_factorized_export_stores_the_factors_and_the_embedding_once(make_tiny_marian, tmp_path):
     teacher = varied_(make_tiny_marian(), 0.3, positions=False)
     student = make_tiny_marian()

@@ -161,6 +161,51 @@ def test_ctrl_c_after_a_checkpoint_says_where_it_is_and_resume_continues(run_dir
     assert json.loads((run_dir / "out" / "report.json").read_text())["optimizer_steps"] == 40
 
 
+def test_resume_takes_a_changed_export_and_says_so_but_refuses_a_training_key(run_dir, monkeypatch, capsys):
+    """Keys that act on the trained student only (export, int8 evaluation) may change on --resume, and the
+    run says which; a key that shapes the training is still refused."""
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=2)
+    with monkeypatch.context() as patch:
+        _stop_at_micro_batch(patch, 13, KeyboardInterrupt())  # after step 12; checkpoint_steps is 10
+        assert compress_model.main(["--config", "config.json"]) == 130
+    capsys.readouterr()
+    edit_config(run_dir, learning_rate=1e-3)
+    assert compress_model.main(["--config", "config.json", "--resume"]) == 2
+    assert "--resume: learning_rate was 0.003 in the interrupted run and is 0.001 now" in capsys.readouterr().err
+    edit_config(run_dir, learning_rate=3e-3, quantize_int8=True)
+    assert compress_model.main(["--config", "config.json", "--resume"]) == 0
+    assert "quantize_int8 changed since the interrupted run: false → true" in capsys.readouterr().out
+    report = json.loads((run_dir / "out" / "report.json").read_text())
+    assert report["optimizer_steps"] == 40 and "student_int8" in report
+
+
+def test_an_export_that_fails_after_training_keeps_the_trained_student(run_dir, monkeypatch, capsys):
+    """The exporter failing on a layout it does not handle comes after hours of training: the student is
+    saved all the same (without that export, the report says why), the line names the command that exports
+    it again, and the exit status says the run did not do all it was asked."""
+    from mdcompress import onnx_export
+
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=1, export=["onnx", "onnx-int8"])
+
+    def broken(model, folder, tolerance):
+        raise IndexError("index out of range in self")
+
+    monkeypatch.setattr(onnx_export, "_verify", broken)
+    assert compress_model.main(["--config", "config.json"]) == 1
+    err = capsys.readouterr().err.strip()
+    out = run_dir / "out"
+    assert err == (f"compress_model.py: error: export onnx (and onnx-int8) failed: IndexError: index out of range in "
+                   f"self; the trained student is saved in {out}: export it with python -m mdcompress.onnx_export "
+                   f"--model {out}"), err
+    assert (out / "model.safetensors").is_file() and not (out / "onnx").exists() and not (out / "onnx-int8").exists()
+    report = json.loads((out / "report.json").read_text())
+    assert set(report["export_failed"]) == {"onnx", "onnx-int8"} and "student" in report
+    assert not (run_dir / "out-checkpoints").exists()
+    assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no temporary left
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_restarted_or_resumed_from_the_start(run_dir, monkeypatch):
     """A SIGKILL (or a crash) before the first checkpoint leaves run.json alone in the checkpoint folder."""
     monkeypatch.chdir(run_dir)
