@@ -172,10 +172,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.resume and config.plan:
             raise ConfigError("plan: true only plans a run; remove it (or --resume) to continue the interrupted run")
         if sweep_key(config):
-            code = run_sweep(config, sweep_key(config), run, resume=args.resume, config_path=args.config,
-                             plan_only=args.plan or config.plan)
+            code = run_sweep(config, sweep_key(config), partial(run, prog=prog), resume=args.resume,
+                             config_path=args.config, plan_only=args.plan or config.plan)
         else:
-            code = run(config, resume=args.resume, config_path=args.config, plan_only=args.plan or config.plan)
+            code = run(config, resume=args.resume, config_path=args.config, plan_only=args.plan or config.plan,
+                       prog=prog)
         leave_process_group()
         return code
     except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM: one line saying what is kept and how to go on, no traceback
@@ -192,12 +193,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(config: Config, resume: bool = False, config_path: str | os.PathLike | None = None, plan_only: bool = False,
-        shared: SweepMemory | None = None) -> int:
+        shared: SweepMemory | None = None, prog: str = "compress_model.py") -> int:
     """One compression: data, teacher, decomposition, distillation, evaluation, saved outputs.
     ``plan_only`` stops after the decomposition and prints the plan (``plan.print_plan``) instead,
     writing nothing. ``shared`` is a sweep's memory across its runs: the teacher's evaluation and the
     sensitivity curves are taken from it when there, stored otherwise; the outputs go to its
-    ``save_into`` folder (the sweep's temporary one) instead of output_path."""
+    ``save_into`` folder (the sweep's temporary one) instead of output_path. ``prog`` is the command's name
+    in the line that reports an export that failed after training."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_transformers()
     state = PartialState(cpu=distributed_on_cpu())  # one process, or one of several under torchrun / accelerate launch
@@ -291,7 +293,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         name, reason = next(iter(failed.items()))
         more = f" (and {', '.join(list(failed)[1:])})" if len(failed) > 1 else ""
         flag = " --int8" if name.endswith("int8") else ""
-        print(f"compress_model.py: error: export {name}{more} failed: {reason}; the trained student is saved in "
+        print(f"{prog}: error: export {name}{more} failed: {reason}; the trained student is saved in "
               f"{config.output_path}: export it with python -m mdcompress.onnx_export --model {config.output_path}{flag}",
               file=sys.stderr)
         return 1
