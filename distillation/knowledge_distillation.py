@@ -44,6 +44,7 @@ from distillation.distillation_loss import (
     weighted_sum,
 )
 from mdcompress.files import atomic_folder, chmod_as_umask, write_text_atomic
+from mdcompress.progress import progress_bar
 from mdcompress.config import LOSS_TERMS, Config
 from mdcompress.teacher_forcing import capture_outputs, decoder_inputs, source_positioned, teacher_forced
 from distillation.teacher_cache import build_teacher_cache
@@ -339,9 +340,9 @@ class Distiller:
         # saving): nothing is left to train
         finished = step >= self.total_steps
         start = time.time() - elapsed
-        bar = tqdm(total=self.total_steps, initial=step,
-                   desc="distilling" if uses_teacher(self.weights) else "fine-tuning",
-                   disable=not (config.progress and acc.is_main_process))
+        bar = progress_bar(total=self.total_steps, initial=step, unit="steps",
+                           desc="distilling" if uses_teacher(self.weights) else "fine-tuning",
+                           enabled=config.progress and acc.is_main_process)
         with self._hooks() as (teacher_features, student_features):
             for epoch in range(first_epoch, 0 if finished else config.epoch):
                 self.train_loader.set_epoch(epoch)

@@ -287,17 +287,18 @@ def translate_ids(translator, inputs: Sequence[Sequence[int]], batch_size: int =
                   max_new_tokens: int = 128, progress: bool | None = None, desc: str | None = None) -> list[str]:
     """Translations of tokenized sources (lists of ids ending with </s>) in their order: sorted by
     length into padded batches, so that little time goes into padding. ``progress`` shows a bar on
-    standard error (None: when it is a terminal); one labelled ``desc`` (a stage of a run) stays
-    once done, an unlabelled one is cleared."""
+    standard error, plain lines when it is not a terminal (None: a bar on a terminal, nothing
+    otherwise); one labelled ``desc`` (a stage of a run) stays once done, an unlabelled one is cleared."""
     import numpy as np
-    from tqdm import tqdm
+
+    from mdcompress.progress import interactive, progress_bar
 
     tokenizer = translator.tokenizer
     order = sorted(range(len(inputs)), key=lambda k: len(inputs[k]))
     out = [""] * len(inputs)
-    show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(inputs), desc=desc, unit="sentence", file=sys.stderr, disable=not show,
-              leave=desc is not None) as bar:
+    show = interactive() if progress is None else progress
+    with progress_bar(total=len(inputs), desc=desc or "translating", unit="sentences", enabled=show,
+                      leave=desc is not None) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             longest = max(len(inputs[k]) for k in chunk)

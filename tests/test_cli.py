@@ -120,7 +120,8 @@ def test_every_translation_pass_shows_progress(run_dir, monkeypatch, capsys):
     assert compress_model.main(["--config", "config.json"]) == 0
     err = capsys.readouterr().err
     for name in ("teacher", "decomposed", "student"):  # 24 eval pairs each
-        assert re.search(rf"BLEU {name}: 100%.* 24/24 ", err), (name, err[-2000:])
+        assert re.search(rf"^BLEU {name}: 24/24 sentences \(100%\), ", err, re.M), (name, err[-2000:])
+    assert "\r" not in err and re.search(r"^distilling: \d+/\d+ steps \(100%\), ", err, re.M), err[-2000:]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
