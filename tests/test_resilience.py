@@ -322,7 +322,7 @@ def test_ctrl_c_after_training_keeps_the_trained_student_and_resume_does_not_tra
     resumed, straight = (json.loads((run_dir / name / "report.json").read_text()) for name in ("resumed", "out"))
     assert _without_timing(resumed) == _without_timing(straight)
     assert resumed["optimizer_steps"] == 40 and resumed["history"][-1]["step"] == 40
-    weights = [load_file(run_dir / name / "model.safetensors") for name in ("resumed", "out")]
+    weights = [load_file(run_dir / name / "model.low_rank.safetensors") for name in ("resumed", "out")]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
