@@ -148,15 +148,17 @@ def loss_lines(curve: Sequence[Mapping]) -> list[tuple[str, list[tuple[int, floa
     return lines
 
 
-def training_picture(path: Path, curve: Sequence[Mapping], history: Sequence[Mapping]) -> Path:
+def training_picture(path: Path, curve: Sequence[Mapping], history: Sequence[Mapping],
+                     held_out: Sequence[Mapping] = ()) -> Path:
     """``training.png``: ``training_figure`` saved."""
-    return _save(training_figure(curve, history), path)
+    return _save(training_figure(curve, history, held_out), path)
 
 
-def training_figure(curve: Sequence[Mapping], history: Sequence[Mapping]):
+def training_figure(curve: Sequence[Mapping], history: Sequence[Mapping], held_out: Sequence[Mapping] = ()):
     """Left: each loss term (and the weighted total) during distillation, averaged between the
     recorded points, on a log scale with plain tick labels, equal terms as one line; right: the
-    held-out cross-entropy (``eval_ce``) at each evaluation, on the same steps axis."""
+    held-out cross-entropy (``eval_ce``) at each evaluation (``history``'s and the ``held_out`` points
+    between them), on the same steps axis."""
     figure, (left, right) = _figure(10.0, 3.6, 2)
     lines = loss_lines(curve)
     for label, points in lines:
@@ -169,7 +171,7 @@ def training_figure(curve: Sequence[Mapping], history: Sequence[Mapping]):
     left.set_xlabel("optimizer step")
     left.set_title("training loss terms", fontsize=10)
     left.grid(alpha=0.3)
-    held_out = [(h["step"], h["eval_ce"]) for h in history if "eval_ce" in h]
+    held_out = sorted({h["step"]: h["eval_ce"] for h in [*held_out, *history] if "eval_ce" in h}.items())
     if held_out:
         right.plot(*zip(*held_out), "o-", color="tab:red")
         for step, value in held_out if len(held_out) <= 6 else ():
@@ -239,7 +241,8 @@ def write_run_pictures(folder: str | Path, report: Mapping, spectra: Mapping[str
     ranks = report["ranks"]
     pictures = [spectrum_picture(folder / "spectrum.png", spectra, ranks),
                 ranks_picture(folder / "ranks.png", ranks, bounds),
-                training_picture(folder / "training.png", report.get("loss_curve", []), report.get("history", []))]
+                training_picture(folder / "training.png", report.get("loss_curve", []), report.get("history", []),
+                                 report.get("held_out_curve", []))]
     summary = (f"compression ratio {report['compression_ratio']:.3f} (student params / teacher params); "
                f"{report['layers_decomposed']} layers decomposed; distilled in {report['train_seconds'] / 60:.1f} min "
                f"({report['optimizer_steps']:,} steps, {report['train_pairs']:,} pairs); evaluated on "

@@ -309,5 +309,9 @@ def test_training_picture_one_line_for_equal_terms_plain_ticks():
     assert any("eval_steps" in t.get_text() for t in right.texts)  # how to get more than 2 points
 
     curve = [{**p, "kd": 0.05, "loss": p["ce"] + 0.05} for p in curve]
-    left, _ = pictures.training_figure(curve, history).axes
+    between = [{"step": s, "eval_ce": 2.3 - s / 1000} for s in (20, 40, 50, 60, 80)]  # 50: also an epoch's end
+    left, right = pictures.training_figure(curve, history, between).axes
     assert [line.get_label() for line in left.get_lines()] == ["loss", "ce", "kd"]
+    (line,) = right.get_lines()
+    assert list(line.get_xdata()) == [20, 40, 50, 60, 80, 100]
+    assert not any("eval_steps" in t.get_text() for t in right.texts)  # enough points: no hint

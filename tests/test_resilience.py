@@ -20,6 +20,7 @@ from mdcompress import output_folder
 from mdcompress.checkpoints import after_interrupt, check_resume
 from mdcompress.process import InterruptWatch, Terminated, leave_process_group
 from mdcompress import plan
+from distillation import knowledge_distillation
 from distillation.knowledge_distillation import Distiller
 
 TIMING = ("train_seconds", "translate_seconds", "seconds")  # "seconds": the loss_curve's
@@ -48,8 +49,10 @@ def _without_timing(value):
 KILLED_RUN = """
 import sys, time
 import compress_model
+from distillation import knowledge_distillation
 from distillation.knowledge_distillation import Distiller
 
+knowledge_distillation.HELD_OUT_MIN_STEPS = 8  # held-out points every 3 steps: one of them in the checkpoint
 real_step, calls = Distiller._loss_step, [0]
 
 def step(self, *args):  # the run waits in step 6, to be killed there: the checkpoint of step 4 is its only one
@@ -87,6 +90,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(run_dir, monkeypatc
 
     # Starting over without --resume is refused, so the checkpoint is not lost by accident.
     monkeypatch.chdir(run_dir)
+    monkeypatch.setattr(knowledge_distillation, "HELD_OUT_MIN_STEPS", 8)
     assert compress_model.main(["--config", "config.json"]) == 2
     assert "--resume" in capsys.readouterr().err
 
@@ -95,6 +99,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(run_dir, monkeypatc
     assert not checkpoints.exists()  # cleaned up once the output is saved
     resumed = json.loads((run_dir / "out" / "report.json").read_text())
     assert resumed["optimizer_steps"] == 160 // 8 and resumed["history"][-1]["step"] == 20
+    assert [p["step"] for p in resumed["held_out_curve"]] == [3, 6, 9, 12, 15, 18]
 
     # The same run, uninterrupted.
     shutil.rmtree(run_dir / "out")
