@@ -350,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", default="-", help="input file, one sentence per line (default: standard input)")
     parser.add_argument("--output", default="-", help="output file (default: standard output)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar on standard error (default: when it is a terminal)")
+                        help="progress on standard error: a bar on a terminal, a plain line every 30 s "
+                             "elsewhere (default: the bar on a terminal, nothing elsewhere)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     writing = False  # the translations are going to standard output
