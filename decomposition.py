@@ -347,6 +347,7 @@ def result(report: dict, teacher: nn.Module, student: Decomposed, distiller: Dis
         "train_source_tokens": trained["source_tokens"], "train_target_tokens": trained["target_tokens"],
         "train_dataset_pairs": train_pairs, "eval_pairs": len(references), "optimizer_steps": distiller.total_steps,
         "processes": distiller.accelerator.num_processes, "history": distiller.history, "loss_curve": distiller.curve,
+        "held_out_curve": distiller.held_out,
         "bleu_signature": "sacrebleu corpus_bleu/corpus_chrf defaults (13a tokenization), "
                           f"{'greedy' if config.num_beams == 1 else f'beam {config.num_beams}'} decoding",
     })

@@ -42,7 +42,12 @@ from transformers import AutoConfig, AutoModelForSeq2SeqLM, MarianConfig
 from mdcompress.errors import DecompositionError
 from mdcompress.files import chmod_as_umask
 
-WEIGHTS_NAME = "model.safetensors"
+WEIGHTS_NAME = "model.safetensors"  # a dense model's weights (a factorized one's too, in older folders)
+# A factorized model's weights: transformers' "low_rank" variant name, which only the low-rank model classes
+# ask for. A plain class (``MarianMTModel.from_pretrained``) finds no model.safetensors and raises, instead of
+# building a dense model around randomly initialized layers with one warning among many.
+LOW_RANK_VARIANT = "low_rank"
+LOW_RANK_WEIGHTS_NAME = f"model.{LOW_RANK_VARIANT}.safetensors"
 CONFIG_FIELD = "matrix_decomposition"  # where the per-layer ranks live in the saved model config
 
 
@@ -748,8 +753,23 @@ def low_rank_classes(base_config_class: type) -> tuple[type, type]:
             base_model_class.__init__(self, config)
             apply_low_rank_structure_(self, (getattr(config, CONFIG_FIELD, None) or {}).get("ranks", {}))
 
+        def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+            """``from_pretrained`` reading ``LOW_RANK_WEIGHTS_NAME`` (older folders: ``WEIGHTS_NAME``)."""
+            load = base_model_class.from_pretrained.__func__
+            if kwargs.get("variant") is not None:
+                return load(cls, pretrained_model_name_or_path, *args, **kwargs)
+            folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
+            if folder.is_dir():
+                variant = LOW_RANK_VARIANT if (folder / LOW_RANK_WEIGHTS_NAME).is_file() else None
+                return load(cls, pretrained_model_name_or_path, *args, variant=variant, **kwargs)
+            try:  # a hub id: the low-rank file, else an older upload's model.safetensors
+                return load(cls, pretrained_model_name_or_path, *args, variant=LOW_RANK_VARIANT, **kwargs)
+            except OSError:
+                return load(cls, pretrained_model_name_or_path, *args, **kwargs)
+
         model_class = type(f"LowRank{base_model_class.__name__}", (base_model_class,), {
             "config_class": config_class, "__init__": __init__, "__module__": __name__,
+            "from_pretrained": classmethod(from_pretrained),
             "__doc__": f"``{base_model_class.__name__}`` with the factorization recorded in its config applied."})
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForSeq2SeqLM.register(config_class, model_class, exist_ok=True)
@@ -802,8 +822,9 @@ def weights_digest(model: nn.Module, salt: str = "") -> "hashlib._Hash":
 
 
 def save_compressed_model(model: nn.Module, path: str | os.PathLike, tokenizer=None) -> None:
-    """Write ``model`` (factorized or not) to the folder ``path``: ``model.safetensors`` (tied
-    tensors stored once), ``config.json`` with the per-layer ranks (a factorized model as
+    """Write ``model`` (factorized or not) to the folder ``path``: the weights (tied tensors stored
+    once) in ``model.low_rank.safetensors`` (``LOW_RANK_WEIGHTS_NAME``; a dense model's in
+    ``model.safetensors``), ``config.json`` with the per-layer ranks (a factorized model as
     ``model_type`` ``<base>_low_rank``, e.g. ``marian_low_rank``, see ``low_rank_classes``), ``generation_config.json``,
     and the tokenizer's files. Load it back with ``load_compressed_model`` or, this module
     imported, ``AutoModelForSeq2SeqLM.from_pretrained``."""
@@ -818,11 +839,21 @@ def save_compressed_model(model: nn.Module, path: str | os.PathLike, tokenizer=N
     state = model.state_dict()
     tied = {target for target, source in (getattr(model, "all_tied_weights_keys", None) or {}).items()
             if target in state and source in state and state[target].data_ptr() == state[source].data_ptr()}
-    save_file({k: v.contiguous() for k, v in state.items() if k not in tied}, str(path / WEIGHTS_NAME),
+    name = LOW_RANK_WEIGHTS_NAME if low_rank_ranks(model) else WEIGHTS_NAME
+    for stale in {WEIGHTS_NAME, LOW_RANK_WEIGHTS_NAME} - {name}:  # the other one, from an earlier save here
+        (path / stale).unlink(missing_ok=True)
+    save_file({k: v.contiguous() for k, v in state.items() if k not in tied}, str(path / name),
               metadata={"format": "pt"})
-    chmod_as_umask(path / WEIGHTS_NAME)
+    chmod_as_umask(path / name)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
+
+
+def weights_file(folder: str | os.PathLike) -> Path | None:
+    """The weights of a folder ``save_compressed_model`` wrote: ``LOW_RANK_WEIGHTS_NAME`` (factorized),
+    else ``WEIGHTS_NAME`` (dense, or factorized by an older version); None if neither is there."""
+    return next((Path(folder) / name for name in (LOW_RANK_WEIGHTS_NAME, WEIGHTS_NAME)
+                 if (Path(folder) / name).is_file()), None)
 
 
 def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = None, quantize: str | None = None):
@@ -838,8 +869,10 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
         raise DecompositionError(f"quantize='int8' needs float32 weights, got dtype={dtype}; "
                                  f"leave dtype out (or pass torch.float32)")
     path = Path(path)
-    if not (path / WEIGHTS_NAME).is_file():
-        raise FileNotFoundError(f"{path}: no {WEIGHTS_NAME}; is this a folder written by save_compressed_model?")
+    weights = weights_file(path)
+    if weights is None:
+        raise FileNotFoundError(f"{path}: no {LOW_RANK_WEIGHTS_NAME} nor {WEIGHTS_NAME}; is this a folder written by "
+                                f"save_compressed_model?")
     if (path / "config.json").is_file():  # a factorized family the Auto classes do not know yet
         model_type = json.loads((path / "config.json").read_text(encoding="utf-8")).get("model_type", "")
         if model_type.endswith(LOW_RANK_SUFFIX):
@@ -849,7 +882,7 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     model = AutoModelForSeq2SeqLM.from_config(config, dtype=dtype) if dtype else AutoModelForSeq2SeqLM.from_config(config)
     if not low_rank_ranks(model):  # a low-rank model class is built factorized; older folders say "marian"
         apply_low_rank_structure_(model, ranks)
-    missing, unexpected = load_model(model, str(path / WEIGHTS_NAME), strict=True)
+    missing, unexpected = load_model(model, str(weights), strict=True)
     assert not missing and not unexpected  # strict=True raises first
     if (path / "generation_config.json").is_file():
         model.generation_config = GenerationConfig.from_pretrained(path)

@@ -17,8 +17,9 @@ at half its size: attention rank 128, feed-forward rank 205, embedding rank 256)
 then), so every system does the same work, at 1 and at 2 threads (``--opus-threads``); and ONNX
 Runtime's profiler splits one decoder step (batch 32, 16 cached positions, 1 thread) by operator.
 Speed is sentences per second, the median over ``--rounds`` interleaved rounds (each round times
-every system once, in rotating order), with the threads pinned in every runtime. Sizes are the weight files (model.safetensors; encoder.onnx + decoder.onnx +
-weights.bin; CTranslate2's model.bin), tokenizers aside. CTranslate2 (``pip install
+every system once, in rotating order), with the threads pinned in every runtime. Sizes are the weight
+files (model.safetensors or a factorized model's model.low_rank.safetensors; encoder.onnx +
+decoder.onnx + weights.bin; CTranslate2's model.bin), tokenizers aside. CTranslate2 (``pip install
 ctranslate2``) rows are left out when it is not installed.
 """
 
@@ -41,7 +42,9 @@ import torch  # noqa: E402
 
 from mdcompress.data import read_pairs  # noqa: E402
 from mdcompress.evaluation import corpus_scores  # noqa: E402
-from matrix_decomposition import count_parameters, decompose_, load_compressed_model, save_compressed_model  # noqa: E402
+from matrix_decomposition import (  # noqa: E402
+    count_parameters, decompose_, load_compressed_model, save_compressed_model, weights_file,
+)
 from mdcompress.onnx_export import export  # noqa: E402
 from mdcompress.process import quiet_transformers  # noqa: E402
 from mdcompress.translate import OnnxTranslator, TorchTranslator, folder_mb  # noqa: E402
@@ -101,7 +104,7 @@ def build_systems(teacher_dir: Path, student_dir: Path, work: Path, threads: int
     for role, folder in (("teacher", teacher_dir), ("student", student_dir)):
         pytorch = TorchTranslator.load(folder, threads)
         params = count_parameters(pytorch.model)
-        systems.append(ours(f"PyTorch {role}", pytorch, params, round((folder / "model.safetensors").stat().st_size
+        systems.append(ours(f"PyTorch {role}", pytorch, params, round(weights_file(folder).stat().st_size
                                                                       / 2**20, 3), max_new, min_new))
         for precision in ("float32", "int8"):
             out = work / f"onnx-{role}-{precision}"
@@ -181,7 +184,7 @@ def opus_models(work: Path, quick: bool):
     from scripts.train_teacher import build_tokenizer
 
     dense_dir, student_dir = work / "dense", work / "student"
-    if (student_dir / "model.safetensors").is_file():
+    if weights_file(student_dir) is not None:
         return dense_dir, student_dir
     if quick:
         d, layers, heads, ffn, vocab, ranks = 32, 2, 2, 64, 1000, (8, 10, 16)

@@ -44,11 +44,16 @@ from distillation.distillation_loss import (
     weighted_sum,
 )
 from mdcompress.files import atomic_folder, chmod_as_umask, write_text_atomic
+from mdcompress.progress import progress_bar
 from mdcompress.config import LOSS_TERMS, Config
 from mdcompress.teacher_forcing import capture_outputs, decoder_inputs, source_positioned, teacher_forced
 from distillation.teacher_cache import build_teacher_cache
 
 CURVE_POINTS = 200  # points of the recorded training curve (``Distiller.curve``)
+# eval_steps 0 evaluates once per epoch: a run of HELD_OUT_MIN_STEPS steps or more also evaluates every
+# 1/HELD_OUT_POINTS of it, for the held-out curve (``Distiller.held_out``); evaluating changes no weight
+HELD_OUT_POINTS = 8
+HELD_OUT_MIN_STEPS = 160
 # what _save_checkpoint writes (its temporaries named by mdcompress.files)
 CHECKPOINT_ENTRIES = ("latest", ".latest.tmp-*", "step-*", ".step-*.tmp-*", ".step-*.old-*")
 
@@ -253,6 +258,10 @@ class Distiller:
         self.curve: list[dict] = []
         self.curve_every = max(1, math.ceil(self.total_steps / CURVE_POINTS))
         self._curve_sums: dict[str, float] = {}  # the terms summed over the steps since the curve's last point
+        # the held-out cross-entropy between the per-epoch evaluations (eval_steps 0 only)
+        self.held_out: list[dict] = []
+        self.held_out_every = math.ceil(self.total_steps / HELD_OUT_POINTS) \
+            if not config.eval_steps and self.total_steps >= HELD_OUT_MIN_STEPS and HELD_OUT_POINTS else 0
         # what training went through, repeats counted: pairs and their real (non-padded) tokens
         self.trained = {"pairs": 0, "source_tokens": 0, "target_tokens": 0}
 
@@ -339,9 +348,9 @@ class Distiller:
         # saving): nothing is left to train
         finished = step >= self.total_steps
         start = time.time() - elapsed
-        bar = tqdm(total=self.total_steps, initial=step,
-                   desc="distilling" if uses_teacher(self.weights) else "fine-tuning",
-                   disable=not (config.progress and acc.is_main_process))
+        bar = progress_bar(total=self.total_steps, initial=step, unit="steps",
+                           desc="distilling" if uses_teacher(self.weights) else "fine-tuning",
+                           enabled=config.progress and acc.is_main_process)
         with self._hooks() as (teacher_features, student_features):
             for epoch in range(first_epoch, 0 if finished else config.epoch):
                 self.train_loader.set_epoch(epoch)
@@ -384,6 +393,10 @@ class Distiller:
                     bar.set_postfix_str(self._fmt(running), refresh=False)
                     if config.eval_steps and step % config.eval_steps == 0:
                         self._log_eval(epoch, step, running)
+                    elif self.held_out_every and step % self.held_out_every == 0 and step < self.total_steps:
+                        eval_ce = self.evaluate()
+                        if eval_ce is not None:
+                            self.held_out.append({"step": step, "eval_ce": round(eval_ce, 4)})
                     if every and step % every == 0 and step < self.total_steps:  # last: below
                         self._save_checkpoint(step, epoch, batches_done, time.time() - start, running)
                     if step >= self.total_steps:
@@ -437,7 +450,7 @@ class Distiller:
                            tmp / "trainer_state.pt")
                 (tmp / "progress.json").write_text(json.dumps({
                     "step": step, "epoch": epoch, "batches_done": batches_done, "elapsed": elapsed,
-                    "running": running, "history": self.history, "curve": self.curve,
+                    "running": running, "history": self.history, "curve": self.curve, "held_out": self.held_out,
                     "curve_sums": self._curve_sums, "trained": trained, "finished": finished}))
             write_text_atomic(root / "latest", final.name)
             for old in root.glob("step-*"):
@@ -468,6 +481,7 @@ class Distiller:
         progress = json.loads((path / "progress.json").read_text())
         self.history = progress["history"]
         self.curve, self._curve_sums = progress.get("curve", []), progress.get("curve_sums", {})
+        self.held_out = progress.get("held_out", [])
         if self.accelerator.is_main_process:  # the others start from 0: the sum over the processes stays right
             self.trained.update(progress.get("trained", {}))
         epoch, batches_done = progress["epoch"], progress["batches_done"]

@@ -21,11 +21,11 @@ import numpy as np
 import pyarrow.compute as pc
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from distillation.distillation_loss import IGNORE_INDEX
 from matrix_decomposition import weights_digest
 from mdcompress.files import temporary_folder
+from mdcompress.progress import progress_bar
 
 VERSION = "2"  # part of the key: a change of what is stored invalidates older caches
 
@@ -105,8 +105,8 @@ def build_teacher_cache(teacher: nn.Module, dataset, collator, decoder_inputs, k
         device = next(teacher.parameters()).device
         order = np.argsort(lengths, kind="stable")  # similar lengths together: little padding
         columns = dataset.select_columns(["input_ids", "attention_mask", "labels"])
-        for start in tqdm(range(0, len(order), batch_size), desc=f"teacher top-{k}", disable=not progress,
-                          leave=False):
+        for start in progress_bar(range(0, len(order), batch_size), desc=f"teacher top-{k}", enabled=progress,
+                                  unit="batches", leave=False):
             rows = order[start:start + batch_size]
             batch = collator([columns[int(i)] for i in rows])
             labels = batch["labels"].to(device)

@@ -192,7 +192,7 @@ class Config:
     num_threads: int | None = run_key(None,
         "CPU threads for torch; null = OMP_NUM_THREADS if set, else the cores the load average leaves free "
         "(set 1 on a machine other jobs may start using)")
-    progress: bool = run_key(True, "show progress bars")
+    progress: bool = run_key(True, "show progress bars (a plain line every 30 s when standard error is not a terminal)")
     plan: bool = run_key(False,
         "only print the plan (layers, ranks, parameters, sizes, predicted speed-up, estimated time) and "
         "stop, writing nothing; the same as --plan")

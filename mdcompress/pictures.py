@@ -12,6 +12,7 @@ no window, no display needed):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -73,45 +74,120 @@ def spectrum_picture(path: Path, spectra: Mapping[str, Sequence[float]], ranks: 
     return _save(figure, path)
 
 
+def layer_group(name: str) -> str:
+    """The transformer layer a module belongs to (``encoder 0``, ``decoder 5``), else its short name:
+    the tick labels of ``ranks.png``, one per group of bars."""
+    for long, short in (("model.encoder.layers.", "encoder"), ("model.decoder.layers.", "decoder")):
+        if name.startswith(long):
+            return f"{short} {name[len(long):].split('.', 1)[0]}"
+    return short_name(name)
+
+
 def ranks_picture(path: Path, ranks: Mapping[str, int], bounds: Mapping[str, int]) -> Path:
-    """A bar per decomposed layer: its rank, over a pale bar of its no-saving bound."""
+    """``ranks.png``: ``ranks_figure`` saved."""
+    return _save(ranks_figure(ranks, bounds), path)
+
+
+def ranks_figure(ranks: Mapping[str, int], bounds: Mapping[str, int]):
+    """A bar per decomposed layer: its rank, over a pale bar of its no-saving bound; bars grouped by
+    transformer layer (one tick label each, a line between groups), coloured by kind, the legend
+    outside the bars."""
     names = list(ranks)
-    figure, (ax,) = _figure(max(6.0, 0.16 * len(names) + 2), 4.0)
+    figure, (ax,) = _figure(max(6.0, 0.16 * len(names) + 3.5), 4.0)
     x = range(len(names))
     ax.bar(x, [bounds[n] for n in names], color="lightgrey", label="no-saving bound")
     ax.bar(x, [ranks[n] for n in names], color=[COLOURS[layer_kind(n)] for n in names])
     for kind in KINDS:
         if any(layer_kind(n) == kind for n in names):
             ax.bar([0], [0], color=COLOURS[kind], label=kind)  # legend entries only
-    ax.set_xticks(list(x), [short_name(n) for n in names], rotation=90, fontsize=6)
+    groups = []  # (label, first bar, last bar) in module order
+    for i, name in enumerate(names):
+        if groups and groups[-1][0] == layer_group(name):
+            groups[-1][2] = i
+        else:
+            groups.append([layer_group(name), i, i])
+    ax.set_xticks([(first + last) / 2 for _, first, last in groups], [label for label, _, _ in groups],
+                  rotation=90 if len(groups) > 0.6 * len(names) else 45, ha="center" if len(groups) > 0.6 * len(names)
+                  else "right", fontsize=9)
+    for _, first, _ in groups[1:]:
+        ax.axvline(first - 0.5, color="black", linewidth=0.6, alpha=0.4)
+    ax.set_xlim(-0.6, len(names) - 0.4)
     ax.set_ylabel("rank")
+    ax.set_xlabel("decomposed layers, grouped by transformer layer (module order within each)")
     ax.set_title("rank of each decomposed layer", fontsize=11)
-    ax.legend(fontsize=8)
-    return _save(figure, path)
+    ax.legend(fontsize=9, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    return figure
 
 
-def training_picture(path: Path, curve: Sequence[Mapping], history: Sequence[Mapping]) -> Path:
-    """Left: each loss term (and the weighted total) during distillation, averaged between the
-    recorded points; right: the held-out cross-entropy (``eval_ce``) at each evaluation."""
-    figure, (left, right) = _figure(10.0, 3.6, 2)
-    terms = [k for k in (curve[0] if curve else {}) if k not in ("step", "seconds")]
+def _plain_log_ticks(axis, low: float, high: float) -> None:
+    """Log-scale ticks labelled as plain numbers (``2``, ``1.5``, ``0.05``; not ``2×10^0``), as many
+    per decade as the range leaves room for."""
+    from matplotlib import ticker
+
+    decades = math.log10(high / low) if low > 0 and high > low else 0.0
+    subs = (1.0, 1.5, 2.0, 3.0, 5.0, 7.0) if decades < 1 else (1.0, 2.0, 5.0) if decades < 2.5 else (1.0,)
+    axis.set_major_locator(ticker.LogLocator(base=10, subs=subs))
+    axis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_locator(ticker.NullLocator())
+
+
+def loss_lines(curve: Sequence[Mapping]) -> list[tuple[str, list[tuple[int, float]]]]:
+    """(label, points) per line of the training-loss panel: a term equal to another at every point (the
+    total with one term alone) shares its line, labelled ``loss = ce``; terms never above 0 are left out."""
+    terms = sorted((k for k in (curve[0] if curve else {}) if k not in ("step", "seconds")), key=lambda k: k != "loss")
+    lines: list[tuple[str, list[tuple[int, float]]]] = []
     for term in terms:
         points = [(p["step"], p[term]) for p in curve if term in p and p[term] > 0]
-        if points:
-            left.plot(*zip(*points), label=term, linewidth=1.5 if term == "loss" else 1.0)
-    if terms:
+        if not points:
+            continue
+        same = next((i for i, (_, other) in enumerate(lines) if other == points), None)
+        if same is None:
+            lines.append((term, points))
+        else:
+            lines[same] = (f"{lines[same][0]} = {term}", points)
+    return lines
+
+
+def training_picture(path: Path, curve: Sequence[Mapping], history: Sequence[Mapping],
+                     held_out: Sequence[Mapping] = ()) -> Path:
+    """``training.png``: ``training_figure`` saved."""
+    return _save(training_figure(curve, history, held_out), path)
+
+
+def training_figure(curve: Sequence[Mapping], history: Sequence[Mapping], held_out: Sequence[Mapping] = ()):
+    """Left: each loss term (and the weighted total) during distillation, averaged between the
+    recorded points, on a log scale with plain tick labels, equal terms as one line; right: the
+    held-out cross-entropy (``eval_ce``) at each evaluation (``history``'s and the ``held_out`` points
+    between them), on the same steps axis."""
+    figure, (left, right) = _figure(10.0, 3.6, 2)
+    lines = loss_lines(curve)
+    for label, points in lines:
+        left.plot(*zip(*points), label=label, linewidth=1.5 if label.startswith("loss") else 1.0)
+    if lines:
+        values = [v for _, points in lines for _, v in points]
         left.set_yscale("log")
+        _plain_log_ticks(left.yaxis, min(values), max(values))
         left.legend(fontsize=8)
     left.set_xlabel("optimizer step")
     left.set_title("training loss terms", fontsize=10)
     left.grid(alpha=0.3)
-    held_out = [(h["step"], h["eval_ce"]) for h in history if "eval_ce" in h]
+    held_out = sorted({h["step"]: h["eval_ce"] for h in [*held_out, *history] if "eval_ce" in h}.items())
     if held_out:
         right.plot(*zip(*held_out), "o-", color="tab:red")
+        for step, value in held_out if len(held_out) <= 6 else ():
+            right.annotate(f"{value:.3f}", (step, value), textcoords="offset points", xytext=(0, 6), ha="center",
+                           fontsize=8)
+        if len(held_out) < 4:  # the eval cadence is the run's: eval_steps 0 evaluates once per epoch
+            right.text(0.02, 0.04, "one point per evaluation; eval_steps sets how often (0: once per epoch)",
+                       transform=right.transAxes, fontsize=7, color="dimgrey")
+        right.margins(y=0.2)
+    if lines or held_out:
+        steps = [s for _, points in lines for s, _ in points] + [s for s, _ in held_out]
+        right.set_xlim(left.get_xlim() if lines else (0, max(steps) * 1.05))
     right.set_xlabel("optimizer step")
     right.set_title("held-out cross-entropy", fontsize=10)
     right.grid(alpha=0.3)
-    return _save(figure, path)
+    return figure
 
 
 def sweep_picture(path: Path, rows: Sequence[Mapping], teacher: Mapping) -> Path:
@@ -165,7 +241,8 @@ def write_run_pictures(folder: str | Path, report: Mapping, spectra: Mapping[str
     ranks = report["ranks"]
     pictures = [spectrum_picture(folder / "spectrum.png", spectra, ranks),
                 ranks_picture(folder / "ranks.png", ranks, bounds),
-                training_picture(folder / "training.png", report.get("loss_curve", []), report.get("history", []))]
+                training_picture(folder / "training.png", report.get("loss_curve", []), report.get("history", []),
+                                 report.get("held_out_curve", []))]
     summary = (f"compression ratio {report['compression_ratio']:.3f} (student params / teacher params); "
                f"{report['layers_decomposed']} layers decomposed; distilled in {report['train_seconds'] / 60:.1f} min "
                f"({report['optimizer_steps']:,} steps, {report['train_pairs']:,} pairs); evaluated on "

@@ -14,6 +14,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 import warnings
 
 
@@ -55,8 +56,9 @@ class InterruptWatch:
     def __init__(self, describe, prog: str = "compress_model.py") -> None:
         self.describe = describe  # signal number → the one line saying what is kept
         self.prog = prog  # the command's name as the user typed it, starting the line
-        self.done, self.installed, self.previous = threading.Event(), False, {}
+        self.installed, self.previous = False, {}
         self.report_lock, self.reported = threading.Lock(), False
+        self.terminated = False  # a SIGTERM was raised as Terminated
         if threading.current_thread() is not threading.main_thread():
             return
         ours = {signal.SIGINT: (signal.default_int_handler, self._on_sigint),
@@ -79,6 +81,9 @@ class InterruptWatch:
         raise KeyboardInterrupt
 
     def _on_sigterm(self, signum, frame):
+        if self.terminated:  # a repeat (``timeout`` signals the process, then its group): already stopping
+            return
+        self.terminated = True
         raise Terminated
 
     @staticmethod
@@ -94,25 +99,34 @@ class InterruptWatch:
             pass
 
     def _watchdog(self) -> None:
+        # The reader stays open until close() has put the previous wakeup fd back and closed the writer
+        # (end of file here): closed earlier, a signal arriving meanwhile (``timeout`` sends SIGTERM to
+        # the process and then to its group) would make the C handler's write fail, and Python print
+        # "Exception ignored when trying to write to the signal wakeup fd: BrokenPipeError" before the
+        # one line.
         with self.reader:
+            signum, deadline = None, None
             while True:  # the wakeup fd carries the number of every signal caught; wait for one of ours
+                if deadline is not None:
+                    self.reader.settimeout(max(deadline - time.monotonic(), 0.001))
                 try:
                     received = self.reader.recv(64)
+                except TimeoutError:  # main() has not returned within the grace time
+                    break
                 except OSError:
                     return
                 if not received:  # close(): main() returned
                     return
-                signum = next((s for s in received if s in self.previous), None)
-                if signum is not None:
-                    break
-        if self.done.wait(self.GRACE_SECONDS):
-            return
-        self.report(signum, raw=True)
-        for name in ("multiprocess", "multiprocessing"):  # workers ignoring SIGINT must not outlive us
-            if name in sys.modules:
-                for child in sys.modules[name].active_children():
-                    child.terminate()
-        os._exit(128 + signum)
+                if signum is None:
+                    signum = next((s for s in received if s in self.previous), None)
+                    if signum is not None:
+                        deadline = time.monotonic() + self.GRACE_SECONDS
+            self.report(signum, raw=True)
+            for name in ("multiprocess", "multiprocessing"):  # workers ignoring SIGINT must not outlive us
+                if name in sys.modules:
+                    for child in sys.modules[name].active_children():
+                        child.terminate()
+            os._exit(128 + signum)
 
     def stopped(self, interrupt: KeyboardInterrupt) -> int:
         """Report ``interrupt`` (Ctrl-C, or SIGTERM if ``Terminated``); the exit status a shell gives a
@@ -139,7 +153,6 @@ class InterruptWatch:
             self.report_lock.release()
 
     def close(self) -> None:
-        self.done.set()
         if self.installed:
             for signum, previous in self.previous.items():
                 signal.signal(signum, previous)

@@ -22,7 +22,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from distillation.distillation_loss import IGNORE_INDEX
 from matrix_decomposition import (
@@ -35,6 +34,7 @@ from matrix_decomposition import (
     weights_digest,
 )
 from mdcompress.files import write_text_atomic
+from mdcompress.progress import progress_bar
 from mdcompress.teacher_forcing import teacher_forced
 
 
@@ -111,7 +111,7 @@ def sensitivity_errors(model: nn.Module, names: Sequence[str], batches, points: 
         if not all(torch.isfinite(ref).all() for ref in reference):
             raise DecompositionError("rank sensitivity: the teacher's log-probabilities on the calibration pairs are "
                                      "not all finite (a -inf final_logits_bias?); use rank_allocation \"spectrum\"")
-        for name in tqdm(names, desc="rank sensitivity", disable=not progress):
+        for name in progress_bar(names, desc="rank sensitivity", enabled=progress, unit="layers"):
             weight = model.get_submodule(name).weight
             n, d = weight.shape
             top = max_saving_rank(n, d)

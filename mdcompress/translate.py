@@ -367,18 +367,20 @@ def translate_ids(translator, inputs: Sequence[Sequence[int]], batch_size: int =
     """Translations of tokenized sources (lists of ids ending with </s>) in their order: sorted by
     length into padded batches, so that little time goes into padding. Each translation is bounded by
     its source (``length_bounds``: ``max_length_factor`` × its tokens + ``MAX_LENGTH_MARGIN``, at most
-    ``max_new_tokens``; None: ``max_new_tokens`` alone), the same bound in every backend. ``progress`` shows a bar on
-    standard error (None: when it is a terminal); one labelled ``desc`` (a stage of a run) stays
-    once done, an unlabelled one is cleared."""
+    ``max_new_tokens``; None: ``max_new_tokens`` alone), the same bound in every backend. ``progress``
+    shows a bar on standard error, plain lines when it is not a terminal (None: a bar on a terminal,
+    nothing otherwise); one labelled ``desc`` (a stage of a run) stays once done, an unlabelled one is
+    cleared."""
     import numpy as np
-    from tqdm import tqdm
+
+    from mdcompress.progress import interactive, progress_bar
 
     tokenizer = translator.tokenizer
     order = sorted(range(len(inputs)), key=lambda k: len(inputs[k]))
     out = [""] * len(inputs)
-    show = sys.stderr.isatty() if progress is None else progress
-    with tqdm(total=len(inputs), desc=desc, unit="sentence", file=sys.stderr, disable=not show,
-              leave=desc is not None) as bar:
+    show = interactive() if progress is None else progress
+    with progress_bar(total=len(inputs), desc=desc or "translating", unit="sentences", enabled=show,
+                      leave=desc is not None) as bar:
         for start in range(0, len(order), batch_size):
             chunk = order[start:start + batch_size]
             longest = max(len(inputs[k]) for k in chunk)
@@ -437,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", default="-", help="input file, one sentence per line (default: standard input)")
     parser.add_argument("--output", default="-", help="output file (default: standard output)")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar on standard error (default: when it is a terminal)")
+                        help="progress on standard error: a bar on a terminal, a plain line every 30 s "
+                             "elsewhere (default: the bar on a terminal, nothing elsewhere)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     writing = False  # the translations are going to standard output

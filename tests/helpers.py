@@ -11,7 +11,9 @@ from transformers import AutoModelForSeq2SeqLM
 
 from compress_model import Config
 from distillation.knowledge_distillation import DistillationSettings
-from matrix_decomposition import load_compressed_model  # importing it registers marian_low_rank
+from matrix_decomposition import (  # importing it registers marian_low_rank
+    LOW_RANK_WEIGHTS_NAME, WEIGHTS_NAME, load_compressed_model,
+)
 from mdcompress.data import write_pairs
 
 REPO = Path(__file__).resolve().parent.parent
@@ -131,14 +133,23 @@ def load_with_auto_classes(folder):
 
 
 def as_an_older_folder(folder):
-    """Rewrite config.json the way folders were written before the marian_low_rank type: plain "marian"."""
+    """Rewrite the folder the way folders were written before the marian_low_rank type: plain "marian",
+    the weights in model.safetensors."""
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "model_type": "marian", "architectures": ["MarianMTModel"]}))
+    (folder / LOW_RANK_WEIGHTS_NAME).rename(folder / WEIGHTS_NAME)
     return load_compressed_model(folder)
 
 
+def with_weights_in_model_safetensors(folder):
+    """The folder as written before model.low_rank.safetensors (type marian_low_rank, the weights in
+    model.safetensors), loaded by the Auto classes."""
+    (folder / LOW_RANK_WEIGHTS_NAME).rename(folder / WEIGHTS_NAME)
+    return load_with_auto_classes(folder)
+
+
 LOADERS = {"load_compressed_model": load_compressed_model, "auto-classes": load_with_auto_classes,
-           "older-folder": as_an_older_folder}
+           "older-folder": as_an_older_folder, "older-weights-name": with_weights_in_model_safetensors}
 
 
 def tokenized_pairs(pairs, tokenizer, count: int, max_source_length: int, max_target_length: int):

@@ -24,9 +24,9 @@ from distillation import sequence_level_kd
 from distillation.knowledge_distillation import Distiller
 from mdcompress.evaluation import evaluate_translation
 from matrix_decomposition import (
-    WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, count_parameters, decompose_, default_targets,
-    init_notes, load_compressed_model, low_rank_factors, max_saving_rank, quantize_int8, save_compressed_model,
-    singular_values, size_mb, whitening,
+    LOW_RANK_WEIGHTS_NAME, DecompositionError, LowRankEmbedding, LowRankLinear, count_parameters, decompose_,
+    default_targets, init_notes, load_compressed_model, low_rank_factors, max_saving_rank, quantize_int8,
+    save_compressed_model, singular_values, size_mb, whitening,
 )
 from mdcompress import rank_allocation
 from mdcompress.config import config_help
@@ -532,7 +532,7 @@ def test_save_load_of_a_factorized_embedding_is_identical(make_tiny_marian, tiny
         for tensor in model.state_dict().values():
             tensor.add_(0.01 * torch.randn_like(tensor))
     save_compressed_model(model, tmp_path / "m", tiny_tokenizer)
-    with safe_open(tmp_path / "m" / WEIGHTS_NAME, "pt") as f:
+    with safe_open(tmp_path / "m" / LOW_RANK_WEIGHTS_NAME, "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
     loaded = load(tmp_path / "m")
     assert loaded.config.matrix_decomposition["ranks"] == {"model.shared": 7, "model.decoder.layers.0.fc1": 4}
@@ -804,7 +804,7 @@ def test_load_compressed_model_as_int8(int8_pair, tiny_tokenizer, tmp_path):
     model, _ = int8_pair
     save_compressed_model(model, tmp_path / "m", tiny_tokenizer)
     assert {p.suffix for p in (tmp_path / "m").iterdir()} & {".bin", ".pt", ".pkl"} == set()
-    with safe_open(tmp_path / "m" / WEIGHTS_NAME, "pt") as f:
+    with safe_open(tmp_path / "m" / LOW_RANK_WEIGHTS_NAME, "pt") as f:
         assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F32"}  # saved weights stay float32
     loaded = load_compressed_model(tmp_path / "m", quantize="int8")
     assert isinstance(loaded.model.encoder.layers[0].fc1.up, DynamicQuantizedLinear)

@@ -31,7 +31,7 @@ def test_cli_end_to_end(run_dir):
     edit_config(run_dir, export=["onnx", "onnx-int8"])
     result = run_command(CLI, cwd=run_dir)
     out = run_dir / "out"
-    expected = {"model.safetensors", "config.json", "generation_config.json", "compression_config.json",
+    expected = {"model.low_rank.safetensors", "config.json", "generation_config.json", "compression_config.json",
                 "report.json", "vocab.json", "source.spm", "target.spm", "tokenizer_config.json",
                 "spectrum.png", "ranks.png", "training.png", "report.md"}
     assert expected <= {p.name for p in out.iterdir()}
@@ -120,7 +120,8 @@ def test_every_translation_pass_shows_progress(run_dir, monkeypatch, capsys):
     assert compress_model.main(["--config", "config.json"]) == 0
     err = capsys.readouterr().err
     for name in ("teacher", "decomposed", "student"):  # 24 eval pairs each
-        assert re.search(rf"BLEU {name}: 100%.* 24/24 ", err), (name, err[-2000:])
+        assert re.search(rf"^BLEU {name}: 24/24 sentences \(100%\), ", err, re.M), (name, err[-2000:])
+    assert "\r" not in err and re.search(r"^distilling: \d+/\d+ steps \(100%\), ", err, re.M), err[-2000:]
 
 
 @pytest.mark.parametrize("umask", [0o022, 0o027])
@@ -134,7 +135,7 @@ def test_output_folder_and_files_follow_the_umask(tmp_path, make_tiny_marian, ti
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o777 & ~umask
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "out").iterdir()}
-    assert "model.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
+    assert "model.low_rank.safetensors" in modes and set(modes.values()) == {0o666 & ~umask}, modes
 
 
 @pytest.mark.parametrize("num_threads, environ, cores, load, expected", [

@@ -16,6 +16,7 @@ from distillation.distillation_loss import (
     IGNORE_INDEX, attention_loss, cross_entropy_loss, feature_loss, mean_feature_loss, output_distillation_loss,
     weighted_sum,
 )
+from distillation import knowledge_distillation
 from distillation.knowledge_distillation import (
     DROPOUT_ATTRIBUTES, LOSS_TERMS, Distiller, LengthGroupedSampler, set_dropout_, token_lengths,
 )
@@ -684,3 +685,24 @@ def test_set_dropout_sets_dropout_modules_and_float_attributes():
     model = nn.Sequential(Layer(), nn.Dropout(0.5))
     set_dropout_(model, 0.0)
     assert dropout_values(model) == {0.0} and model[0].size == 7.0
+
+
+def test_more_held_out_points_in_a_long_run_change_no_weight(make_tiny_marian, tiny_tokenizer, tiny_train_set,
+                                                            monkeypatch):
+    """eval_steps 0 evaluates once per epoch; a long enough run also evaluates every 1/HELD_OUT_POINTS of
+    it for the held-out curve, and trains exactly the same weights as without those evaluations."""
+    teacher = make_tiny_marian()
+    student, _ = build_student(teacher, [], RANK)
+    trained = []
+    monkeypatch.setattr(knowledge_distillation, "HELD_OUT_MIN_STEPS", 8)
+    for points in (0, 4):
+        monkeypatch.setattr(knowledge_distillation, "HELD_OUT_POINTS", points)
+        settings = distillation_settings(loss_weights={"ce": 1.0}, batch_size=16, epoch=2, dropout=0.1)
+        distiller = Distiller(teacher, copy.deepcopy(student), tiny_tokenizer, tiny_train_set,
+                              tiny_train_set.select(range(8)), settings, [])
+        history = distiller.train()
+        assert [h["step"] for h in history] == [4, 8]  # the per-epoch evaluations, as ever
+        trained.append((distiller.unwrapped_student.state_dict(), distiller.held_out))
+    (without, none), (with_points, points) = trained
+    assert none == [] and [p["step"] for p in points] == [2, 4, 6] and all(0 < p["eval_ce"] < 20 for p in points)
+    assert without.keys() == with_points.keys() and all(torch.equal(without[k], with_points[k]) for k in without)

@@ -8,12 +8,12 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from helpers import LOADERS, load_with_auto_classes
-from transformers import AutoTokenizer
+from transformers import AutoTokenizer, MarianMTModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from matrix_decomposition import (
-    WEIGHTS_NAME, DecompositionError, LowRankLinear, LowRankMarianMTModel, count_parameters, decompose_,
-    load_compressed_model, low_rank_parameters, max_saving_rank, resolve_ranks, save_compressed_model,
+    LOW_RANK_WEIGHTS_NAME, WEIGHTS_NAME, DecompositionError, LowRankLinear, LowRankMarianMTModel, count_parameters,
+    decompose_, load_compressed_model, low_rank_parameters, max_saving_rank, resolve_ranks, save_compressed_model,
     truncated_svd,
 )
 
@@ -284,12 +284,30 @@ def test_the_translation_pipeline_is_gone_and_the_deploying_page_says_what_to_us
     assert "model.generate()" in loading and "python -m mdcompress.translate --model" in loading
 
 
+def test_the_plain_class_refuses_a_factorized_folder_instead_of_loading_random_layers(saved):
+    """MarianMTModel (not the registered low-rank class) would build dense layers and leave them random:
+    the weights' file name is one it does not look for, so it raises."""
+    _, folder = saved
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        MarianMTModel.from_pretrained(folder)
+
+
+def test_a_dense_model_is_saved_where_every_class_reads_it(tmp_path, make_tiny_marian):
+    model = make_tiny_marian()
+    save_compressed_model(model, tmp_path / "dense")
+    assert (tmp_path / "dense" / WEIGHTS_NAME).is_file() and not (tmp_path / "dense" / LOW_RANK_WEIGHTS_NAME).exists()
+    assert type(MarianMTModel.from_pretrained(tmp_path / "dense")) is MarianMTModel
+    decompose_(model, [], 3)
+    save_compressed_model(model, tmp_path / "dense")  # factorized since: the dense weights do not stay behind
+    assert sorted(p.name for p in (tmp_path / "dense").glob("*.safetensors")) == [LOW_RANK_WEIGHTS_NAME]
+
+
 def test_saved_folder_has_ranks_safetensors_and_tokenizer(saved, tiny_tokenizer):
     model, folder = saved
     config = json.loads((folder / "config.json").read_text())
     assert config["matrix_decomposition"]["ranks"] == model.config.matrix_decomposition["ranks"]
     assert config["matrix_decomposition"]["ranks"][FC1] == 6 and len(config["matrix_decomposition"]["ranks"]) == 32
-    assert (folder / WEIGHTS_NAME).is_file()
+    assert (folder / LOW_RANK_WEIGHTS_NAME).is_file() and not (folder / WEIGHTS_NAME).exists()
     assert not [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".pkl", ".pickle")]
     reloaded = AutoTokenizer.from_pretrained(folder)
     assert reloaded(SRC, text_target=TGT)["input_ids"] == tiny_tokenizer(SRC, text_target=TGT)["input_ids"]
@@ -302,9 +320,9 @@ def test_saved_folder_has_ranks_safetensors_and_tokenizer(saved, tiny_tokenizer)
 ], ids=["extra-key", "missing-key"])
 def test_load_is_strict(saved, change, expected):
     _, folder = saved
-    tensors = load_file(folder / WEIGHTS_NAME)
+    tensors = load_file(folder / LOW_RANK_WEIGHTS_NAME)
     change(tensors)
-    save_file(tensors, folder / WEIGHTS_NAME, metadata={"format": "pt"})
+    save_file(tensors, folder / LOW_RANK_WEIGHTS_NAME, metadata={"format": "pt"})
     with pytest.raises(RuntimeError, match="Error") as caught:
         load_compressed_model(folder)
     assert expected in str(caught.value)

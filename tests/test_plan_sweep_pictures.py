@@ -311,3 +311,44 @@ def test_the_plan_of_a_factorized_embedding(run_dir, monkeypatch, capsys):
     report = json.loads((run_dir / "out" / "report.json").read_text())
     assert (int(totals[1].replace(",", "")), int(totals[2].replace(",", ""))) == \
         (report["teacher"]["params"], report["student"]["params"])
+
+
+def _default_layers() -> list[str]:
+    """The default run's 48 layers: 3 encoder and 3 decoder layers, attention and feed-forward."""
+    names = []
+    for side, attentions in (("encoder", ["self_attn"]), ("decoder", ["self_attn", "encoder_attn"])):
+        for i in range(3):
+            names += [f"model.{side}.layers.{i}.{a}.{p}_proj" for a in attentions for p in "kvqo"]
+            names += [f"model.{side}.layers.{i}.fc1", f"model.{side}.layers.{i}.fc2"]
+    return names
+
+
+def test_ranks_picture_labels_layer_groups_and_keeps_the_legend_off_the_bars():
+    names = _default_layers()
+    figure = pictures.ranks_figure({n: 32 for n in names}, {n: 102 if "fc" in n else 63 for n in names})
+    (ax,) = figure.axes
+    labels = [t.get_text() for t in ax.get_xticklabels()]
+    assert labels == ["encoder 0", "encoder 1", "encoder 2", "decoder 0", "decoder 1", "decoder 2"]
+    assert all(t.get_fontsize() >= 9 for t in ax.get_xticklabels())
+    figure.canvas.draw()  # the layout: where the legend ends up
+    assert ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1  # right of the bars, over none
+
+
+def test_training_picture_one_line_for_equal_terms_plain_ticks():
+    curve = [{"step": s, "seconds": s / 10, "ce": 2.0 - s / 100, "loss": 2.0 - s / 100} for s in range(10, 101, 10)]
+    history = [{"epoch": 1, "step": 50, "eval_ce": 2.2}, {"epoch": 2, "step": 100, "eval_ce": 2.1}]
+    left, right = pictures.training_figure(curve, history).axes
+    assert [line.get_label() for line in left.get_lines()] == ["loss = ce"]
+    formatter = left.yaxis.get_major_formatter()
+    assert formatter(2.0, 0) == "2" and formatter(1.5, 0) == "1.5"  # not 2×10^0
+    assert len(left.yaxis.get_minor_ticks()) == 0 or not any(t.label1.get_text() for t in left.yaxis.get_minor_ticks())
+    assert right.get_xlim() == left.get_xlim()  # the held-out points on the training's steps axis
+    assert any("eval_steps" in t.get_text() for t in right.texts)  # how to get more than 2 points
+
+    curve = [{**p, "kd": 0.05, "loss": p["ce"] + 0.05} for p in curve]
+    between = [{"step": s, "eval_ce": 2.3 - s / 1000} for s in (20, 40, 50, 60, 80)]  # 50: also an epoch's end
+    left, right = pictures.training_figure(curve, history, between).axes
+    assert [line.get_label() for line in left.get_lines()] == ["loss", "ce", "kd"]
+    (line,) = right.get_lines()
+    assert list(line.get_xdata()) == [20, 40, 50, 60, 80, 100]
+    assert not any("eval_steps" in t.get_text() for t in right.texts)  # enough points: no hint

@@ -18,8 +18,9 @@ import compress_model
 import decomposition
 from mdcompress import output_folder
 from mdcompress.checkpoints import after_interrupt, check_resume
-from mdcompress.process import leave_process_group
+from mdcompress.process import InterruptWatch, Terminated, leave_process_group
 from mdcompress import plan
+from distillation import knowledge_distillation
 from distillation.knowledge_distillation import Distiller
 
 TIMING = ("train_seconds", "translate_seconds", "seconds")  # "seconds": the loss_curve's
@@ -48,8 +49,10 @@ def _without_timing(value):
 KILLED_RUN = """
 import sys, time
 import compress_model
+from distillation import knowledge_distillation
 from distillation.knowledge_distillation import Distiller
 
+knowledge_distillation.HELD_OUT_MIN_STEPS = 8  # held-out points every 3 steps: one of them in the checkpoint
 real_step, calls = Distiller._loss_step, [0]
 
 def step(self, *args):  # the run waits in step 6, to be killed there: the checkpoint of step 4 is its only one
@@ -87,6 +90,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(run_dir, monkeypatc
 
     # Starting over without --resume is refused, so the checkpoint is not lost by accident.
     monkeypatch.chdir(run_dir)
+    monkeypatch.setattr(knowledge_distillation, "HELD_OUT_MIN_STEPS", 8)
     assert compress_model.main(["--config", "config.json"]) == 2
     assert "--resume" in capsys.readouterr().err
 
@@ -95,6 +99,7 @@ def test_killed_run_resumes_and_matches_an_uninterrupted_one(run_dir, monkeypatc
     assert not checkpoints.exists()  # cleaned up once the output is saved
     resumed = json.loads((run_dir / "out" / "report.json").read_text())
     assert resumed["optimizer_steps"] == 160 // 8 and resumed["history"][-1]["step"] == 20
+    assert [p["step"] for p in resumed["held_out_curve"]] == [3, 6, 9, 12, 15, 18]
 
     # The same run, uninterrupted.
     shutil.rmtree(run_dir / "out")
@@ -237,6 +242,49 @@ def _signal_while_training(run_dir, signum: int, **popen) -> tuple[int, str]:
     return proc.returncode, err
 
 
+def _signal_repeatedly_while_training(run_dir, signum: int, times: int) -> tuple[int, str]:
+    """As ``_signal_while_training``, sending ``signum`` ``times`` times 20 ms apart (``timeout`` signals
+    the process, then its process group)."""
+    edit_config(run_dir, epoch=1000, checkpoint_steps=10**6)
+    proc = subprocess.Popen(CLI, cwd=run_dir, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not (run_dir / "out-checkpoints" / "run.json").exists():
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stderr.read()[-3000:]
+    time.sleep(0.3)
+    for _ in range(times):
+        proc.send_signal(signum)
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=60)
+    return proc.returncode, err
+
+
+def test_a_repeated_sigterm_is_one_stop_and_no_wakeup_fd_error(monkeypatch):
+    """The watchdog keeps reading the signal wakeup fd until close() has put the previous one back: a
+    second SIGTERM after it heard the first once made the C handler's write fail ("Exception ignored when
+    trying to write to the signal wakeup fd: BrokenPipeError") and raised Terminated again."""
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    watch = InterruptWatch(lambda signum: "stopped")
+    try:
+        with pytest.raises(Terminated):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        time.sleep(0.3)  # the watchdog has read the first signal by now
+        raised = 0
+        for _ in range(3):
+            try:
+                os.kill(os.getpid(), signal.SIGTERM)  # already stopping: nothing raised
+                time.sleep(0.05)
+                sum(range(10**5))  # Python runs the pending report of a failed wakeup write, if any
+            except Terminated:
+                raised += 1
+    finally:
+        watch.close()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    assert [f"{u.err_msg}: {u.exc_value!r}" for u in unraisable] == [] and raised == 0
+
+
 @pytest.mark.slow
 def test_ctrl_c_from_the_shell_is_one_line_and_exit_130(run_dir):
     code, err = _signal_while_training(run_dir, signal.SIGINT, preexec_fn=_as_from_a_terminal)
@@ -254,6 +302,15 @@ def test_sigterm_from_outside_is_one_line_exit_143_like_ctrl_c(run_dir):
     assert err.strip().splitlines() == ["compress_model.py: stopped by SIGTERM before the first checkpoint, so nothing "
                                         "was kept; run the same command to start over"]
     assert sorted(p.name for p in run_dir.iterdir()) == ["config.json", "eval.csv", "teacher", "train.csv"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("attempt", range(3))
+def test_sigterm_sent_three_times_is_still_one_line(run_dir, attempt):
+    code, err = _signal_repeatedly_while_training(run_dir, signal.SIGTERM, times=3)
+    assert code == 143, err[-3000:]
+    assert err.strip().splitlines() == ["compress_model.py: stopped by SIGTERM before the first checkpoint, so nothing "
+                                        "was kept; run the same command to start over"]
 
 
 def test_sigterm_while_the_output_is_written_leaves_no_temporary_folder(run_dir, monkeypatch, capsys):
@@ -315,7 +372,7 @@ def test_ctrl_c_after_training_keeps_the_trained_student_and_resume_does_not_tra
     resumed, straight = (json.loads((run_dir / name / "report.json").read_text()) for name in ("resumed", "out"))
     assert _without_timing(resumed) == _without_timing(straight)
     assert resumed["optimizer_steps"] == 40 and resumed["history"][-1]["step"] == 40
-    weights = [load_file(run_dir / name / "model.safetensors") for name in ("resumed", "out")]
+    weights = [load_file(run_dir / name / "model.low_rank.safetensors") for name in ("resumed", "out")]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
