@@ -16,7 +16,7 @@ from mdcompress import checkpoints, data, process
 import decomposition
 from mdcompress import output_folder
 from mdcompress.evaluation import evaluate_translation
-from matrix_decomposition import LowRankLinear, count_parameters, decompose_, load_compressed_model
+from matrix_decomposition import LowRankLinear, count_parameters, decompose_, load_compressed_model, weights_file
 from mdcompress.output_folder import OutputError
 
 @pytest.fixture
@@ -463,7 +463,7 @@ def test_half_size_config_is_the_recipe_benchmarked_at_half_size():
 @pytest.mark.parametrize("command", ["compress_model", "translate", "onnx_export"])
 def test_a_truncated_weights_file_is_named_in_one_line_by_every_command(command, cut, run_dir, tiny_teacher_dir,
                                                                         tiny_tokenizer, capsys, monkeypatch):
-    """A model.safetensors cut short (an interrupted download or copy) is named, said to look truncated, with
+    """A weights file cut short (an interrupted download or copy) is named, said to look truncated, with
     the fix, by the three commands that load a model (all through load_pretrained): one line, exit 2."""
     from mdcompress import onnx_export, translate
 
@@ -475,7 +475,8 @@ def test_a_truncated_weights_file_is_named_in_one_line_by_every_command(command,
         model = AutoModelForSeq2SeqLM.from_pretrained(tiny_teacher_dir)
         decompose_(model, ["*fc1.weight"], k_info=4)
         save_compressed_model(model, tiny_teacher_dir, tiny_tokenizer)
-    weights = tiny_teacher_dir / "model.safetensors"
+    weights = weights_file(tiny_teacher_dir)  # model.low_rank.safetensors for the factorized folder
+    assert weights.name == ("model.low_rank.safetensors" if cut == "factorized-half" else "model.safetensors")
     data = weights.read_bytes()
     weights.write_bytes(b"" if cut == "empty" else data[: len(data) // 2])
     words = [f"{str(weights)!r} ({weights.stat().st_size} bytes) looks truncated or incomplete",
