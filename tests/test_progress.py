@@ -18,7 +18,7 @@ class _Tokenizer:
 class _Translator:
     tokenizer = _Tokenizer()
 
-    def generate(self, input_ids, attention_mask, num_beams=1, max_new_tokens=128):
+    def generate(self, input_ids, attention_mask, num_beams=1, max_new_tokens=128, min_new_tokens=0, bounds=None):
         return input_ids
 
 
