@@ -254,7 +254,11 @@ class TorchTranslator:
             out = self.model.generate(input_ids=torch.from_numpy(input_ids).to(device),
                                       attention_mask=torch.from_numpy(attention_mask).to(device),
                                       num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **extra)
-        return [row[1:] for row in out.tolist()]  # without the decoder start token
+        rows = [row[1:] for row in out.tolist()]  # without the decoder start token
+        forced = self.model.generation_config.forced_bos_token_id
+        if forced is not None:  # the target language's code (NLLB, M2M100, mBART-50): it says which language,
+            rows = [row[1:] if row[:1] == [forced] else row for row in rows]  # it is not part of the translation
+        return rows
 
 
 class EndAtBound:

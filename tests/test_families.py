@@ -397,3 +397,25 @@ def test_conv1d_layers_are_refused_in_one_line(tiny_tokenizer):
         with pytest.raises(DecompositionError, match=r"decoder\.transformer\.h\.0\.attn\.c_attn is a Conv1D layer "
                                                      r"\(GPT-2 style\), not an nn\.Linear; supported: .*T5"):
             surgery(model)
+
+
+def test_the_forced_language_code_is_not_part_of_a_translation(nllb_teacher):
+    """NLLB/M2M100 generate </s>, then the forced target-language code, then the translation: the
+    translate command and the run's BLEU see the translation alone, whether or not the tokenizer counts
+    the code as a special token (M2M100's "__de__" showed up at the start of every line)."""
+    import numpy as np
+
+    from mdcompress.translate import TorchTranslator
+
+    model, tokenizer = LOADERS["auto-classes"](nllb_teacher), AutoTokenizer.from_pretrained(nllb_teacher)
+    deu = tokenizer.convert_tokens_to_ids("deu_Latn")
+    model.generation_config.forced_bos_token_id = deu
+    batch = tokenizer(["He is here.", "The train arrived."], return_tensors="np", padding=True)
+    rows = TorchTranslator(model, tokenizer).generate(batch["input_ids"].astype(np.int64),
+                                                      batch["attention_mask"].astype(np.int64), max_new_tokens=6)
+    assert len(rows) == 2 and all(row[:1] != [deu] for row in rows)
+    one = tokenizer(["He is here."], return_tensors="np")
+    [row] = TorchTranslator(model, tokenizer).generate(one["input_ids"].astype(np.int64),
+                                                       one["attention_mask"].astype(np.int64), max_new_tokens=6)
+    raw = model.generate(**tokenizer(["He is here."], return_tensors="pt"), max_new_tokens=6)[0].tolist()
+    assert raw[1] == deu and row == raw[2:]  # the same tokens, less the start and the code
