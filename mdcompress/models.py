@@ -15,30 +15,29 @@ from mdcompress.errors import DecompositionError, ExportError
 from mdcompress.onnx_export import _check_exportable
 
 
-def set_languages_(model, tokenizer, source_lang_code: str | None, target_lang_code: str | None) -> None:
+def set_languages_(model, tokenizer, source_lang_code: str | None, target_lang_code: str | None,
+                   keys: tuple[str, str] = ("source_lang_code", "target_lang_code"), whose: str = "teacher") -> None:
     """Check the language codes asked for against a multilingual tokenizer (NLLB, M2M100, mBART:
-    it has ``src_lang`` / ``tgt_lang``; the config's source_lang_code / target_lang_code) and make the target language's token the first generated one,
-    as the references start with it (``generation_config.forced_bos_token_id``; for mBART-25, whose
-    references end with it, ``decoder_start_token_id``), which every ``generate()`` call of the run
-    and of the saved model then uses. A multilingual teacher with no target language anywhere
-    (config, tokenizer, generation config) is refused: it would translate into whatever it likes."""
+    it has ``src_lang`` / ``tgt_lang``; the config's source_lang_code / target_lang_code) and make the
+    target language's token the first generated one, as the references start with it
+    (``generation_config.forced_bos_token_id``; for mBART-25, whose references end with it,
+    ``decoder_start_token_id``), which every ``generate()`` call of the run and of the saved model then
+    uses. A multilingual teacher with no target language anywhere (config, tokenizer, generation
+    config) is refused: it would translate into whatever it likes. ``keys`` name the two settings in
+    the messages (the translate command's ``--source-lang`` / ``--target-lang``), ``whose`` the model."""
+    source_key, target_key = keys
     name = type(tokenizer).__name__
     multilingual = hasattr(tokenizer, "src_lang") and hasattr(tokenizer, "tgt_lang")
-    given = {k: v for k, v in (("source_lang_code", source_lang_code), ("target_lang_code", target_lang_code)) if v}
+    given = {k: v for k, v in ((source_key, source_lang_code), (target_key, target_lang_code)) if v}
     if given and not multilingual:
         key = next(iter(given))
-        raise ConfigError(f"{key}: {given[key]!r} given, but the teacher's tokenizer ({name}) has no language codes "
-                          f"(they are for NLLB/M2M100 and mBART-50 teachers); leave {key} out")
+        raise ConfigError(f"{key}: {given[key]!r} given, but the {whose}'s tokenizer ({name}) has no language codes "
+                          f"(they are for NLLB/M2M100 and mBART-50 models); leave {key} out")
     if not multilingual:
         return
     target = target_lang_code or tokenizer.tgt_lang
-    if not target:
-        if model.generation_config.forced_bos_token_id is None:
-            raise ConfigError(f"target_lang_code: the teacher's tokenizer ({name}) is multilingual and nothing says which "
-                              f"language to translate into; set target_lang_code (e.g. \"deu_Latn\" for NLLB)")
-        return
     ids = {}
-    for key, code in {**given, "target_lang_code": target}.items():
+    for key, code in {**given, **({target_key: target} if target else {})}.items():  # the codes given first
         try:  # M2M100 names its codes "de" (token "__de__"), NLLB and mBART-50 by their tokens
             ids[key] = tokenizer.get_lang_id(code) if hasattr(tokenizer, "get_lang_id") else \
                 tokenizer.convert_tokens_to_ids(code)
@@ -46,12 +45,17 @@ def set_languages_(model, tokenizer, source_lang_code: str | None, target_lang_c
             ids[key] = None
         if ids[key] in (None, tokenizer.unk_token_id):
             codes = [t for t in tokenizer.all_special_tokens if not t.startswith("<")]  # not <pad>, </s>…
-            raise ConfigError(f"{key}: {code!r} is not a language code of the teacher's tokenizer ({name}); "
+            raise ConfigError(f"{key}: {code!r} is not a language code of the {whose}'s tokenizer ({name}); "
                               f"its codes look like {', '.join(map(repr, codes[:3])) or 'nothing'}")
-    if tokenizer(text_target="a")["input_ids"][0] == ids["target_lang_code"]:  # NLLB, M2M100, mBART-50
-        model.generation_config.forced_bos_token_id = ids["target_lang_code"]
+    if not target:
+        if model.generation_config.forced_bos_token_id is None:
+            raise ConfigError(f"{target_key}: the {whose}'s tokenizer ({name}) is multilingual and nothing says which "
+                              f"language to translate into; set {target_key} (e.g. \"deu_Latn\" for NLLB)")
+        return
+    if tokenizer(text_target="a")["input_ids"][0] == ids[target_key]:  # NLLB, M2M100, mBART-50
+        model.generation_config.forced_bos_token_id = ids[target_key]
     else:  # mBART-25 puts the code last; the model's shift of the labels moves it first: decoding starts with it
-        model.generation_config.decoder_start_token_id = ids["target_lang_code"]
+        model.generation_config.decoder_start_token_id = ids[target_key]
 
 
 def load_models(config: Config) -> tuple:

@@ -30,7 +30,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from mdcompress.errors import ExportError, TranslateError
+from mdcompress.errors import ExportError, TranslateError, UserError
 from mdcompress.files import not_utf8, write_text_atomic
 from mdcompress.onnx_format import DECODER, ENCODER, WEIGHTS, default_folder, is_export, load_model, read_info
 from mdcompress.process import exit_with, quiet_transformers
@@ -311,6 +311,40 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
     return OnnxTranslator(folder, threads) if exported else TorchTranslator.load(path, threads)
 
 
+def choose_languages_(translator, source: str | None, target: str | None) -> None:
+    """``--source-lang`` / ``--target-lang`` on a multilingual model (NLLB, M2M100, mBART-50): its
+    tokenizer reads the sources as ``source`` and generation is forced into ``target``
+    (``models.set_languages_``); either left out stays as the model was compressed (its tokenizer's
+    ``src_lang``, its generation config's forced code). A model without language codes, or a code its
+    tokenizer does not know, is refused in one line."""
+    if not (source or target):
+        return
+    from mdcompress.models import set_languages_  # here: it loads torch, which an ONNX translation does without
+
+    tokenizer, model = translator.tokenizer, getattr(translator, "model", None)
+    multilingual = hasattr(tokenizer, "src_lang") and hasattr(tokenizer, "tgt_lang")
+    if model is None or not multilingual:  # the ONNX exports are of MarianMT, which has no language codes
+        flag = "--source-lang" if source else "--target-lang"
+        raise TranslateError(f"{flag}: {source or target!r} given, but the model's tokenizer "
+                             f"({type(tokenizer).__name__}) has no language codes (they are for NLLB/M2M100 and "
+                             f"mBART-50 models); leave {flag} out")
+    generation = model.generation_config
+    kept = generation.forced_bos_token_id, generation.decoder_start_token_id
+    if target:  # the references' layout (code first or last) is read off the tokenizer with this target
+        try:
+            tokenizer.tgt_lang = target
+        except (KeyError, ValueError):
+            pass  # not a code of this tokenizer: set_languages_ says so in one line
+    try:
+        set_languages_(model, tokenizer, source, target, keys=("--source-lang", "--target-lang"), whose="model")
+    except UserError as e:
+        raise TranslateError(str(e)) from None
+    if not target:  # set_languages_ forced the tokenizer's own target: the model's generation config decides
+        generation.forced_bos_token_id, generation.decoder_start_token_id = kept
+    if source:
+        tokenizer.src_lang = source
+
+
 def _check_int8_export(folder: Path) -> None:
     """``--int8`` with an export folder as ``--model``: fine for an int8 export; a float32 one is refused
     (rather than translated in float32 as if --int8 had been honoured), naming the int8 export beside it."""
@@ -438,6 +472,12 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"bound each translation by its source: at most ceil(FACTOR × source tokens) + "
                              f"{MAX_LENGTH_MARGIN} new tokens, as Marian's max-length-factor (default "
                              f"{DEFAULT_MAX_LENGTH_FACTOR:g}; none: --max-new-tokens alone)")
+    parser.add_argument("--source-lang", metavar="CODE",
+                        help="language code of the input for a multilingual model (NLLB: eng_Latn, M2M100: en, "
+                             "mBART-50: en_XX; default: the one it was compressed with)")
+    parser.add_argument("--target-lang", metavar="CODE",
+                        help="language code to translate into, likewise (NLLB: deu_Latn, M2M100: de, mBART-50: "
+                             "de_DE; default: the one it was compressed for, from its generation config)")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: robust when other jobs share the cores; raise it on a dedicated machine)")
     parser.add_argument("--input", default="-", help="input file, one sentence per line (default: standard input)")
@@ -458,6 +498,7 @@ def main(argv: list[str] | None = None) -> int:
         factor = _length_factor(args.max_length_factor)
         _check_output(args.output, args.input)  # before the model is loaded and the input translated
         translator = load_translator(args.model, args.backend, args.threads, args.int8)
+        choose_languages_(translator, args.source_lang, args.target_lang)
         if args.input == "-" and sys.stdin.isatty():  # else it would wait for the end of input in silence
             print(f"{prog}: reading sentences from standard input, one per line; end with Ctrl-D (Ctrl-Z Enter "
                   "on Windows), or give --input FILE", file=sys.stderr, flush=True)

@@ -239,23 +239,31 @@ def test_distill_save_and_reload_identical(family, tiny_tokenizer, train_set, ba
 
 
 def test_forced_bos_is_carried_into_evaluation_sequence_level_kd_and_the_saved_model(tiny_tokenizer, tmp_path):
-    """The target-language token (here a plain word, "Mary", so that it shows in the decoded text) forced by
-    the generation config starts every translation: BLEU's, the teacher's for sequence-level KD, and
-    the reloaded student's."""
+    """The target-language token forced by the generation config (here a plain word, "Mary") steers every
+    translation: BLEU's, the teacher's for sequence-level KD, and the reloaded student's, each of which is
+    what generate() writes after it (the code itself is no part of a translation)."""
     teacher = BY_NAME["nllb-m2m100"].make(tiny_tokenizer)
     mary = tiny_tokenizer.convert_tokens_to_ids("▁Mary")
     assert tiny_tokenizer.decode([mary]) == "Mary"
     teacher.generation_config.forced_bos_token_id = mary
     sources = ["The train arrived.", "He is here."]
     kwargs = dict(max_new_tokens=4, batch_size=2)
-    assert all(t.startswith("Mary") for t in translate(teacher, tiny_tokenizer, sources, **kwargs))
+
+    def after_the_code(model, translations):  # each what generate() wrote after the start and the forced code
+        out = model.generate(**tiny_tokenizer(sources, return_tensors="pt", padding=True), max_new_tokens=4)
+        assert (out[:, 1] == mary).all()
+        expected = tiny_tokenizer.batch_decode(out[:, 2:], skip_special_tokens=True)
+        # the same tokens, the last of the 4 new ones </s> in ours (the length bound ends each with it)
+        return all(t and not t.startswith("Mary") and e.startswith(t) for t, e in zip(translations, expected))
+
+    assert after_the_code(teacher, translate(teacher, tiny_tokenizer, sources, **kwargs))
     targets, _, _ = teacher_translations(teacher, tiny_tokenizer, sources, tmp_path / "cache", "t", **kwargs)
-    assert all(t.startswith("Mary") for t in targets)
+    assert after_the_code(teacher, targets)
     student, _ = decomposition.build_student(teacher, [], RANK)
     save_compressed_model(student, tmp_path / "out", tiny_tokenizer)
     loaded = LOADERS["load_compressed_model"](tmp_path / "out")
     assert loaded.generation_config.forced_bos_token_id == mary
-    assert all(t.startswith("Mary") for t in translate(loaded, tiny_tokenizer, sources, **kwargs))
+    assert after_the_code(loaded, translate(loaded, tiny_tokenizer, sources, **kwargs))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -419,3 +427,32 @@ def test_the_forced_language_code_is_not_part_of_a_translation(nllb_teacher):
                                                        one["attention_mask"].astype(np.int64), max_new_tokens=6)
     raw = model.generate(**tokenizer(["He is here."], return_tensors="pt"), max_new_tokens=6)[0].tolist()
     assert raw[1] == deu and row == raw[2:]  # the same tokens, less the start and the code
+
+
+def test_translate_chooses_the_languages_of_a_multilingual_model(nllb_teacher, tiny_teacher_dir, tmp_path, capsys):
+    """--target-lang forces another target language; left out, the one the model was saved with stays;
+    --source-lang sets how the input is read. A code the tokenizer does not know, or a model without
+    codes (Marian, ONNX exports), is refused in one line."""
+    from mdcompress import translate
+
+    tokenizer = AutoTokenizer.from_pretrained(nllb_teacher)
+    deu, fra = tokenizer.convert_tokens_to_ids("deu_Latn"), tokenizer.convert_tokens_to_ids("fra_Latn")
+    translator = translate.load_translator(nllb_teacher)
+    translator.model.generation_config.forced_bos_token_id = deu  # as a run with target_lang_code saves it
+    translate.choose_languages_(translator, "fra_Latn", None)
+    assert translator.tokenizer.src_lang == "fra_Latn" and translator.model.generation_config.forced_bos_token_id == deu
+    assert translator.tokenizer("Bonjour.")["input_ids"][0] == fra  # NLLB reads the source's code first
+    translate.choose_languages_(translator, None, "fra_Latn")
+    assert translator.model.generation_config.forced_bos_token_id == fra
+
+    (tmp_path / "in.txt").write_text("He is here.\n")
+    capsys.readouterr()  # the loading bar of the direct calls above
+    for model, flags, words in [
+        (nllb_teacher, ["--target-lang", "xx_Latn"], ["--target-lang: 'xx_Latn' is not a language code of the model's "
+                                                     "tokenizer", "'eng_Latn'"]),
+        (nllb_teacher, ["--source-lang", "english"], ["--source-lang: 'english' is not a language code"]),
+        (tiny_teacher_dir, ["--target-lang", "de"], ["--target-lang: 'de' given, but the model's tokenizer "
+                                                     "(MarianTokenizer) has no language codes"])]:
+        assert translate.main(["--model", str(model), "--input", str(tmp_path / "in.txt"), *flags]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and all(word in err for word in words), err
