@@ -756,8 +756,8 @@ def low_rank_classes(base_config_class: type) -> tuple[type, type]:
         def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
             """``from_pretrained`` reading ``LOW_RANK_WEIGHTS_NAME`` (older folders: ``WEIGHTS_NAME``)."""
             load = base_model_class.from_pretrained.__func__
-            if kwargs.get("variant") is not None:
-                return load(cls, pretrained_model_name_or_path, *args, **kwargs)
+            if (asked := kwargs.pop("variant", None)) is not None:
+                return load(cls, pretrained_model_name_or_path, *args, variant=asked, **kwargs)
             folder = Path(str(pretrained_model_name_or_path), kwargs.get("subfolder") or "")
             if folder.is_dir():
                 variant = LOW_RANK_VARIANT if (folder / LOW_RANK_WEIGHTS_NAME).is_file() else None
@@ -767,9 +767,15 @@ def low_rank_classes(base_config_class: type) -> tuple[type, type]:
             except OSError:
                 return load(cls, pretrained_model_name_or_path, *args, **kwargs)
 
+        def save_pretrained(self, save_directory, *args, **kwargs):
+            """``save_pretrained`` (and so ``push_to_hub``) writing ``LOW_RANK_WEIGHTS_NAME``, which the
+            plain class does not read: a folder saved again stays a folder it refuses."""
+            kwargs.setdefault("variant", LOW_RANK_VARIANT)
+            return base_model_class.save_pretrained(self, save_directory, *args, **kwargs)
+
         model_class = type(f"LowRank{base_model_class.__name__}", (base_model_class,), {
             "config_class": config_class, "__init__": __init__, "__module__": __name__,
-            "from_pretrained": classmethod(from_pretrained),
+            "from_pretrained": classmethod(from_pretrained), "save_pretrained": save_pretrained,
             "__doc__": f"``{base_model_class.__name__}`` with the factorization recorded in its config applied."})
         AutoConfig.register(config_class.model_type, config_class, exist_ok=True)
         AutoModelForSeq2SeqLM.register(config_class, model_class, exist_ok=True)

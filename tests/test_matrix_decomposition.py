@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 from helpers import LOADERS, load_with_auto_classes
-from transformers import AutoTokenizer, MarianMTModel
+from transformers import AutoModelForSeq2SeqLM, AutoTokenizer, MarianMTModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 
 from matrix_decomposition import (
@@ -290,6 +290,21 @@ def test_the_plain_class_refuses_a_factorized_folder_instead_of_loading_random_l
     _, folder = saved
     with pytest.raises(OSError, match="no file named model.safetensors"):
         MarianMTModel.from_pretrained(folder)
+
+
+def test_a_factorized_model_saved_again_through_transformers_stays_refused_by_the_plain_class(saved, tmp_path):
+    """Loaded through the Auto classes and saved with save_pretrained (what push_to_hub does), the folder
+    keeps the low-rank file name; an explicit variant=None loads as before."""
+    _, folder = saved
+    model = AutoModelForSeq2SeqLM.from_pretrained(folder, variant=None)
+    model.save_pretrained(tmp_path / "again")
+    assert (tmp_path / "again" / LOW_RANK_WEIGHTS_NAME).is_file() and not (tmp_path / "again" / WEIGHTS_NAME).exists()
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        MarianMTModel.from_pretrained(tmp_path / "again")
+    again = AutoModelForSeq2SeqLM.from_pretrained(tmp_path / "again")
+    ours, theirs = model.state_dict(), again.state_dict()  # transformers saves no sinusoid position table:
+    moved = [k for k in ours if not torch.equal(ours[k], theirs[k])]  # the fixture nudged it, a load rebuilds it
+    assert ours.keys() == theirs.keys() and all(k.endswith("embed_positions.weight") for k in moved)
 
 
 def test_a_dense_model_is_saved_where_every_class_reads_it(tmp_path, make_tiny_marian):
