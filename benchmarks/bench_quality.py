@@ -407,7 +407,7 @@ def run(args) -> int:
             folder = resolve(args.teacher)
             if not (Path(folder) / "model.safetensors").is_file():
                 raise BenchError(f"--teacher: {args.teacher!r} has no model.safetensors; train it with "
-                                 f"scripts/train_teacher.py, or run with --quick for a tiny random teacher")
+                                 f"python -m scripts.train_teacher, or run with --quick for a tiny random teacher")
             teacher, tokenizer = load_pretrained(folder, "--teacher")
             info_file = Path(folder) / "training_info.json"
             teacher_info = json.loads(info_file.read_text()) if info_file.is_file() else None

@@ -25,6 +25,8 @@ from mdcompress.output_folder import check_clear_of, check_output_path
 # what is done with the trained student (exported, evaluated in int8), which the checkpoints do not hold
 RESUMABLE_CHANGES = {"progress", "overwrite_output", "num_threads", "cache_dir", "preprocessing_num_workers"}
 AFTER_TRAINING = {"export", "quantize_int8", "eval_batch_size"}  # a change is said, not refused
+# Keys added since whose default changed what a run does: a run.json without them ran as these say
+BEFORE_THE_KEY = {"max_length_factor": None}  # translations were bounded by max_new_tokens alone
 
 
 def checkpoint_dir(config: Config) -> Path:
@@ -79,7 +81,7 @@ def check_resume(config: Config, resume: bool) -> dict | None:
     saved = json.loads(run_file.read_text(encoding="utf-8"))
     now = dataclasses.asdict(config)
     # a key the interrupted run's version did not have yet ran at its default
-    before = {**dataclasses.asdict(Config()), **saved["config"]}
+    before = {**dataclasses.asdict(Config()), **BEFORE_THE_KEY, **saved["config"]}
     changed = sorted(k for k in now if k not in RESUMABLE_CHANGES and before.get(k) != now[k])
     if refused := [k for k in changed if k not in AFTER_TRAINING]:
         k = refused[0]

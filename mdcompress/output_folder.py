@@ -21,6 +21,7 @@ from matrix_decomposition import save_compressed_model
 from mdcompress.errors import ExportError, OutputError
 from mdcompress.files import atomic_folder
 from mdcompress.onnx_export import export
+from mdcompress.process import interrupt_behind
 
 OUTPUT_MARKERS = ("compression_config.json", "report.json")  # what save_outputs writes next to the model
 
@@ -88,6 +89,8 @@ def save_outputs(path: str | os.PathLike, student: nn.Module, tokenizer, report:
                 folder = export(path, tmp / name, "int8" if name.endswith("int8") else "float32", model=student,
                                 tokenizer=tokenizer)
             except Exception as e:  # our refusal (ExportError) or the exporter's own failure on a layout it lacks
+                if interrupt_behind(e) is not None:  # a library's own error while Ctrl-C or SIGTERM stopped it
+                    raise
                 failed[name] = str(e) if isinstance(e, ExportError) else f"{type(e).__name__}: {e}"
                 continue
             if evaluate is not None:

@@ -77,11 +77,12 @@ def run_sweep(config: Config, key: str, run: Callable[..., int], resume: bool = 
             print(f"note: the sweep itself would be refused: {refused}")
         return 0
     with atomic_folder(final) as tmp:  # the whole folder appears when the last model is in, or not at all
-        rows = []
+        rows, failed = [], []
         for i, value in enumerate(values, 1):
             print(f"\nsweep {i}/{len(values)}: {key} {value} → {final / folder_name(key, value)}", flush=True)
             shared.save_into = str(tmp / folder_name(key, value))
-            run(one(value), config_path=config_path, shared=shared)
+            if run(one(value), config_path=config_path, shared=shared):  # saved, but an export of it failed
+                failed.append(folder_name(key, value))
             report = json.loads((tmp / folder_name(key, value) / "report.json").read_text(encoding="utf-8"))
             rows.append(sweep_row(key, value, report))
         summary = sweep_report(key, rows, shared.teacher)
@@ -90,7 +91,7 @@ def run_sweep(config: Config, key: str, run: Callable[..., int], resume: bool = 
         write_sweep_pictures(tmp, summary)
     print_sweep(summary)
     print(f"saved to {config.output_path} (one subfolder per model; report.md shows the table and the curve)")
-    return 0
+    return 1 if failed else 0  # each failed export was reported, with its command, when its model was saved
 
 
 def folder_name(key: str, value) -> str:

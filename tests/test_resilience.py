@@ -212,6 +212,18 @@ def test_an_export_that_fails_after_training_keeps_the_trained_student(run_dir, 
     assert sorted(p.name for p in run_dir.iterdir() if p.name.startswith(".")) == []  # no temporary left
 
 
+def test_a_sweep_whose_export_fails_saves_every_model_and_exits_1(run_dir, monkeypatch, capsys):
+    from mdcompress import onnx_export
+
+    monkeypatch.chdir(run_dir)
+    edit_config(run_dir, epoch=1, k_info=[2, 4], export=["onnx"], checkpoint_steps=0)
+    monkeypatch.setattr(onnx_export, "_verify", lambda model, folder, tolerance: 1 / 0)
+    assert compress_model.main(["--config", "config.json"]) == 1
+    assert capsys.readouterr().err.count("error: export onnx failed: ZeroDivisionError") == 2
+    for name in ("rank-2", "rank-4"):
+        assert "export_failed" in json.loads((run_dir / "out" / name / "report.json").read_text())
+
+
 def test_a_run_stopped_before_its_first_checkpoint_is_restarted_or_resumed_from_the_start(run_dir, monkeypatch):
     """A SIGKILL (or a crash) before the first checkpoint leaves run.json alone in the checkpoint folder."""
     monkeypatch.chdir(run_dir)
@@ -518,6 +530,22 @@ def test_a_run_checkpointed_before_a_key_existed_resumes_at_its_default(run_dir,
     edit_config(run_dir, freeze=["model.shared.weight"])  # but not at another value
     with pytest.raises(compress_model.ConfigError, match=r"freeze was \[\] in the interrupted run"):
         check_resume(compress_model.load_config(run_dir / "config.json"), resume=True)
+
+
+def test_a_run_checkpointed_before_the_length_bound_resumes_only_without_it(run_dir, monkeypatch):
+    """A run interrupted before max_length_factor existed translated unbounded (its teacher and decomposed
+    BLEU, its sequence-level KD targets): resuming it under today's default would mix the two, so it is
+    refused, and resumes with the bound switched off."""
+    monkeypatch.chdir(run_dir)
+    config = compress_model.load_config(run_dir / "config.json")
+    older = {k: v for k, v in dataclasses.asdict(config).items() if k != "max_length_factor"}
+    (run_dir / "out-checkpoints").mkdir()
+    (run_dir / "out-checkpoints" / "run.json").write_text(json.dumps({"config": older, "report": {}}))
+    with pytest.raises(compress_model.ConfigError, match=r"max_length_factor was null in the interrupted run and "
+                                                         r"is 2.0 now"):
+        check_resume(config, resume=True)
+    edit_config(run_dir, max_length_factor=None)
+    assert check_resume(compress_model.load_config(run_dir / "config.json"), resume=True)["config"] == older
 
 
 @pytest.mark.parametrize("world_size", ["1", "2"])
