@@ -52,6 +52,7 @@ from mdcompress.process import (
     exit_with,
     interrupt_behind,
     leave_process_group,
+    program_name,
     quiet_transformers,
     torch_threads,
 )
@@ -150,7 +151,7 @@ def print_report(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     # the name the user typed: matrix-decomposition once installed; compress_model.py for main(argv) from Python
-    prog = os.path.basename(sys.argv[0]) if argv is None else "compress_model.py"
+    prog = program_name() if argv is None else "compress_model.py"
     parser = argparse.ArgumentParser(prog=prog, description=__doc__, epilog=config_help(),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="config.json", help="the JSON config to run (default: ./config.json)")

@@ -43,7 +43,7 @@ from mdcompress.errors import ExportError
 from mdcompress.files import atomic_folder
 from mdcompress.onnx_format import DECODER, ENCODER, EXPORT_INFO, FORMAT, WEIGHTS, default_folder, is_export, \
     load_model, read_info
-from mdcompress.process import exit_with, quiet_transformers
+from mdcompress.process import exit_with, program_name, quiet_transformers
 
 PRECISIONS = ("float32", "int8")
 OPSET = 17
@@ -352,7 +352,7 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prog = os.path.basename(sys.argv[0]) if argv is None else "onnx_export.py"  # or md-export-onnx
+    prog = program_name() if argv is None else "onnx_export.py"  # called from Python: the module's file
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a folder written by compress_model.py, a MarianMT folder or hub id")

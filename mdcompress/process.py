@@ -16,7 +16,17 @@ import sys
 import threading
 import time
 import warnings
+from pathlib import Path
 
+
+
+def program_name() -> str:
+    """The command's name as the user typed it, for its messages: ``md-translate`` (installed),
+    ``python -m mdcompress.translate``, ``compress_model.py``."""
+    path = Path(sys.argv[0])
+    if path.parent.name == "mdcompress" and path.suffix == ".py":  # run as python -m mdcompress.<module>
+        return f"python -m mdcompress.{path.stem}"
+    return path.name
 
 class Terminated(KeyboardInterrupt):
     """SIGTERM (``kill``, ``timeout``, Slurm, ``docker stop``) while ``main()`` runs, raised in the main

@@ -33,7 +33,7 @@ from pathlib import Path
 from mdcompress.errors import ExportError, TranslateError, UserError
 from mdcompress.files import not_utf8, write_text_atomic
 from mdcompress.onnx_format import DECODER, ENCODER, WEIGHTS, default_folder, is_export, load_model, read_info
-from mdcompress.process import exit_with, quiet_transformers
+from mdcompress.process import exit_with, program_name, quiet_transformers
 
 BACKENDS = ("auto", "torch", "onnx")
 # A translation is bounded by its source, as Marian's --max-length-factor bounds it: at most
@@ -457,7 +457,7 @@ def folder_mb(folder: str | os.PathLike) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    prog = os.path.basename(sys.argv[0]) if argv is None else "translate.py"  # or md-translate
+    prog = program_name() if argv is None else "translate.py"  # called from Python: the module's file
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a folder written by compress_model.py, or its ONNX export")

@@ -214,7 +214,8 @@ def test_export_command_without_out_needs_a_model_folder(model, shell, tmp_path,
         monkeypatch.chdir(tmp_path)
         code, err = onnx_export.main(["--model", model]), capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1, err
-    assert err == (f"onnx_export.py: error: --out is needed when --model is a hub id: {model!r} is no local "
+    prog = "python -m mdcompress.onnx_export" if shell else "onnx_export.py"  # as typed; from Python, the file
+    assert err == (f"{prog}: error: --out is needed when --model is a hub id: {model!r} is no local "
                    f"folder (looked for {str(tmp_path.resolve() / model)!r}); give --out, or the path of a "
                    f"model folder\n")
     assert not list(tmp_path.iterdir())
@@ -258,7 +259,7 @@ def test_translate_command_errors_are_one_line(tmp_path):
     done = run_command([sys.executable, "-m", "mdcompress.translate", "--model", str(tmp_path / "nowhere")],
                        input="hi\n", timeout=120, check=False)
     assert done.returncode == 2 and "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
-    assert done.stderr.startswith("translate.py: error: ") and "nowhere" in done.stderr
+    assert done.stderr.startswith("python -m mdcompress.translate: error: ") and "nowhere" in done.stderr
 
 
 @pytest.mark.parametrize("case", ["output_is_a_folder", "output_folder_missing", "stdin_not_utf8", "input_not_utf8"])
