@@ -15,9 +15,10 @@ factorized layers export as their two small matrix products, never re-multiplied
   needs no softmax over the vocabulary; beam search takes it outside the graph.
 
 Why by hand: no maintained exporter handles seq2seq models with a cache for transformers 5
-(optimum's needs transformers < 4.58, and transformers' own cache classes do not trace), so the
-two step functions below restate Marian's forward pass (post-norm layers, sinusoidal positions,
-scaled embeddings, final_logits_bias) around the model's modules; ``export`` then checks the graphs
+(optimum's needs transformers < 4.58, and transformers' own cache classes do not trace), so each
+family's two step functions restate its forward pass around the model's modules (``onnx_bart``:
+Marian and the BART-like families; ``onnx_t5``; all attention through ``onnx_attention``),
+as ``family(model)`` picks them; ``export`` then checks the graphs
 against the PyTorch model before it writes anything. int8 is ONNX Runtime's dynamic quantization
 (``onnxruntime.quantization.quantize_dynamic``) of every MatMul and Gather weight, the embedding
 and the output projection included. Tensors that both graphs use (the embedding) are stored once,
@@ -50,7 +51,10 @@ OPSET = 17
 
 
 # ---------------------------------------------------------------------------------------------
-# The two step functions, as modules that torch.onnx traces
+# The step functions of each family (onnx_bart, onnx_t5): check(model), describe(model), graphs(model)
+
+_FAMILIES = {"marian": "mdcompress.onnx_bart", "m2m_100": "mdcompress.onnx_bart", "mbart": "mdcompress.onnx_bart",
+             "bart": "mdcompress.onnx_bart", "t5": "mdcompress.onnx_t5", "mt5": "mdcompress.onnx_t5"}
 
 
 def _import_torch():
@@ -60,116 +64,21 @@ def _import_torch():
     return torch, nn
 
 
-def _graphs(model):
-    """(encoder module, decoder-step module) for ``model``, a MarianMTModel (factorized or not)."""
-    torch, nn = _import_torch()
-    from matrix_decomposition import LowRankEmbedding, LowRankLinear
+def family(model):
+    """The module that writes ``model``'s step functions; a model it cannot restate is refused in one line."""
+    import importlib
 
-    encoder, decoder = model.model.encoder, model.model.decoder
-    neg = torch.finfo(torch.float32).min
-
-    def table(embedding):
-        """The tensor a token lookup gathers columns from: Eᵀ (d, V), or Aᵀ (r, V) of E ≈ A·B. An
-        output projection tied to the embedding multiplies by the same tensor, so the graph holds it once."""
-        weight = embedding.up.weight if isinstance(embedding, LowRankEmbedding) else embedding.weight
-        return weight.t()
-
-    def lookup(embedding, tab, ids, step: bool = False):  # ids (B, T) → (B, T, d)
-        rows = tab.index_select(1, ids.reshape(-1)).t()  # (B·T, d or r)
-        if isinstance(embedding, LowRankEmbedding):
-            rows = rows @ embedding.down.weight  # (B·T, r) @ (r, d)
-            if embedding.embed_scale is not None:  # a scaled word embedding's own factor (1 or absent in Marian)
-                rows = rows * embedding.embed_scale
-        return rows.reshape(-1, 1, embedding.embedding_dim) if step else rows.reshape(ids.shape[0], ids.shape[1], -1)
-
-    def heads(x, attention, step: bool):  # (B, T, D) → (B, H, T, Dh)
-        # in a decoding step T = 1: a constant shape, so the graph computes no shapes at every step
-        shape = (-1, 1) if step else (x.shape[0], -1)
-        return x.reshape(*shape, attention.num_heads, attention.head_dim).transpose(1, 2)
-
-    def attend(attention, query, keys, values, bias, step: bool):  # query (B, T, D); keys, values (B, H, S, Dh)
-        q = heads(attention.q_proj(query), attention, step)
-        scores = torch.matmul(q, keys.transpose(2, 3)) * attention.scaling + bias  # (B, H, T, S); bias (B, 1, 1, S)
-        out = torch.matmul(torch.softmax(scores, dim=-1), values).transpose(1, 2)  # (B, T, H, Dh)
-        shape = (-1, 1, attention.embed_dim) if step else (query.shape[0], -1, attention.embed_dim)
-        return attention.out_proj(out.reshape(shape))
-
-    def feed_forward(layer, x):
-        return layer.final_layer_norm(x + layer.fc2(layer.activation_fn(layer.fc1(x))))
-
-    def padding_bias(attention_mask):  # (B, S) → (B, 1, 1, S): 0 where real, the float minimum where padded
-        return (1.0 - attention_mask[:, None, None, :].to(torch.float32)) * neg
-
-    class Encoder(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.encoder, self.decoder = encoder, decoder
-
-        def forward(self, input_ids, attention_mask):
-            x = lookup(encoder.embed_tokens, table(encoder.embed_tokens), input_ids) * encoder.embed_scale
-            x = x + encoder.embed_positions.weight[: input_ids.shape[1]]
-            bias = padding_bias(attention_mask)
-            for layer in encoder.layers:
-                attention = layer.self_attn
-                keys, values = heads(attention.k_proj(x), attention, False), heads(attention.v_proj(x), attention, False)
-                x = layer.self_attn_layer_norm(x + attend(attention, x, keys, values, bias, False))
-                x = feed_forward(layer, x)
-            cross = []
-            for layer in decoder.layers:
-                attention = layer.encoder_attn
-                cross += [heads(attention.k_proj(x), attention, False), heads(attention.v_proj(x), attention, False)]
-            return tuple(cross)
-
-    head = model.lm_head
-    tied = head.weight is decoder.embed_tokens.weight if isinstance(head, nn.Linear) else (
-        isinstance(head, LowRankLinear) and isinstance(decoder.embed_tokens, LowRankEmbedding)
-        and head.up.weight is decoder.embed_tokens.up.weight)
-
-    class DecoderStep(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.decoder, self.head = decoder, head
-            self.register_buffer("final_logits_bias", model.final_logits_bias.detach().clone(), persistent=False)
-
-        def forward(self, input_ids, attention_mask, *cache):  # cache: self k, v per layer, then cross k, v per layer
-            n = len(decoder.layers)
-            past, cross = cache[: 2 * n], cache[2 * n:]
-            tab = table(decoder.embed_tokens)
-            x = lookup(decoder.embed_tokens, tab, input_ids, step=True) * decoder.embed_scale  # (B, 1, d)
-            step = past[0].shape[2]  # positions already in the cache
-            x = x + decoder.embed_positions.weight[step: step + 1]
-            bias = padding_bias(attention_mask)
-            present = []
-            for i, layer in enumerate(decoder.layers):
-                attention = layer.self_attn
-                keys = torch.cat([past[2 * i], heads(attention.k_proj(x), attention, True)], dim=2)
-                values = torch.cat([past[2 * i + 1], heads(attention.v_proj(x), attention, True)], dim=2)
-                present += [keys, values]
-                x = layer.self_attn_layer_norm(x + attend(attention, x, keys, values, 0.0, True))
-                x = layer.encoder_attn_layer_norm(x + attend(layer.encoder_attn, x, cross[2 * i], cross[2 * i + 1], bias,
-                                                             True))
-                x = feed_forward(layer, x)
-            h = x[:, 0]  # (B, d)
-            if not tied:
-                logits = head(h)
-            elif isinstance(head, LowRankLinear):
-                logits = (h @ head.down.weight.t()) @ tab  # (B, d) @ (d, r) @ (r, V)
-            else:
-                logits = h @ tab  # (B, d) @ (d, V)
-            logits = logits + self.final_logits_bias
-            return (logits, *present)
-
-    return Encoder().eval(), DecoderStep().eval()
+    model_type = str(getattr(model.config, "model_type", None)).removesuffix("_low_rank")  # this tool's factorized types
+    if model_type not in _FAMILIES:
+        raise ExportError(f"{type(model).__name__} (model_type {model_type!r}) cannot be exported: supported are "
+                          f"the model types {', '.join(sorted(_FAMILIES))}")
+    module = importlib.import_module(_FAMILIES[model_type])
+    module.check(model)
+    return module
 
 
 def _check_exportable(model) -> None:
-    from transformers import MarianMTModel
-
-    if not isinstance(model, MarianMTModel):
-        raise ExportError(f"{type(model).__name__} (model_type {getattr(model.config, 'model_type', None)!r}) cannot "
-                          f"be exported yet: supported is MarianMT, compressed by this tool or not")
-    if getattr(model.config, "normalize_before", False) or getattr(model.model.encoder, "layer_norm", None) is not None:
-        raise ExportError("pre-norm Marian variants (normalize_before) cannot be exported yet")
+    family(model)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,10 +95,11 @@ def _export_graphs(model, folder: Path) -> dict:
     """Write encoder.onnx and decoder.onnx (float32, weights inline) into ``folder``; returns the
     description that goes into onnx_export.json."""
     torch, _ = _import_torch()
-    encoder, step = _graphs(model)
+    builder = family(model)
+    encoder, step = builder.graphs(model)
+    description = builder.describe(model)
     config = model.config
-    n = len(model.model.decoder.layers)
-    attention = model.model.decoder.layers[0].self_attn
+    n = description["layers"]
     past_names, cross_names = _names(n)
     present_names = [name.replace("past_", "present_") for name in past_names]
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, config.eos_token_id, config.pad_token_id]], dtype=torch.long)
@@ -197,7 +107,7 @@ def _export_graphs(model, folder: Path) -> dict:
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         cross = encoder(ids, mask)
-        past = [torch.zeros(2, attention.num_heads, 3, attention.head_dim) for _ in past_names]
+        past = [torch.zeros(2, description["heads"], 3, description["head_dim"]) for _ in past_names]
         axes = {"input_ids": {0: "batch", 1: "source"}, "attention_mask": {0: "batch", 1: "source"},
                 **{name: {0: "batch", 2: "source"} for name in cross_names}}
         torch.onnx.export(encoder, (ids, mask), str(folder / ENCODER), dynamo=False, opset_version=OPSET,
@@ -211,10 +121,7 @@ def _export_graphs(model, folder: Path) -> dict:
         torch.onnx.export(step, (step_ids, mask, *past, *cross), str(folder / DECODER), dynamo=False,
                           opset_version=OPSET, input_names=["input_ids", "attention_mask", *past_names, *cross_names],
                           output_names=["logits", *present_names], dynamic_axes=axes, do_constant_folding=True)
-    return {"layers": n, "heads": attention.num_heads, "head_dim": attention.head_dim,
-            "max_positions": int(model.model.decoder.embed_positions.weight.shape[0]),
-            "vocab_size": int(model.final_logits_bias.shape[-1]),
-            "past": past_names, "present": present_names, "cross": cross_names}
+    return {**description, "past": past_names, "present": present_names, "cross": cross_names}
 
 
 def _quantize(folder: Path) -> None:
