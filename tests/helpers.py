@@ -1,13 +1,21 @@
 """Plain helpers of the tests (fixtures live in conftest.py): run folders and configs, commands run
-in a fresh process, benchmarks, the three ways to load a saved folder, tokenized pairs."""
+in a fresh process, benchmarks, the three ways to load a saved folder, tokenized pairs, and tiny
+random models of each family (``FAMILIES``)."""
 
 import json
 import os
 import subprocess
 import sys
+import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from transformers import AutoModelForSeq2SeqLM
+import torch
+from torch import nn
+from transformers import (
+    AutoModelForSeq2SeqLM, BartConfig, M2M100Config, MarianConfig, MBartConfig, MT5Config, T5Config,
+)
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING
 
 from compress_model import Config
 from distillation.knowledge_distillation import DistillationSettings
@@ -164,3 +172,61 @@ def tokenized_pairs(pairs, tokenizer, count: int, max_source_length: int, max_ta
                                          "target_text": [t for _, t in pairs[:count]]})
     config = compress_model.Config(max_source_length=max_source_length, max_target_length=max_target_length)
     return data.preprocess(subset, tokenizer, config, compress_model.default_data_preprocessor)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny random models of each family
+
+BART_LIKE = dict(d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
+                 encoder_ffn_dim=32, decoder_ffn_dim=32, max_position_embeddings=64)
+T5_LIKE = dict(d_model=16, d_kv=8, d_ff=32, num_layers=2, num_decoder_layers=2, num_heads=2,
+               relative_attention_num_buckets=8)
+
+
+@dataclass
+class Family:
+    """One architecture, with what its layers are called spelled out here, independently of the code."""
+
+    name: str
+    config_class: type
+    kwargs: dict
+    layers: tuple[str, str]  # prefixes of the encoder's and the decoder's layers
+    linears: tuple[int, int]  # nn.Linear per encoder / decoder layer
+    cross_kv: tuple[str, str]  # the decoder's cross-attention key and value projections
+    embedding: str  # the token embedding's module name
+    tied_head: bool = True
+
+    def make(self, tokenizer):
+        ids = dict(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+        starts_with_pad = self.config_class in (MarianConfig, T5Config, MT5Config)  # the others with </s>
+        start = tokenizer.pad_token_id if starts_with_pad else tokenizer.eos_token_id
+        if self.config_class not in (T5Config, MT5Config):
+            ids.update(bos_token_id=tokenizer.eos_token_id, forced_eos_token_id=tokenizer.eos_token_id)
+        torch.manual_seed(0)
+        config = self.config_class(**ids, decoder_start_token_id=start, **self.kwargs)
+        model = MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING[self.config_class](config)
+        if self.tied_head:
+            return model.eval()
+        # transformers builds T5 models tied and unties a head only when loading a checkpoint that holds
+        # its own table, as mT5's and MADLAD's do: made here the same way
+        model.lm_head.weight = nn.Parameter(torch.randn_like(model.lm_head.weight) * 0.1)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save_pretrained(folder)
+            return AutoModelForSeq2SeqLM.from_pretrained(folder).eval()
+
+
+MARIAN_NAMES = dict(layers=("model.encoder.layers.", "model.decoder.layers."), linears=(6, 10),
+                    cross_kv=("encoder_attn.k_proj", "encoder_attn.v_proj"), embedding="model.shared")
+T5_NAMES = dict(layers=("encoder.block.", "decoder.block."), cross_kv=("EncDecAttention.k", "EncDecAttention.v"),
+                embedding="shared")
+FAMILIES = [
+    Family("marian", MarianConfig, BART_LIKE, **MARIAN_NAMES),
+    # sinusoidal positions counted from the pad id: 299 in the tiny vocabulary (1 in NLLB's)
+    Family("nllb-m2m100", M2M100Config, {**BART_LIKE, "scale_embedding": True, "max_position_embeddings": 320},
+           **MARIAN_NAMES),
+    Family("mbart", MBartConfig, {**BART_LIKE, "scale_embedding": True}, **MARIAN_NAMES),
+    Family("bart", BartConfig, BART_LIKE, **MARIAN_NAMES),
+    Family("t5", T5Config, T5_LIKE, linears=(6, 10), **T5_NAMES),  # no biases; tied head scaled by d_model^-0.5
+    Family("mt5", MT5Config, {**T5_LIKE, "feed_forward_proj": "gated-gelu"},
+           linears=(7, 11), tied_head=False, **T5_NAMES),  # wi_0, wi_1; the head is a layer of its own
+]
