@@ -28,7 +28,7 @@ import torch
 from accelerate import PartialState
 
 import decomposition
-from distillation.knowledge_distillation import DistillationSettings, distributed_on_cpu
+from distillation.knowledge_distillation import DistillationSettings, check_gpus_for_processes, distributed_on_cpu
 from distillation.sequence_level_kd import teacher_translations
 from mdcompress import data, plan
 from mdcompress.checkpoints import (
@@ -203,6 +203,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     in the line that reports an export that failed after training."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_transformers()
+    check_gpus_for_processes()
     state = PartialState(cpu=distributed_on_cpu())  # one process, or one of several under torchrun / accelerate launch
     main_process = state.is_main_process
     say = print if main_process else (lambda *a, **k: None)

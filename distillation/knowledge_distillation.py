@@ -43,6 +43,7 @@ from distillation.distillation_loss import (
     top_k_distillation_loss,
     weighted_sum,
 )
+from mdcompress.errors import UserError
 from mdcompress.files import atomic_folder, chmod_as_umask, write_text_atomic
 from mdcompress.progress import progress_bar
 from mdcompress.config import LOSS_TERMS, Config
@@ -79,6 +80,17 @@ def distributed_on_cpu() -> bool:
     """Several processes (torchrun / accelerate launch) and no GPU: Accelerate then needs
     ``cpu=True`` to join them with the gloo backend instead of running each alone."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available()
+
+
+def check_gpus_for_processes() -> None:
+    """Several processes on one machine with GPUs take one GPU each (NCCL joins one device per
+    process): more processes than GPUs are refused in one line, before Accelerate fails inside a
+    barrier with "invalid device ordinal" (seen with torchrun --nproc_per_node 2 on one H200)."""
+    processes = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if processes > 1 and torch.cuda.is_available() and processes > (gpus := torch.cuda.device_count()):
+        raise UserError(f"{processes} processes on this machine (torchrun --nproc_per_node {processes}) but "
+                        f"{gpus} GPU{'s' if gpus != 1 else ''}: start one process per GPU (--nproc_per_node "
+                        f"{gpus}), or hide the GPUs (CUDA_VISIBLE_DEVICES=) to train on the CPUs")
 
 
 def token_lengths(dataset) -> np.ndarray:
