@@ -675,6 +675,22 @@ def _untie_(model: nn.Module, names: Sequence[str]) -> None:
     _retie_mappings_(model)
 
 
+def _untie_saved_apart_(model: nn.Module, weights: Path) -> None:
+    """Untie each linear that the freshly built model ties to another tensor while the weights file
+    holds both apart: mT5's and MADLAD's dense ``lm_head`` (transformers 5 builds T5 models tied,
+    whatever their config says, and unties them only when a checkpoint holds two different tables)."""
+    from safetensors import safe_open
+
+    with safe_open(str(weights), "pt") as f:
+        saved = set(f.keys())
+    tied = _tied_names(model)
+    apart = [key.removesuffix(".weight") for key in saved
+             if key.endswith(".weight") and any(other in saved for other in tied.get(key, []))
+             and isinstance(model.get_submodule(key.removesuffix(".weight")), nn.Linear)]
+    if apart:
+        _untie_(model, apart)
+
+
 def init_notes(model: nn.Module) -> dict[str, str]:
     """{module name: why its activation-aware init fell back to plain SVD} (empty when none did)."""
     return {name: m.init_note for name, m in model.named_modules() if isinstance(m, LOW_RANK) and m.init_note}
@@ -888,6 +904,7 @@ def load_compressed_model(path: str | os.PathLike, dtype: torch.dtype | None = N
     model = AutoModelForSeq2SeqLM.from_config(config, dtype=dtype) if dtype else AutoModelForSeq2SeqLM.from_config(config)
     if not low_rank_ranks(model):  # a low-rank model class is built factorized; older folders say "marian"
         apply_low_rank_structure_(model, ranks)
+    _untie_saved_apart_(model, weights)
     missing, unexpected = load_model(model, str(weights), strict=True)
     assert not missing and not unexpected  # strict=True raises first
     if (path / "generation_config.json").is_file():
