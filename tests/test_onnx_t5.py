@@ -24,7 +24,8 @@ RANK = 4
 # the noise added to the tiny random models (``varied_``): enough that each says different things for
 # different sources (the tests assert it), not so much that it says nothing
 NOISE = {"t5": 0.5, "mt5": 0.3}
-T5_FAMILIES = [pytest.param(f, id=f.name) for f in FAMILIES if f.name in ("t5", "mt5")]
+BY_NAME = {f.name: f for f in FAMILIES}
+T5_FAMILIES = [pytest.param(BY_NAME[name], id=name) for name in ("t5", "mt5")]
 
 
 @pytest.fixture(scope="module")
@@ -153,3 +154,28 @@ def test_relative_bias_is_right_beyond_the_buckets(family, t5_tokenizer, tmp_pat
         want = translator.generate(ids.numpy(), mask.numpy(), beams, max_new_tokens=steps, min_new_tokens=steps)
         have = onnx_translator.generate(ids.numpy(), mask.numpy(), beams, max_new_tokens=steps, min_new_tokens=steps)
         assert [len(row) for row in want] == [steps] * 3 and have == want, beams
+
+
+def test_a_compression_run_of_an_mt5_teacher_exports_and_scores_its_student(t5_tokenizer, tiny_pairs, tmp_path,
+                                                                              monkeypatch):
+    """The CLI on a tiny mT5 teacher with ``export: ["onnx"]``: the factorized student is exported with the
+    run, and its export scores what the PyTorch student scores, with the same translations."""
+    import compress_model
+    from mdcompress.data import write_pairs
+
+    teacher = saved(BY_NAME["mt5"], t5_tokenizer, tmp_path / "teacher", factorized=False)
+    write_pairs(tmp_path / "train.csv", tiny_pairs[:16])
+    write_pairs(tmp_path / "eval.csv", tiny_pairs[100:112])
+    (tmp_path / "config.json").write_text(json.dumps({
+        "teacher_model_path": str(teacher), "dataset_path": "train.csv", "eval_dataset_path": "eval.csv",
+        "output_path": "out", "progress": False, "max_steps": 1, "batch_size": 8, "max_new_tokens": 8,
+        "checkpoint_steps": 0, "num_threads": 1, "decompose_layers": ["*"], "k_info": RANK, "export": ["onnx"]}))
+    monkeypatch.chdir(tmp_path)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert "export_failed" not in report and "shared" in report["ranks"] and "lm_head" in report["ranks"]
+    row, student = report["student_onnx"], report["student"]
+    assert (row["bleu"], row["chrf"]) == (student["bleu"], student["chrf"]) and student["chrf"] > 0
+    sources = [s for s, _ in tiny_pairs[100:112]]
+    expected = translate_lines(load_translator(tmp_path / "out"), sources, max_new_tokens=8)
+    assert translate_lines(load_translator(tmp_path / "out" / "onnx"), sources, max_new_tokens=8) == expected
