@@ -179,3 +179,23 @@ def test_a_compression_run_of_an_mt5_teacher_exports_and_scores_its_student(t5_t
     sources = [s for s, _ in tiny_pairs[100:112]]
     expected = translate_lines(load_translator(tmp_path / "out"), sources, max_new_tokens=8)
     assert translate_lines(load_translator(tmp_path / "out" / "onnx"), sources, max_new_tokens=8) == expected
+
+
+@pytest.mark.parametrize("buckets, distance", [(32, 128), (8, 6), (8, 128), (16, 16)])
+@pytest.mark.parametrize("bidirectional", [True, False], ids=["encoder", "decoder"])
+def test_the_bucket_table_clipped_gives_t5s_buckets_at_every_distance(buckets, distance, bidirectional):
+    """The graphs look a relative position up in ``bucket_table``, clipped to its bound: the bucket
+    T5's own function gives, for every position from −2000 to 2000."""
+    from transformers import T5Config
+
+    from mdcompress.onnx_t5 import bucket_table
+
+    config = T5Config(relative_attention_num_buckets=buckets, relative_attention_max_distance=distance)
+    module = T5Attention(config, has_relative_attention_bias=True)
+    table, bound = bucket_table(module, bidirectional)
+    relative = torch.arange(-2000, 2001) if bidirectional else -torch.arange(2001)  # key − query
+    expected = T5Attention._relative_position_bucket(relative, bidirectional=bidirectional, num_buckets=buckets,
+                                                     max_distance=distance)
+    index = relative.clamp(-bound, bound) + bound if bidirectional else (-relative).clamp(max=bound)
+    assert torch.equal(table[index], expected)
+    assert expected.max() == buckets - 1 and len(set(expected.tolist())) > buckets // 2  # the far ones reached
