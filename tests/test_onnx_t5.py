@@ -1,4 +1,4 @@
-"""ONNX Runtime export of T5 and mT5 (``onnx_t5``), dense and factorized: greedy and beam translations
+"""ONNX Runtime export of T5, mT5 and MADLAD-400's layout (``onnx_t5``), dense and factorized: greedy and beam translations
 of the export equal PyTorch's ``generate()``, the factorized layers stay factorized, int8 exports,
 and the relative position bias stays right far beyond its buckets, in the encoder and the decoder."""
 
@@ -12,19 +12,24 @@ import onnxruntime as ort
 import pytest
 import sentencepiece as spm
 import torch
-from helpers import FAMILIES, save_model_folder
-from transformers import AutoTokenizer
+from helpers import FAMILIES, T5_LIKE, T5_NAMES, Family, save_model_folder
+from transformers import AutoTokenizer, T5Config
 from transformers.models.t5.modeling_t5 import T5Attention
 
 from matrix_decomposition import decompose_, save_compressed_model
 from mdcompress.onnx_export import export
+from mdcompress.onnx_t5 import scales_output
 from mdcompress.translate import load_translator, translate_lines
 
 RANK = 4
 # the noise added to the tiny random models (``varied_``): enough that each says different things for
 # different sources (the tests assert it), not so much that it says nothing
-NOISE = {"t5": 0.5, "mt5": 0.3}
+NOISE = {"t5": 0.5, "mt5": 0.3, "madlad": 0.3}
 BY_NAME = {f.name: f for f in FAMILIES}
+# MADLAD-400's layout: T5 v1.1 (gated feed-forward, tie_word_embeddings false: no d_model^-0.5 before the
+# head) with an untied head, as a T5 model, not mT5
+MADLAD = Family("madlad", T5Config, {**T5_LIKE, "feed_forward_proj": "gated-gelu", "tie_word_embeddings": False},
+                linears=(7, 11), tied_head=False, **T5_NAMES)
 T5_FAMILIES = [pytest.param(BY_NAME[name], id=name) for name in ("t5", "mt5")]
 
 
@@ -72,9 +77,13 @@ def initializers(folder):
 
 
 @pytest.mark.parametrize("factorized", [False, True], ids=["dense", "factorized"])
-@pytest.mark.parametrize("family", T5_FAMILIES)
+@pytest.mark.parametrize("family", [*T5_FAMILIES, pytest.param(MADLAD, id="madlad")])
 def test_onnx_translations_equal_pytorch_greedy_and_beam(family, factorized, t5_tokenizer, tiny_pairs, tmp_path):
     folder = saved(family, t5_tokenizer, tmp_path / "model", factorized)
+    model = load_translator(folder).model
+    head, embedding = model.lm_head, model.shared
+    tied = head.up.weight is embedding.up.weight if factorized else head.weight is embedding.weight
+    assert tied is family.tied_head and scales_output(model) is (family.name == "t5")  # the head as the family has it
     onnx_dir = export(folder, tmp_path / "onnx")
     info = json.loads((onnx_dir / "onnx_export.json").read_text())
     assert info["max_abs_diff"] < 1e-4 and info["max_positions"] is None and info["vocab_size"] == len(t5_tokenizer)
