@@ -1,6 +1,7 @@
-"""ONNX Runtime export of T5, mT5 and MADLAD-400's layout (``onnx_t5``), dense and factorized: greedy and beam translations
-of the export equal PyTorch's ``generate()``, the factorized layers stay factorized, int8 exports,
-and the relative position bias stays right far beyond its buckets, in the encoder and the decoder."""
+"""ONNX Runtime export of T5, mT5 and MADLAD-400's layout (``onnx_t5``), dense and factorized:
+greedy and beam translations of the export equal PyTorch's ``generate()``, the factorized layers stay
+factorized, int8 exports, the relative position bias stays right far beyond its buckets in the
+encoder and the decoder, and a compression run exports its T5 student."""
 
 import dataclasses
 import json
