@@ -137,8 +137,8 @@ def graphs(model):
             x = lookup(encoder.embed_tokens, table(encoder.embed_tokens), input_ids)  # (B, S, d)
             positions = torch.arange(input_ids.shape[1], device=input_ids.device)
             relative = (positions[None, :] - positions[:, None]).clamp(-encoder_bound, encoder_bound)  # key − query
-            position_bias = encoder_relative.relative_attention_bias(self.buckets[relative + encoder_bound])  # (S, S, H)
-            bias = position_bias.permute(2, 0, 1)[None] + padding_bias(attention_mask)  # (B, H, S, S)
+            position_bias = encoder_relative.relative_attention_bias(self.buckets[relative + encoder_bound])
+            bias = position_bias.permute(2, 0, 1)[None] + padding_bias(attention_mask)  # (S, S, H) → (B, H, S, S)
             for block in encoder.block:
                 module, norm = block.layer[0].SelfAttention, block.layer[0].layer_norm
                 h = norm(x)
@@ -171,7 +171,8 @@ def graphs(model):
             tab = table(embedding)
             x = lookup(embedding, tab, input_ids, step=True)  # (B, 1, d)
             step = past[0].shape[2]  # positions already in the cache: this token's position
-            distance = (step - torch.arange(step + 1, device=input_ids.device)).clamp(max=decoder_bound)  # query − key
+            positions = torch.arange(step + 1, device=input_ids.device)  # of the keys
+            distance = (step - positions).clamp(max=decoder_bound)  # query − key
             position_bias = decoder_relative.relative_attention_bias(self.buckets[distance])  # (P+1, H)
             self_bias = position_bias.t()[None, :, None, :]  # (1, H, 1, P+1)
             cross_bias = padding_bias(attention_mask)

@@ -90,7 +90,7 @@ def test_onnx_translations_equal_pytorch_greedy_and_beam(family, factorized, t5_
     assert info["max_abs_diff"] < 1e-4 and info["max_positions"] is None and info["vocab_size"] == len(t5_tokenizer)
     sources = [s for s, _ in tiny_pairs[:12]]
     torch_translator, onnx_translator = load_translator(folder), load_translator(onnx_dir)
-    assert onnx_translator.backend == "onnx" and onnx_translator.start == t5_tokenizer.pad_token_id  # T5 starts from pad
+    assert onnx_translator.backend == "onnx" and onnx_translator.start == t5_tokenizer.pad_token_id  # from pad
     for beams in (1, 3):
         expected = translate_lines(torch_translator, sources, batch_size=5, num_beams=beams, max_new_tokens=12)
         got = translate_lines(onnx_translator, sources, batch_size=5, num_beams=beams, max_new_tokens=12)
