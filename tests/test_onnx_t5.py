@@ -209,3 +209,18 @@ def test_the_bucket_table_clipped_gives_t5s_buckets_at_every_distance(buckets, d
     index = relative.clamp(-bound, bound) + bound if bidirectional else (-relative).clamp(max=bound)
     assert torch.equal(table[index], expected)
     assert expected.max() == buckets - 1 and len(set(expected.tolist())) > buckets // 2  # the far ones reached
+
+
+def test_a_relative_bias_in_every_layer_is_refused_in_one_line(t5_tokenizer, tmp_path):
+    """Relative bias tables held otherwise than by the first layer of each stack (umT5 has one in every
+    layer) are not what the exporter restates: refused in one line, before anything is written."""
+    from mdcompress.onnx_export import ExportError
+
+    model = BY_NAME["t5"].make(t5_tokenizer)
+    second = model.encoder.block[1].layer[0].SelfAttention
+    second.has_relative_attention_bias = True
+    second.relative_attention_bias = torch.nn.Embedding(second.relative_attention_num_buckets, second.n_heads)
+    with pytest.raises(ExportError, match=r"^T5ForConditionalGeneration .*held by the layers \[0, 1\] of the encoder;"
+                                          r" the exporter restates T5's, held by the first layer alone$"):
+        export("t5", tmp_path / "out", model=model, tokenizer=t5_tokenizer)
+    assert not (tmp_path / "out").exists()
