@@ -197,7 +197,9 @@ def _verify(model, folder: Path, tolerance: float) -> float:
     mask[1, 5:] = 0
     ids[1, 5:] = config.pad_token_id
     targets = torch.randint(2, max(3, vocab - 1), (3, 3), generator=generator)
-    decoder_ids = torch.cat([torch.full((3, 1), config.decoder_start_token_id), targets], dim=1)
+    start = getattr(config, "decoder_start_token_id", None)  # a T5 config may leave it to the generation config
+    start = model.generation_config.decoder_start_token_id if start is None else start
+    decoder_ids = torch.cat([torch.full((3, 1), start), targets], dim=1)
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask, decoder_input_ids=decoder_ids).logits
     cross = encoder.run(None, {"input_ids": ids.numpy(), "attention_mask": mask.numpy()})

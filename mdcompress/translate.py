@@ -135,7 +135,8 @@ class OnnxTranslator:
         new tokens of each sentence (``length_bounds``), </s> at the last."""
         import numpy as np
 
-        max_new_tokens = min(max_new_tokens, self.max_positions)
+        if self.max_positions:  # None: relative positions (T5), no limit
+            max_new_tokens = min(max_new_tokens, self.max_positions)
         if bounds is not None:
             bounds = np.asarray(bounds, dtype=np.int64)
             max_new_tokens = min(max_new_tokens, int(bounds.max()))
