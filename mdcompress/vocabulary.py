@@ -41,11 +41,12 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from mdcompress.errors import ConfigError
+
+if TYPE_CHECKING:  # torch is imported where a model is trimmed: the translate command's ONNX backend runs without it
+    from torch import nn
 
 MARKER = "trimmed_vocabulary"  # the key in tokenizer_config.json of a trimmed tokenizer
 SPECIAL_ATTRIBUTES = ("bos_token", "eos_token", "unk_token", "pad_token", "sep_token", "cls_token", "mask_token")
@@ -373,6 +374,8 @@ def check_same_tokens(old, new, trim: Trim) -> None:
 def _select_rows_(modules: list[nn.Module], rows: list[int]) -> None:
     """Keep ``rows`` of the weight the ``modules`` share (embeddings and a linear tied to them), as one
     new parameter for all of them again."""
+    from torch import nn
+
     weight = nn.Parameter(modules[0].weight.detach()[rows].clone(), requires_grad=modules[0].weight.requires_grad)
     for module in modules:
         module.weight = weight
@@ -392,6 +395,9 @@ def trim_model_(model: nn.Module, trim: Trim) -> None:
     """Keep the rows of ``trim`` in ``model``'s token embeddings, output projection and
     ``final_logits_bias``, and renumber the ids its config and generation config name
     (``bad_words_ids`` and the suppressed tokens keep the kept ones). Ties stay ties."""
+    import torch
+    from torch import nn
+
     from matrix_decomposition import LowRankEmbedding, LowRankLinear
 
     if any(isinstance(m, (LowRankEmbedding, LowRankLinear)) for m in
@@ -412,11 +418,11 @@ def trim_model_(model: nn.Module, trim: Trim) -> None:
         if len(sides) == 2 and trim.source != trim.target:
             raise ConfigError("trim_vocabulary: the model ties its source and target embeddings, but the tokenizer has "
                               "separate vocabularies; set trim_vocabulary to false")
-        _select_rows_(modules, trim.source if sides == {"source"} else trim.target)
-    for module in (source_embedding, target_embedding):
-        if isinstance(module, nn.Embedding) and module.padding_idx is not None:
-            side = "source" if module is source_embedding else "target"
-            module.padding_idx = trim.mapping(side).get(module.padding_idx)
+        side = "source" if sides == {"source"} else "target"
+        _select_rows_(modules, trim.source if side == "source" else trim.target)
+        for module in modules:
+            if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                module.padding_idx = trim.mapping(side).get(module.padding_idx)
     bias = getattr(model, "final_logits_bias", None)
     if isinstance(bias, torch.Tensor):
         model.final_logits_bias = bias[:, trim.target].clone()
@@ -491,6 +497,24 @@ class Trimmed:
     def report(self) -> dict:
         return {**self.trim.summary(), "params_before": self.params_before, "params_after": self.params_after,
                 "shared": self.trim.shared}
+
+
+def check_trimmable(config, teacher: nn.Module, tokenizer) -> list[str]:
+    """What ``trim_run`` refuses that needs no pairs, checked as soon as the models are loaded: the
+    ``trim_vocabulary_files`` (their lines are returned), a tokenizer format this module cannot rewrite,
+    a model already factorized, an id the config names that the tokenizer does not have."""
+    from matrix_decomposition import LowRankEmbedding, LowRankLinear
+
+    lines = text_file_lines(config.trim_vocabulary_files)
+    with tempfile.TemporaryDirectory(prefix="tokenizer-") as tmp:
+        tokenizer_format(tokenizer, _saved(tokenizer, Path(tmp)))
+    if any(isinstance(m, (LowRankEmbedding, LowRankLinear)) for m in
+           (teacher.get_input_embeddings(), teacher.get_output_embeddings())):
+        raise ConfigError("trim_vocabulary: the teacher's token embedding or output projection is factorized "
+                          "already; trim the vocabulary of the uncompressed model")
+    kept_ids(teacher, tokenizer, [[0]], [[0]], {"source_lang_code": config.source_lang_code,
+                                               "target_lang_code": config.target_lang_code})
+    return lines
 
 
 def trim_run(config, teacher: nn.Module, base: nn.Module, tokenizer, train_set, eval_set) -> Trimmed:
