@@ -156,7 +156,7 @@ def kept_ids(model: nn.Module, tokenizer, source_rows, target_rows, language_cod
     named = named_ids(model, tokenizer, language_codes)
     separate = bool(getattr(tokenizer, "separate_vocabs", False))
     sizes = vocabulary_sizes(model)
-    tokens = len(tokenizer)
+    tokens = tokenizer_size(tokenizer)
     target_tokens = len(tokenizer.target_encoder) if separate else tokens
     for what, i in named.items():
         if not 0 <= i < min(tokens, target_tokens):
@@ -164,7 +164,7 @@ def kept_ids(model: nn.Module, tokenizer, source_rows, target_rows, language_cod
                               f"({type(tokenizer).__name__}, ids 0–{tokens - 1}), so the kept vocabulary would miss "
                               f"it; fix the model's config, or set trim_vocabulary to false")
     frequent = lambda counts, size: {i for i, n in counts.items() if n >= min_count and i < size}  # noqa: E731
-    specials = set(named.values())
+    specials = set(named.values()) | set(numbered_by_the_class(tokenizer))
     if separate:  # the named special tokens first on both sides, so that pad and eos have one id
         first = sorted(specials)
         source = first + sorted(frequent(source_counts, tokens) - specials)
@@ -172,6 +172,21 @@ def kept_ids(model: nn.Module, tokenizer, source_rows, target_rows, language_cod
         return Trim(source, target, sizes, named, shared=False)
     kept = sorted(specials | frequent(source_counts, tokens) | frequent(target_counts, tokens))
     return Trim(kept, kept, sizes, named, shared=True)
+
+
+def tokenizer_size(tokenizer) -> int:
+    """One more than the largest id the tokenizer gives (M2M100's ``len()`` leaves out the language codes it
+    numbers after its vocabulary)."""
+    numbered = getattr(tokenizer, "lang_token_to_id", None) or {}
+    return max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1, max(numbered.values(), default=-1) + 1)
+
+
+def numbered_by_the_class(tokenizer) -> list[int]:
+    """The ids a tokenizer class numbers itself after its ``vocab.json`` (M2M100's language codes): kept
+    all, in their order, as the class numbers them again after the trimmed vocabulary."""
+    if hasattr(tokenizer, "lang_token_to_id") and hasattr(tokenizer, "encoder"):
+        return list(range(len(tokenizer.encoder), tokenizer_size(tokenizer)))
+    return []
 
 
 def vocabulary_sizes(model: nn.Module) -> tuple[int, int]:
@@ -303,7 +318,7 @@ def write_tokenizer(tokenizer, trim: Trim, folder: str | os.PathLike) -> None:
             _rewrite_vocab_json(folder, "target_vocab.json", target)
     config_path = folder / "tokenizer_config.json"
     config = json.loads(config_path.read_text(encoding="utf-8"))
-    tokens = {i: t for i, t in enumerate(tokenizer.convert_ids_to_tokens(list(range(len(tokenizer)))))}
+    tokens = dict(enumerate(tokenizer.convert_ids_to_tokens(list(range(tokenizer_size(tokenizer))))))
     config = _remap_config(config, source, tokens)
     config[MARKER] = trim.summary()
     config_path.write_text(json.dumps(config, ensure_ascii=False, indent=2), encoding="utf-8")
@@ -336,7 +351,7 @@ def trimmed_tokenizer(tokenizer, trim: Trim) -> tuple[object, Trim]:
                 raise ConfigError(f"trim_vocabulary: {name} does not load the trimmed vocabulary "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); this tokenizer "
                                   f"format cannot be rewritten; set trim_vocabulary to false") from None
-            added = [t for t in loaded.convert_ids_to_tokens(list(range(len(trim.source), len(loaded))))]
+            added = loaded.convert_ids_to_tokens(list(range(len(trim.source), tokenizer_size(loaded))))
             if not added or attempt:
                 break
             extra = {tokenizer.convert_tokens_to_ids(t) for t in added} - {tokenizer.unk_token_id}
@@ -355,9 +370,9 @@ def check_same_tokens(old, new, trim: Trim) -> None:
     """Refuse a rewritten tokenizer whose ids do not name the kept tokens: its size must be the kept
     set's, and new id i must be the token old id ``trim.source[i]`` was."""
     name = type(old).__name__
-    if len(new) != len(trim.source):
+    if tokenizer_size(new) != len(trim.source):
         raise ConfigError(f"trim_vocabulary: {name} loads the trimmed vocabulary of {len(trim.source):,} tokens with "
-                          f"{len(new):,}; this tokenizer format cannot be rewritten; set trim_vocabulary to false")
+                          f"{tokenizer_size(new):,}; this tokenizer format cannot be rewritten; set trim_vocabulary to false")
     before = old.convert_ids_to_tokens(trim.source)
     after = new.convert_ids_to_tokens(list(range(len(trim.source))))
     wrong = [(b, a) for b, a in zip(before, after) if b != a]
