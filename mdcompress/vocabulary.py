@@ -373,9 +373,17 @@ def check_same_tokens(old, new, trim: Trim) -> None:
     if tokenizer_size(new) != len(trim.source):
         raise ConfigError(f"trim_vocabulary: {name} loads the trimmed vocabulary of {len(trim.source):,} tokens with "
                           f"{tokenizer_size(new):,}; this tokenizer format cannot be rewritten; set trim_vocabulary to false")
-    before = old.convert_ids_to_tokens(trim.source)
-    after = new.convert_ids_to_tokens(list(range(len(trim.source))))
-    wrong = [(b, a) for b, a in zip(before, after) if b != a]
+    if trim.shared:
+        before = old.convert_ids_to_tokens(trim.source)
+        after = new.convert_ids_to_tokens(list(range(len(trim.source))))
+    else:  # MarianTokenizer's separate vocabularies: ids name target tokens, its encoder maps source tokens
+        source = trim.mapping("source")
+        new_ids = {token: source[i] for token, i in old.encoder.items() if i in source}
+        before, after = sorted(new_ids.items()), sorted(new.encoder.items())
+        before += old.convert_ids_to_tokens(trim.target)
+        after += new.convert_ids_to_tokens(list(range(len(trim.target))))
+    wrong = [(b, a) for b, a in zip(before, after) if b != a] or \
+        ([(f"{len(before):,} entries", f"{len(after):,}")] if len(before) != len(after) else [])
     if wrong:
         raise ConfigError(f"trim_vocabulary: {name} reads the trimmed vocabulary with other tokens ({wrong[0][0]!r} "
                           f"became {wrong[0][1]!r}, {len(wrong):,} in all); this tokenizer format cannot be "
