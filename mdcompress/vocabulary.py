@@ -145,7 +145,8 @@ def kept_ids(model: nn.Module, tokenizer, source_rows, target_rows, language_cod
     """The ``Trim`` of ``model`` and its ``tokenizer`` for the model inputs ``source_rows``
     (``input_ids`` of the pairs) and ``target_rows`` (their ``labels``): the named ids
     (``named_ids``), the tokens of the pairs and of ``extra_lines`` (both sides) seen at least
-    ``min_count`` times. No pairs, or a named id the tokenizer does not have, are errors."""
+    ``min_count`` times (on both sides together; separate vocabularies on each side). No pairs, or a
+    named id the tokenizer does not have, are errors."""
     source_counts, target_counts = count_tokens(source_rows), count_tokens(target_rows)
     if not source_counts or not target_counts:
         raise ConfigError("trim_vocabulary: no training pairs to take the vocabulary from (the training and "
@@ -170,7 +171,7 @@ def kept_ids(model: nn.Module, tokenizer, source_rows, target_rows, language_cod
         source = first + sorted(frequent(source_counts, tokens) - specials)
         target = first + sorted(frequent(target_counts, target_tokens) - specials)
         return Trim(source, target, sizes, named, shared=False)
-    kept = sorted(specials | frequent(source_counts, tokens) | frequent(target_counts, tokens))
+    kept = sorted(specials | frequent(source_counts + target_counts, tokens))  # one vocabulary: counted on both sides
     return Trim(kept, kept, sizes, named, shared=True)
 
 
