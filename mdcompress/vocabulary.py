@@ -497,7 +497,7 @@ def remap_dataset(dataset, trim: Trim, unknown: int):
             out["labels"] = remap_rows(batch["labels"], target, unknown)
         return out
 
-    return dataset.map(renumber, batched=True, desc=None, load_from_cache_file=False,
+    return dataset.map(renumber, batched=True, keep_in_memory=True, load_from_cache_file=False,  # nothing cached
                        new_fingerprint=f"{dataset._fingerprint}-trimmed-{len(trim.source)}-{len(trim.target)}")
 
 

@@ -229,6 +229,7 @@ def test_min_count_and_extra_files(tiny_tokenizer, tiny_pairs, tmp_path):
 # The run: trimming, factorization, recovery, export
 
 
+@pytest.mark.slow  # the real command end to end, with its plan and its export: about 6 s
 def test_the_run_trims_then_factorizes_and_the_export_translates_as_pytorch(make_tiny_marian, tiny_tokenizer,
                                                                            tiny_pairs, tmp_path, monkeypatch, capsys):
     teacher = make_tiny_marian()
@@ -389,3 +390,15 @@ def test_translate_warns_once_with_the_count_of_unknown_pieces(tiny_tokenizer, t
     untrimmed = TorchTranslator(BY_NAME["marian"].make(tiny_tokenizer), tiny_tokenizer)
     translate_lines(untrimmed, ["He \u2603 here."], max_new_tokens=4, warn=warnings.append)
     assert len(warnings) == 1  # an untrimmed tokenizer's <unk> is not ours to report
+
+
+@pytest.mark.slow  # a benchmark's --quick mode on the shipped teacher
+def test_bench_vocabulary_quick(tmp_path, capsys):
+    from helpers import benchmark_in_process
+
+    report, out = benchmark_in_process("bench_vocabulary.py", tmp_path, capsys, "--quick")
+    assert (report["train_pairs"], report["eval_pairs"]) == (2000, 50) and "translations changed" in out
+    assert report["vocabulary_after"] < report["vocabulary_before"] == 8000
+    assert report["changed_with_neither"] == 0  # a change always has a dropped token behind it
+    assert report["changed"] <= report["untrimmed_emitted_a_dropped_token"] + report["source_had_a_dropped_token"]
+    assert report["target_only_rows"] < report["union_rows"] < report["source_only_rows"] + report["target_only_rows"]
