@@ -123,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     teacher, tokenizer = load_pretrained(args.teacher)
     train_pairs = read_pairs(args.train)[:args.train_pairs]
     eval_pairs = read_pairs(args.eval)[args.skip:args.skip + args.pairs]
-    result = {"teacher": args.teacher, "train": args.train, "eval": args.eval, "skip": args.skip,
+    shown = lambda path: os.path.relpath(path, REPO)  # noqa: E731  (the results hold no path of this machine)
+    result = {"teacher": shown(args.teacher), "train": shown(args.train), "eval": shown(args.eval), "skip": args.skip,
               **compare(teacher, tokenizer, train_pairs, eval_pairs)}
     print(f"vocabulary {result['vocabulary_before']:,} → {result['vocabulary_after']:,} tokens (the tokens of "
           f"{result['train_pairs']:,} training pairs); params {result['params_before']:,} → {result['params_after']:,}")
