@@ -267,6 +267,28 @@ def test_the_run_trims_then_factorizes_and_the_export_translates_as_pytorch(make
         assert len(set(expected)) > 1
 
 
+def test_an_nllb_run_keeps_its_language_codes_and_forces_the_target_one(tmp_path, tiny_pairs, monkeypatch):
+    """The run on a tiny NLLB teacher (BPE tokenizer.json, three language codes): the configured codes
+    are kept, fra_Latn is dropped, and the saved model forces the target code under its new id."""
+    tokenizer = sentencepiece_folder(tmp_path / "spm", tiny_pairs, "sentencepiece.bpe.model", CASES["nllb"][2])
+    teacher_dir = save_model_folder(BY_NAME["nllb-m2m100"].make(tokenizer), tokenizer, tmp_path / "nllb")
+    run_dir = make_run_dir(tmp_path / "run", teacher_dir, tiny_pairs[:24], tiny_pairs[100:106], trim_vocabulary=True,
+                           source_lang_code="eng_Latn", target_lang_code="deu_Latn", decompose_layers=["*"], k_info=4,
+                           max_steps=1, batch_size=8, max_new_tokens=4, checkpoint_steps=0, num_threads=1)
+    monkeypatch.chdir(run_dir)
+    assert compress_model.main(["--config", "config.json"]) == 0
+    out = run_dir / "out"
+    trimmed = AutoTokenizer.from_pretrained(out)
+    deu = trimmed.convert_tokens_to_ids("deu_Latn")
+    assert "eng_Latn" in trimmed.get_vocab() and "fra_Latn" not in trimmed.get_vocab()
+    assert deu < len(trimmed) < len(tokenizer)
+    assert json.loads((out / "generation_config.json").read_text())["forced_bos_token_id"] == deu
+    assert trimmed(text_target="Er ist hier.")["input_ids"][0] == deu
+    model = LOADERS["auto-classes"](out)
+    generated = model.generate(**trimmed(["He is here."], return_tensors="pt"), max_new_tokens=3)
+    assert generated[0, 1] == deu and model.config.vocab_size == len(trimmed)
+
+
 # ---------------------------------------------------------------------------------------------
 # The shipped teacher
 
@@ -288,6 +310,9 @@ def test_the_shipped_teacher_translates_held_out_pairs_as_before_but_where_a_dro
     new_tokenizer, trim = trimmed_tokenizer(tokenizer, trim)
     trimmed = copy.deepcopy(teacher)
     trim_model_(trimmed, trim)
+    pad = trim.mapping("target")[tokenizer.pad_token_id]
+    assert teacher.generation_config.bad_words_ids == [[tokenizer.pad_token_id]]  # OPUS-MT's: never generate <pad>
+    assert trimmed.generation_config.bad_words_ids == [[pad]] and trimmed.config.decoder_start_token_id == pad
     sources = tokenizer([s for s, _ in held_out])["input_ids"]
     before = greedy_ids(teacher, tokenizer, sources)
     after = [[trim.target[i] for i in row]
