@@ -234,6 +234,11 @@ def _remap_ids(value, mapping: Mapping[int, int]):
     return out
 
 
+def _parts(merge) -> tuple[str, str]:
+    """The two pieces of a BPE merge, written "a b" (older tokenizer.json files) or ["a", "b"]."""
+    return tuple(merge.split(" ", 1)) if isinstance(merge, str) else tuple(merge)
+
+
 def bpe_ancestors(tokenizer_json: dict, kept: set[int]) -> set[int]:
     """The ids of the pieces a BPE ``tokenizer.json``'s merges build the ``kept`` pieces from, so that
     the trimmed tokenizer cuts text of kept pieces the same way (every merge it applied stays)."""
@@ -241,7 +246,7 @@ def bpe_ancestors(tokenizer_json: dict, kept: set[int]) -> set[int]:
     vocab = model["vocab"]
     made_of: dict[str, tuple[str, str]] = {}
     for merge in model.get("merges", []):
-        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        left, right = _parts(merge)
         made_of.setdefault(left + right, (left, right))
     pieces = {i: p for p, i in vocab.items()}
     todo, found = [pieces[i] for i in kept if i in pieces], set()
@@ -267,10 +272,8 @@ def _rewrite_tokenizer_json(folder: Path, mapping: Mapping[int, int]) -> None:
             model["unk_id"] = mapping.get(model["unk_id"])
     elif model["type"] == "BPE":
         vocab = {piece: mapping[old] for piece, old in model["vocab"].items() if old in mapping}
-        merges = [m for m in model.get("merges", [])
-                  if all(part in vocab for part in (*(m.split(" ", 1) if isinstance(m, str) else m), "".join(
-                      m.split(" ", 1) if isinstance(m, str) else m)))]
-        model["vocab"], model["merges"] = vocab, merges
+        model["vocab"] = vocab  # a merge stays when its two parts and its result do
+        model["merges"] = [m for m in model.get("merges", []) if all(p in vocab for p in (*_parts(m), "".join(_parts(m))))]
     else:  # checked by tokenizer_format first
         raise AssertionError(model["type"])
     data["added_tokens"] = [{**t, "id": mapping[t["id"]]} for t in data.get("added_tokens", []) if t["id"] in mapping]
@@ -459,7 +462,7 @@ def trim_model_(model: nn.Module, trim: Trim) -> None:
                 raise ConfigError(f"trim_vocabulary: the model's config {key} {value} is not the same token in the "
                                   f"source and target vocabularies; set trim_vocabulary to false")
     config = model.config
-    config.vocab_size = len(trim.source) if trim.shared else len(trim.source)
+    config.vocab_size = len(trim.source)  # Marian's separate vocabularies: the source's; decoder_vocab_size the target's
     if hasattr(config, "decoder_vocab_size"):
         config.decoder_vocab_size = len(trim.target)
     for where in (config, getattr(model, "generation_config", None)):
