@@ -12,8 +12,9 @@ trained to imitate the untouched teacher. The run writes the compressed model an
 ``report.json`` comparing teacher, decomposed and recovered student (params, BLEU, chrF).
 Beyond that: factors fitted to the layers' activations (``init``), ranks allocated to a
 parameter budget (``target_ratio``), the shared embedding factorized too (``model.shared.weight``),
-training on the teacher's own translations (``sequence_level_kd``) and an int8 evaluation
-(``quantize_int8``). ``target_ratio`` or ``k_info`` given as a list runs a size sweep (``run_sweep``).
+training on the teacher's own translations (``sequence_level_kd``), an int8 evaluation
+(``quantize_int8``) and, before anything is factorized, the vocabulary of teacher and student trimmed to
+the tokens the pairs use (``trim_vocabulary``). ``target_ratio`` or ``k_info`` given as a list runs a size sweep (``run_sweep``).
 """
 from __future__ import annotations
 

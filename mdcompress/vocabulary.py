@@ -556,6 +556,9 @@ def trim_run(config, teacher: nn.Module, base: nn.Module, tokenizer, train_set, 
     trim = kept_ids(teacher, tokenizer, [*train_set["input_ids"], *eval_set["input_ids"]],
                     [*train_set["labels"], *eval_set["labels"]], languages, extra, config.trim_vocabulary_min_count)
     new_tokenizer, trim = trimmed_tokenizer(tokenizer, trim)
+    if config.kd_top_k > len(trim.target):
+        raise ConfigError(f"kd_top_k: {config.kd_top_k} is more than the trimmed vocabulary ({len(trim.target):,} "
+                          f"tokens kept by trim_vocabulary)")
     before = count_parameters(teacher)
     for model in {id(teacher): teacher, id(base): base}.values():
         trim_model_(model, trim)

@@ -260,11 +260,15 @@ def test_the_run_trims_then_factorizes_and_the_export_translates_as_pytorch(make
     assert model.model.shared.up.weight.shape == (kept, 4)
     assert json.loads((out / "tokenizer_config.json").read_text())["trimmed_vocabulary"]["vocabulary_after"] == kept
     sources = [s for s, _ in tiny_pairs[100:130]]
+    warned = {"torch": [], "onnx": []}
     for beams in (1, 3):
-        expected = translate_lines(load_translator(out), sources, num_beams=beams, max_new_tokens=8, warn=print)
+        expected = translate_lines(load_translator(out), sources, num_beams=beams, max_new_tokens=8,
+                                   warn=warned["torch"].append)
         assert translate_lines(load_translator(out / "onnx"), sources, num_beams=beams, max_new_tokens=8,
-                               warn=print) == expected
+                               warn=warned["onnx"].append) == expected
         assert len(set(expected)) > 1
+    # pairs 100–129 hold tokens outside the kept set (those of pairs 0–47 and 100–109): both backends say so
+    assert len(warned["torch"]) == 2 and warned["onnx"] == warned["torch"] and "read as <unk>" in warned["onnx"][0]
 
 
 def test_an_nllb_run_keeps_its_language_codes_and_forces_the_target_one(tmp_path, tiny_pairs, monkeypatch):
@@ -362,6 +366,7 @@ def unknown_start_teacher(folder, make_tiny_marian, tiny_tokenizer):
     ("unknown-id", ["trim_vocabulary: the model's config decoder_start_token_id is id 303",
                     "not a token of the tokenizer", "ids 0–299"]),
     ("not-asked", ["trim_vocabulary_min_count: 2 is for trim_vocabulary, which is false"]),
+    ("kd-top-k", ["kd_top_k: 290 is more than the trimmed vocabulary", "tokens kept by trim_vocabulary"]),
 ])
 def test_refusals_are_one_line_and_write_nothing(what, words, tiny_teacher_dir, tiny_tokenizer, tiny_pairs,
                                                  make_tiny_marian, tmp_path, monkeypatch, capsys):
@@ -369,7 +374,8 @@ def test_refusals_are_one_line_and_write_nothing(what, words, tiny_teacher_dir, 
                "unknown-id": lambda: unknown_start_teacher(tmp_path / "unknown", make_tiny_marian, tiny_tokenizer),
                }.get(what, lambda: tiny_teacher_dir)()
     keys = {"files": {"trim_vocabulary_files": ["missing.txt"]},
-            "not-asked": {"trim_vocabulary": False, "trim_vocabulary_min_count": 2}}.get(what, {})
+            "not-asked": {"trim_vocabulary": False, "trim_vocabulary_min_count": 2},
+            "kd-top-k": {"kd_top_k": 290, "loss_weights": {"ce": 1, "kd": 1, "feature": 0}}}.get(what, {})
     run_dir = make_run_dir(tmp_path / "run", teacher, tiny_pairs[:24], tiny_pairs[100:106], max_steps=1, k_info=4,
                            batch_size=8, max_new_tokens=4, checkpoint_steps=0, num_threads=1,
                            **{"trim_vocabulary": True, **keys})
