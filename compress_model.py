@@ -14,7 +14,8 @@ Beyond that: factors fitted to the layers' activations (``init``), ranks allocat
 parameter budget (``target_ratio``), the shared embedding factorized too (``model.shared.weight``),
 training on the teacher's own translations (``sequence_level_kd``), an int8 evaluation
 (``quantize_int8``) and, before anything is factorized, the vocabulary of teacher and student trimmed to
-the tokens the pairs use (``trim_vocabulary``). ``target_ratio`` or ``k_info`` given as a list runs a size sweep (``run_sweep``).
+the tokens the pairs use (``trim_vocabulary``). ``target_ratio`` or ``k_info`` given as a list runs a
+size sweep (``run_sweep``).
 """
 from __future__ import annotations
 
@@ -229,7 +230,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     teacher, base, tokenizer = load_models(config)
     config = fit_lengths(config, teacher, base)
     targets = decomposition.check_decomposition(teacher, base, config)
-    if config.trim_vocabulary:  # its files, the tokenizer's format, the ids it must keep: before the pairs are tokenized
+    if config.trim_vocabulary:  # its files, the tokenizer's format, the ids it keeps: before the pairs are tokenized
         vocabulary.check_trimmable(config, teacher, tokenizer)
     generate = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
                 "max_new_tokens": config.max_new_tokens, "max_length_factor": config.max_length_factor,
@@ -248,8 +249,9 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         trimmed = vocabulary.trim_run(config, teacher, base, tokenizer, train_set, eval_set)
         tokenizer, train_set, eval_set = trimmed.tokenizer, trimmed.train_set, trimmed.eval_set
         targets = decomposition.check_decomposition(teacher, base, config)
-        say(f"vocabulary trimmed to the pairs' tokens: {trimmed.trim.before[0]:,} → {len(trimmed.trim.source):,} tokens"
-            + ("" if trimmed.trim.shared else f" (target side {trimmed.trim.before[1]:,} → {len(trimmed.trim.target):,})")
+        trim = trimmed.trim
+        say(f"vocabulary trimmed to the pairs' tokens: {trim.before[0]:,} → {len(trim.source):,} tokens"
+            + ("" if trim.shared else f" (target side {trim.before[1]:,} → {len(trim.target):,})")
             + f"; {trimmed.params_before:,} → {trimmed.params_after:,} params "
               f"({100 * trimmed.params_after / trimmed.params_before:.1f}%) before factorizing", flush=True)
     sources, references = eval_set["input_ids"], eval_pairs["target_text"]

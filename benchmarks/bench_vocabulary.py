@@ -127,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {"teacher": shown(args.teacher), "train": shown(args.train), "eval": shown(args.eval), "skip": args.skip,
               **compare(teacher, tokenizer, train_pairs, eval_pairs)}
     print(f"vocabulary {result['vocabulary_before']:,} → {result['vocabulary_after']:,} tokens (the tokens of "
-          f"{result['train_pairs']:,} training pairs); params {result['params_before']:,} → {result['params_after']:,}")
+          f"{result['train_pairs']:,} training pairs); params {result['params_before']:,} → "
+          f"{result['params_after']:,}")
     print(f"{result['eval_pairs']:,} held-out pairs (rows {args.skip}–{args.skip + result['eval_pairs'] - 1} of "
           f"{args.eval}): {result['changed']} translations changed ({result['changed_percent']}%); the untrimmed "
           f"teacher emitted a dropped token in {result['untrimmed_emitted_a_dropped_token']}, the source held one in "

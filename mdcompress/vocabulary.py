@@ -85,7 +85,8 @@ class Trim:
 def language_code_id(tokenizer, code: str) -> int | None:
     """The id of a language code as the tokenizer names it (M2M100: "de" for "__de__"; NLLB, mBART: the token)."""
     try:
-        found = tokenizer.get_lang_id(code) if hasattr(tokenizer, "get_lang_id") else tokenizer.convert_tokens_to_ids(code)
+        found = (tokenizer.get_lang_id(code) if hasattr(tokenizer, "get_lang_id")
+                 else tokenizer.convert_tokens_to_ids(code))
     except KeyError:
         return None
     return None if found in (None, tokenizer.unk_token_id) else found
@@ -273,7 +274,8 @@ def _rewrite_tokenizer_json(folder: Path, mapping: Mapping[int, int]) -> None:
     elif model["type"] == "BPE":
         vocab = {piece: mapping[old] for piece, old in model["vocab"].items() if old in mapping}
         model["vocab"] = vocab  # a merge stays when its two parts and its result do
-        model["merges"] = [m for m in model.get("merges", []) if all(p in vocab for p in (*_parts(m), "".join(_parts(m))))]
+        model["merges"] = [m for m in model.get("merges", [])
+                           if all(p in vocab for p in (*_parts(m), "".join(_parts(m))))]
     else:  # checked by tokenizer_format first
         raise AssertionError(model["type"])
     data["added_tokens"] = [{**t, "id": mapping[t["id"]]} for t in data.get("added_tokens", []) if t["id"] in mapping]
@@ -376,7 +378,8 @@ def check_same_tokens(old, new, trim: Trim) -> None:
     name = type(old).__name__
     if tokenizer_size(new) != len(trim.source):
         raise ConfigError(f"trim_vocabulary: {name} loads the trimmed vocabulary of {len(trim.source):,} tokens with "
-                          f"{tokenizer_size(new):,}; this tokenizer format cannot be rewritten; set trim_vocabulary to false")
+                          f"{tokenizer_size(new):,}; this tokenizer format cannot be rewritten; set trim_vocabulary "
+                          f"to false")
     if trim.shared:
         before = old.convert_ids_to_tokens(trim.source)
         after = new.convert_ids_to_tokens(list(range(len(trim.source))))
@@ -462,7 +465,7 @@ def trim_model_(model: nn.Module, trim: Trim) -> None:
                 raise ConfigError(f"trim_vocabulary: the model's config {key} {value} is not the same token in the "
                                   f"source and target vocabularies; set trim_vocabulary to false")
     config = model.config
-    config.vocab_size = len(trim.source)  # Marian's separate vocabularies: the source's; decoder_vocab_size the target's
+    config.vocab_size = len(trim.source)  # separate vocabularies: the source's (decoder_vocab_size: the target's)
     if hasattr(config, "decoder_vocab_size"):
         config.decoder_vocab_size = len(trim.target)
     for where in (config, getattr(model, "generation_config", None)):

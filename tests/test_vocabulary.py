@@ -150,7 +150,8 @@ def test_trimming_keeps_logits_pieces_and_ids_and_the_folder_reloads(case, tiny_
     new_targets = remap_rows(target_rows, target_map, -1)
     got = logits(trimmed, new_sources[:6], new_targets[:6], target_map[start])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    assert trimmed.get_output_embeddings().weight.shape[0] == len(trim.target) < model.get_output_embeddings().weight.shape[0]
+    rows = model.get_output_embeddings().weight.shape[0]
+    assert trimmed.get_output_embeddings().weight.shape[0] == len(trim.target) < rows
     assert trimmed.get_encoder().embed_tokens.weight.shape[0] == len(trim.source)
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     assert (trimmed.get_output_embeddings().weight is trimmed.get_input_embeddings().weight) == tied
@@ -342,7 +343,8 @@ def wordlevel_teacher(folder, tiny_tokenizer, tiny_pairs):
     vocab["<pad>"] = len(vocab)
     backend = Tokenizer(tokenizer_models.WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>", pad_token="<pad>")
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>",
+                                        pad_token="<pad>")
     from transformers import MarianConfig, MarianMTModel
 
     model = MarianMTModel(MarianConfig(vocab_size=len(vocab), d_model=16, encoder_layers=1, decoder_layers=1,
