@@ -96,8 +96,8 @@ class Config:
         "before factorizing, keep only the vocabulary the pairs use: the special tokens, the language codes of "
         "source_lang_code / target_lang_code, and every token of the training and evaluation pairs (one union of "
         "source and target tokens for a shared vocabulary); the embeddings, the output projection and the tokenizer "
-        "keep those tokens alone (teacher and student alike), and a token outside them reads as <unk> "
-        "(docs/vocabulary.md)")
+        "keep those tokens alone (teacher and student alike), and a piece outside them reads as <unk> (in a "
+        "tokenizer.json: as smaller kept pieces where there are some) (docs/vocabulary.md)")
     trim_vocabulary_files: list[str] = decomposition_key([],
         "text files (UTF-8, one sentence a line) whose tokens trim_vocabulary keeps too, e.g. sentences of the "
         "languages the model must still read")
