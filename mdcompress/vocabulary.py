@@ -581,5 +581,7 @@ def warn_unknown(tokenizer, rows: Iterable[Sequence[int]], warn) -> None:
     """Tell ``warn`` in one line how many pieces of the input a trimmed tokenizer turned into ``<unk>``."""
     count = unknown_count(tokenizer, rows)
     if count:
-        warn(f"{count:,} token{'s' if count > 1 else ''} of the input {'are' if count > 1 else 'is'} outside the "
-             f"model's trimmed vocabulary (trim_vocabulary) and read as <unk>; their words may be lost")
+        many = count > 1
+        warn(f"{count:,} token{'s' if many else ''} of the input {'are' if many else 'is'} outside the model's "
+             f"trimmed vocabulary (trim_vocabulary) and read as <unk>; {'their words' if many else 'its word'} may be "
+             f"lost")
