@@ -12,8 +12,10 @@ trained to imitate the untouched teacher. The run writes the compressed model an
 ``report.json`` comparing teacher, decomposed and recovered student (params, BLEU, chrF).
 Beyond that: factors fitted to the layers' activations (``init``), ranks allocated to a
 parameter budget (``target_ratio``), the shared embedding factorized too (``model.shared.weight``),
-training on the teacher's own translations (``sequence_level_kd``) and an int8 evaluation
-(``quantize_int8``). ``target_ratio`` or ``k_info`` given as a list runs a size sweep (``run_sweep``).
+training on the teacher's own translations (``sequence_level_kd``), an int8 evaluation
+(``quantize_int8``) and, before anything is factorized, the vocabulary of teacher and student trimmed to
+the tokens the pairs use (``trim_vocabulary``). ``target_ratio`` or ``k_info`` given as a list runs a
+size sweep (``run_sweep``).
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ from accelerate import PartialState
 import decomposition
 from distillation.knowledge_distillation import DistillationSettings, check_gpus_for_processes, distributed_on_cpu
 from distillation.sequence_level_kd import teacher_translations
-from mdcompress import data, plan
+from mdcompress import data, plan, vocabulary
 from mdcompress.checkpoints import (
     after_interrupt,
     cache_dir,
@@ -229,6 +231,8 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     teacher, base, tokenizer = load_models(config)
     config = fit_lengths(config, teacher, base)
     targets = decomposition.check_decomposition(teacher, base, config)
+    if config.trim_vocabulary:  # its files, the tokenizer's format, the ids it keeps: before the pairs are tokenized
+        vocabulary.check_trimmable(config, teacher, tokenizer)
     generate = {"batch_size": config.eval_batch_size, "num_beams": config.num_beams,
                 "max_new_tokens": config.max_new_tokens, "max_length_factor": config.max_length_factor,
                 "max_source_length": config.max_source_length,
@@ -238,6 +242,19 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     # evaluation translates what the model is trained on: the preprocessor's inputs
     train_set, eval_set = model_inputs(config, tokenizer, train_pairs, eval_pairs, state, say,
                                        teacher=None if plan_only else teacher, generate=generate)
+
+    # Trim the vocabulary to the tokens of the pairs (trim_vocabulary): teacher and model alike, so that the
+    # teacher's logits are over the student's ids; the pairs renumbered; the layers resolved again on the trimmed model
+    trimmed = None
+    if config.trim_vocabulary:
+        trimmed = vocabulary.trim_run(config, teacher, base, tokenizer, train_set, eval_set)
+        tokenizer, train_set, eval_set = trimmed.tokenizer, trimmed.train_set, trimmed.eval_set
+        targets = decomposition.check_decomposition(teacher, base, config)
+        trim = trimmed.trim
+        say(f"vocabulary trimmed to the pairs' tokens: {trim.before[0]:,} → {len(trim.source):,} tokens"
+            + ("" if trim.shared else f" (target side {trim.before[1]:,} → {len(trim.target):,})")
+            + f"; {trimmed.params_before:,} → {trimmed.params_after:,} params "
+              f"({100 * trimmed.params_after / trimmed.params_before:.1f}%) before factorizing", flush=True)
     sources, references = eval_set["input_ids"], eval_pairs["target_text"]
 
     # Decompose: choose the ranks (k_info, or allocated to target_ratio), factorize
@@ -252,7 +269,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
         if main_process:
             plan.print_plan(teacher, student.model, student.ranks, tokenizer, train_set, eval_set, settings,
                             student.feature_layers, decompose_seconds=student.seconds, shared=shared,
-                            cached_seconds=student.cached_seconds)
+                            cached_seconds=student.cached_seconds, trimmed=trimmed)
             if refused and shared is None:  # a sweep says it once, for its folder
                 print(f"note: the run itself would be refused: {refused}")
         return 0
@@ -279,6 +296,7 @@ def run(config: Config, resume: bool = False, config_path: str | os.PathLike | N
     # Evaluate the recovered student; the report
     model, report = decomposition.result(report, teacher, student, distiller, tokenizer, sources, references, config,
                                          generate, len(train_set))
+    report["trimmed_vocabulary"] = trimmed.report() if trimmed is not None else None
 
     # Save (atomically, with the exports asked for and the pictures; a sweep's run into the sweep's temporary
     # folder); then drop the run's checkpoints

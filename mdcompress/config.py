@@ -92,6 +92,18 @@ class Config:
         "tokenizes the references and is forced as the first generated token (forced_bos_token_id, saved "
         "in generation_config.json); null: the teacher's own")
 
+    trim_vocabulary: bool = decomposition_key(False,
+        "before factorizing, keep only the vocabulary the pairs use: the special tokens, the language codes of "
+        "source_lang_code / target_lang_code, and every token of the training and evaluation pairs (one union of "
+        "source and target tokens for a shared vocabulary); the embeddings, the output projection and the tokenizer "
+        "keep those tokens alone (teacher and student alike), and a piece outside them reads as <unk> (in a "
+        "tokenizer.json: as smaller kept pieces where there are some) (docs/vocabulary.md)")
+    trim_vocabulary_files: list[str] = decomposition_key([],
+        "text files (UTF-8, one sentence a line) whose tokens trim_vocabulary keeps too, e.g. sentences of the "
+        "languages the model must still read")
+    trim_vocabulary_min_count: int = decomposition_key(1,
+        "trim_vocabulary keeps a token of the pairs and files only when it occurs at least this many times (the "
+        "special tokens and language codes always)")
     decompose_layers: list[str] = decomposition_key([],
         "state-dict keys of the nn.Linear weights to factorize, or patterns (\"model.decoder.*\"); "
         "[] = every linear in the encoder/decoder layers; model.shared.weight factorizes the shared "
@@ -212,7 +224,7 @@ class Config:
                     raise ConfigError(f"{f.name}: {where}must be a finite number, got {got}")
         positive = ["epoch", "batch_size", "eval_size", "max_source_length", "max_target_length",
                     "gradient_accumulation_steps", "num_beams", "eval_batch_size", "max_new_tokens",
-                    "calibration_samples"]
+                    "calibration_samples", "trim_vocabulary_min_count"]
         for name in positive + ["max_train_samples", "max_eval_samples", "max_steps", "num_threads",
                                 "preprocessing_num_workers"]:
             value = getattr(self, name)
@@ -241,6 +253,10 @@ class Config:
                               f"remove one of them")
         if self.target_ratio is None and self.k_info is None:
             self.k_info = DEFAULT_RANK
+        if not self.trim_vocabulary and (self.trim_vocabulary_files or self.trim_vocabulary_min_count != 1):
+            key = "trim_vocabulary_files" if self.trim_vocabulary_files else "trim_vocabulary_min_count"
+            raise ConfigError(f"{key}: {json.dumps(getattr(self, key))} is for trim_vocabulary, which is false; "
+                              f"set \"trim_vocabulary\": true, or leave {key} out")
         one_language = (self.source_lang is None) != (self.target_lang is None)
         if one_language or (self.source_lang is not None and self.source_lang == self.target_lang):
             raise ConfigError(f"source_lang and target_lang: give two different languages or neither, got "

@@ -219,12 +219,13 @@ def _minutes(seconds: float) -> str:
 
 def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set, eval_set,
                settings: DistillationSettings, feature_layers, decompose_seconds: float,
-               shared: SweepMemory | None = None, cached_seconds: float = 0.0) -> dict:
+               shared: SweepMemory | None = None, cached_seconds: float = 0.0, trimmed=None) -> dict:
     """Print (and return) the plan of a run whose teacher, factorized student and ranks are given,
     resolved by ``decomposition.decompose`` exactly as the run resolves them, and which would train
     with ``settings`` (the run's ``Config`` in them). ``cached_seconds`` of ``decompose_seconds`` went
     to the rank sensitivity, measured for this plan and kept in the cache the run reads it from: not
-    part of the run's estimate."""
+    part of the run's estimate. ``trimmed`` (``vocabulary.Trimmed``): the vocabulary and parameters
+    before and after ``trim_vocabulary``, which ``teacher`` and ``student`` already are."""
     config = settings.config
     spectra = layer_spectra(teacher, ranks)
     rows = layer_rows(teacher, ranks, spectra)
@@ -265,7 +266,17 @@ def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set,
         change = f"{row['params_before']:,} → {row['params_after']:,}"
         print(f"{row['key']:<{width}}  {shape:>11}  {row['rank']:>5}  {row['bound']:>5}  {change:>25}  "
               f"{100 * row['energy_kept']:>10.1f}%")
-    print(f"parameters: {teacher_params:,} → {student_params:,} ({100 * student_params / teacher_params:.1f}%)")
+    vocabulary = None
+    if trimmed is not None:
+        trim = trimmed.trim
+        vocabulary = {**trimmed.report(), "student_params": student_params}
+        target = "" if trim.shared else f" (target side {trim.before[1]:,} → {len(trim.target):,})"
+        print(f"vocabulary (trim_vocabulary): {trim.before[0]:,} → {len(trim.source):,} tokens{target}; parameters "
+              f"{trimmed.params_before:,} → {trimmed.params_after:,} "
+              f"({100 * trimmed.params_after / trimmed.params_before:.1f}%) before factorizing")
+    print(f"parameters: {teacher_params:,} → {student_params:,} ({100 * student_params / teacher_params:.1f}%)"
+          + (f"; of the untrimmed teacher's {trimmed.params_before:,}: "
+             f"{100 * student_params / trimmed.params_before:.1f}%" if trimmed is not None else ""))
     print(f"size of the weights: float32 {sizes['teacher'][0]:.2f} → {sizes['student'][0]:.2f} MB; "
           f"int8 linear layers {sizes['teacher'][1]:.2f} → {sizes['student'][1]:.2f} MB")
     if speed is None:
@@ -283,4 +294,4 @@ def print_plan(teacher, student, ranks: Mapping[str, int], tokenizer, train_set,
               f"the run reads it instead (not counted above)")
     print(f"nothing written to {config.output_path}; run without --plan to compress into it")
     return {"layers": rows, "ranks": dict(ranks), "teacher_params": teacher_params, "student_params": student_params,
-            "size_mb": sizes, "speedup": speed, "seconds": parts, "estimated_seconds": total}
+            "size_mb": sizes, "speedup": speed, "seconds": parts, "estimated_seconds": total, "vocabulary": vocabulary}

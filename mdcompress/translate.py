@@ -376,6 +376,8 @@ def translate_lines(translator, sentences: Sequence[str], batch_size: int = 32, 
     texts = [sentences[i] for i in todo]
     tokenizer = translator.tokenizer
     ids = tokenizer(texts, truncation=True, max_length=limit + 1)["input_ids"] if todo else []
+    from mdcompress.vocabulary import warn_unknown  # a trimmed vocabulary: how many pieces read as <unk>
+    warn_unknown(tokenizer, ids, warn or _warn)
     long = [k for k, x in enumerate(ids) if len(x) > limit]  # longer than the model reads
     if long:  # tokenized again by the tokenizer's own truncation, which keeps the end-of-sentence token
         for k, x in zip(long, tokenizer([texts[k] for k in long], truncation=True, max_length=limit)["input_ids"]):
