@@ -196,11 +196,11 @@ def graphs(model):
         x = x + positions
         return stack.layernorm_embedding(x) if shape[side]["layernorm_embedding"] else x
 
-    class Steps(nn.Module):  # the position rows of both stacks, held once by the two graphs' modules
-        def __init__(self):
+    class Steps(nn.Module):  # the position rows of both stacks: initializers of the graphs (stored once
+        def __init__(self):  # in weights.bin where equal, and kept float32 by int8), not constants inside them
             super().__init__()
-            self.register_buffer("encoder_positions", _position_table(encoder, max_positions), persistent=False)
-            self.register_buffer("decoder_positions", _position_table(decoder, max_positions), persistent=False)
+            self.register_buffer("encoder_positions", _position_table(encoder, max_positions))
+            self.register_buffer("decoder_positions", _position_table(decoder, max_positions))
 
     steps = Steps()
     pre_encoder, pre_decoder = shape["encoder"]["pre_norm"], shape["decoder"]["pre_norm"]

@@ -289,8 +289,6 @@ def test_decoding_starts_as_the_references_do(tokenizer_class, source, target, f
     ("nllb", {"target_lang_code": "xxx_Latn"}, ["target_lang_code", "'xxx_Latn' is not a language code", "'eng_Latn'"]),
     ("nllb", {"source_lang_code": "deu_Latn"}, ["target_lang_code", "multilingual", "set target_lang_code"]),
     ("marian", {"target_lang_code": "deu_Latn"}, ["target_lang_code", "MarianTokenizer", "has no language codes"]),
-    ("nllb", {"target_lang_code": "deu_Latn", "export": ["onnx"]}, ["export: M2M100ForConditionalGeneration",
-                                                               "supported is MarianMT", "leave export out"]),
 ])
 def test_bad_family_configs_are_one_line_errors(teacher, changes, words, nllb_teacher, tiny_teacher_dir, run_dir,
                                                 monkeypatch, capsys):
