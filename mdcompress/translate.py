@@ -4,8 +4,9 @@
     python -m mdcompress.translate --model outputs/compressed-en-de/onnx-int8 < input.txt > output.txt      # ONNX Runtime
     python -m mdcompress.translate --model outputs/compressed-en-de --backend onnx --num-beams 4 --threads 2 < in.txt
 
-``--model`` is a folder written by ``compress_model.py`` (factorized; any MarianMT folder or hub id
-works too) or an ONNX export of one (``onnx_export.py``; recognised by its ``onnx_export.json``).
+``--model`` is a folder written by ``compress_model.py`` (factorized; any model folder or hub id of
+the families it compresses works too) or an ONNX export of one (``onnx_export.py``, for MarianMT,
+M2M100/NLLB, mBART and BART; recognised by its ``onnx_export.json``).
 ``--backend onnx`` on a model folder uses its ``onnx`` (or, with ``--int8``, ``onnx-int8``) export.
 Sentences are sorted by length and translated in batches; the output keeps the input's order,
 and an empty line stays an empty line. A sentence longer than the model's positions is cut to them
@@ -16,9 +17,11 @@ token ids or sentences) for its BLEU evaluations (``evaluation``) and the teache
 sequence-level KD; ``translate_ids`` batches every backend.
 
 The ONNX Runtime backend needs neither PyTorch nor transformers' models: numpy, onnxruntime and
-the tokenizer. Its search follows transformers' ``generate()``: the model's ``bad_words_ids`` and
-``forced_eos_token_id`` apply, finished sentences are padded, and beam hypotheses are scored by
-sum of log-probabilities / length ** length_penalty.
+the tokenizer (and PyTorch only to check ``--source-lang``/``--target-lang``). Its search follows
+transformers' ``generate()`` (``OnnxTranslator``): the model's forced first token (a target
+language's code, left out of the output), ``bad_words_ids``, ``forced_eos_token_id``, minimum
+lengths and ``no_repeat_ngram_size`` apply, finished sentences are padded, and beam hypotheses are
+scored by sum of log-probabilities / length ** length_penalty and stopped as ``early_stopping`` says.
 """
 
 from __future__ import annotations
@@ -92,8 +95,8 @@ class OnnxTranslator:
     with the search settings of its generation config as generate() applies them: the decoder's
     start token, a forced first token (the target language's code of NLLB, M2M100, mBART-50: no part
     of the translation, so left out of the output as ``TorchTranslator`` leaves it out), a forced
-    </s> at the last position, bad words, ``min_length``, ``no_repeat_ngram_size``, the beams'
-    ``length_penalty`` and ``early_stopping``. A setting it does not apply is refused in one line.
+    </s> at the last position, bad words, ``min_length``, ``min_new_tokens``, ``no_repeat_ngram_size``,
+    the beams' ``length_penalty`` and ``early_stopping``. A setting it does not apply is refused in one line.
     ``generation_config`` holds the start and forced tokens, which ``choose_languages_`` may change."""
 
     backend = "onnx"
@@ -136,6 +139,7 @@ class OnnxTranslator:
         self.length_penalty = settings.get("length_penalty", 1.0)
         self.early_stopping = early
         self.min_length = settings.get("min_length") or 0  # of the decoder's sequence, its start token included
+        self.min_new_tokens = settings.get("min_new_tokens") or 0  # generate()'s unless a call gives its own
         self.no_repeat = settings.get("no_repeat_ngram_size") or 0
         self.max_positions = self.info["max_positions"]
 
@@ -165,7 +169,7 @@ class OnnxTranslator:
                 scores[row, _repeated_ngram_ends(tokens_so_far, self.no_repeat)] = -np.inf
         if self.banned:
             scores[:, self.banned] = -np.inf
-        if step < max(min_new_tokens, self.min_length - 1):  # min_length counts the start token
+        if step < max(min_new_tokens or self.min_new_tokens, self.min_length - 1):  # min_length counts the start token
             scores[:, self.eos] = -np.inf
         forced = self.generation_config.forced_bos_token_id
         if forced is not None and step == 0:  # the first new token: the target language's code
@@ -295,7 +299,7 @@ def _repeated_ngram_ends(tokens: Sequence[int], size: int) -> list[int]:
 
 class TorchTranslator:
     """``generate()`` of a PyTorch model: one in memory, or (``load``) the one in a folder written by
-    this tool (or any MarianMT folder or hub id)."""
+    this tool (or any model folder or hub id of the families it compresses)."""
 
     backend = "torch"
 
