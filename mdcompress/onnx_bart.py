@@ -150,7 +150,6 @@ def graphs(model):
 
     shape = layout(model)
     encoder, decoder = model.model.encoder, model.model.decoder
-    pad = int(model.config.pad_token_id)
     neg = torch.finfo(torch.float32).min
     max_positions = _max_positions(model)
 
@@ -191,7 +190,8 @@ def graphs(model):
     def embed(stack, side: str, x, ids, positions):
         """Token vectors x (B, T, d) plus their position rows (T, d), then the stack's
         layernorm_embedding; M2M100's pad tokens read the zero row."""
-        if shape[side]["positions"] == "sinusoidal-from-pad":
+        if shape[side]["positions"] == "sinusoidal-from-pad":  # its pad id: the row before position 0's
+            pad = shape[side]["offset"] - 1
             positions = positions * (ids != pad).unsqueeze(-1).to(positions.dtype)  # (B, T, d)
         x = x + positions
         return stack.layernorm_embedding(x) if shape[side]["layernorm_embedding"] else x
