@@ -238,3 +238,31 @@ def test_a_config_export_of_a_refused_layout_is_refused_before_any_work(tiny_tok
     run_dir = make_run_dir(tmp_path / "run", teacher, tiny_pairs[:24], tiny_pairs[100:106], export=["onnx"])
     refused_in_one_line(run_dir, capsys, monkeypatch, ["export: MarianMTModel (model_type 'marian') cannot be exported",
                                                        "normalize_before", "leave export out"])
+
+
+@pytest.mark.slow
+def test_a_run_of_an_nllb_teacher_exports_its_student_and_scores_it_as_in_pytorch(tmp_path, tiny_pairs, monkeypatch):
+    """``"export": ["onnx", "onnx-int8"]`` with an NLLB teacher (the target language forced): the run writes both
+    exports, and the float32 export, translating as PyTorch does, scores what the PyTorch student scores."""
+    from test_families import run_cli
+
+    from mdcompress.data import write_pairs
+
+    tokenizer = sentencepiece_folder(tmp_path / "spm", tiny_pairs, "sentencepiece.bpe.model", {
+        "tokenizer_class": "NllbTokenizer", "additional_special_tokens": ["eng_Latn", "deu_Latn", "fra_Latn"]})
+    teacher = save_model_folder(varied_(BY_NAME["nllb-m2m100"].make(tokenizer), 0.6), tokenizer, tmp_path / "nllb")
+    write_pairs(tmp_path / "train.csv", tiny_pairs[:24])
+    write_pairs(tmp_path / "eval.csv", tiny_pairs[100:112])
+    assert run_cli(tmp_path, monkeypatch, teacher_model_path=str(teacher), k_info=7, max_steps=1,
+                   source_lang_code="eng_Latn", target_lang_code="deu_Latn", export=["onnx", "onnx-int8"]) == 0
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["student_onnx"]["chrf"] == report["student"]["chrf"]
+    assert report["student_onnx"]["bleu"] == report["student"]["bleu"]
+    assert report["student_onnx_int8"]["size_mb"] > 0
+    deu = tokenizer.convert_tokens_to_ids("deu_Latn")
+    for name in ("onnx", "onnx-int8"):
+        assert load_translator(tmp_path / "out" / name).generation_config.forced_bos_token_id == deu
+    sources = [s for s, _ in tiny_pairs[100:112]]
+    expected = translate_lines(load_translator(tmp_path / "out"), sources, max_new_tokens=10)
+    assert len(set(expected)) > 1 and translate_lines(load_translator(tmp_path / "out" / "onnx"), sources,
+                                                      max_new_tokens=10) == expected
