@@ -73,10 +73,10 @@ def layout(model) -> dict:
     out = {}
     for side, stack in (("encoder", encoder), ("decoder", decoder)):
         kinds = {type(layer).__name__ for layer in stack.layers}
-        unknown = sorted(kinds - set(PRE_NORM))
-        if unknown or len(kinds) != 1:
+        if len(kinds) != 1 or not kinds <= set(PRE_NORM):
+            known = ", ".join(k for k in PRE_NORM if k.endswith(f"{side.title()}Layer"))
             raise ExportError(f"{_name(model)} cannot be exported: its {side} layers are {', '.join(sorted(kinds))}; "
-                              f"the exporter restates {', '.join(k for k in PRE_NORM if k.endswith(side.title() + 'Layer'))}")
+                              f"the exporter restates {known}")
         positions = stack.embed_positions
         if isinstance(positions, M2M100SinusoidalPositionalEmbedding):
             kind, offset = "sinusoidal-from-pad", int(positions.padding_idx) + 1  # the row of position 0
@@ -85,10 +85,11 @@ def layout(model) -> dict:
         else:
             raise ExportError(f"{_name(model)} cannot be exported: its {side}'s positions are a "
                               f"{type(positions).__name__}, neither a table nor M2M100's sinusoids")
+        inner, outer = _scales(stack)
         out[side] = {"pre_norm": PRE_NORM[kinds.pop()], "positions": kind, "offset": offset,
                      "layernorm_embedding": getattr(stack, "layernorm_embedding", None) is not None,
                      "final_layer_norm": getattr(stack, "layer_norm", None) is not None,
-                     "embed_scale": float(_scales(stack)[0] * _scales(stack)[1])}
+                     "embed_scale": inner * outer}
     return out
 
 

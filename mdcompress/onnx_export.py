@@ -223,9 +223,9 @@ def _verify(model, folder: Path, tolerance: float) -> float:
 def export(model_path: str | os.PathLike, out: str | os.PathLike | None = None, precision: str = "float32",
            overwrite: bool = False, model=None, tokenizer=None) -> Path:
     """Export the model in ``model_path`` (a folder written by this tool, any model folder of the
-    families ``family`` takes, or a hub id; or ``model`` and ``tokenizer`` given directly) to ONNX Runtime in ``precision``
-    (float32 or int8) into the folder ``out`` (default: ``onnx`` / ``onnx-int8`` inside the model
-    folder). The folder appears whole or not at all. Returns its path."""
+    families ``family`` takes, or a hub id; or ``model`` and ``tokenizer`` given directly) to ONNX
+    Runtime in ``precision`` (float32 or int8) into the folder ``out`` (default: ``onnx`` /
+    ``onnx-int8`` inside the model folder). The folder appears whole or not at all. Returns its path."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     out = Path(out) if out is not None else default_folder(model_path, precision)
@@ -268,8 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     prog = program_name() if argv is None else "onnx_export.py"  # called from Python: the module's file
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a folder written by compress_model.py, or a MarianMT, M2M100/NLLB, mBART or BART "
-                        "folder or hub id")
+    parser.add_argument("--model", required=True, help="a folder written by compress_model.py, or a MarianMT, "
+                        "M2M100/NLLB, mBART or BART folder or hub id")
     parser.add_argument("--out", default=None, help="output folder (default: <model>/onnx or <model>/onnx-int8)")
     parser.add_argument("--int8", action="store_true", help="quantize the weights to int8 (ONNX Runtime dynamic quantization)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")

@@ -133,7 +133,8 @@ class OnnxTranslator:
         self.generation_config = types.SimpleNamespace(
             decoder_start_token_id=_one_id(settings, "decoder_start_token_id", self.folder),
             forced_bos_token_id=_one_id(settings, "forced_bos_token_id", self.folder))
-        self.eos, self.pad = _one_id(settings, "eos_token_id", self.folder), _one_id(settings, "pad_token_id", self.folder)
+        self.eos = _one_id(settings, "eos_token_id", self.folder)
+        self.pad = _one_id(settings, "pad_token_id", self.folder)
         self.forced_eos = _one_id(settings, "forced_eos_token_id", self.folder)
         self.banned = [ids[0] for ids in settings.get("bad_words_ids") or [] if len(ids) == 1]
         self.length_penalty = settings.get("length_penalty", 1.0)
@@ -155,7 +156,8 @@ class OnnxTranslator:
         """Scores of the next token (B, V) with the search constraints applied, in generate()'s order, and
         the grown cache: logits, or with ``normalize`` log-probabilities (taken before the constraints, as
         generate() does). ``bounds`` (B,): each row's most new tokens; at its last one the row gets </s>
-        (``EndAtBound``). ``history``: each row's tokens so far, the start token first (for ``no_repeat_ngram_size``)."""
+        (``EndAtBound``). ``history``: each row's tokens so far, the start token first (for
+        ``no_repeat_ngram_size``)."""
         import numpy as np
 
         feed = {"input_ids": tokens[:, None], "attention_mask": attention_mask,
