@@ -90,6 +90,11 @@ def test_onnx_translations_equal_pytorch_greedy_and_beam(case, factorized, tiny_
         got = translate_lines(onnx_translator, sources, batch_size=5, num_beams=beams, max_new_tokens=12)
         assert beams > 1 or len(set(expected)) > 3  # the model says different things for different inputs
         assert got == expected, beams
+    spec = CASES[case][1]
+    if spec is not None:  # the export's tokenizer reads the sources as the model was compressed: their code in
+        source_code = onnx_translator.tokenizer.convert_tokens_to_ids(spec[2])
+        assert source_code in onnx_translator.tokenizer(sources[0])["input_ids"][:1] + \
+            onnx_translator.tokenizer(sources[0])["input_ids"][-1:]  # first (NLLB, mBART-50) or last (mBART-25)
     # the token ids too (what the text leaves out: special tokens, a language code), padded rows and all
     batch = tokenizer(sources[:6], return_tensors="np", padding=True)
     ids, mask = batch["input_ids"].astype(np.int64), batch["attention_mask"].astype(np.int64)
