@@ -61,7 +61,7 @@ def build(case: str, factorized: bool, folder, tiny_tokenizer, tiny_pairs):
     if case == "marian-separate":
         config = model.config.to_dict()
         config.update(share_encoder_decoder_embeddings=False, decoder_vocab_size=len(tokenizer),
-                      tie_word_embeddings=False)  # a larger target vocabulary: test_onnx_export (its ids have no text)
+                      tie_word_embeddings=False)  # a larger target vocabulary (ids with no text): test_onnx_export
         torch.manual_seed(0)
         model = type(model)(type(model.config).from_dict(config)).eval()
     if spec is not None:  # as load_models sets them: the source's code read, the target's forced
@@ -81,7 +81,7 @@ def test_onnx_translations_equal_pytorch_greedy_and_beam(case, factorized, tiny_
     onnx_dir = export(folder, tmp_path / "onnx")
     info = json.loads((onnx_dir / "onnx_export.json").read_text())
     assert info["precision"] == "float32" and info["max_abs_diff"] < 1e-4
-    assert info["model_type"] == CASES[case][0].split("-")[0].replace("nllb", "m2m_100")
+    assert info["model_type"] == BY_NAME[CASES[case][0]].config_class.model_type  # marian, m2m_100, mbart, bart
     sources = [s for s, _ in tiny_pairs[200:212]]  # a dozen sentences
     torch_translator, onnx_translator = load_translator(folder), load_translator(onnx_dir)
     assert isinstance(torch_translator, TorchTranslator) and isinstance(onnx_translator, OnnxTranslator)
