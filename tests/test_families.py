@@ -371,7 +371,7 @@ def test_the_forced_language_code_is_not_part_of_a_translation(nllb_teacher):
 def test_translate_chooses_the_languages_of_a_multilingual_model(nllb_teacher, tiny_teacher_dir, tmp_path, capsys):
     """--target-lang forces another target language; left out, the one the model was saved with stays;
     --source-lang sets how the input is read. A code the tokenizer does not know, or a model without
-    codes (Marian, ONNX exports), is refused in one line."""
+    codes (Marian, in PyTorch or ONNX), is refused in one line."""
     from mdcompress import translate
 
     tokenizer = AutoTokenizer.from_pretrained(nllb_teacher)
