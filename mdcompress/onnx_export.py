@@ -82,7 +82,18 @@ def family(model):
 
 
 def _check_exportable(model) -> None:
+    """Refuse, in one line, a model whose step functions cannot be written, or whose generation config
+    asks for a search setting the ONNX translator does not apply (its translations would not be PyTorch's)."""
+    from mdcompress.translate import NOT_APPLIED
+
     family(model)
+    generation = getattr(model, "generation_config", None)
+    for key, off in NOT_APPLIED.items():
+        value = getattr(generation, key, None)
+        if value not in (None, off, []):
+            raise ExportError(f"the model's generation config sets {key} {value!r}, which the ONNX translator does "
+                              f"not apply (its translations would differ from PyTorch's); remove it from its "
+                              f"generation_config.json to export it")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -59,7 +59,7 @@ def length_bounds(source_lengths: Sequence[int], max_new_tokens: int, factor: fl
 
 # Settings of a generation config that transformers' generate() applies to greedy and beam search and the
 # ONNX search does not, with the value that leaves them off: a folder that sets one is refused, not translated otherwise
-_NOT_APPLIED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+NOT_APPLIED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
                 "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
                 "exponential_decay_length_penalty": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
                 "renormalize_logits": False, "force_words_ids": None, "constraints": None}
@@ -113,7 +113,7 @@ class OnnxTranslator:
         except ExportError as e:
             raise TranslateError(f"--model: {e}") from None
         settings = _generation_settings(self.folder)
-        for key, off in _NOT_APPLIED.items():
+        for key, off in NOT_APPLIED.items():
             if settings.get(key) not in (None, off, []):
                 raise TranslateError(f"--model: {str(self.folder)!r} sets {key} {settings[key]!r} in its "
                                      f"generation_config.json, which the ONNX search does not apply; translate with "

@@ -189,7 +189,13 @@ def test_generation_settings_the_onnx_search_applies(tiny_tokenizer, tiny_pairs,
         assert translate_lines(onnx_translator, sources, batch_size=6, num_beams=beams, max_new_tokens=14,
                                max_length_factor=None) == expected, beams
     assert (onnx_translator.no_repeat, onnx_translator.min_length, onnx_translator.early_stopping) == (2, 4, True)
-    settings["repetition_penalty"] = 1.3
+    model = BY_NAME["bart"].make(tiny_tokenizer)
+    model.generation_config.repetition_penalty = 1.3  # refused by the export too, before it writes anything
+    with pytest.raises(ExportError, match=r"generation config sets repetition_penalty 1\.3, which the ONNX translator "
+                                          r"does not apply"):
+        export("bart", tmp_path / "refused", model=model)
+    assert not (tmp_path / "refused").exists()
+    settings["repetition_penalty"] = 1.3  # set by hand in an export folder
     (onnx_dir / "generation_config.json").write_text(json.dumps(settings))
     with pytest.raises(translate.TranslateError, match=r"sets repetition_penalty 1\.3 in its generation_config\.json, "
                                                        r"which the ONNX search does not apply; translate with "
