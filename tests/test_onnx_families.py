@@ -74,11 +74,26 @@ def build(case: str, factorized: bool, folder, tiny_tokenizer, tiny_pairs):
     return folder / "model", tokenizer
 
 
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny_tokenizer, tiny_pairs):
+    """``exported(case, factorized)``: (model folder, tokenizer, its float32 export), built once per module;
+    the tests read them and leave them as they are."""
+    made = {}
+
+    def get(case: str, factorized: bool):
+        if (case, factorized) not in made:
+            folder = tmp_path_factory.mktemp(f"{case}-{'factorized' if factorized else 'dense'}")
+            model, tokenizer = build(case, factorized, folder, tiny_tokenizer, tiny_pairs)
+            made[case, factorized] = model, tokenizer, export(model, folder / "onnx")
+        return made[case, factorized]
+
+    return get
+
+
 @pytest.mark.parametrize("factorized", [False, True], ids=["dense", "factorized"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_onnx_translations_equal_pytorch_greedy_and_beam(case, factorized, tiny_tokenizer, tiny_pairs, tmp_path):
-    folder, tokenizer = build(case, factorized, tmp_path, tiny_tokenizer, tiny_pairs)
-    onnx_dir = export(folder, tmp_path / "onnx")
+def test_onnx_translations_equal_pytorch_greedy_and_beam(case, factorized, exported, tiny_pairs, tmp_path):
+    folder, tokenizer, onnx_dir = exported(case, factorized)
     info = json.loads((onnx_dir / "onnx_export.json").read_text())
     assert info["precision"] == "float32" and info["max_abs_diff"] < 1e-4
     assert info["model_type"] == BY_NAME[CASES[case][0]].config_class.model_type  # marian, m2m_100, mbart, bart
@@ -121,13 +136,12 @@ def test_onnx_translations_equal_pytorch_greedy_and_beam(case, factorized, tiny_
 
 
 @pytest.mark.parametrize("case", ["nllb", "mbart-50", "mbart-25"])
-def test_a_forced_target_language_steers_onnx_as_pytorch_and_is_not_in_the_output(case, tiny_tokenizer, tiny_pairs,
+def test_a_forced_target_language_steers_onnx_as_pytorch_and_is_not_in_the_output(case, exported, tiny_pairs,
                                                                                    tmp_path, capsys):
     """--target-lang on the export: ONNX Runtime forces the other code as generate() does (its translations
     equal PyTorch's with the same flag, and differ from those into the saved language), and the code is no
     part of a translation, in the ids or the text."""
-    folder, tokenizer = build(case, False, tmp_path, tiny_tokenizer, tiny_pairs)
-    onnx_dir = export(folder, tmp_path / "onnx")
+    folder, tokenizer, onnx_dir = exported(case, False)
     other = "fra_Latn" if case == "nllb" else "fr_XX"
     code = tokenizer.convert_tokens_to_ids(other)
     sources = [s for s, _ in tiny_pairs[200:212]]
@@ -154,17 +168,15 @@ def test_a_forced_target_language_steers_onnx_as_pytorch_and_is_not_in_the_outpu
     assert lines["onnx"] == lines["torch"] and len(lines["onnx"].splitlines()) == 3
 
 
-def test_onnx_target_lang_errors_are_one_line(tiny_tokenizer, tiny_pairs, tmp_path, capsys):
+def test_onnx_target_lang_errors_are_one_line(exported, tmp_path, capsys):
     """An unknown --target-lang on an NLLB export names the codes the tokenizer has; a Marian export, which
     has no codes, says to leave the flag out."""
-    folder, _ = build("nllb", False, tmp_path / "nllb", tiny_tokenizer, tiny_pairs)
-    marian, _ = build("marian", False, tmp_path / "marian", tiny_tokenizer, tiny_pairs)
     (tmp_path / "in.txt").write_text("He is here.\n")
     for model, flag, words in [
-        (export(folder, tmp_path / "nllb-onnx"), "xx_Latn",
+        (exported("nllb", False)[2], "xx_Latn",
          ["--target-lang: 'xx_Latn' is not a language code of the model's tokenizer", "'eng_Latn'"]),
-        (export(marian, tmp_path / "marian-onnx"), "de", ["--target-lang: 'de' given", "has no language codes",
-                                                          "leave --target-lang out"])]:
+        (exported("marian", False)[2], "de", ["--target-lang: 'de' given", "has no language codes",
+                                              "leave --target-lang out"])]:
         capsys.readouterr()
         assert translate.main(["--model", str(model), "--input", str(tmp_path / "in.txt"), "--target-lang", flag]) == 2
         captured = capsys.readouterr()
