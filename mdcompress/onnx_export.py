@@ -1,4 +1,5 @@
-"""Export a MarianMT model, compressed by this tool or not, to ONNX Runtime.
+"""Export a translation model of the BART-like families (MarianMT, M2M100/NLLB-200, mBART/mBART-50,
+BART), compressed by this tool or not, to ONNX Runtime.
 
     python -m mdcompress.onnx_export --model outputs/compressed-en-de                 # → outputs/compressed-en-de/onnx
     python -m mdcompress.onnx_export --model outputs/compressed-en-de --int8          # → …/onnx-int8
@@ -9,6 +10,7 @@ factorized layers export as their two small matrix products, never re-multiplied
 
 - ``encoder.onnx``: (input_ids, attention_mask) → the cross-attention keys and values of every
   decoder layer, computed once per sentence (as CTranslate2 does), so no decoder step repeats them.
+  Sources are padded on the right.
 - ``decoder.onnx``: one decoding step with a key/value cache: (input_ids (B, 1), attention_mask,
   the self-attention cache (B, H, P, Dh) of each layer, P = 0 at the first step, the cross-attention
   keys/values) → (the next token's logits (B, V), the cache grown by one position). Greedy search
@@ -17,14 +19,16 @@ factorized layers export as their two small matrix products, never re-multiplied
 Why by hand: no maintained exporter handles seq2seq models with a cache for transformers 5
 (optimum's needs transformers < 4.58, and transformers' own cache classes do not trace), so each
 family's two step functions restate its forward pass around the model's modules (``onnx_bart``:
-Marian and the BART-like families; ``onnx_t5``; all attention through ``onnx_attention``),
+MarianMT, M2M100/NLLB, mBART, BART; ``onnx_t5``; all attention through ``onnx_attention``),
 as ``family(model)`` picks them; ``export`` then checks the graphs
 against the PyTorch model before it writes anything. int8 is ONNX Runtime's dynamic quantization
 (``onnxruntime.quantization.quantize_dynamic``) of every MatMul and Gather weight, the embedding
-and the output projection included. Tensors that both graphs use (the embedding) are stored once,
-in ``weights.bin``, which both graphs reference as external data.
+and the output projection included (the position tables stay float32). Tensors that both graphs use
+(the embedding, the positions) are stored once, in ``weights.bin``, which both graphs reference as
+external data.
 
-The folder also holds the tokenizer, ``config.json`` and ``generation_config.json`` of the model,
+The folder also holds the tokenizer, ``config.json`` and ``generation_config.json`` of the model
+(the decoder's start token, a forced target-language code, the search settings ``translate`` applies),
 and ``onnx_export.json`` (what the graphs expect); ``translate.py`` runs it. The folder's layout,
 which both read, is ``onnx_format``.
 """
@@ -78,7 +82,18 @@ def family(model):
 
 
 def _check_exportable(model) -> None:
+    """Refuse, in one line, a model whose step functions cannot be written, or whose generation config
+    asks for a search setting the ONNX translator does not apply (its translations would not be PyTorch's)."""
+    from mdcompress.translate import NOT_APPLIED
+
     family(model)
+    generation = getattr(model, "generation_config", None)
+    for key, off in NOT_APPLIED.items():
+        value = getattr(generation, key, None)
+        if value not in (None, off, []):
+            raise ExportError(f"the model's generation config sets {key} {value!r}, which the ONNX translator does "
+                              f"not apply (its translations would differ from PyTorch's); remove it from its "
+                              f"generation_config.json to export it")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,11 +207,13 @@ def _verify(model, folder: Path, tolerance: float) -> float:
     source_vocab = model.get_encoder().embed_tokens.num_embeddings
     vocab = info["vocab_size"]
     ids = torch.randint(2, max(3, source_vocab - 1), (3, 7), generator=generator)
+    ids[ids == config.pad_token_id] = config.eos_token_id  # pad ids only where padded (M2M100 counts positions so)
     ids[:, -1] = config.eos_token_id
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0
     ids[1, 5:] = config.pad_token_id
     targets = torch.randint(2, max(3, vocab - 1), (3, 3), generator=generator)
+    targets[targets == config.pad_token_id] = config.eos_token_id
     start = getattr(config, "decoder_start_token_id", None)  # a T5 config may leave it to the generation config
     start = model.generation_config.decoder_start_token_id if start is None else start
     decoder_ids = torch.cat([torch.full((3, 1), start), targets], dim=1)
@@ -218,10 +235,10 @@ def _verify(model, folder: Path, tolerance: float) -> float:
 
 def export(model_path: str | os.PathLike, out: str | os.PathLike | None = None, precision: str = "float32",
            overwrite: bool = False, model=None, tokenizer=None) -> Path:
-    """Export the model in ``model_path`` (a folder written by this tool, any MarianMT folder or a
-    hub id; or ``model`` and ``tokenizer`` given directly) to ONNX Runtime in ``precision``
-    (float32 or int8) into the folder ``out`` (default: ``onnx`` / ``onnx-int8`` inside the model
-    folder). The folder appears whole or not at all. Returns its path."""
+    """Export the model in ``model_path`` (a folder written by this tool, any model folder of the
+    families ``family`` takes, or a hub id; or ``model`` and ``tokenizer`` given directly) to ONNX
+    Runtime in ``precision`` (float32 or int8) into the folder ``out`` (default: ``onnx`` /
+    ``onnx-int8`` inside the model folder). The folder appears whole or not at all. Returns its path."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
     out = Path(out) if out is not None else default_folder(model_path, precision)
@@ -264,7 +281,8 @@ def main(argv: list[str] | None = None) -> int:
     prog = program_name() if argv is None else "onnx_export.py"  # called from Python: the module's file
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="a folder written by compress_model.py, a MarianMT folder or hub id")
+    parser.add_argument("--model", required=True, help="a folder written by compress_model.py, or a MarianMT, "
+                        "M2M100/NLLB, mBART or BART folder or hub id")
     parser.add_argument("--out", default=None, help="output folder (default: <model>/onnx or <model>/onnx-int8)")
     parser.add_argument("--int8", action="store_true", help="quantize the weights to int8 (ONNX Runtime dynamic quantization)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")

@@ -3,10 +3,13 @@
     <model>/onnx/ or <model>/onnx-int8/ (``default_folder``)
       encoder.onnx, decoder.onnx   the two graphs (see ``onnx_export``)
       weights.bin                  their tensors above 1 KiB, each stored once, as external data
-      onnx_export.json             what the graphs expect (``read_info``): format, precision, layers,
-                                   heads, head_dim, max_positions, vocab_size, the cache's input and
-                                   output names
-      config.json, generation_config.json, the tokenizer's files
+      onnx_export.json             what the graphs expect (``read_info``): format, precision,
+                                   model_type, layers, heads, head_dim, max_positions (the longest
+                                   source and translation), vocab_size, the layout the graphs restate
+                                   (``onnx_bart.layout``), the cache's input and output names
+      config.json, generation_config.json   the model's: the search settings ``translate`` applies
+                                   (decoder start token, forced target-language code, ...)
+      the tokenizer's files
 
 A folder is an export when it holds ``onnx_export.json`` (``is_export``); ``load_model`` loads the
 PyTorch model of a model folder, the one an export is made from.
@@ -44,7 +47,7 @@ def read_info(folder: str | os.PathLike) -> dict:
 
 
 def load_model(path: str):
-    """(model, tokenizer) of a folder written by this tool (factorized), any MarianMT folder or a hub
+    """(model, tokenizer) of a folder written by this tool (factorized), any model folder or a hub
     id (``matrix_decomposition.load_pretrained``); an ONNX export or a folder without a model config is
     refused in one line."""
     from matrix_decomposition import DecompositionError, load_pretrained

@@ -4,8 +4,9 @@
     python -m mdcompress.translate --model outputs/compressed-en-de/onnx-int8 < input.txt > output.txt      # ONNX Runtime
     python -m mdcompress.translate --model outputs/compressed-en-de --backend onnx --num-beams 4 --threads 2 < in.txt
 
-``--model`` is a folder written by ``compress_model.py`` (factorized; any MarianMT folder or hub id
-works too) or an ONNX export of one (``onnx_export.py``; recognised by its ``onnx_export.json``).
+``--model`` is a folder written by ``compress_model.py`` (factorized; any model folder or hub id of
+the families it compresses works too) or an ONNX export of one (``onnx_export.py``, for MarianMT,
+M2M100/NLLB, mBART and BART; recognised by its ``onnx_export.json``).
 ``--backend onnx`` on a model folder uses its ``onnx`` (or, with ``--int8``, ``onnx-int8``) export.
 Sentences are sorted by length and translated in batches; the output keeps the input's order,
 and an empty line stays an empty line. A sentence longer than the model's positions is cut to them
@@ -16,9 +17,11 @@ token ids or sentences) for its BLEU evaluations (``evaluation``) and the teache
 sequence-level KD; ``translate_ids`` batches every backend.
 
 The ONNX Runtime backend needs neither PyTorch nor transformers' models: numpy, onnxruntime and
-the tokenizer. Its search follows transformers' ``generate()``: the model's ``bad_words_ids`` and
-``forced_eos_token_id`` apply, finished sentences are padded, and beam hypotheses are scored by
-sum of log-probabilities / length ** length_penalty.
+the tokenizer (and PyTorch only to check ``--source-lang``/``--target-lang``). Its search follows
+transformers' ``generate()`` (``OnnxTranslator``): the model's forced first token (a target
+language's code, left out of the output), ``bad_words_ids``, ``forced_eos_token_id``, minimum
+lengths and ``no_repeat_ngram_size`` apply, finished sentences are padded, and beam hypotheses are
+scored by sum of log-probabilities / length ** length_penalty and stopped as ``early_stopping`` says.
 """
 
 from __future__ import annotations
@@ -54,22 +57,53 @@ def length_bounds(source_lengths: Sequence[int], max_new_tokens: int, factor: fl
 
 
 
+# Settings of a generation config that transformers' generate() applies to greedy and beam search and the
+# ONNX search does not, with the value that leaves them off: a folder that sets one is refused, not translated otherwise
+NOT_APPLIED = {"repetition_penalty": 1.0, "encoder_repetition_penalty": 1.0, "encoder_no_repeat_ngram_size": 0,
+                "sequence_bias": None, "suppress_tokens": None, "begin_suppress_tokens": None,
+                "exponential_decay_length_penalty": None, "num_beam_groups": 1, "diversity_penalty": 0.0,
+                "renormalize_logits": False, "force_words_ids": None, "constraints": None}
+
+
 def _generation_settings(folder: Path) -> dict:
+    """The search settings of an export: its ``generation_config.json``, with the token ids it lacks
+    from ``config.json`` (all of them from there when it has none, as transformers derives one)."""
     path = folder / "generation_config.json"
     settings = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-    for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id"):
-        if settings.get(key) is None:
+    derived = ("forced_bos_token_id", "bad_words_ids", "no_repeat_ngram_size", "min_length", "length_penalty",
+               "early_stopping") if not path.is_file() else ()
+    for key in ("decoder_start_token_id", "eos_token_id", "pad_token_id", "forced_eos_token_id", *derived):
+        if settings.get(key) is None and config.get(key) is not None:
             settings[key] = config.get(key)
     return settings
 
 
+def _one_id(settings: dict, key: str, folder: Path):
+    """A token id of the generation settings: an int, or a list holding one; None stays None."""
+    value = settings.get(key)
+    if isinstance(value, list):
+        if len(value) != 1:
+            raise TranslateError(f"--model: {str(folder)!r} has {key} {value} in its generation config; the ONNX "
+                                 f"search takes one id: translate with --backend torch on its model folder")
+        value = value[0]
+    return value
+
+
 class OnnxTranslator:
-    """Greedy and beam search over the two graphs of an ``onnx_export`` folder, in ONNX Runtime."""
+    """Greedy and beam search over the two graphs of an ``onnx_export`` folder, in ONNX Runtime,
+    with the search settings of its generation config as generate() applies them: the decoder's
+    start token, a forced first token (the target language's code of NLLB, M2M100, mBART-50: no part
+    of the translation, so left out of the output as ``TorchTranslator`` leaves it out), a forced
+    </s> at the last position, bad words, ``min_length``, ``min_new_tokens``, ``no_repeat_ngram_size``,
+    the beams' ``length_penalty`` and ``early_stopping``. A setting it does not apply is refused in one line.
+    ``generation_config`` holds the start and forced tokens, which ``choose_languages_`` may change."""
 
     backend = "onnx"
 
     def __init__(self, folder: str | os.PathLike, threads: int = 1) -> None:
+        import types
+
         import onnxruntime as ort
         from transformers import AutoTokenizer
 
@@ -78,6 +112,16 @@ class OnnxTranslator:
             self.info = read_info(folder)
         except ExportError as e:
             raise TranslateError(f"--model: {e}") from None
+        settings = _generation_settings(self.folder)
+        for key, off in NOT_APPLIED.items():
+            if settings.get(key) not in (None, off, []):
+                raise TranslateError(f"--model: {str(self.folder)!r} sets {key} {settings[key]!r} in its "
+                                     f"generation_config.json, which the ONNX search does not apply; translate with "
+                                     f"--backend torch on its model folder, or remove {key} from that file")
+        early = settings.get("early_stopping", False)
+        if early not in (True, False, "never"):
+            raise TranslateError(f"--model: early_stopping {early!r} in {str(self.folder)!r}'s generation config is "
+                                 f"not one of true, false, \"never\"")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -86,21 +130,34 @@ class OnnxTranslator:
         self.encoder = ort.InferenceSession(str(self.folder / ENCODER), options, providers=providers)
         self.decoder = ort.InferenceSession(str(self.folder / DECODER), options, providers=providers)
         self.tokenizer = AutoTokenizer.from_pretrained(self.folder)
-        settings = _generation_settings(self.folder)
-        self.start, self.eos, self.pad = settings["decoder_start_token_id"], settings["eos_token_id"], settings["pad_token_id"]
-        self.forced_eos = settings.get("forced_eos_token_id")
+        self.generation_config = types.SimpleNamespace(
+            decoder_start_token_id=_one_id(settings, "decoder_start_token_id", self.folder),
+            forced_bos_token_id=_one_id(settings, "forced_bos_token_id", self.folder))
+        self.eos = _one_id(settings, "eos_token_id", self.folder)
+        self.pad = _one_id(settings, "pad_token_id", self.folder)
+        self.forced_eos = _one_id(settings, "forced_eos_token_id", self.folder)
         self.banned = [ids[0] for ids in settings.get("bad_words_ids") or [] if len(ids) == 1]
         self.length_penalty = settings.get("length_penalty", 1.0)
+        self.early_stopping = early
+        self.min_length = settings.get("min_length") or 0  # of the decoder's sequence, its start token included
+        self.min_new_tokens = settings.get("min_new_tokens") or 0  # generate()'s unless a call gives its own
+        self.no_repeat = settings.get("no_repeat_ngram_size") or 0
         self.max_positions = self.info["max_positions"]
+
+    @property
+    def start(self) -> int:
+        return self.generation_config.decoder_start_token_id
 
     def _encode(self, input_ids, attention_mask):
         return self.encoder.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
 
     def _step(self, tokens, attention_mask, past, cross, step: int, max_new_tokens: int, min_new_tokens: int = 0,
-              normalize: bool = False, bounds=None):
-        """Scores of the next token (B, V) with the search constraints applied, and the grown cache:
-        logits, or with ``normalize`` log-probabilities (taken before the constraints, as generate() does).
-        ``bounds`` (B,): each row's most new tokens; at its last one the row gets </s> (``EndAtBound``)."""
+              normalize: bool = False, bounds=None, history=None):
+        """Scores of the next token (B, V) with the search constraints applied, in generate()'s order, and
+        the grown cache: logits, or with ``normalize`` log-probabilities (taken before the constraints, as
+        generate() does). ``bounds`` (B,): each row's most new tokens; at its last one the row gets </s>
+        (``EndAtBound``). ``history``: each row's tokens so far, the start token first (for
+        ``no_repeat_ngram_size``)."""
         import numpy as np
 
         feed = {"input_ids": tokens[:, None], "attention_mask": attention_mask,
@@ -109,10 +166,17 @@ class OnnxTranslator:
         if normalize:
             top = scores.max(axis=-1, keepdims=True)
             scores -= top + np.log(np.exp(scores - top).sum(axis=-1, keepdims=True))
+        if self.no_repeat and history is not None:
+            for row, tokens_so_far in enumerate(history):
+                scores[row, _repeated_ngram_ends(tokens_so_far, self.no_repeat)] = -np.inf
         if self.banned:
             scores[:, self.banned] = -np.inf
-        if step < min_new_tokens:
+        if step < max(min_new_tokens or self.min_new_tokens, self.min_length - 1):  # min_length counts the start token
             scores[:, self.eos] = -np.inf
+        forced = self.generation_config.forced_bos_token_id
+        if forced is not None and step == 0:  # the first new token: the target language's code
+            scores[:] = -np.inf
+            scores[:, forced] = 0.0  # as transformers' ForcedBOSTokenLogitsProcessor scores it
         if self.forced_eos is not None and step == max_new_tokens - 1:  # the last position: end the sentence
             scores[:] = -np.inf
             scores[:, self.forced_eos] = 0.0  # as transformers' ForcedEOSTokenLogitsProcessor scores it
@@ -150,8 +214,9 @@ class OnnxTranslator:
         tokens = np.full(batch, self.start, dtype=np.int64)
         past, mask = self._empty_cache(batch), attention_mask
         for step in range(max_new_tokens):
+            history = [[self.start, *out[row]] for row in alive] if self.no_repeat else None
             logits, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens,
-                                      bounds=None if bounds is None else bounds[alive])
+                                      bounds=None if bounds is None else bounds[alive], history=history)
             tokens = logits.argmax(-1).astype(np.int64)
             for row, token in zip(alive, tokens):
                 out[row].append(int(token))
@@ -162,7 +227,12 @@ class OnnxTranslator:
                 alive, tokens, mask = alive[keep], tokens[keep], mask[keep]
                 past = [p[keep] for p in past]
                 cross = [c[keep] for c in cross]
-        return out
+        return self._without_forced(out)
+
+    def _without_forced(self, rows: list[list[int]]) -> list[list[int]]:
+        """The rows less the forced first token (a target language's code): no part of the translation."""
+        forced = self.generation_config.forced_bos_token_id
+        return [row[1:] if forced is not None and row[:1] == [forced] else row for row in rows]
 
     def _beam_search(self, input_ids, attention_mask, num_beams: int, max_new_tokens: int,
                      min_new_tokens: int, bounds=None) -> list[list[int]]:
@@ -179,8 +249,11 @@ class OnnxTranslator:
         finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(batch)]  # (score, tokens), best first
         alive = np.arange(batch)  # sentences still searching; finished ones leave the batch
         for step in range(max_new_tokens):
+            history = [[self.start, *seq] for seq in sequences.reshape(len(alive) * beams, step).tolist()] \
+                if self.no_repeat else None
             log_probs, past = self._step(tokens, mask, past, cross, step, max_new_tokens, min_new_tokens, normalize=True,
-                                         bounds=None if bounds is None else np.repeat(bounds[alive], beams))
+                                         bounds=None if bounds is None else np.repeat(bounds[alive], beams),
+                                         history=history)
             vocab = log_probs.shape[-1]
             candidates = (scores[:, :, None] + log_probs.reshape(len(alive), beams, vocab)).reshape(len(alive), -1)
             part = np.argpartition(-candidates, 2 * beams - 1, axis=1)[:, : 2 * beams]
@@ -199,9 +272,13 @@ class OnnxTranslator:
             running = np.argsort(ends, axis=1, kind="stable")[:, :beams]  # the best K that did not end
             source = np.take_along_axis(beam, running, axis=1)
             next_tokens, next_scores = np.take_along_axis(token, running, axis=1), np.take_along_axis(values, running, axis=1)
-            # a sentence is done once no running beam can beat the worst of its K finished hypotheses
-            keep = np.array([not last and not (len(finished[b]) == beams and finished[b][-1][0] >= next_scores[row, 0] / norm)
-                             for row, b in enumerate(alive)], bool)
+            # a sentence is done once no running beam can beat the worst of its K finished hypotheses (as
+            # generate() guesses it: the best running score at this length, or at the longest with early_stopping
+            # "never" and a positive length_penalty), or, with early_stopping true, once it has K
+            best = (max_new_tokens ** lp) if self.early_stopping == "never" and lp > 0 else norm
+            keep = np.array([not last and not (len(finished[b]) == beams and (
+                self.early_stopping is True or finished[b][-1][0] >= next_scores[row, 0] / best))
+                for row, b in enumerate(alive)], bool)
             if not keep.any():
                 break
             sequences = np.concatenate([np.take_along_axis(sequences, source[:, :, None], axis=1),
@@ -211,12 +288,21 @@ class OnnxTranslator:
                 rows = (np.flatnonzero(keep)[:, None] * beams + np.arange(beams)).reshape(-1)
                 cross, mask = [c[rows] for c in cross], mask[rows]
             alive, tokens, scores = alive[keep], next_tokens[keep].reshape(-1), next_scores[keep]
-        return [finished[b][0][1] for b in range(batch)]
+        return self._without_forced([finished[b][0][1] for b in range(batch)])
+
+
+def _repeated_ngram_ends(tokens: Sequence[int], size: int) -> list[int]:
+    """The tokens that would repeat an n-gram of ``size`` tokens already in ``tokens`` (transformers'
+    NoRepeatNGramLogitsProcessor): those that followed the last ``size - 1`` tokens before."""
+    if len(tokens) + 1 < size:
+        return []
+    prefix = tuple(tokens[len(tokens) + 1 - size:])
+    return [tokens[i + size - 1] for i in range(len(tokens) - size + 1) if tuple(tokens[i:i + size - 1]) == prefix]
 
 
 class TorchTranslator:
     """``generate()`` of a PyTorch model: one in memory, or (``load``) the one in a folder written by
-    this tool (or any MarianMT folder or hub id)."""
+    this tool (or any model folder or hub id of the families it compresses)."""
 
     backend = "torch"
 
@@ -313,18 +399,20 @@ def load_translator(path: str | os.PathLike, backend: str = "auto", threads: int
 
 
 def choose_languages_(translator, source: str | None, target: str | None) -> None:
-    """``--source-lang`` / ``--target-lang`` on a multilingual model (NLLB, M2M100, mBART-50): its
-    tokenizer reads the sources as ``source`` and generation is forced into ``target``
-    (``models.set_languages_``); either left out stays as the model was compressed (its tokenizer's
-    ``src_lang``, its generation config's forced code). A model without language codes, or a code its
-    tokenizer does not know, is refused in one line."""
+    """``--source-lang`` / ``--target-lang`` on a multilingual model (NLLB, M2M100, mBART-50), in
+    PyTorch or an ONNX export of it: its tokenizer reads the sources as ``source`` and generation is
+    forced into ``target`` (``models.set_languages_``, on the translator's generation settings);
+    either left out stays as the model was compressed (its tokenizer's ``src_lang``, its generation
+    config's forced code). A model without language codes, or a code its tokenizer does not know,
+    is refused in one line."""
     if not (source or target):
         return
     from mdcompress.models import set_languages_  # here: it loads torch, which an ONNX translation does without
 
-    tokenizer, model = translator.tokenizer, getattr(translator, "model", None)
+    tokenizer = translator.tokenizer
+    model = getattr(translator, "model", translator)  # PyTorch: the model; ONNX: the translator's generation_config
     multilingual = hasattr(tokenizer, "src_lang") and hasattr(tokenizer, "tgt_lang")
-    if model is None or not multilingual:  # the ONNX exports are of MarianMT, which has no language codes
+    if not multilingual:
         flag = "--source-lang" if source else "--target-lang"
         raise TranslateError(f"{flag}: {source or target!r} given, but the model's tokenizer "
                              f"({type(tokenizer).__name__}) has no language codes (they are for NLLB/M2M100 and "

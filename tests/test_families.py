@@ -289,8 +289,6 @@ def test_decoding_starts_as_the_references_do(tokenizer_class, source, target, f
     ("nllb", {"target_lang_code": "xxx_Latn"}, ["target_lang_code", "'xxx_Latn' is not a language code", "'eng_Latn'"]),
     ("nllb", {"source_lang_code": "deu_Latn"}, ["target_lang_code", "multilingual", "set target_lang_code"]),
     ("marian", {"target_lang_code": "deu_Latn"}, ["target_lang_code", "MarianTokenizer", "has no language codes"]),
-    ("nllb", {"target_lang_code": "deu_Latn", "export": ["onnx"]}, ["export: M2M100ForConditionalGeneration",
-                                                               "supported is MarianMT", "leave export out"]),
 ])
 def test_bad_family_configs_are_one_line_errors(teacher, changes, words, nllb_teacher, tiny_teacher_dir, run_dir,
                                                 monkeypatch, capsys):
@@ -373,7 +371,7 @@ def test_the_forced_language_code_is_not_part_of_a_translation(nllb_teacher):
 def test_translate_chooses_the_languages_of_a_multilingual_model(nllb_teacher, tiny_teacher_dir, tmp_path, capsys):
     """--target-lang forces another target language; left out, the one the model was saved with stays;
     --source-lang sets how the input is read. A code the tokenizer does not know, or a model without
-    codes (Marian, ONNX exports), is refused in one line."""
+    codes (Marian, in PyTorch or ONNX), is refused in one line."""
     from mdcompress import translate
 
     tokenizer = AutoTokenizer.from_pretrained(nllb_teacher)

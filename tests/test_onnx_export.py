@@ -189,13 +189,15 @@ def test_export_command_writes_next_to_the_model_and_refuses_to_overwrite(tiny_t
 
 
 def test_export_refuses_other_architectures_in_one_line(tmp_path):
-    from transformers import BartConfig, BartForConditionalGeneration
+    from transformers import PegasusConfig, PegasusForConditionalGeneration
 
-    bart = BartForConditionalGeneration(BartConfig(vocab_size=50, d_model=16, encoder_layers=1, decoder_layers=1,
-                                                   encoder_attention_heads=2, decoder_attention_heads=2,
-                                                   encoder_ffn_dim=32, decoder_ffn_dim=32))
-    with pytest.raises(ExportError, match="BartForConditionalGeneration .* supported is MarianMT"):
-        export("bart", tmp_path / "out", model=bart)
+    pegasus = PegasusForConditionalGeneration(PegasusConfig(vocab_size=50, d_model=16, encoder_layers=1,
+                                                            decoder_layers=1, encoder_attention_heads=2,
+                                                            decoder_attention_heads=2, encoder_ffn_dim=32,
+                                                            decoder_ffn_dim=32))
+    with pytest.raises(ExportError, match=r"PegasusForConditionalGeneration \(model_type 'pegasus'\) cannot be "
+                                          r"exported: supported are the model types bart, m2m_100, marian, mbart"):
+        export("pegasus", tmp_path / "out", model=pegasus)
     assert not (tmp_path / "out").exists()
 
 
