@@ -67,7 +67,7 @@ def load_models(config: Config) -> tuple:
     languages = {k: v for k, v in (("src_lang", config.source_lang_code), ("tgt_lang", config.target_lang_code)) if v}
     teacher, tokenizer = load_pretrained(config.teacher_model_path, "teacher_model_path", languages)
     set_languages_(teacher, tokenizer, config.source_lang_code, config.target_lang_code)
-    if config.export:  # the ONNX export takes MarianMT only
+    if config.export:  # a model the ONNX exporter cannot restate is refused before any work
         try:
             _check_exportable(teacher)
         except ExportError as e:

@@ -1,5 +1,5 @@
-"""Export a translation model of the BART-like families (MarianMT, M2M100/NLLB-200, mBART/mBART-50,
-BART), compressed by this tool or not, to ONNX Runtime.
+"""Export a translation model (MarianMT, M2M100/NLLB-200, mBART/mBART-50, BART, T5/mT5/MADLAD-400),
+compressed by this tool or not, to ONNX Runtime.
 
     python -m mdcompress.onnx_export --model outputs/compressed-en-de                 # → outputs/compressed-en-de/onnx
     python -m mdcompress.onnx_export --model outputs/compressed-en-de --int8          # → …/onnx-int8
@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="a folder written by compress_model.py, or a MarianMT, "
-                        "M2M100/NLLB, mBART or BART folder or hub id")
+                        "M2M100/NLLB, mBART, BART, T5 or mT5 folder or hub id")
     parser.add_argument("--out", default=None, help="output folder (default: <model>/onnx or <model>/onnx-int8)")
     parser.add_argument("--int8", action="store_true", help="quantize the weights to int8 (ONNX Runtime dynamic quantization)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
