@@ -1,0 +1,125 @@
+"""Fused against plain attention in the ONNX exports (``onnx_attention``), at opus-mt-en-de's shape:
+sentences per second of the int8 (``--precisions``) exports of the dense model and its ~50% student
+(``bench_deploy``'s ``opus`` models: random weights), each written twice, its attention as ONNX
+Runtime's MultiHeadAttention operator (fused) and as standard operators (plain).
+
+    python -m benchmarks.bench_attention --work /tmp/bench-attention    # 1 thread, 7 rounds
+    python -m benchmarks.bench_attention --quick                         # smoke test: tiny models, seconds
+
+Each system translates 64 random sources of 16 tokens (8 of them at batch 1) into exactly 32 tokens
+(EOS kept out until then), so every system does the same work; "same" counts the translations equal to
+the plain export's. Speed is the median over ``--rounds`` interleaved rounds (each round times every
+system once, in rotating order), with the spread (slowest and fastest round), threads pinned to
+``--threads``. ONNX Runtime's profiler then splits one decoder step (batch 32, 16 cached positions,
+16 source tokens) of each export by operator.
+"""
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from benchmarks.bench_deploy import opus_models, padded, step_profile  # noqa: E402
+from mdcompress.onnx_export import ATTENTIONS, export  # noqa: E402
+from mdcompress.process import quiet_transformers  # noqa: E402
+from mdcompress.translate import OnnxTranslator  # noqa: E402
+
+
+def timed(systems: dict, inputs: dict[int, list[list[int]]], rounds: int, length: int) -> dict:
+    """{system: {batch size: [seconds per round]}} and the last round's outputs, rounds interleaved."""
+    names = list(systems)
+    times = {name: {b: [] for b in inputs} for name in names}
+    outputs = {name: {} for name in names}
+    for translator in systems.values():  # warm-up: first calls allocate and plan
+        translator.generate(*padded(inputs[max(inputs)][:2], translator.pad), max_new_tokens=4)
+    for r in range(rounds):
+        for i in range(len(names)):
+            name = names[(i + r) % len(names)]
+            translator = systems[name]
+            for batch_size, sources in inputs.items():
+                result = []
+                start = time.perf_counter()
+                for at in range(0, len(sources), batch_size):
+                    result += translator.generate(*padded(sources[at:at + batch_size], translator.pad),
+                                                  max_new_tokens=length, min_new_tokens=length)
+                times[name][batch_size].append(time.perf_counter() - start)
+                outputs[name][batch_size] = result
+        print(f"round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+    return times, outputs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--precisions", nargs="+", choices=["float32", "int8"], default=["int8"])
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--work", default=None, help="folder for the models and exports (default: a temporary one)")
+    parser.add_argument("--json", default=None, help="write the results here")
+    parser.add_argument("--quick", action="store_true", help="smoke test: tiny models, few sentences, one round")
+    args = parser.parse_args(argv)
+    quiet_transformers()
+    if args.quick:
+        args.rounds = 1
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-attention-"))
+    work.mkdir(parents=True, exist_ok=True)
+    dense_dir, student_dir = opus_models(work, args.quick)
+
+    systems = {}
+    for role, folder in (("dense", dense_dir), ("student", student_dir)):
+        for precision in args.precisions:
+            for attention in ATTENTIONS:
+                out = work / f"onnx-{role}-{precision}-{attention}"
+                if not out.exists():
+                    export(folder, out, precision, attention=attention)
+                translator = OnnxTranslator(out, args.threads)
+                translator.pad = translator.tokenizer.pad_token_id
+                assert translator.info["attention"] == attention, (out, translator.info.get("attention_fallback"))
+                systems[f"{role} {precision} {attention}"] = translator
+
+    generator = np.random.default_rng(0)
+    vocab = systems[next(iter(systems))].info["vocab_size"]
+    sources = [[*generator.integers(2, vocab - 1, 15).tolist(), 0] for _ in range(16 if args.quick else 64)]
+    length = 8 if args.quick else 32
+    inputs = {32: sources, 1: sources[:2 if args.quick else 8]}
+    times, outputs = timed(systems, inputs, args.rounds, length)
+
+    rows = []
+    for name in systems:
+        plain = name.rsplit(" ", 1)[0] + " plain"
+        row = {"system": name, "same": sum(a == b for a, b in zip(outputs[name][32], outputs[plain][32]))}
+        for b in inputs:
+            speeds = [len(inputs[b]) / t for t in times[name][b]]
+            row[f"sent_per_s_b{b}"] = round(statistics.median(speeds), 2)
+            row[f"spread_b{b}"] = [round(min(speeds), 2), round(max(speeds), 2)]
+            base = [len(inputs[b]) / t for t in times[plain][b]]
+            row[f"vs_plain_b{b}"] = round(statistics.median(speeds) / statistics.median(base), 3)
+        rows.append(row)
+    profiles = {name: step_profile(systems[name].folder, 32, 16, 16, args.threads) for name in systems}
+    results = {"threads": args.threads, "rounds": args.rounds, "sentences": {b: len(s) for b, s in inputs.items()},
+               "new_tokens": length, "systems": rows, "step_profile": profiles}
+
+    print("| system | sent/s batch 32 (spread) | × plain | sent/s batch 1 (spread) | × plain | same |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for row in rows:
+        cells = [f"{row[f'sent_per_s_b{b}']:.2f} ({row[f'spread_b{b}'][0]:.2f}–{row[f'spread_b{b}'][1]:.2f}) | "
+                 f"{row[f'vs_plain_b{b}']:.2f}" for b in (32, 1)]
+        print(f"| {row['system']} | {cells[0]} | {cells[1]} | {row['same']}/{len(sources)} |")
+    for name, profile in profiles.items():
+        top = ", ".join(f"{op} {100 * share:.0f}%" for op, share in list(profile["share"].items())[:7])
+        print(f"decoder step, {name}: {profile['ms_per_step']:.2f} ms ({top})")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
