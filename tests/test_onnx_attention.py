@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from helpers import benchmark_in_process
 from matrix_decomposition import decompose_, save_compressed_model
 from mdcompress import onnx_attention
 from mdcompress.onnx_attention import FUSED_OPSETS, attention, cached_attention, fused
@@ -165,3 +166,20 @@ def test_export_refuses_an_unknown_attention_in_one_line(tiny_teacher_dir, tmp_p
     with pytest.raises(ExportError, match=r"^attention: 'flash' is not one of fused, plain$"):
         export(tiny_teacher_dir, tmp_path / "onnx", attention="flash")
     assert not (tmp_path / "onnx").exists()
+
+
+@pytest.mark.slow
+def test_bench_attention_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_attention.py", tmp_path, capsys, "--quick", "--work", str(tmp_path / "w"))
+    systems = [f"{role} int8 {kind}" for role in ("dense", "student") for kind in ("fused", "plain")]
+    assert [(row["system"], row["clock"]) for row in report["systems"]] == \
+        [(name, clock) for clock in ("wall", "cpu") for name in systems]
+    for row in report["systems"]:
+        assert row["sent_per_s_b32"] > 0 and row["sent_per_s_b1"] > 0
+        assert row["spread_b32"][0] <= row["sent_per_s_b32"] <= row["spread_b32"][1]
+        if row["system"].endswith("plain"):
+            assert row["vs_plain_b32"] == row["vs_plain_b1"] == 1.0
+    for name, profile in report["step_profile"].items():  # the fused steps spend time in the fused nodes
+        fused_ops = {"MultiHeadAttention (self)", "MultiHeadAttention (cross)"}
+        assert (fused_ops <= set(profile["ms"])) == name.endswith("fused")
+    assert "| student int8 fused | cpu |" in out
