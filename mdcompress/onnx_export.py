@@ -224,16 +224,18 @@ def _verify(model, folder: Path, tolerance: float) -> float:
 
 def _fused_or_plain(model, folder: Path, attention: str, header: dict) -> dict:
     """Write the graphs with ``attention`` and check them against PyTorch: ``header`` and the
-    description for onnx_export.json, with ``max_abs_diff``. Fused graphs that cannot be written, loaded or run, or
-    that compute something else, are written again plain; ``attention_fallback`` says why."""
+    description for onnx_export.json, with ``max_abs_diff``. Fused graphs that cannot be written,
+    loaded or run, or that compute something else, are written again plain; ``attention_fallback``
+    says why."""
     if attention == "fused":
         from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+        from torch.onnx.errors import OnnxExporterError
 
         try:
             info = {**header, **_export_graphs(model, folder, "fused")}
             (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
             return {**info, "max_abs_diff": _verify(model, folder, tolerance=1e-3)}
-        except (ExportError, ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph,
+        except (ExportError, OnnxExporterError, ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph,
                 ort_errors.NotImplemented, ort_errors.RuntimeException) as e:
             fallback = f"fused attention refused ({str(e).splitlines()[0][:200]}); written plain"
     info = {**header, **_export_graphs(model, folder, "plain")}
@@ -318,6 +320,9 @@ def main(argv: list[str] | None = None) -> int:
         what = f"{str(target)!r} is left as it was" if existed else f"nothing written to {str(target)!r}"
         print(f"{prog}: interrupted; {what}", file=sys.stderr, flush=True)
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+    fallback = read_info(out).get("attention_fallback")
+    if fallback:
+        print(f"{prog}: note: {fallback}", file=sys.stderr)
     print(f"exported to {out}")
     return 0
 

@@ -149,22 +149,33 @@ def test_int8_quantizes_a_fused_export_that_passed_its_check(model_dir, tiny_pai
 
 
 def test_fused_graphs_onnx_runtime_refuses_are_written_plain_saying_why(tiny_teacher_dir, tiny_pairs, tmp_path,
-                                                                       monkeypatch):
+                                                                       monkeypatch, capsys):
     """A runtime without the fused operator's version (here: an opset version no ONNX Runtime has)
-    refuses the graphs; the export is written plain and onnx_export.json says why."""
+    refuses the graphs; the export command writes them plain, and says why in a line and in
+    onnx_export.json."""
+    from mdcompress import onnx_export
+
     monkeypatch.setattr(onnx_attention, "FUSED_OPSETS", {onnx_attention.FUSED_DOMAIN: 999})
-    folder = export(tiny_teacher_dir, tmp_path / "onnx", attention="fused")
+    folder = tmp_path / "onnx"
+    assert onnx_export.main(["--model", str(tiny_teacher_dir), "--out", str(folder), "--attention", "fused"]) == 0
     info = json.loads((folder / "onnx_export.json").read_text())
     assert info["attention"] == "plain" and info["attention_fallback"].startswith("fused attention refused (")
+    err = capsys.readouterr().err
+    assert err == f"onnx_export.py: note: {info['attention_fallback']}\n"
     assert "MultiHeadAttention" not in ops(folder, "decoder.onnx")
     sources = [s for s, _ in tiny_pairs[:16]]
     assert translate_lines(load_translator(folder), sources, max_new_tokens=12) == \
         translate_lines(load_translator(tiny_teacher_dir), sources, max_new_tokens=12)
 
 
-def test_export_refuses_an_unknown_attention_in_one_line(tiny_teacher_dir, tmp_path):
+def test_export_refuses_an_unknown_attention_in_one_line(tiny_teacher_dir, tmp_path, capsys):
+    from mdcompress import onnx_export
+
     with pytest.raises(ExportError, match=r"^attention: 'flash' is not one of fused, plain$"):
         export(tiny_teacher_dir, tmp_path / "onnx", attention="flash")
+    with pytest.raises(SystemExit) as exit_info:
+        onnx_export.main(["--model", str(tiny_teacher_dir), "--out", str(tmp_path / "onnx"), "--attention", "flash"])
+    assert exit_info.value.code == 2 and "--attention: invalid choice: 'flash'" in capsys.readouterr().err
     assert not (tmp_path / "onnx").exists()
 
 
