@@ -12,9 +12,11 @@ the plain export's. Speed is the median over ``--rounds`` interleaved rounds (ea
 system once, in rotating order), with the spread (slowest and fastest round), threads pinned to
 ``--threads``; in sentences per second of wall time and, on cores other jobs share, per second of
 this process's CPU time (``process_time``: with one thread, ONNX Runtime runs in the calling one), which
-the other jobs do not inflate. ONNX Runtime's profiler then splits one decoder step (batch 32, 16 cached
-positions, 16 source tokens) of each export by operator (the fused node: self-attention over the cache
-and cross-attention apart), in ms of CPU time per step.
+the other jobs do not inflate. Then one decoder step alone (16 cached positions, 16 source tokens), at
+batch 32 and 1: its CPU ms, the median over ``--steps`` runs of each export in turn (without the
+profiler, whose cost per node would weigh on the graph of more nodes); and ONNX Runtime's profiler
+splits the step at batch 32 by operator (the fused node: self-attention over the cache and
+cross-attention apart), in ms of CPU time.
 """
 
 import argparse
@@ -62,6 +64,38 @@ def timed(systems: dict, inputs: dict[int, list[list[int]]], rounds: int, length
     return times, outputs
 
 
+def step_feed(info: dict, batch: int, past: int, source: int) -> dict:
+    """The inputs of one decoder step: batch ``batch``, ``past`` cached positions, ``source`` source tokens."""
+    generator = np.random.default_rng(0)
+    feed = {"input_ids": np.full((batch, 1), 5, np.int64), "attention_mask": np.ones((batch, source), np.int64)}
+    for names, length in ((info["past"], past), (info["cross"], source)):
+        for name in names:
+            feed[name] = generator.standard_normal((batch, info["heads"], length, info["head_dim"]), np.float32)
+    return feed
+
+
+def step_times(folders: dict, batch: int, past: int, source: int, threads: int, steps: int) -> dict:
+    """{name: CPU ms of one decoder step}, the median of ``steps`` runs, the exports run in turn."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    runs = {}
+    for name, folder in folders.items():
+        session = ort.InferenceSession(str(folder / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
+        feed = step_feed(json.loads((folder / "onnx_export.json").read_text()), batch, past, source)
+        for _ in range(3):
+            session.run(None, feed)
+        runs[name] = (session, feed)
+    cpu = {name: [] for name in folders}
+    for _ in range(steps):
+        for name, (session, feed) in runs.items():
+            start = time.process_time()
+            session.run(None, feed)
+            cpu[name].append(time.process_time() - start)
+    return {name: round(1000 * statistics.median(t), 3) for name, t in cpu.items()}
+
+
 def step_profile(folder: Path, batch: int, past: int, source: int, threads: int, steps: int = 50) -> dict:
     """One decoding step of an export: CPU ms per step (the median of ``steps``), and the ms of each
     operator type in it (ONNX Runtime's profiler, after its graph optimizations; its kernel times
@@ -74,11 +108,7 @@ def step_profile(folder: Path, batch: int, past: int, source: int, threads: int,
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
     options.enable_profiling, options.profile_file_prefix = True, str(folder.parent / f"profile-{folder.name}")
     session = ort.InferenceSession(str(folder / "decoder.onnx"), options, providers=["CPUExecutionProvider"])
-    generator = np.random.default_rng(0)
-    feed = {"input_ids": np.full((batch, 1), 5, np.int64), "attention_mask": np.ones((batch, source), np.int64)}
-    for names, length in ((info["past"], past), (info["cross"], source)):
-        for name in names:
-            feed[name] = generator.standard_normal((batch, info["heads"], length, info["head_dim"]), np.float32)
+    feed = step_feed(info, batch, past, source)
     for _ in range(3):
         session.run(None, feed)
     cpu = []
@@ -105,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precisions", nargs="+", choices=["float32", "int8"], default=["int8"])
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=200, help="runs of the decoder step alone, of each export")
     parser.add_argument("--work", default=None, help="folder for the models and exports (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the results here")
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny models, few sentences, one round")
     args = parser.parse_args(argv)
     quiet_transformers()
     if args.quick:
-        args.rounds = 1
+        args.rounds, args.steps = 1, 5
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-attention-"))
     work.mkdir(parents=True, exist_ok=True)
     dense_dir, student_dir = opus_models(work, args.quick)
@@ -148,9 +179,11 @@ def main(argv: list[str] | None = None) -> int:
                 base = [len(inputs[b]) / t for t in times[clock][plain][b]]
                 row[f"vs_plain_b{b}"] = round(statistics.median(speeds) / statistics.median(base), 3)
             rows.append(row)
+    folders = {name: translator.folder for name, translator in systems.items()}
+    steps = {b: step_times(folders, b, 16, 16, args.threads, args.steps) for b in (32, 1)}
     profiles = {name: step_profile(systems[name].folder, 32, 16, 16, args.threads) for name in systems}
     results = {"threads": args.threads, "rounds": args.rounds, "sentences": {b: len(s) for b, s in inputs.items()},
-               "new_tokens": length, "systems": rows, "step_profile": profiles}
+               "new_tokens": length, "systems": rows, "step_ms": steps, "step_profile": profiles}
 
     print("| system | clock | sent/s batch 32 (spread) | × plain | sent/s batch 1 (spread) | × plain | same |")
     print("|---|---|---:|---:|---:|---:|---:|")
@@ -158,6 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         cells = [f"{row[f'sent_per_s_b{b}']:.2f} ({row[f'spread_b{b}'][0]:.2f}–{row[f'spread_b{b}'][1]:.2f}) | "
                  f"{row[f'vs_plain_b{b}']:.2f}" for b in (32, 1)]
         print(f"| {row['system']} | {row['clock']} | {cells[0]} | {cells[1]} | {row['same']}/{len(sources)} |")
+    for b, times in steps.items():
+        print(f"decoder step alone, batch {b}, CPU ms (median of {args.steps}): "
+              + ", ".join(f"{name} {ms:.2f}" for name, ms in times.items()))
     for name, profile in profiles.items():
         top = ", ".join(f"{op} {t:.2f}" for op, t in list(profile["ms"].items())[:8])
         print(f"decoder step, {name}: {profile['ms_per_step']:.2f} ms CPU ({top})")

@@ -193,4 +193,6 @@ def test_bench_attention_quick(tmp_path, capsys):
     for name, profile in report["step_profile"].items():  # the fused steps spend time in the fused nodes
         fused_ops = {"MultiHeadAttention (self)", "MultiHeadAttention (cross)"}
         assert (fused_ops <= set(profile["ms"])) == name.endswith("fused")
+    assert set(report["step_ms"]) == {"32", "1"}
+    assert all(set(times) == set(systems) and min(times.values()) > 0 for times in report["step_ms"].values())
     assert "| student int8 fused | cpu |" in out
