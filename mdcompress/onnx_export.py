@@ -44,6 +44,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from mdcompress import onnx_attention
 from mdcompress.errors import ExportError
 from mdcompress.files import atomic_folder
 from mdcompress.onnx_format import DECODER, ENCODER, EXPORT_INFO, FORMAT, WEIGHTS, default_folder, is_export, \
@@ -52,6 +53,8 @@ from mdcompress.process import exit_with, program_name, quiet_transformers
 
 PRECISIONS = ("float32", "int8")
 OPSET = 17
+ATTENTIONS = ("fused", "plain")  # onnx_attention: ONNX Runtime's MultiHeadAttention nodes, or standard operators
+ATTENTION = "fused"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -106,9 +109,9 @@ def _names(n_layers: int) -> tuple[list[str], list[str]]:
     return past, cross
 
 
-def _export_graphs(model, folder: Path) -> dict:
-    """Write encoder.onnx and decoder.onnx (float32, weights inline) into ``folder``; returns the
-    description that goes into onnx_export.json."""
+def _export_graphs(model, folder: Path, attention: str = "plain") -> dict:
+    """Write encoder.onnx and decoder.onnx (float32, weights inline) into ``folder``, their attention
+    ``attention`` (``onnx_attention``); returns the description that goes into onnx_export.json."""
     torch, _ = _import_torch()
     builder = family(model)
     encoder, step = builder.graphs(model)
@@ -119,7 +122,8 @@ def _export_graphs(model, folder: Path) -> dict:
     present_names = [name.replace("past_", "present_") for name in past_names]
     ids = torch.tensor([[5, 6, 7, 8], [9, 10, config.eos_token_id, config.pad_token_id]], dtype=torch.long)
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]], dtype=torch.long)
-    with torch.no_grad(), warnings.catch_warnings():
+    opsets = onnx_attention.FUSED_OPSETS if attention == "fused" else None
+    with torch.no_grad(), warnings.catch_warnings(), onnx_attention.fused(attention == "fused") as unfused:
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and tracer notes
         cross = encoder(ids, mask)
         past = [torch.zeros(2, description["heads"], 3, description["head_dim"]) for _ in past_names]
@@ -127,7 +131,7 @@ def _export_graphs(model, folder: Path) -> dict:
                 **{name: {0: "batch", 2: "source"} for name in cross_names}}
         torch.onnx.export(encoder, (ids, mask), str(folder / ENCODER), dynamo=False, opset_version=OPSET,
                           input_names=["input_ids", "attention_mask"], output_names=cross_names,
-                          dynamic_axes=axes, do_constant_folding=True)
+                          dynamic_axes=axes, do_constant_folding=True, custom_opsets=opsets)
         step_ids = torch.tensor([[5], [6]], dtype=torch.long)
         axes = {"input_ids": {0: "batch"}, "attention_mask": {0: "batch", 1: "source"}, "logits": {0: "batch"},
                 **{name: {0: "batch", 2: "past"} for name in past_names},
@@ -135,8 +139,12 @@ def _export_graphs(model, folder: Path) -> dict:
                 **{name: {0: "batch", 2: "source"} for name in cross_names}}
         torch.onnx.export(step, (step_ids, mask, *past, *cross), str(folder / DECODER), dynamo=False,
                           opset_version=OPSET, input_names=["input_ids", "attention_mask", *past_names, *cross_names],
-                          output_names=["logits", *present_names], dynamic_axes=axes, do_constant_folding=True)
-    return {**description, "past": past_names, "present": present_names, "cross": cross_names}
+                          output_names=["logits", *present_names], dynamic_axes=axes, do_constant_folding=True,
+                          custom_opsets=opsets)
+    if unfused:
+        raise ExportError(f"the fused operator does not take {unfused[0]}")
+    return {**description, "attention": attention, "past": past_names, "present": present_names,
+            "cross": cross_names}
 
 
 def _quantize(folder: Path) -> None:
@@ -233,14 +241,41 @@ def _verify(model, folder: Path, tolerance: float) -> float:
     return worst
 
 
+def _fused_or_plain(model, folder: Path, attention: str, header: dict) -> dict:
+    """Write the graphs with ``attention`` and check them against PyTorch: ``header`` and the
+    description for onnx_export.json, with ``max_abs_diff``. Fused graphs that cannot be written,
+    loaded or run, or that compute something else, are written again plain; ``attention_fallback``
+    says why."""
+    if attention == "fused":
+        from onnxruntime.capi import onnxruntime_pybind11_state as ort_errors
+        from torch.onnx.errors import OnnxExporterError
+
+        try:
+            info = {**header, **_export_graphs(model, folder, "fused")}
+            (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+            return {**info, "max_abs_diff": _verify(model, folder, tolerance=1e-3)}
+        except (ExportError, OnnxExporterError, ort_errors.Fail, ort_errors.InvalidArgument, ort_errors.InvalidGraph,
+                ort_errors.NotImplemented, ort_errors.RuntimeException) as e:
+            fallback = f"fused attention refused ({str(e).splitlines()[0][:200]}); written plain"
+    info = {**header, **_export_graphs(model, folder, "plain")}
+    if attention == "fused":
+        info["attention_fallback"] = fallback
+    (folder / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
+    return {**info, "max_abs_diff": _verify(model, folder, tolerance=1e-3)}
+
+
 def export(model_path: str | os.PathLike, out: str | os.PathLike | None = None, precision: str = "float32",
-           overwrite: bool = False, model=None, tokenizer=None) -> Path:
+           overwrite: bool = False, model=None, tokenizer=None, attention: str = ATTENTION) -> Path:
     """Export the model in ``model_path`` (a folder written by this tool, any model folder of the
     families ``family`` takes, or a hub id; or ``model`` and ``tokenizer`` given directly) to ONNX
     Runtime in ``precision`` (float32 or int8) into the folder ``out`` (default: ``onnx`` /
-    ``onnx-int8`` inside the model folder). The folder appears whole or not at all. Returns its path."""
+    ``onnx-int8`` inside the model folder), its attention ``attention`` (fused: ONNX Runtime's
+    MultiHeadAttention operator, or plain; see ``onnx_attention``). The folder appears whole or not
+    at all. Returns its path."""
     if precision not in PRECISIONS:
         raise ExportError(f"precision: {precision!r} is not one of {', '.join(PRECISIONS)}")
+    if attention not in ATTENTIONS:
+        raise ExportError(f"attention: {attention!r} is not one of {', '.join(ATTENTIONS)}")
     out = Path(out) if out is not None else default_folder(model_path, precision)
     check_out(out, overwrite)
     if model is None:
@@ -248,12 +283,10 @@ def export(model_path: str | os.PathLike, out: str | os.PathLike | None = None, 
     _check_exportable(model)
     model = model.float().cpu().eval()
     with atomic_folder(out) as work:  # an earlier export (--overwrite) is replaced only once this one is whole
-        info = {"format": FORMAT, "precision": precision, "source": str(model_path), "opset": OPSET,
-                **_export_graphs(model, work)}
-        (work / EXPORT_INFO).write_text(json.dumps(info, indent=2) + "\n")
         # the graphs checked against PyTorch before anything is written, in both precisions: int8
         # quantizes graphs that computed what the model computes
-        info["max_abs_diff"] = _verify(model, work, tolerance=1e-3)
+        info = _fused_or_plain(model, work, attention, {"format": FORMAT, "precision": precision,
+                                                        "source": str(model_path), "opset": OPSET})
         if precision == "int8":
             info["max_abs_diff_before_int8"] = info.pop("max_abs_diff")
             _quantize(work)
@@ -286,6 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="output folder (default: <model>/onnx or <model>/onnx-int8)")
     parser.add_argument("--int8", action="store_true", help="quantize the weights to int8 (ONNX Runtime dynamic quantization)")
     parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in --out")
+    parser.add_argument("--attention", choices=ATTENTIONS, default=ATTENTION,
+                        help=f"fused: ONNX Runtime's MultiHeadAttention operator; plain: standard ONNX operators "
+                             f"(default {ATTENTION})")
     args = parser.parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     precision = "int8" if args.int8 else "float32"
@@ -297,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"--out is needed when --model is a hub id: {args.model!r} is no local folder (looked "
                               f"for {os.path.abspath(args.model)!r}); give --out, or the path of a model folder")
         check_out(target, args.overwrite)
-        out = export(args.model, args.out, precision, overwrite=args.overwrite)
+        out = export(args.model, args.out, precision, overwrite=args.overwrite, attention=args.attention)
     except ExportError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -305,6 +341,9 @@ def main(argv: list[str] | None = None) -> int:
         what = f"{str(target)!r} is left as it was" if existed else f"nothing written to {str(target)!r}"
         print(f"{prog}: interrupted; {what}", file=sys.stderr, flush=True)
         return 130  # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
+    fallback = read_info(out).get("attention_fallback")
+    if fallback:
+        print(f"{prog}: note: {fallback}", file=sys.stderr)
     print(f"exported to {out}")
     return 0
 
