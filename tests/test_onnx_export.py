@@ -582,3 +582,27 @@ def test_translate_command_max_length_factor(tiny_teacher_dir, tmp_path, monkeyp
                                            capsys, stdin=stdin)
         assert code == 2 and out == "" and err.count("\n") == 1, err
         assert f"--max-length-factor: {bad!r} is not a positive number" in err
+
+
+def test_int8_graphs_are_checked_after_quantization(make_tiny_marian, tiny_tokenizer, tmp_path):
+    """The int8 graphs themselves are compared with PyTorch after quantization, with a tolerance
+    relative to the logits' spread that rounding stays under and a wrong graph exceeds: the same
+    graphs checked against the model with its feed-forward outputs negated are refused."""
+    from mdcompress.onnx_export import INT8_TOLERANCE, _verify
+
+    def varied(negate_fc2: bool = False):  # seeded noise: a fresh tiny model says nearly the same for every input
+        model = make_tiny_marian()
+        torch.manual_seed(1)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" not in name:
+                    p.add_(0.6 * torch.randn_like(p))
+                if negate_fc2 and ".fc2." in name:
+                    p.neg_()
+        return model
+
+    out = export(tmp_path / "x", tmp_path / "int8", "int8", model=varied(), tokenizer=tiny_tokenizer)
+    info = json.loads((out / "onnx_export.json").read_text())
+    assert 0 < info["int8_relative_error"] <= INT8_TOLERANCE / 2  # rounding: above zero, well within
+    with pytest.raises(ExportError, match=r"^the int8 graphs differ from the PyTorch model by [0-9.]+ of the "):
+        _verify(varied(negate_fc2=True), out, INT8_TOLERANCE, quantized=True)
