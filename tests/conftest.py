@@ -1,12 +1,19 @@
 """Shared test fixtures: a sentencepiece vocabulary trained on a few hundred Tatoeba lines, the
 Marian tokenizer built on it, and tiny MarianMT models (d_model 16) that run in milliseconds. The
-plain helpers the tests import are in helpers.py; ``-m "not slow"`` leaves out the slow tests."""
+plain helpers the tests import are in helpers.py; ``-m "not slow"`` leaves out the slow tests.
+
+This file imports only the standard library and pytest at its top: with ``-n 2`` (pytest-xdist, what
+CI runs) the process that hands the tests to the two workers loads it too and runs none of them, so
+torch, transformers and the project are imported by the fixtures, in the processes that run tests."""
+
+from __future__ import annotations
 
 import atexit
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # runs in the tests (and their subprocesses) use one thread
@@ -15,20 +22,23 @@ os.environ["HF_DATASETS_CACHE"] = tempfile.mkdtemp(prefix="matrix-decomposition-
 atexit.register(shutil.rmtree, os.environ["HF_DATASETS_CACHE"], ignore_errors=True)
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
-from transformers import MarianConfig, MarianMTModel, MarianTokenizer  # noqa: E402
+
+if TYPE_CHECKING:
+    from transformers import MarianTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 # commands the tests start (python -m mdcompress.translate, benchmarks, scripts) import this checkout's package
 os.environ["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [os.environ.get("PYTHONPATH")])])
 
-from helpers import TRAIN_CSV, save_model_folder  # noqa: E402  (after the environment: helpers.ENV copies it)
-from mdcompress.data import read_pairs  # noqa: E402
-from scripts.train_teacher import build_tokenizer  # noqa: E402
 
-# Tiny models gain nothing from threads, and on busy cores two-threaded LAPACK calls stall (a 512×512
-# SVD took 100× longer with 2 threads than with 1 next to a training job).
-torch.set_num_threads(1)
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> None:
+    """Tiny models gain nothing from threads, and on busy cores two-threaded LAPACK calls stall (a 512×512
+    SVD took 100× longer with 2 threads than with 1 next to a training job)."""
+    import torch
+
+    torch.set_num_threads(1)
+
 
 VOCAB_SIZE = 300  # sentencepiece pieces + </s> + <pad>
 
@@ -36,6 +46,9 @@ VOCAB_SIZE = 300  # sentencepiece pieces + </s> + <pad>
 @pytest.fixture(scope="session")
 def tiny_pairs() -> list[tuple[str, str]]:
     """The first 400 English–German pairs of the committed training CSV."""
+    from helpers import TRAIN_CSV  # after the environment above: helpers.ENV copies it
+    from mdcompress.data import read_pairs
+
     return read_pairs(TRAIN_CSV)[:400]
 
 
@@ -43,6 +56,8 @@ def tiny_pairs() -> list[tuple[str, str]]:
 def spm_dir(tmp_path_factory, tiny_pairs) -> Path:
     """A folder with ``spm.model`` (unigram, joint en+de) and ``vocab.json`` laid out like
     OPUS-MT's: ``</s>`` = 0, ``<unk>`` = 1, the pieces, ``<pad>`` last."""
+    from scripts.train_teacher import build_tokenizer
+
     folder = tmp_path_factory.mktemp("spm")
     build_tokenizer(tiny_pairs, folder, VOCAB_SIZE, seed=0)  # the shipped teacher's recipe, at toy size
     return folder
@@ -50,6 +65,8 @@ def spm_dir(tmp_path_factory, tiny_pairs) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(spm_dir) -> MarianTokenizer:
+    from transformers import MarianTokenizer
+
     spm_path = str(spm_dir / "spm.model")
     return MarianTokenizer(source_spm=spm_path, target_spm=spm_path, vocab=str(spm_dir / "vocab.json"))
 
@@ -58,6 +75,9 @@ def tiny_tokenizer(spm_dir) -> MarianTokenizer:
 def make_tiny_marian(tiny_tokenizer):
     """Factory: ``make_tiny_marian(**config_overrides)`` → a seeded MarianMTModel in eval mode
     (d_model 16, 2+2 layers, 2 heads, ffn 32, tied embeddings)."""
+    import torch
+    from transformers import MarianConfig, MarianMTModel
+
     tok = tiny_tokenizer
 
     def make(**overrides) -> MarianMTModel:
@@ -76,6 +96,8 @@ def make_tiny_marian(tiny_tokenizer):
 @pytest.fixture
 def tiny_teacher_dir(tmp_path, make_tiny_marian, tiny_tokenizer) -> Path:
     """A saved tiny teacher (model + tokenizer) in a fresh folder."""
+    from helpers import save_model_folder
+
     return save_model_folder(make_tiny_marian(), tiny_tokenizer, tmp_path / "teacher")
 
 

@@ -376,7 +376,13 @@ def test_ctrl_c_while_workers_tokenize_is_one_line_and_leaves_no_files(run_dir, 
         return compress_model.default_data_preprocessor(batch, tokenizer, config)
 
     monkeypatch.setattr(compress_model, "data_preprocessor", ctrl_c)
-    assert compress_model.main(["--config", "config.json"]) == 130
+    # as a terminal's job takes Ctrl-C: a suite started in the background of a non-interactive shell
+    # (``cmd &``, nohup) ignores SIGINT, and the run would leave it so
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        assert compress_model.main(["--config", "config.json"]) == 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     out, err = capfd.readouterr()
     assert err.strip().splitlines() == ["compress_model.py: interrupted; checkpoint_steps is 0, so nothing was kept; "
                                         "run the same command to start over"]
