@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from mdcompress.errors import ExportError
 from mdcompress.onnx_attention import attention, cached_attention, split_heads
+from mdcompress.onnx_embedding import is_tied, project, rows, table
 
 # The layer classes whose forward pass these step functions restate: whether they normalize the
 # input of each sub-layer (pre-norm) or the sum after it (post-norm)
@@ -147,28 +148,18 @@ def graphs(model):
     import torch
     from torch import nn
 
-    from matrix_decomposition import LowRankEmbedding, LowRankLinear
-
     shape = layout(model)
     encoder, decoder = model.model.encoder, model.model.decoder
     neg = torch.finfo(torch.float32).min
     max_positions = _max_positions(model)
 
-    def table(embedding):
-        """The tensor a token lookup gathers columns from: Eᵀ (d, V), or Aᵀ (r, V) of E ≈ A·B. An
-        output projection tied to the embedding multiplies by the same tensor, so the graph holds it once."""
-        weight = embedding.up.weight if isinstance(embedding, LowRankEmbedding) else embedding.weight
-        return weight.t()
-
     def lookup(stack, tab, ids, step: bool = False):  # ids (B, T) → (B, T, d), scaled as the stack scales it
         embedding = stack.embed_tokens
-        rows = tab.index_select(1, ids.reshape(-1)).t()  # (B·T, d or r)
-        if isinstance(embedding, LowRankEmbedding):
-            rows = rows @ embedding.down.weight  # (B·T, r) @ (r, d)
+        found = rows(embedding, tab, ids)
         inner, outer = _scales(stack)
         if inner * outer != 1.0:
-            rows = rows * (inner * outer)
-        return rows.reshape(-1, 1, embedding.embedding_dim) if step else rows.reshape(ids.shape[0], ids.shape[1], -1)
+            found = found * (inner * outer)
+        return found.reshape(-1, 1, embedding.embedding_dim) if step else found.reshape(ids.shape[0], ids.shape[1], -1)
 
     def heads(x, module, step: bool):  # (B, T, D) → (B, H, T, Dh)
         return split_heads(x, module.num_heads, module.head_dim, step)
@@ -233,9 +224,7 @@ def graphs(model):
             return tuple(cross)
 
     head = model.get_output_embeddings()
-    tied = head.weight is decoder.embed_tokens.weight if isinstance(head, nn.Linear) else (
-        isinstance(head, LowRankLinear) and isinstance(decoder.embed_tokens, LowRankEmbedding)
-        and head.up.weight is decoder.embed_tokens.up.weight)
+    tied = is_tied(head, decoder.embed_tokens)
     logits_bias = getattr(model, "final_logits_bias", None)
 
     class DecoderStep(nn.Module):
@@ -273,12 +262,7 @@ def graphs(model):
             if shape["decoder"]["final_layer_norm"]:
                 x = decoder.layer_norm(x)
             h = x[:, 0]  # (B, d)
-            if not tied:
-                logits = head(h)
-            elif isinstance(head, LowRankLinear):
-                logits = (h @ head.down.weight.t()) @ tab  # (B, d) @ (d, r) @ (r, V)
-            else:
-                logits = h @ tab  # (B, d) @ (d, V)
+            logits = project(h, head, tab, tied)
             if logits_bias is not None:
                 logits = logits + self.final_logits_bias
             return (logits, *present)

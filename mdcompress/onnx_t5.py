@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from mdcompress.errors import ExportError
 from mdcompress.onnx_attention import attention, cached_attention, split_heads
+from mdcompress.onnx_embedding import is_tied, project, rows, table
 
 
 def check(model) -> None:
@@ -87,26 +88,18 @@ def graphs(model):
     import torch
     from torch import nn
 
-    from matrix_decomposition import LowRankEmbedding, LowRankLinear
+    from matrix_decomposition import LowRankEmbedding
 
     encoder, decoder = model.encoder, model.decoder
     neg = torch.finfo(torch.float32).min
     encoder_relative = encoder.block[0].layer[0].SelfAttention
     decoder_relative = decoder.block[0].layer[0].SelfAttention
 
-    def table(embedding):
-        """The tensor a token lookup gathers columns from: Eᵀ (d, V), or Aᵀ (r, V) of E ≈ A·B. A tied
-        output projection multiplies by the same tensor, so the graph holds it once."""
-        weight = embedding.up.weight if isinstance(embedding, LowRankEmbedding) else embedding.weight
-        return weight.t()
-
     def lookup(embedding, tab, ids, step: bool = False):  # ids (B, T) → (B, T, d)
-        rows = tab.index_select(1, ids.reshape(-1)).t()  # (B·T, d or r)
-        if isinstance(embedding, LowRankEmbedding):
-            rows = rows @ embedding.down.weight  # (B·T, r) @ (r, d)
-            if embedding.embed_scale is not None:  # none in T5; kept should a factorized T5 ever carry one
-                rows = rows * embedding.embed_scale
-        return rows.reshape(-1, 1, embedding.embedding_dim) if step else rows.reshape(ids.shape[0], ids.shape[1], -1)
+        found = rows(embedding, tab, ids)
+        if isinstance(embedding, LowRankEmbedding) and embedding.embed_scale is not None:  # none in T5; kept
+            found = found * embedding.embed_scale  # should a factorized T5 ever carry one
+        return found.reshape(-1, 1, embedding.embedding_dim) if step else found.reshape(ids.shape[0], ids.shape[1], -1)
 
     def heads(x, module, step: bool):  # (B, T, D) → (B, H, T, Dh)
         return split_heads(x, module.n_heads, module.key_value_proj_dim, step)
@@ -154,9 +147,7 @@ def graphs(model):
 
     head = model.lm_head
     embedding = decoder.embed_tokens
-    tied = head.weight is embedding.weight if isinstance(head, nn.Linear) else (
-        isinstance(head, LowRankLinear) and isinstance(embedding, LowRankEmbedding)
-        and head.up.weight is embedding.up.weight)
+    tied = is_tied(head, embedding)
     output_scale = model.config.d_model ** -0.5 if scales_output(model) else None
 
     class DecoderStep(nn.Module):
@@ -191,12 +182,6 @@ def graphs(model):
             h = decoder.final_layer_norm(x)[:, 0]  # (B, d)
             if output_scale is not None:
                 h = h * output_scale
-            if not tied:
-                logits = head(h)
-            elif isinstance(head, LowRankLinear):
-                logits = (h @ head.down.weight.t()) @ tab  # (B, d) @ (d, r) @ (r, V)
-            else:
-                logits = h @ tab  # (B, d) @ (d, V)
-            return (logits, *present)
+            return (project(h, head, tab, tied), *present)
 
     return Encoder().eval(), DecoderStep().eval()

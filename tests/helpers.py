@@ -230,3 +230,15 @@ FAMILIES = [
     Family("mt5", MT5Config, {**T5_LIKE, "feed_forward_proj": "gated-gelu"},
            linears=(7, 11), tied_head=False, **T5_NAMES),  # wi_0, wi_1; the head is a layer of its own
 ]
+
+
+def varied_(model, scale: float, norms: bool = True, positions: bool = True):
+    """Seeded noise on the parameters, in place: a fresh tiny model says nearly the same thing for every
+    input. ``norms=False`` leaves the layer norms alone, ``positions=False`` the fixed (not trained)
+    sinusoidal position tables."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if (norms or "norm" not in name) and (positions or p.requires_grad):
+                p.add_(scale * torch.randn_like(p))
+    return model

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from helpers import benchmark_in_process
+from helpers import benchmark_in_process, varied_
 from matrix_decomposition import decompose_, save_compressed_model
 from mdcompress import onnx_attention
 from mdcompress.onnx_attention import FUSED_OPSETS, attention, cached_attention, fused
@@ -88,15 +88,6 @@ def test_a_bias_the_fused_node_does_not_take_is_written_plain_and_said():
     assert len(unfused) == 1 and "(1, 1, 5)" in unfused[0]
     torch.testing.assert_close(out, attention(query, keys, keys, None, H, DH, 0.5, True))
     assert onnx_attention._fused is False  # the switch is off again outside the block
-
-
-def varied_(model, scale: float):
-    """Seeded noise on every parameter: a fresh tiny model says nearly the same thing for every input."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model
 
 
 @pytest.fixture(params=["dense", "factorized"])

@@ -13,7 +13,7 @@ import pytest
 import sacrebleu
 import torch
 
-from helpers import REPO, run_command
+from helpers import REPO, run_command, varied_
 from mdcompress.data import read_pairs
 from matrix_decomposition import count_parameters, decompose_, save_compressed_model
 from mdcompress.onnx_export import ExportError, export
@@ -29,17 +29,6 @@ def stored_floats(folder) -> int:
                  for t in onnx.load(str(folder / name), load_external_data=False).graph.initializer
                  if t.data_type == onnx.TensorProto.FLOAT and t.HasField("raw_data"))
     return int(inline) + (folder / "weights.bin").stat().st_size // 4
-
-
-def varied_(model, scale: float, positions: bool = True):
-    """Add seeded noise to the parameters (to the fixed sinusoidal position tables too, unless told not
-    to): a fresh tiny model says nearly the same thing for every input, and has many equal tensors."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.requires_grad or positions:
-                p.add_(scale * torch.randn_like(p))
-    return model
 
 
 @pytest.fixture

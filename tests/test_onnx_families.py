@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from helpers import FAMILIES, make_run_dir, refused_in_one_line, save_model_folder
+from helpers import FAMILIES, make_run_dir, refused_in_one_line, save_model_folder, varied_
 from test_families import sentencepiece_folder
 from transformers import PegasusConfig, PegasusForConditionalGeneration
 
@@ -30,17 +30,6 @@ CASES = {
     "mbart-25": ("mbart", ("MBartTokenizer", None, "en_XX", "de_DE")),  # the code as decoder start token
     "bart": ("bart", None),
 }
-
-
-def varied_(model, scale: float):
-    """Seeded noise on every parameter but the layer norms': a fresh tiny model says nearly the same thing
-    for every input (noisy layer norms too, in BART and mBART)."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" not in name:
-                p.add_(scale * torch.randn_like(p))
-    return model
 
 
 def ended(rows, eos: int):
@@ -69,7 +58,7 @@ def build(case: str, factorized: bool, folder, tiny_tokenizer, tiny_pairs):
         models.set_languages_(model, tokenizer, source, target)
     if factorized:
         decompose_(model, ["*"], k_info=4)
-    varied_(model, 0.4 if case == "marian-separate" else 0.6)  # scales at which each says varied things
+    varied_(model, 0.4 if case == "marian-separate" else 0.6, norms=False)  # scales at which each says varied things
     save_compressed_model(model, folder / "model", tokenizer)
     return folder / "model", tokenizer
 
@@ -273,7 +262,7 @@ def test_a_run_of_an_nllb_teacher_exports_its_student_and_scores_it_as_in_pytorc
 
     tokenizer = sentencepiece_folder(tmp_path / "spm", tiny_pairs, "sentencepiece.bpe.model", {
         "tokenizer_class": "NllbTokenizer", "additional_special_tokens": ["eng_Latn", "deu_Latn", "fra_Latn"]})
-    teacher = save_model_folder(varied_(BY_NAME["nllb-m2m100"].make(tokenizer), 0.6), tokenizer, tmp_path / "nllb")
+    teacher = save_model_folder(varied_(BY_NAME["nllb-m2m100"].make(tokenizer), 0.6, norms=False), tokenizer, tmp_path / "nllb")
     write_pairs(tmp_path / "train.csv", tiny_pairs[:24])
     write_pairs(tmp_path / "eval.csv", tiny_pairs[100:112])
     assert run_cli(tmp_path, monkeypatch, teacher_model_path=str(teacher), k_info=7, max_steps=1,

@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 import sentencepiece as spm
 import torch
-from helpers import FAMILIES, T5_LIKE, T5_NAMES, Family, save_model_folder
+from helpers import FAMILIES, T5_LIKE, T5_NAMES, Family, save_model_folder, varied_
 from transformers import AutoTokenizer, T5Config
 from transformers.models.t5.modeling_t5 import T5Attention
 
@@ -46,15 +46,6 @@ def t5_tokenizer(tmp_path_factory, tiny_pairs):
     shutil.move(folder / "sp.model", folder / "spiece.model")
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "T5Tokenizer"}))
     return AutoTokenizer.from_pretrained(folder)
-
-
-def varied_(model, scale: float):
-    """Add seeded noise to every parameter: a fresh tiny model says nearly the same thing for every input."""
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(scale * torch.randn_like(p))
-    return model
 
 
 def saved(family, tokenizer, folder, factorized: bool, **config):
