@@ -5,6 +5,8 @@ dense teacher, in CTranslate2 (float32 and int8), the runtime users pick instead
     python -m benchmarks.bench_deploy shipped --student outputs/student-50   # shipped teacher, real pairs
     python -m benchmarks.bench_deploy opus --opus-threads 1                    # opus-mt-en-de shape, random weights
     python -m benchmarks.bench_deploy opus --quick                             # smoke test: tiny models, seconds
+    python -m benchmarks.bench_deploy shapes --shape opus tc-big nllb --threads 1   # three real shapes, random weights
+    python -m benchmarks.bench_deploy shapes --quick                           # the same layouts, tiny
 
 ``shipped``: the shipped teacher (``models/teacher-en-de``) and a student compressed from it
 (``--student``, a folder written by ``compress_model.py``) translate ``--pairs`` greedily
@@ -21,6 +23,20 @@ every system once, in rotating order), with the threads pinned in every runtime.
 files (model.safetensors or a factorized model's model.low_rank.safetensors; encoder.onnx +
 decoder.onnx + weights.bin; CTranslate2's model.bin), tokenizers aside. CTranslate2 (``pip install
 ctranslate2``) rows are left out when it is not installed.
+
+``shapes``: the same comparison at three real architectures (``SHAPES``: opus-mt-en-de;
+opus-mt-tc-big's d_model 1024 with separate, untied source and target vocabularies; NLLB-200
+distilled 600M, an M2M100), random weights, each with a student at about half its parameters
+(every linear of the layers, every token table and an untied output projection at the rank that
+halves it, ``half_rank``). Rows: PyTorch, ONNX Runtime int8 and CTranslate2 int8 of the dense
+model, ONNX Runtime int8 of the student, and the float32 rows of both runtimes where the dense
+model's float32 weights stay under ``--float32-limit-gb`` (all systems of a shape are held at once).
+A row a runtime cannot make (an export the exporter refuses, a model CTranslate2 cannot convert) is
+kept with its one-line reason instead. Beside each shape, what making the student cost here: the
+factorization (``decompose_``, ``svd`` auto), each export, and the rank-sensitivity measurement that
+``target_ratio`` runs (``sensitivity_cost``: timed in part, extrapolated). Models, exports and
+costs are kept in ``--work``, so a second run at other ``--threads`` reuses them; the JSON is
+rewritten after each shape.
 """
 
 import argparse
@@ -452,6 +468,7 @@ def sensitivity_cost(model, names: list[str], samples: int, measured_pairs: int,
     from mdcompress.rank_allocation import sensitivity_errors
 
     batches = random_batches(model, measured_pairs, batch_size)
+    sensitivity_errors(model, [], batches, points=points)  # warm-up: the first pass allocates
     start = time.perf_counter()
     sensitivity_errors(model, [], batches, points=points)
     t_ref = time.perf_counter() - start
@@ -474,6 +491,7 @@ def sensitivity_cost(model, names: list[str], samples: int, measured_pairs: int,
         total += len(members) * per_layer
     return {"calibration_samples": samples, "measured_pairs": measured_pairs, "points": points, "layers": len(names),
             "reference_s": round(t_ref, 2), "per_shape": per_shape, "extrapolated_s": round(total, 1),
+            "load_average": os.getloadavg(),
             "method": "one layer of each weight shape timed on measured_pairs pairs; forward passes scaled by "
                       "calibration_samples / measured_pairs, SVDs not"}
 
@@ -489,7 +507,7 @@ def shape_models(name: str, shape: Shape, work: Path, samples: int, measured_pai
     model = shape_model(shape)
     save_compressed_model(model, dense_dir, tokenizer)
     ranks = student_ranks(model)
-    costs = {"sensitivity": sensitivity_cost(model, [k.removesuffix(".weight") for k in ranks], samples,
+    costs = {"threads": torch.get_num_threads(), "sensitivity": sensitivity_cost(model, [k.removesuffix(".weight") for k in ranks], samples,
                                              measured_pairs)}
     print(f"{name}: rank sensitivity measured in part, {costs['sensitivity']['extrapolated_s']:.0f} s extrapolated",
           file=sys.stderr, flush=True)
@@ -568,6 +586,7 @@ def ct2_system(name: str, folder: Path, params: int, threads: int, length: int) 
 def shape_rows(name: str, shape: Shape, args, work: Path) -> dict:
     """One shape: the models, what the student cost, every runtime's row at each thread count."""
     samples, measured = (8, 4) if args.quick else (args.calibration_samples, args.sensitivity_pairs)
+    torch.set_num_threads(args.threads[0])  # the costs are measured at the first thread count (kept in ``work``)
     dense_dir, student_dir, costs = shape_models(name, shape, work, samples, measured)
     dense = load_compressed_model(dense_dir)
     dense_params, source_vocab = count_parameters(dense), dense.get_encoder().embed_tokens.num_embeddings
