@@ -5,6 +5,8 @@ dense teacher, in CTranslate2 (float32 and int8), the runtime users pick instead
     python -m benchmarks.bench_deploy shipped --student outputs/student-50   # shipped teacher, real pairs
     python -m benchmarks.bench_deploy opus --opus-threads 1                    # opus-mt-en-de shape, random weights
     python -m benchmarks.bench_deploy opus --quick                             # smoke test: tiny models, seconds
+    python -m benchmarks.bench_deploy shapes --shape opus tc-big nllb --threads 1   # three real shapes, random weights
+    python -m benchmarks.bench_deploy shapes --quick                           # the same layouts, tiny
 
 ``shipped``: the shipped teacher (``models/teacher-en-de``) and a student compressed from it
 (``--student``, a folder written by ``compress_model.py``) translate ``--pairs`` greedily
@@ -21,16 +23,33 @@ every system once, in rotating order), with the threads pinned in every runtime.
 files (model.safetensors or a factorized model's model.low_rank.safetensors; encoder.onnx +
 decoder.onnx + weights.bin; CTranslate2's model.bin), tokenizers aside. CTranslate2 (``pip install
 ctranslate2``) rows are left out when it is not installed.
+
+``shapes``: the same comparison at three real architectures (``SHAPES``: opus-mt-en-de;
+opus-mt-tc-big's d_model 1024 with separate, untied source and target vocabularies; NLLB-200
+distilled 600M, an M2M100), random weights, each with a student at about half its parameters
+(every linear of the layers, every token table and an untied output projection at the rank that
+halves it, ``half_rank``). Rows: PyTorch, ONNX Runtime int8 and CTranslate2 int8 of the dense
+model, ONNX Runtime int8 of the student, and the float32 rows of both runtimes where the dense
+model's float32 weights stay under ``--float32-limit-gb`` (all systems of a shape are held at once).
+A row a runtime cannot make (an export the exporter refuses, a model CTranslate2 cannot convert) is
+kept with its one-line reason instead. Beside each shape, what making the student cost here: the
+factorization (``decompose_``, ``svd`` auto), each export, and the rank-sensitivity measurement that
+``target_ratio`` runs (``sensitivity_cost``: timed in part, extrapolated). Models, exports and
+costs are kept in ``--work``, so a second run at other ``--threads`` reuses them; the JSON is
+rewritten after each shape.
 """
 
 import argparse
 import copy
+import gc
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -41,7 +60,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from mdcompress.data import read_pairs  # noqa: E402
+from mdcompress.errors import ExportError  # noqa: E402
 from mdcompress.evaluation import corpus_scores  # noqa: E402
+from mdcompress.files import write_json_atomic  # noqa: E402
 from matrix_decomposition import (  # noqa: E402
     count_parameters, decompose_, load_compressed_model, save_compressed_model, weights_file,
 )
@@ -289,9 +310,402 @@ def opus(args, work: Path) -> dict:
     return results
 
 
+# ---------------------------------------------------------------------------------------------
+# shapes: three real architectures at random weights, and what producing each student costs
+
+
+@dataclass(frozen=True)
+class Shape:
+    """The layout of a real model: its family, sizes and vocabularies (``target_vocab`` None: one
+    vocabulary, the embedding shared by encoder and decoder and tied to the output projection)."""
+
+    family: str  # "marian" or "m2m_100"
+    d_model: int
+    layers: int
+    heads: int
+    ffn: int
+    vocab: int
+    target_vocab: int | None = None
+    activation: str = "relu"
+    max_positions: int = 1024
+
+    def tiny(self) -> "Shape":
+        """The same layout at d_model 16, 2+2 layers: what --quick runs."""
+        return Shape(self.family, 16, 2, 2, 32, 1200, None if self.target_vocab is None else 1100, self.activation, 64)
+
+
+SHAPES = {  # the real models' config.json values (Hugging Face hub)
+    "opus": Shape("marian", 512, 6, 8, 2048, 58_101, activation="swish", max_positions=512),  # Helsinki-NLP/opus-mt-en-de
+    # Helsinki-NLP/opus-mt-tc-big-*: d_model 1024, 16 heads, ffn 4096, relu, vocabularies of about 57k
+    # (56,973 in opus-mt-tc-big-hu-en); laid out here with separate, untied source and target vocabularies
+    "tc-big": Shape("marian", 1024, 6, 16, 4096, 56_973, 56_973),
+    # facebook/nllb-200-distilled-600M: M2M100, pre-norm, relu, scaled embedding, tied, 256,206 tokens
+    "nllb": Shape("m2m_100", 1024, 12, 16, 4096, 256_206),
+}
+SHAPE_SETTINGS = {  # sentences at batch 32, at batch 1; tokens generated
+    "opus": (64, 8, 32), "tc-big": (32, 4, 32), "nllb": (32, 4, 32)}
+
+
+def half_rank(out_features: int, in_features: int) -> int:
+    """The rank at which a factorized n×d matrix holds half its weights: r·(n+d) = n·d/2."""
+    return round(out_features * in_features / (2 * (out_features + in_features)))
+
+
+def _marian_vocab(spm_dir: Path, size: int, name: str) -> Path:
+    """``spm_dir/vocab.json`` grown with filler pieces to ``size`` entries, ``<pad>`` last, saved as ``name``."""
+    pieces = json.loads((spm_dir / "vocab.json").read_text())
+    pad = pieces.pop("<pad>")
+    assert pad == len(pieces)
+    for i in range(len(pieces), size - 1):
+        pieces[f"▁tok{i}"] = i
+    pieces["<pad>"] = size - 1
+    (spm_dir / name).write_text(json.dumps(pieces, ensure_ascii=False))
+    return spm_dir / name
+
+
+def shape_tokenizer(shape: Shape, work: Path):
+    """A tokenizer of ``shape``'s kind on a small sentencepiece model trained here; the vocabulary
+    files are grown to the model's size (Marian) or the model is larger than the tokenizer (NLLB's
+    ids past the tokenizer are never decoded to text here)."""
+    from transformers import AutoTokenizer, MarianTokenizer
+
+    from scripts.train_teacher import build_tokenizer
+
+    spm_dir = work / "spm"
+    spm_dir.mkdir(parents=True, exist_ok=True)
+    build_tokenizer(read_pairs(REPO / "data" / "tatoeba_en_de" / "train.csv")[:2000], spm_dir, 500, seed=0,
+                    hard_vocab_limit=False)
+    spm = str(spm_dir / "spm.model")
+    if shape.family == "m2m_100":
+        folder = work / "nllb-tokenizer"
+        folder.mkdir(exist_ok=True)
+        shutil.copy(spm, folder / "sentencepiece.bpe.model")
+        (folder / "tokenizer_config.json").write_text(json.dumps({
+            "tokenizer_class": "NllbTokenizer", "additional_special_tokens": ["eng_Latn", "deu_Latn"]}))
+        return AutoTokenizer.from_pretrained(folder)
+    if shape.target_vocab is None:
+        return MarianTokenizer(source_spm=spm, target_spm=spm, vocab=str(_marian_vocab(spm_dir, shape.vocab, "v.json")))
+    return MarianTokenizer(source_spm=spm, target_spm=spm, separate_vocabs=True,
+                           vocab=str(_marian_vocab(spm_dir, shape.vocab, "source.json")),
+                           target_vocab_file=str(_marian_vocab(spm_dir, shape.target_vocab, "target.json")))
+
+
+def shape_model(shape: Shape):
+    """A model of ``shape`` with random weights (seed 0), in evaluation mode."""
+    from transformers import M2M100Config, M2M100ForConditionalGeneration, MarianConfig, MarianMTModel
+
+    torch.manual_seed(0)
+    sizes = dict(d_model=shape.d_model, encoder_layers=shape.layers, decoder_layers=shape.layers,
+                 encoder_attention_heads=shape.heads, decoder_attention_heads=shape.heads, encoder_ffn_dim=shape.ffn,
+                 decoder_ffn_dim=shape.ffn, activation_function=shape.activation, scale_embedding=True)
+    if shape.family == "m2m_100":
+        config = M2M100Config(vocab_size=shape.vocab, max_position_embeddings=shape.max_positions, pad_token_id=1, bos_token_id=0,
+                              eos_token_id=2, decoder_start_token_id=2, tie_word_embeddings=True, **sizes)
+        return M2M100ForConditionalGeneration(config).eval()
+    target = shape.target_vocab or shape.vocab
+    separate = shape.target_vocab is not None
+    config = MarianConfig(vocab_size=shape.vocab, decoder_vocab_size=target, max_position_embeddings=shape.max_positions,
+                          pad_token_id=target - 1, eos_token_id=0, decoder_start_token_id=target - 1,
+                          forced_eos_token_id=0, share_encoder_decoder_embeddings=not separate,
+                          tie_word_embeddings=not separate, **sizes)
+    model = MarianMTModel(config).eval()
+    with torch.no_grad():  # Marian's zero <pad> rows (see train_teacher.py)
+        for embedding in {id(e): e for e in (model.model.encoder.embed_tokens, model.model.decoder.embed_tokens)}.values():
+            embedding.weight[-1].zero_()
+    model.generation_config.bad_words_ids = [[target - 1]]
+    return model
+
+
+def student_ranks(model) -> dict[str, int]:
+    """{state-dict key: rank} halving every linear of the layers, every token embedding and an
+    untied output projection (tied ones follow their embedding)."""
+    from matrix_decomposition import canonical_name, word_embeddings
+
+    embeddings = word_embeddings(model)
+    ranks = {key: half_rank(*model.get_submodule(key.removesuffix(".weight")).weight.shape)
+             for key in _linear_keys(model)}
+    names = {id(m): name for name, m in model.named_modules()}
+    for embedding in embeddings:
+        ranks[canonical_name(model, f"{names[id(embedding)]}.weight")] = half_rank(*embedding.weight.shape)
+    head = model.get_output_embeddings()
+    if all(head.weight is not e.weight for e in embeddings):
+        ranks[canonical_name(model, f"{names[id(head)]}.weight")] = half_rank(*head.weight.shape)
+    return ranks
+
+
+def svd_method(n: int, d: int, rank: int) -> str:
+    """What ``truncated_svd``'s ``auto`` chooses for an n×d matrix at ``rank``."""
+    return "lowrank" if min(n, d) >= 256 and rank <= min(n, d) // 4 else "exact"
+
+
+def random_batches(model, pairs: int, batch_size: int, length: int = 16) -> list[dict]:
+    """Calibration batches of random token ids (``pairs`` pairs of ``length`` tokens, EOS last)."""
+    generator = torch.Generator().manual_seed(0)
+    config = model.config
+    source = model.get_encoder().embed_tokens.num_embeddings
+    target = model.get_output_embeddings().weight.shape[0]
+    batches = []
+    for at in range(0, pairs, batch_size):
+        b = min(batch_size, pairs - at)
+        ids = torch.randint(4, source - 2, (b, length), generator=generator)
+        labels = torch.randint(4, target - 2, (b, length), generator=generator)
+        ids[:, -1] = labels[:, -1] = config.eos_token_id
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
+    return batches
+
+
+def sensitivity_cost(model, names: list[str], samples: int, measured_pairs: int, batch_size: int = 32,
+                     points: int = 8) -> dict:
+    """What ``rank_allocation.sensitivity_errors`` costs for ``names`` on ``samples`` calibration
+    pairs, timed on ``measured_pairs`` of them for one layer of each weight shape and extrapolated:
+    its time is the reference pass plus, per layer, one SVD and ``points`` + 1 forward passes, and a
+    forward pass costs in proportion to the pairs; so
+
+        total = s·t_ref + Σ_shape count·(s·(t_layer − t_ref − t_svd) + t_svd),  s = samples / measured_pairs,
+
+    t_ref the reference pass alone, t_layer one layer's call (its reference pass included), t_svd its SVD."""
+    from matrix_decomposition import low_rank_factors, max_saving_rank
+    from mdcompress.rank_allocation import sensitivity_errors
+
+    batches = random_batches(model, measured_pairs, batch_size)
+    sensitivity_errors(model, [], batches, points=points)  # warm-up: the first pass allocates
+    start = time.perf_counter()
+    sensitivity_errors(model, [], batches, points=points)
+    t_ref = time.perf_counter() - start
+    groups: dict[tuple, list[str]] = {}
+    for name in names:
+        weight = model.get_submodule(name).weight
+        groups.setdefault((type(model.get_submodule(name)).__name__, *weight.shape), []).append(name)
+    scale = samples / measured_pairs
+    per_shape, total = {}, scale * t_ref
+    for (kind, n, d), members in groups.items():
+        start = time.perf_counter()
+        sensitivity_errors(model, members[:1], batches, points=points)
+        t_layer = time.perf_counter() - start
+        start = time.perf_counter()
+        low_rank_factors(model.get_submodule(members[0]).weight.detach(), max_saving_rank(n, d), "auto")
+        t_svd = time.perf_counter() - start
+        per_layer = scale * max(t_layer - t_ref - t_svd, 0.0) + t_svd
+        per_shape[f"{kind} {n}x{d}"] = {"layers": len(members), "measured_s": round(t_layer - t_ref, 2),
+                                        "svd_s": round(t_svd, 2), "per_layer_s": round(per_layer, 1)}
+        total += len(members) * per_layer
+    return {"calibration_samples": samples, "measured_pairs": measured_pairs, "points": points, "layers": len(names),
+            "reference_s": round(t_ref, 2), "per_shape": per_shape, "extrapolated_s": round(total, 1),
+            "load_average": os.getloadavg(),
+            "method": "one layer of each weight shape timed on measured_pairs pairs; forward passes scaled by "
+                      "calibration_samples / measured_pairs, SVDs not"}
+
+
+def shape_models(name: str, shape: Shape, work: Path, samples: int, measured_pairs: int) -> tuple[Path, Path, dict]:
+    """The dense model of ``shape`` and its ~50% student, saved under ``work`` (kept from an earlier
+    run there), and what making the student cost: the factorization and the rank-sensitivity
+    measurement (``sensitivity_cost``)."""
+    dense_dir, student_dir, costs_file = work / "dense", work / "student", work / "costs.json"
+    if weights_file(student_dir) is not None and costs_file.is_file():
+        return dense_dir, student_dir, json.loads(costs_file.read_text())
+    tokenizer = shape_tokenizer(shape, work)
+    model = shape_model(shape)
+    save_compressed_model(model, dense_dir, tokenizer)
+    ranks = student_ranks(model)
+    costs = {"threads": torch.get_num_threads(), "sensitivity": sensitivity_cost(model, [k.removesuffix(".weight") for k in ranks], samples,
+                                             measured_pairs)}
+    print(f"{name}: rank sensitivity measured in part, {costs['sensitivity']['extrapolated_s']:.0f} s extrapolated",
+          file=sys.stderr, flush=True)
+    methods = [svd_method(*model.get_submodule(k.removesuffix(".weight")).weight.shape, r) for k, r in ranks.items()]
+    start = time.perf_counter()
+    decompose_(model, list(ranks), k_info=ranks, svd="auto")  # in place: the dense model is saved already
+    seconds = time.perf_counter() - start
+    costs["factorization"] = {"svd": "auto", "seconds": round(seconds, 2), "layers": len(ranks),
+                              "exact": methods.count("exact"), "lowrank": methods.count("lowrank"), "ranks": ranks}
+    save_compressed_model(model, student_dir, tokenizer)
+    costs_file.write_text(json.dumps(costs, indent=2) + "\n")
+    return dense_dir, student_dir, costs
+
+
+def timed_export(folder: Path, out: Path, precision: str) -> dict:
+    """Export ``folder`` to ``out`` in ``precision`` unless done already: {"seconds"} or {"error"}."""
+    record = out.parent / f"{out.name}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    start = time.perf_counter()
+    try:
+        export(folder, out, precision)
+        result = {"seconds": round(time.perf_counter() - start, 1), "size_mb": folder_mb(out)}
+    except ExportError as e:
+        result = {"error": f"not exportable: {e}"}
+    record.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def ct2_convert(model_dir: Path, out: Path, quantization: str) -> dict:
+    """CTranslate2's conversion of ``model_dir``: {"seconds"}, or {"error"} with its one-line reason."""
+    record = out.parent / f"{out.name}.json"
+    if record.is_file():
+        return json.loads(record.read_text())
+    try:
+        import ctranslate2
+    except ImportError:
+        return {"error": "ctranslate2 is not installed (pip install ctranslate2)"}
+    start = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+            ctranslate2.converters.TransformersConverter(str(model_dir)).convert(tmp + "/m", quantization=quantization)
+            os.replace(tmp + "/m", out)
+        result = {"seconds": round(time.perf_counter() - start, 1)}
+    except Exception as e:  # noqa: BLE001 - any converter failure is a row left out, with its reason
+        result = {"error": f"not convertible by CTranslate2 {ctranslate2.__version__}: {type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}"[:300]}
+    record.write_text(json.dumps(result) + "\n")
+    return result
+
+
+def ct2_system(name: str, folder: Path, params: int, threads: int, length: int) -> System:
+    """A CTranslate2 model translating token ids: ids ↔ tokens by its own vocabulary files."""
+    import ctranslate2
+
+    def vocabulary(kind: str) -> list[str]:
+        for stem in (f"{kind}_vocabulary", "shared_vocabulary"):
+            if (folder / f"{stem}.json").is_file():
+                return json.loads((folder / f"{stem}.json").read_text())
+            if (folder / f"{stem}.txt").is_file():
+                return (folder / f"{stem}.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        raise FileNotFoundError(f"no {kind} vocabulary in {folder}")
+
+    source = vocabulary("source")
+    target = {token: i for i, token in enumerate(vocabulary("target"))}
+    translator = ctranslate2.Translator(str(folder), device="cpu", inter_threads=1, intra_threads=threads)
+
+    def generate(batch):
+        results = translator.translate_batch([[source[i] for i in s] for s in batch], beam_size=1,
+                                             max_decoding_length=length, min_decoding_length=length)
+        return [[target[t] for t in r.hypotheses[0]] for r in results]
+
+    return System(name, params, round((folder / "model.bin").stat().st_size / 2**20, 3), generate, None)
+
+
+def shape_rows(name: str, shape: Shape, args, work: Path) -> dict:
+    """One shape: the models, what the student cost, every runtime's row at each thread count."""
+    samples, measured = (8, 4) if args.quick else (args.calibration_samples, args.sensitivity_pairs)
+    torch.set_num_threads(args.threads[0])  # the costs are measured at the first thread count (kept in ``work``)
+    dense_dir, student_dir, costs = shape_models(name, shape, work, samples, measured)
+    dense = load_compressed_model(dense_dir)
+    dense_params, source_vocab = count_parameters(dense), dense.get_encoder().embed_tokens.num_embeddings
+    del dense
+    student_params = count_parameters(load_compressed_model(student_dir))
+    float32 = dense_params * 4 <= args.float32_limit_gb * 2**30
+    precisions = ("float32", "int8") if float32 else ("int8",)
+    exports = {f"{role} {p}": timed_export(folder, work / f"onnx-{role}-{p}", p)
+               for role, folder in (("dense", dense_dir), ("student", student_dir)) for p in precisions}
+    conversions = {p: ct2_convert(dense_dir, work / f"ct2-{p}", p) for p in precisions}
+    costs = {**costs, "export": exports, "ct2_conversion": conversions}
+    n32, n1, length = (16, 2, 8) if args.quick else SHAPE_SETTINGS[name]
+    generator = np.random.default_rng(0)
+    eos = json.loads((dense_dir / "config.json").read_text())["eos_token_id"]
+    sources = [[*generator.integers(4, source_vocab - 2, 15).tolist(), eos] for _ in range(n32)]
+    result = {"shape": name, **asdict(shape), "dense_params": dense_params, "student_params": student_params,
+              "student_share": round(student_params / dense_params, 3), "sentences_b32": n32, "sentences_b1": n1,
+              "generated_tokens": length, "float32_rows": float32 or f"left out: the dense model's float32 weights "
+                                                                     f"exceed {args.float32_limit_gb} GB (memory)",
+              "costs": costs, "systems": []}
+    for threads in args.threads:
+        torch.set_num_threads(threads)
+        systems, missing = [], []
+        for role, folder, params in (("dense", dense_dir, dense_params), ("student", student_dir, student_params)):
+            systems.append(ours(f"PyTorch {role}", TorchTranslator.load(folder, threads), params,
+                                round(weights_file(folder).stat().st_size / 2**20, 3), length, length))
+            for p in precisions:
+                label = f"ONNX Runtime {role} {p}"
+                if "error" in exports[f"{role} {p}"]:
+                    missing.append((label, params, exports[f"{role} {p}"]["error"]))
+                else:
+                    out = work / f"onnx-{role}-{p}"
+                    systems.append(ours(label, OnnxTranslator(out, threads), params, folder_mb(out), length, length))
+        for p in precisions:
+            label = f"CTranslate2 dense {p}"
+            if "error" in conversions[p]:
+                missing.append((label, dense_params, conversions[p]["error"]))
+            else:
+                systems.append(ct2_system(label, work / f"ct2-{p}", dense_params, threads, length))
+        speed = timed_rounds(systems, {32: sources, 1: sources[:n1]}, args.rounds)
+        ct2 = speed.get("CTranslate2 dense int8")
+        ct2_mb = next((s.size_mb for s in systems if s.name == "CTranslate2 dense int8"), None)
+        for s in systems:
+            lengths = {len(o) for o in speed[s.name][32][1]}
+            assert lengths == {length}, (s.name, lengths)  # the same work for every system
+            result["systems"].append({
+                "system": s.name, "threads": threads, "params": s.params, "size_mb": s.size_mb,
+                "sent_per_s_b1": round(speed[s.name][1][0], 3), "sent_per_s_b32": round(speed[s.name][32][0], 3),
+                "vs_ct2_int8_b1": round(speed[s.name][1][0] / ct2[1][0], 2) if ct2 else None,
+                "vs_ct2_int8_b32": round(speed[s.name][32][0] / ct2[32][0], 2) if ct2 else None,
+                "size_vs_ct2_int8": round(s.size_mb / ct2_mb, 3) if ct2_mb else None})
+        for label, params, reason in missing:
+            result["systems"].append({"system": label, "threads": threads, "params": params, "missing": reason})
+        del systems, speed
+        gc.collect()
+    profiles = {}
+    for role in ("dense", "student"):
+        folder = work / f"onnx-{role}-int8"
+        if "error" not in exports[f"{role} int8"]:
+            profiles[f"{role} int8"] = step_profile(folder, 32, 16, 16, 1)
+    result["step_profile"] = profiles
+    return result
+
+
+def shapes(args, work: Path, write) -> dict:
+    results = {"section": "shapes", "rounds": args.rounds, "threads": args.threads, "quick": args.quick,
+               "versions": versions(), "load_average_start": os.getloadavg(), "shapes": []}
+    for name in args.shape:
+        shape = SHAPES[name].tiny() if args.quick else SHAPES[name]
+        start = time.perf_counter()
+        results["shapes"].append(shape_rows(name, shape, args, work / name))
+        results["shapes"][-1]["wall_s"] = round(time.perf_counter() - start, 1)
+        results["shapes"][-1]["load_average_end"] = os.getloadavg()
+        write(results)  # what is measured so far, should a later shape not finish
+        gc.collect()
+    return results
+
+
+def versions() -> dict:
+    import onnxruntime
+    import transformers
+
+    try:
+        import ctranslate2
+        ct2 = ctranslate2.__version__
+    except ImportError:
+        ct2 = None
+    return {"torch": torch.__version__, "transformers": transformers.__version__,
+            "onnxruntime": onnxruntime.__version__, "ctranslate2": ct2}
+
+
+SHAPE_COLUMNS = [("system", "system", "s"), ("threads", "threads", "d"), ("params", "params", ","),
+                 ("size_mb", "MB on disk", ".1f"), ("sent_per_s_b1", "sent/s batch 1", ".2f"),
+                 ("sent_per_s_b32", "sent/s batch 32", ".2f"), ("vs_ct2_int8_b1", "× CT2 int8 (b1)", ".2f"),
+                 ("vs_ct2_int8_b32", "× CT2 int8 (b32)", ".2f"), ("size_vs_ct2_int8", "size ÷ CT2 int8", ".2f"),
+                 ("missing", "left out", "s")]
+
+
+def shape_report(shape: dict) -> str:
+    """The printed summary of one shape: its rows, then what the student cost."""
+    costs = shape["costs"]
+    lines = [f"## {shape['shape']}: {shape['dense_params']:,} → {shape['student_params']:,} parameters "
+             f"({100 * shape['student_share']:.1f}%)", table(shape["systems"], SHAPE_COLUMNS)]
+    factorization, sensitivity = costs["factorization"], costs["sensitivity"]
+    lines.append(f"factorization ({factorization['layers']} layers, svd auto: {factorization['exact']} exact, "
+                 f"{factorization['lowrank']} lowrank): {factorization['seconds']:.1f} s")
+    for what, record in costs["export"].items():
+        lines.append(f"export {what}: " + (record["error"] if "error" in record else f"{record['seconds']:.0f} s"))
+    lines.append(f"rank sensitivity on {sensitivity['calibration_samples']} pairs, {sensitivity['layers']} layers: "
+                 f"{sensitivity['extrapolated_s'] / 60:.1f} min extrapolated ({sensitivity['method']})")
+    for name, profile in shape.get("step_profile", {}).items():
+        top = ", ".join(f"{op} {100 * share:.0f}%" for op, share in list(profile["share"].items())[:6])
+        lines.append(f"decoder step, {name}: {profile['ms_per_step']:.1f} ms ({top})")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("section", nargs="?", choices=["shipped", "opus"], default="shipped")
+    parser.add_argument("section", nargs="?", choices=["shipped", "opus", "shapes"], default="shipped")
     parser.add_argument("--teacher", default=str(REPO / "models" / "teacher-en-de"))
     parser.add_argument("--student", help="a folder written by compress_model.py from the teacher (shipped)")
     parser.add_argument("--pairs", default=str(SHARED_DEV if SHARED_DEV.is_file() else
@@ -300,8 +714,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip", type=int, default=1000 if SHARED_DEV.is_file() else 0)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--batch1", type=int, default=200, help="sentences translated one at a time")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, nargs="+", default=[1],
+                        help="threads of every runtime (shipped: one value; shapes: each value in turn)")
     parser.add_argument("--opus-threads", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--shape", nargs="+", choices=list(SHAPES), default=list(SHAPES),
+                        help="shapes: the architectures to run, in this order")
+    parser.add_argument("--calibration-samples", type=int, default=256,
+                        help="shapes: the calibration pairs the rank-sensitivity cost is extrapolated to (the tool's "
+                             "calibration_samples)")
+    parser.add_argument("--sensitivity-pairs", type=int, default=32,
+                        help="shapes: the calibration pairs the rank-sensitivity measurement is timed on")
+    parser.add_argument("--float32-limit-gb", type=float, default=2.0,
+                        help="shapes: ONNX Runtime and CTranslate2 float32 rows only for models whose float32 weights "
+                             "stay below this (the memory every system of a shape holds at once)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default=None, help="folder for the exports and models (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -312,26 +737,38 @@ def main(argv: list[str] | None = None) -> int:
         args.rounds, args.limit, args.batch1, args.opus_threads = 1, 24, 8, [1]
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     work.mkdir(parents=True, exist_ok=True)
+
+    def write(results: dict) -> None:
+        if args.json:
+            write_json_atomic(args.json, results)
+
     if args.section == "shipped":
         if not args.student:
             parser.error("shipped needs --student (a folder written by compress_model.py from --teacher)")
+        if len(args.threads) != 1:
+            parser.error(f"--threads: shipped runs at one thread count, got {args.threads}")
+        args.threads = args.threads[0]
         results = shipped(args, work)
         columns = [("system", "system", "s"), ("params", "params", ","), ("size_mb", "MB on disk", ".2f"),
                    ("bleu", "BLEU", ".2f"), ("chrf", "chrF", ".2f"), ("same", "same as PyTorch", "d"),
                    ("sent_per_s_b1", "sent/s batch 1", ".1f"), ("sent_per_s_b32", "sent/s batch 32", ".1f"),
                    ("speedup_b32", "× PyTorch teacher (b32)", ".2f")]
-    else:
+        print(table(results["systems"], columns))
+    elif args.section == "opus":
         results = opus(args, work)
         columns = [("system", "system", "s"), ("threads", "threads", "d"), ("params", "params", ","),
                    ("size_mb", "MB on disk", ".1f"), ("sent_per_s_b1", "sent/s batch 1", ".2f"),
                    ("sent_per_s_b32", "sent/s batch 32", ".2f"), ("vs_onnx_dense_b32", "× ONNX dense (b32)", ".2f"),
                    ("vs_ct2_int8_b32", "× CT2 int8 dense (b32)", ".2f")]
-    print(table(results["systems"], columns))
+        print(table(results["systems"], columns))
+    else:
+        results = shapes(args, work, write)
+        for shape in results["shapes"]:
+            print(shape_report(shape))
     for name, profile in results.get("step_profile", {}).items():
         top = ", ".join(f"{op} {100 * share:.0f}%" for op, share in list(profile["share"].items())[:6])
         print(f"decoder step, {name.replace('teacher', 'dense')}: {profile['ms_per_step']:.1f} ms ({top})")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    write(results)
     return 0
 
 
