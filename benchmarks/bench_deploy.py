@@ -7,6 +7,7 @@ dense teacher, in CTranslate2 (float32 and int8), the runtime users pick instead
     python -m benchmarks.bench_deploy opus --quick                             # smoke test: tiny models, seconds
     python -m benchmarks.bench_deploy shapes --shape opus tc-big nllb --threads 1   # three real shapes, random weights
     python -m benchmarks.bench_deploy shapes --quick                           # the same layouts, tiny
+    python -m benchmarks.bench_deploy shapes --shape nllb --trim-kept 100000  # and NLLB trimmed to 100,000 tokens
 
 ``shipped``: the shipped teacher (``models/teacher-en-de``) and a student compressed from it
 (``--student``, a folder written by ``compress_model.py``) translate ``--pairs`` greedily
@@ -37,6 +38,14 @@ factorization (``decompose_``, ``svd`` auto), each export, and the rank-sensitiv
 ``target_ratio`` runs (``sensitivity_cost``: timed in part, extrapolated). Models, exports and
 costs are kept in ``--work``, so a second run at other ``--threads`` reuses them; the JSON is
 rewritten after each shape.
+
+``shapes --trim-kept N``: also the model with its vocabulary trimmed to N tokens, as
+``trim_vocabulary`` trims it (``vocabulary.trim_model_``): the named special tokens, the two language
+codes of ``LANGUAGE_PAIR`` and ids drawn at random up to N (random weights: how many rows matter, not
+which). Two more rows, both int8 in ONNX Runtime and timed in the same rounds: the trimmed dense model,
+and a ~50% student factorized from it (every linear of the layers and the trimmed embedding at half
+its size, ``student_ranks``). They are fed the same sources renumbered to the kept ids (a dropped id
+as ``<unk>``), so every system does the same work. Shapes with one vocabulary only (opus, nllb).
 """
 
 import argparse
