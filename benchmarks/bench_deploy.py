@@ -527,7 +527,7 @@ def shape_models(name: str, shape: Shape, work: Path, samples: int, measured_pai
     costs["factorization"] = {"svd": "auto", "seconds": round(seconds, 2), "layers": len(ranks),
                               "exact": methods.count("exact"), "lowrank": methods.count("lowrank"), "ranks": ranks}
     save_compressed_model(model, student_dir, tokenizer)
-    costs_file.write_text(json.dumps(costs, indent=2) + "\n")
+    write_json_atomic(costs_file, costs)
     return dense_dir, student_dir, costs
 
 
@@ -542,7 +542,7 @@ def timed_export(folder: Path, out: Path, precision: str) -> dict:
         result = {"seconds": round(time.perf_counter() - start, 1), "size_mb": folder_mb(out)}
     except ExportError as e:
         result = {"error": f"not exportable: {e}"}
-    record.write_text(json.dumps(result) + "\n")
+    write_json_atomic(record, result)
     return result
 
 
@@ -564,7 +564,7 @@ def ct2_convert(model_dir: Path, out: Path, quantization: str) -> dict:
     except Exception as e:  # noqa: BLE001 - any converter failure is a row left out, with its reason
         result = {"error": f"not convertible by CTranslate2 {ctranslate2.__version__}: {type(e).__name__}: "
                            f"{str(e).splitlines()[0] if str(e) else ''}"[:300]}
-    record.write_text(json.dumps(result) + "\n")
+    write_json_atomic(record, result)
     return result
 
 

@@ -1,4 +1,5 @@
-"""benchmarks/bench_deploy.py runs end to end in --quick mode (tiny opus-shaped models)."""
+"""benchmarks/bench_deploy.py runs end to end in --quick mode: tiny opus-shaped models, and the shapes section
+at the tc-big and NLLB layouts (tiny)."""
 
 import json
 
