@@ -640,8 +640,8 @@ def trimmed_models(dense_dir: Path, work: Path, kept: int) -> tuple[Path, Path, 
     costs["factorization"] = {"svd": "auto", "seconds": round(time.perf_counter() - start, 2), "layers": len(ranks),
                               "exact": methods.count("exact"), "lowrank": methods.count("lowrank"), "ranks": ranks}
     save_compressed_model(model, student_trim, tokenizer)
-    (work / "kept_ids.json").write_text(json.dumps(trim.source) + "\n")
-    costs_file.write_text(json.dumps(costs, indent=2) + "\n")
+    write_json_atomic(work / "kept_ids.json", trim.source)
+    write_json_atomic(costs_file, costs)  # last: its presence says the folder is complete
     return dense_trim, student_trim, costs
 
 
