@@ -7,6 +7,7 @@ dense teacher, in CTranslate2 (float32 and int8), the runtime users pick instead
     python -m benchmarks.bench_deploy opus --quick                             # smoke test: tiny models, seconds
     python -m benchmarks.bench_deploy shapes --shape opus tc-big nllb --threads 1   # three real shapes, random weights
     python -m benchmarks.bench_deploy shapes --quick                           # the same layouts, tiny
+    python -m benchmarks.bench_deploy shapes --shape nllb --trim-kept 100000  # and NLLB trimmed to 100,000 tokens
 
 ``shipped``: the shipped teacher (``models/teacher-en-de``) and a student compressed from it
 (``--student``, a folder written by ``compress_model.py``) translate ``--pairs`` greedily
@@ -37,6 +38,14 @@ factorization (``decompose_``, ``svd`` auto), each export, and the rank-sensitiv
 ``target_ratio`` runs (``sensitivity_cost``: timed in part, extrapolated). Models, exports and
 costs are kept in ``--work``, so a second run at other ``--threads`` reuses them; the JSON is
 rewritten after each shape.
+
+``shapes --trim-kept N``: also the model with its vocabulary trimmed to N tokens, as
+``trim_vocabulary`` trims it (``vocabulary.trim_model_``): the named special tokens, the two language
+codes of ``LANGUAGE_PAIR`` and ids drawn at random up to N (random weights: how many rows matter, not
+which). Two more rows, both int8 in ONNX Runtime and timed in the same rounds: the trimmed dense model,
+and a ~50% student factorized from it (every linear of the layers and the trimmed embedding at half
+its size, ``student_ranks``). They are fed the same sources renumbered to the kept ids (a dropped id
+as ``<unk>``), so every system does the same work. Shapes with one vocabulary only (opus, nllb).
 """
 
 import argparse
@@ -583,6 +592,73 @@ def ct2_system(name: str, folder: Path, params: int, threads: int, length: int) 
     return System(name, params, round((folder / "model.bin").stat().st_size / 2**20, 3), generate, None)
 
 
+LANGUAGE_PAIR = ("eng_Latn", "deu_Latn")  # the two language codes a trimmed NLLB-shaped model keeps
+
+
+def shape_trim(model, tokenizer, kept: int, seed: int = 0):
+    """A ``vocabulary.Trim`` keeping ``kept`` rows of ``model``'s one vocabulary: the ids the tokenizer,
+    the config and the generation config name (``vocabulary.named_ids``), the language codes of
+    ``LANGUAGE_PAIR`` where the tokenizer has them, and ids drawn at random (``seed``) from the rest up
+    to ``kept`` (the weights are random, so which ids matter no more than how many)."""
+    from mdcompress import vocabulary
+
+    size = model.get_input_embeddings().num_embeddings
+    codes = {key: code for key, code in zip(("source_lang_code", "target_lang_code"), LANGUAGE_PAIR)
+             if vocabulary.language_code_id(tokenizer, code) is not None}
+    named = vocabulary.named_ids(model, tokenizer, codes)
+    special = sorted(set(named.values()))
+    others = np.setdiff1d(np.arange(size), special)
+    drawn = np.random.default_rng(seed).choice(others, kept - len(special), replace=False)
+    ids = sorted([*special, *drawn.tolist()])
+    return vocabulary.Trim(source=ids, target=ids, before=(size, size), named=named, shared=True)
+
+
+def trimmed_models(dense_dir: Path, work: Path, kept: int) -> tuple[Path, Path, dict]:
+    """The dense model of ``dense_dir`` trimmed to ``kept`` tokens (``shape_trim``, ``trim_model_``)
+    and its ~50% student (``student_ranks`` of the trimmed model: every linear of the layers and the
+    trimmed embedding at half its size), saved under ``work`` (kept from an earlier run there), and
+    what they cost: the trimming and the factorization."""
+    from transformers import AutoTokenizer
+
+    from mdcompress import vocabulary
+
+    dense_trim, student_trim, costs_file = work / "dense", work / "student", work / "costs.json"
+    if weights_file(student_trim) is not None and costs_file.is_file():
+        return dense_trim, student_trim, json.loads(costs_file.read_text())
+    tokenizer = AutoTokenizer.from_pretrained(dense_dir)
+    model = load_compressed_model(dense_dir)
+    start = time.perf_counter()
+    trim = shape_trim(model, tokenizer, kept)
+    vocabulary.trim_model_(model, trim)
+    costs = {"trimming_s": round(time.perf_counter() - start, 2), "vocabulary_before": trim.before[0],
+             "vocabulary_after": len(trim.source), "named": trim.named}
+    save_compressed_model(model, dense_trim, tokenizer)
+    ranks = student_ranks(model)
+    methods = [svd_method(*model.get_submodule(k.removesuffix(".weight")).weight.shape, r) for k, r in ranks.items()]
+    start = time.perf_counter()
+    decompose_(model, list(ranks), k_info=ranks, svd="auto")
+    costs["factorization"] = {"svd": "auto", "seconds": round(time.perf_counter() - start, 2), "layers": len(ranks),
+                              "exact": methods.count("exact"), "lowrank": methods.count("lowrank"), "ranks": ranks}
+    save_compressed_model(model, student_trim, tokenizer)
+    write_json_atomic(work / "kept_ids.json", trim.source)
+    write_json_atomic(costs_file, costs)  # last: its presence says the folder is complete
+    return dense_trim, student_trim, costs
+
+
+def renumbered(system: System, kept_ids: list[int], unknown: int) -> System:
+    """``system`` (a model with a trimmed vocabulary) fed the untrimmed model's ids: each source id
+    renumbered to the trimmed one, an id outside the kept set to ``unknown``, as its tokenizer would
+    read the word (the sources are the same length, so every system does the same work)."""
+    mapping = {old: new for new, old in enumerate(kept_ids)}
+    inner = system.generate
+    system.generate = lambda batch: inner([[mapping.get(i, unknown) for i in s] for s in batch])
+    return system
+
+
+def trim_label(role: str, kept: int) -> str:
+    return f"ONNX Runtime {role} int8, vocabulary trimmed to {kept:,}"
+
+
 def shape_rows(name: str, shape: Shape, args, work: Path) -> dict:
     """One shape: the models, what the student cost, every runtime's row at each thread count."""
     samples, measured = (8, 4) if args.quick else (args.calibration_samples, args.sensitivity_pairs)
@@ -598,6 +674,18 @@ def shape_rows(name: str, shape: Shape, args, work: Path) -> dict:
                for role, folder in (("dense", dense_dir), ("student", student_dir)) for p in precisions}
     conversions = {p: ct2_convert(dense_dir, work / f"ct2-{p}", p) for p in precisions}
     costs = {**costs, "export": exports, "ct2_conversion": conversions}
+    trims = {}  # {kept: (folders, its record)}: the rows of --trim-kept
+    for kept in args.trim_kept:
+        trim_work = work / f"trim-{kept}"
+        dense_trim, student_trim, trim_costs = trimmed_models(dense_dir, trim_work, kept)
+        folders = {"dense": dense_trim, "student": student_trim}
+        trim_costs["export"] = {f"{role} int8": timed_export(folder, trim_work / f"onnx-{role}-int8", "int8")
+                                for role, folder in folders.items()}
+        trims[kept] = (folders, {
+            "kept": kept, "dense_params": count_parameters(load_compressed_model(dense_trim)),
+            "student_params": count_parameters(load_compressed_model(student_trim)),
+            "kept_ids": json.loads((trim_work / "kept_ids.json").read_text()), "costs": trim_costs})
+        gc.collect()
     n32, n1, length = (16, 2, 8) if args.quick else SHAPE_SETTINGS[name]
     generator = np.random.default_rng(0)
     eos = json.loads((dense_dir / "config.json").read_text())["eos_token_id"]
@@ -626,6 +714,16 @@ def shape_rows(name: str, shape: Shape, args, work: Path) -> dict:
                 missing.append((label, dense_params, conversions[p]["error"]))
             else:
                 systems.append(ct2_system(label, work / f"ct2-{p}", dense_params, threads, length))
+        for kept, (folders, record) in trims.items():
+            for role, folder in folders.items():
+                label, params = trim_label(role, kept), record[f"{role}_params"]
+                if "error" in record["costs"]["export"][f"{role} int8"]:
+                    missing.append((label, params, record["costs"]["export"][f"{role} int8"]["error"]))
+                    continue
+                out = folder.parent / f"onnx-{role}-int8"
+                translator = OnnxTranslator(out, threads)
+                systems.append(renumbered(ours(label, translator, params, folder_mb(out), length, length),
+                                          record["kept_ids"], translator.tokenizer.unk_token_id))
         speed = timed_rounds(systems, {32: sources, 1: sources[:n1]}, args.rounds)
         ct2 = speed.get("CTranslate2 dense int8")
         ct2_mb = next((s.size_mb for s in systems if s.name == "CTranslate2 dense int8"), None)
@@ -647,7 +745,15 @@ def shape_rows(name: str, shape: Shape, args, work: Path) -> dict:
         folder = work / f"onnx-{role}-int8"
         if "error" not in exports[f"{role} int8"]:
             profiles[f"{role} int8"] = step_profile(folder, 32, 16, 16, 1)
+    for kept, (folders, record) in trims.items():
+        out = folders["student"].parent / "onnx-student-int8"
+        if "error" not in record["costs"]["export"]["student int8"]:
+            profiles[f"student int8, vocabulary trimmed to {kept:,}"] = step_profile(out, 32, 16, 16, 1)
     result["step_profile"] = profiles
+    if trims:
+        result["trim"] = [{key: value for key, value in record.items() if key != "kept_ids"}
+                          | {"student_share_of_dense": round(record["student_params"] / dense_params, 3)}
+                          for _, record in trims.values()]
     return result
 
 
@@ -697,6 +803,14 @@ def shape_report(shape: dict) -> str:
         lines.append(f"export {what}: " + (record["error"] if "error" in record else f"{record['seconds']:.0f} s"))
     lines.append(f"rank sensitivity on {sensitivity['calibration_samples']} pairs, {sensitivity['layers']} layers: "
                  f"{sensitivity['extrapolated_s'] / 60:.1f} min extrapolated ({sensitivity['method']})")
+    for trim in shape.get("trim", []):
+        costs = trim["costs"]
+        lines.append(f"vocabulary trimmed to {trim['kept']:,} of {costs['vocabulary_before']:,}: "
+                     f"{trim['dense_params']:,} parameters, student {trim['student_params']:,} "
+                     f"({100 * trim['student_share_of_dense']:.1f}% of the dense model); trimming "
+                     f"{costs['trimming_s']:.1f} s, factorization {costs['factorization']['seconds']:.1f} s, "
+                     + ", ".join(f"export {what} " + (r["error"] if "error" in r else f"{r['seconds']:.0f} s")
+                                 for what, r in costs["export"].items()))
     for name, profile in shape.get("step_profile", {}).items():
         top = ", ".join(f"{op} {100 * share:.0f}%" for op, share in list(profile["share"].items())[:6])
         lines.append(f"decoder step, {name}: {profile['ms_per_step']:.1f} ms ({top})")
@@ -727,6 +841,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--float32-limit-gb", type=float, default=2.0,
                         help="shapes: ONNX Runtime and CTranslate2 float32 rows only for models whose float32 weights "
                              "stay below this (the memory every system of a shape holds at once)")
+    parser.add_argument("--trim-kept", type=int, nargs="+", default=[],
+                        help="shapes: also the model with its vocabulary trimmed to each of these sizes (the special "
+                             "tokens, two language codes and ids drawn at random), int8 in ONNX Runtime, dense and "
+                             "with a ~50%% student factorized from it; for shapes with one vocabulary")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--work", default=None, help="folder for the exports and models (default: a temporary one)")
     parser.add_argument("--json", default=None, help="write the results here")
@@ -735,6 +853,16 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     if args.quick:
         args.rounds, args.limit, args.batch1, args.opus_threads = 1, 24, 8, [1]
+    for kept in args.trim_kept:
+        if args.section != "shapes":
+            parser.error(f"--trim-kept {kept}: trimming rows are for the shapes section, not {args.section}")
+        for name in args.shape:
+            shape = SHAPES[name].tiny() if args.quick else SHAPES[name]
+            if shape.target_vocab is not None or not 16 <= kept < shape.vocab:
+                parser.error(f"--trim-kept {kept}: shape {name} " + (
+                    "has separate source and target vocabularies; trim a shape with one (opus, nllb)"
+                    if shape.target_vocab is not None else f"has {shape.vocab:,} tokens; keep from 16 to "
+                                                           f"{shape.vocab - 1:,} of them"))
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="bench-deploy-"))
     work.mkdir(parents=True, exist_ok=True)
 

@@ -1,6 +1,8 @@
 """benchmarks/bench_deploy.py runs end to end in --quick mode: tiny opus-shaped models, and the shapes section
 at the tc-big and NLLB layouts (tiny)."""
 
+import json
+
 import pytest
 from helpers import benchmark_in_process
 
@@ -60,3 +62,41 @@ def test_bench_deploy_shapes_quick(tmp_path, capsys):
     assert shapes["tc-big"]["costs"]["export"]["student int8"]["seconds"] > 0
     nllb = {row["system"]: row for row in shapes["nllb"]["systems"]}
     assert nllb["CTranslate2 dense int8"]["vs_ct2_int8_b32"] == 1.0
+
+
+def test_bench_deploy_shapes_trim_quick(tmp_path, capsys):
+    report, out = benchmark_in_process("bench_deploy.py", tmp_path, capsys, "shapes", "--quick", "--shape", "nllb",
+                                       "--trim-kept", "600", "--work", str(tmp_path / "w"))
+    shape = report["shapes"][0]
+    [trim] = shape["trim"]
+    d, vocab = shape["d_model"], shape["vocab"]
+    assert trim["kept"] == trim["costs"]["vocabulary_after"] == 600 and trim["costs"]["vocabulary_before"] == vocab
+    # the tied embedding and output projection lose 600 rows of d_model; nothing else changes
+    assert shape["dense_params"] - trim["dense_params"] == (vocab - 600) * d
+    ranks = trim["costs"]["factorization"]["ranks"]
+    assert ranks["model.shared.weight"] == round(600 * d / (2 * (600 + d)))  # half the trimmed table
+    saved = sum(_saved_by(k, r, {**shape, "vocab": 600}) for k, r in ranks.items())
+    assert trim["dense_params"] - trim["student_params"] == saved
+    named = trim["costs"]["named"]  # the special tokens and both language codes are kept
+    assert "source_lang_code 'eng_Latn'" in named and "target_lang_code 'deu_Latn'" in named
+    kept = set(json.loads((tmp_path / "w" / "nllb" / "trim-600" / "kept_ids.json").read_text()))
+    assert len(kept) == 600 and set(named.values()) <= kept
+    rows = {row["system"]: row for row in shape["systems"]}
+    for role, params in (("dense", trim["dense_params"]), ("student", trim["student_params"])):
+        row = rows[f"ONNX Runtime {role} int8, vocabulary trimmed to 600"]
+        assert row["params"] == params and row["sent_per_s_b32"] > 0 and row["sent_per_s_b1"] > 0
+    assert "student int8, vocabulary trimmed to 600" in shape["step_profile"]
+    assert "vocabulary trimmed to 600 of 1,200" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--shape", "nllb", "--trim-kept", "1200"], "--trim-kept 1200: shape nllb has 1,200 tokens; keep from 16 to 1,199"),
+    (["--shape", "tc-big", "--trim-kept", "600"], "--trim-kept 600: shape tc-big has separate source and target"),
+])
+def test_bench_deploy_trim_kept_refused(tmp_path, capsys, args, message):
+    from benchmarks import bench_deploy
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_deploy.main(["shapes", "--quick", *args, "--work", str(tmp_path / "w")])
+    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()  # refused before anything is made
