@@ -463,6 +463,11 @@ def random_batches(model, pairs: int, batch_size: int, length: int = 16) -> list
     return batches
 
 
+
+def _seconds(t: float) -> float:
+    """A duration to 3 significant digits: a tiny model's milliseconds stay above zero."""
+    return float(f"{t:.3g}")
+
 def sensitivity_cost(model, names: list[str], samples: int, measured_pairs: int, batch_size: int = 32,
                      points: int = 8) -> dict:
     """What ``rank_allocation.sensitivity_errors`` costs for ``names`` on ``samples`` calibration
@@ -495,11 +500,11 @@ def sensitivity_cost(model, names: list[str], samples: int, measured_pairs: int,
         low_rank_factors(model.get_submodule(members[0]).weight.detach(), max_saving_rank(n, d), "auto")
         t_svd = time.perf_counter() - start
         per_layer = scale * max(t_layer - t_ref - t_svd, 0.0) + t_svd
-        per_shape[f"{kind} {n}x{d}"] = {"layers": len(members), "measured_s": round(t_layer - t_ref, 2),
-                                        "svd_s": round(t_svd, 2), "per_layer_s": round(per_layer, 1)}
+        per_shape[f"{kind} {n}x{d}"] = {"layers": len(members), "measured_s": _seconds(t_layer - t_ref),
+                                        "svd_s": _seconds(t_svd), "per_layer_s": _seconds(per_layer)}
         total += len(members) * per_layer
     return {"calibration_samples": samples, "measured_pairs": measured_pairs, "points": points, "layers": len(names),
-            "reference_s": round(t_ref, 2), "per_shape": per_shape, "extrapolated_s": round(total, 1),
+            "reference_s": _seconds(t_ref), "per_shape": per_shape, "extrapolated_s": _seconds(total),
             "load_average": os.getloadavg(),
             "method": "one layer of each weight shape timed on measured_pairs pairs; forward passes scaled by "
                       "calibration_samples / measured_pairs, SVDs not"}
