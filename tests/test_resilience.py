@@ -337,7 +337,10 @@ def test_sigterm_from_outside_is_one_line_exit_143_like_ctrl_c(run_dir):
 @pytest.mark.parametrize("attempt", range(3))
 def test_sigterm_sent_three_times_is_still_one_line(run_dir, attempt):
     code, err = _signal_repeatedly_while_training(run_dir, signal.SIGTERM, times=3)
-    assert code == 143, err[-3000:]
+    # stopped by the first signal (143), or, when a repeat lands in the instant between the run putting the
+    # default action back and its exit, by the repeat itself (-15): a shell reports 143 for both. The
+    # property under test is the one line, below (seen once in ~10 whole-suite runs: the line, then -15)
+    assert code in (143, -signal.SIGTERM), err[-3000:]
     assert err.strip().splitlines() == ["compress_model.py: stopped by SIGTERM before the first checkpoint, so nothing "
                                         "was kept; run the same command to start over"]
 
