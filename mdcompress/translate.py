@@ -37,6 +37,7 @@ from mdcompress.errors import ExportError, TranslateError, UserError
 from mdcompress.files import not_utf8, write_text_atomic
 from mdcompress.onnx_format import DECODER, ENCODER, WEIGHTS, default_folder, is_export, load_model, read_info
 from mdcompress.process import exit_with, program_name, quiet_transformers
+from mdcompress.vocabulary import warn_unknown
 
 BACKENDS = ("auto", "torch", "onnx")
 # A translation is bounded by its source, as Marian's --max-length-factor bounds it: at most
@@ -230,9 +231,7 @@ class OnnxTranslator:
         return self._without_forced(out)
 
     def _without_forced(self, rows: list[list[int]]) -> list[list[int]]:
-        """The rows less the forced first token (a target language's code): no part of the translation."""
-        forced = self.generation_config.forced_bos_token_id
-        return [row[1:] if forced is not None and row[:1] == [forced] else row for row in rows]
+        return without_forced(rows, self.generation_config.forced_bos_token_id)
 
     def _beam_search(self, input_ids, attention_mask, num_beams: int, max_new_tokens: int,
                      min_new_tokens: int, bounds=None) -> list[list[int]]:
@@ -291,6 +290,12 @@ class OnnxTranslator:
         return self._without_forced([finished[b][0][1] for b in range(batch)])
 
 
+def without_forced(rows: list[list[int]], forced: int | None) -> list[list[int]]:
+    """The rows less the forced first token ``forced`` (the target language's code of NLLB, M2M100,
+    mBART-50: it says which language, it is not part of the translation), in both backends."""
+    return [row[1:] if forced is not None and row[:1] == [forced] else row for row in rows]
+
+
 def _repeated_ngram_ends(tokens: Sequence[int], size: int) -> list[int]:
     """The tokens that would repeat an n-gram of ``size`` tokens already in ``tokens`` (transformers'
     NoRepeatNGramLogitsProcessor): those that followed the last ``size - 1`` tokens before."""
@@ -342,10 +347,7 @@ class TorchTranslator:
                                       attention_mask=torch.from_numpy(attention_mask).to(device),
                                       num_beams=num_beams, do_sample=False, max_new_tokens=max_new_tokens, **extra)
         rows = [row[1:] for row in out.tolist()]  # without the decoder start token
-        forced = self.model.generation_config.forced_bos_token_id
-        if forced is not None:  # the target language's code (NLLB, M2M100, mBART-50): it says which language,
-            rows = [row[1:] if row[:1] == [forced] else row for row in rows]  # it is not part of the translation
-        return rows
+        return without_forced(rows, self.model.generation_config.forced_bos_token_id)
 
 
 class EndAtBound:
@@ -464,8 +466,7 @@ def translate_lines(translator, sentences: Sequence[str], batch_size: int = 32, 
     texts = [sentences[i] for i in todo]
     tokenizer = translator.tokenizer
     ids = tokenizer(texts, truncation=True, max_length=limit + 1)["input_ids"] if todo else []
-    from mdcompress.vocabulary import warn_unknown  # a trimmed vocabulary: how many pieces read as <unk>
-    warn_unknown(tokenizer, ids, warn or _warn)
+    warn_unknown(tokenizer, ids, warn or _warn)  # a trimmed vocabulary: how many pieces read as <unk>
     long = [k for k, x in enumerate(ids) if len(x) > limit]  # longer than the model reads
     if long:  # tokenized again by the tokenizer's own truncation, which keeps the end-of-sentence token
         for k, x in zip(long, tokenizer([texts[k] for k in long], truncation=True, max_length=limit)["input_ids"]):
