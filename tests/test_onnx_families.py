@@ -248,6 +248,7 @@ def test_a_config_export_of_a_refused_layout_is_refused_before_any_work(tiny_tok
     teacher = pre_norm_marian(tiny_tokenizer, tmp_path / "teacher")
     (tmp_path / "run").mkdir()
     run_dir = make_run_dir(tmp_path / "run", teacher, tiny_pairs[:24], tiny_pairs[100:106], export=["onnx"])
+    capsys.readouterr()  # saving the teacher may have drawn a progress bar (unless an earlier test quieted them)
     refused_in_one_line(run_dir, capsys, monkeypatch, ["export: MarianMTModel (model_type 'marian') cannot be exported",
                                                        "normalize_before", "leave export out"])
 
