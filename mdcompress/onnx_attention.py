@@ -22,8 +22,9 @@ Two ways to write them into the graph, chosen by ``fused`` (a context manager th
   in one call). The graph then needs the opset ``FUSED_OPSETS`` and ONNX Runtime to run. While
   tracing, the node's outputs are computed by the plain PyTorch code, so the traced values are the
   same either way. ``onnx_export`` writes fused graphs unless told otherwise: at opus-mt-en-de's
-  shape (int8, 1 thread, ``benchmarks/bench_attention.py``) they were faster than plain ones in 24
-  of 32 paired timings, by 2% (median; 0.79× to 1.22×, on shared cores). The attention costs about
+  shape (int8, 1 thread, ``benchmarks/bench_attention.py``, alone on the machine) the dense model's
+  were 1.07× the plain ones at batch 32, the half-size student's 0.98× (within the spread;
+  BENCHMARKS.md "Fused attention"). The attention costs about
   as much as before either way: the node, too, copies the cache into the grown one at every step.
 
 A call the fused operator cannot express (a bias that is not 4-D) is written plain even inside
